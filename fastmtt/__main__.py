@@ -1,0 +1,5 @@
+import sys
+
+from fastmtt.cli import main
+
+sys.exit(main())

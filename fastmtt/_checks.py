@@ -1,0 +1,61 @@
+"""Argument validation shared by the public functions: clear errors that name the argument."""
+from __future__ import annotations
+
+import torch
+
+DIRECTIONS = ("forward", "reverse")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_float_tensor(name, tensor, *, shape=None, min_dim=1):
+    """A floating tensor with at least `min_dim` dims, of exactly `shape` when given."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    if tensor.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(tensor.shape)}")
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def check_same_device(**tensors):
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+
+
+def check_labels(labels, shape, n_cols, ignore_index):
+    """labels: `shape` integers in [0, n_cols) or ignore_index. The range check reads the values
+    (a device sync on CUDA) except under torch.compile, where the kernels' NaN poisoning remains."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
+    if tuple(labels.shape) != tuple(shape):
+        raise ValueError(f"labels must have shape {tuple(shape)} to match the rows, got {tuple(labels.shape)}")
+    if labels.numel() and not torch.compiler.is_compiling():
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_cols))
+        if bool(bad.any()):
+            value = int(labels[bad][0])
+            raise ValueError(f"labels must lie in [0, {n_cols}) or equal ignore_index={ignore_index}, found {value}")
+
+
+def check_options(*, lam, temperature, direction, reduction, num_items_in_batch):
+    if not lam >= 0:
+        raise ValueError(f"lam must be >= 0, got {lam}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_items_in_batch is not None:
+        if reduction != "mean":
+            raise ValueError("num_items_in_batch applies to reduction='mean' only")
+        count = num_items_in_batch
+        if isinstance(count, torch.Tensor):
+            if count.numel() != 1 or count.is_floating_point() or count.is_complex():
+                raise ValueError(f"num_items_in_batch must be one integer, got {count!r}")
+        elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"num_items_in_batch must be a non-negative int, got {count!r}")

@@ -1,0 +1,51 @@
+"""Backend choice: Triton kernels on CUDA, PyTorch on CPU, Triton's interpreter on request."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+    """Map `backend` ("auto", "triton" or "torch") to the path that runs: "triton" or "torch".
+
+    "auto" picks Triton for CUDA tensors of a kernel dtype and PyTorch otherwise. "triton" on CPU
+    tensors needs TRITON_INTERPRET=1 set before fastmtt is imported (the kernels are then interpreted).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    on_cuda = all(t.is_cuda for t in tensors)
+    kernel_dtypes = all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point())
+    if backend == "torch":
+        return "torch"
+    if backend == "auto":
+        return "triton" if on_cuda and kernel_dtypes and triton_available() else "torch"
+    if not triton_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed")
+    if not kernel_dtypes:
+        raise TypeError(
+            f"backend='triton' supports {[str(d) for d in TRITON_DTYPES]} floating inputs; "
+            "use backend='torch' for float64"
+        )
+    if not on_cuda and not interpreting():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs Triton's interpreter: set TRITON_INTERPRET=1 "
+            "in the environment before importing fastmtt"
+        )
+    return "triton"

@@ -1,0 +1,153 @@
+"""mtt_loss: the MTT objective on materialized logits, with its autograd Function and nn.Module."""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from fastmtt._checks import check_float_tensor, check_labels, check_options, check_same_device
+from fastmtt._dispatch import resolve_backend
+from fastmtt.mtt_torch import mtt_rows_torch
+from fastmtt.reference import MTTOutput
+
+DEFAULT_LAM = 1.0
+
+
+def _rows_fn(backend: str):
+    if backend == "triton":
+        from fastmtt.kernels.mtt_loss import mtt_rows_triton
+
+        return mtt_rows_triton
+    return mtt_rows_torch
+
+
+def mean_scale(labels, ignore_index, num_items_in_batch, device, dtype=torch.float32):
+    """1-element tensor 1/divisor (divisor = num_items_in_batch or the number of valid labels;
+    scale 0 when the divisor is 0), kept on `device` so no host sync is needed."""
+    if num_items_in_batch is None:
+        divisor = (labels != ignore_index).sum()
+    else:
+        divisor = torch.as_tensor(num_items_in_batch, device=device)
+    divisor = divisor.to(device=device, dtype=dtype).reshape(1)
+    return torch.where(divisor > 0, 1.0 / divisor, 0.0)
+
+
+def reduce_loss(rows, reduction, scale):
+    """Reduce per-row values: 'none' -> rows, 'sum' -> sum, 'mean' -> sum * scale (scale = 1/divisor)."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if reduction == "sum" else total * scale.to(total.dtype).squeeze(0)
+
+
+def scale_saved_grad(ctx, grad, grad_output):
+    """Scale the gradient saved by forward by the upstream gradient, in place: a scalar for mean/sum,
+    one value per row for 'none'. The saved buffer is consumed, so a second backward is refused."""
+    if ctx.consumed:
+        raise RuntimeError("fastmtt losses support one backward per forward (the gradient buffer is reused)")
+    ctx.consumed = True
+    if grad_output.dim() > 0:
+        grad.mul_(grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1))))
+    elif torch.compiler.is_compiling() or bool(grad_output != 1):
+        grad.mul_(grad_output)
+    return grad
+
+
+class MTTLossFunction(torch.autograd.Function):
+    """Forward computes per-row CE and KL and, in the same pass, the gradient; backward scales it."""
+
+    @staticmethod
+    def forward(ctx, logits, base_logits, labels, options):
+        rows_fn, lam, temperature, reduction, scale, overwrite = options.pop("rows_fn"), *(
+            options[k] for k in ("lam", "temperature", "reduction", "scale", "overwrite_logits"))
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = logits if overwrite else torch.empty_like(logits)
+        ce, kl = rows_fn(logits, base_logits, labels, lam=lam, temperature=temperature,
+                         reverse=options["direction"] == "reverse", ignore_index=options["ignore_index"],
+                         need_kl=options["need_kl"], grad_scale=scale if reduction == "mean" else None,
+                         grad_out=grad)
+        loss_rows = ce if lam == 0 else ce + (lam * temperature * temperature) * kl
+        ctx.consumed = False
+        ctx.save_for_backward(grad)
+        ce_out, kl_out = reduce_loss(ce, reduction, scale), reduce_loss(kl, reduction, scale)
+        ctx.mark_non_differentiable(ce_out, kl_out)
+        return reduce_loss(loss_rows, reduction, scale), ce_out, kl_out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        (grad,) = ctx.saved_tensors
+        return scale_saved_grad(ctx, grad, grad_loss), None, None, None
+
+
+def mtt_loss(
+    logits: torch.Tensor,
+    base_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    lam: float = DEFAULT_LAM,
+    temperature: float = 1.0,
+    direction: str = "forward",
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    return_components: bool = False,
+    backend: str = "auto",
+    overwrite_logits: bool = False,
+):
+    """Mask-the-Target loss on logits: mean/sum/none of  CE_i + lam * T^2 * KL_i.
+
+    logits [..., V] (adapted model, gets the gradient), base_logits [..., V] (frozen base, never gets
+    a gradient), labels [...] int, aligned with the logit rows (no shifting). KL_i is between the two
+    next-token distributions with the target removed and the rest renormalized, at temperature T;
+    direction "forward" is KL(base || adapted). With return_components=True returns
+    MTTOutput(loss, ce, kl), the last two detached. overwrite_logits=True lets the kernel store the
+    gradient into `logits` (saves one [N, V] buffer; their values are gone afterwards).
+    """
+    check_float_tensor("logits", logits, min_dim=2)
+    n_cols = logits.shape[-1]
+    check_float_tensor("base_logits", base_logits, shape=logits.shape)
+    check_same_device(logits=logits, base_logits=base_logits, labels=labels)
+    check_options(lam=lam, temperature=temperature, direction=direction, reduction=reduction,
+                  num_items_in_batch=num_items_in_batch)
+    check_labels(labels, logits.shape[:-1], n_cols, ignore_index)
+
+    backend = resolve_backend(backend, logits, base_logits)
+    flat_logits = logits.reshape(-1, n_cols)
+    flat_base = base_logits.detach().reshape(-1, n_cols)
+    if backend == "triton":
+        flat_logits = flat_logits if flat_logits.stride(-1) == 1 else flat_logits.contiguous()
+        flat_base = flat_base if flat_base.stride(-1) == 1 else flat_base.contiguous()
+    flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    options = dict(rows_fn=_rows_fn(backend), lam=float(lam), temperature=float(temperature), direction=direction,
+                   ignore_index=int(ignore_index), reduction=reduction, need_kl=return_components,
+                   scale=mean_scale(flat_labels, ignore_index, num_items_in_batch, logits.device,
+                                     torch.promote_types(logits.dtype, torch.float32)),
+                   overwrite_logits=overwrite_logits)
+    loss, ce, kl = MTTLossFunction.apply(flat_logits, flat_base, flat_labels, options)
+    if reduction == "none":
+        loss, ce, kl = (t.reshape(labels.shape) for t in (loss, ce, kl))
+    return MTTOutput(loss, ce, kl) if return_components else loss
+
+
+class MTTLoss(torch.nn.Module):
+    """Module form of `mtt_loss`: forward(logits, base_logits, labels, num_items_in_batch=None)."""
+
+    def __init__(self, lam: float = DEFAULT_LAM, temperature: float = 1.0, direction: str = "forward",
+                 ignore_index: int = -100, reduction: str = "mean", return_components: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        check_options(lam=lam, temperature=temperature, direction=direction, reduction=reduction,
+                      num_items_in_batch=None)
+        self.lam, self.temperature, self.direction = lam, temperature, direction
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.return_components, self.backend = return_components, backend
+
+    def forward(self, logits, base_logits, labels, num_items_in_batch=None):
+        return mtt_loss(logits, base_logits, labels, lam=self.lam, temperature=self.temperature,
+                        direction=self.direction, ignore_index=self.ignore_index, reduction=self.reduction,
+                        num_items_in_batch=num_items_in_batch, return_components=self.return_components,
+                        backend=self.backend)
+
+    def extra_repr(self):
+        return f"lam={self.lam}, temperature={self.temperature}, direction={self.direction!r}, reduction={self.reduction!r}"

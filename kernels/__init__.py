@@ -1,0 +1,1 @@
+"""Triton kernels of fastmtt (installed as `fastmtt.kernels`)."""

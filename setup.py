@@ -1,0 +1,7 @@
+"""Packaging glue: kernels/ ships as fastmtt.kernels, never as a top-level `kernels` module."""
+from setuptools import setup
+
+setup(
+    packages=["fastmtt", "fastmtt.kernels"],
+    package_dir={"fastmtt": "fastmtt", "fastmtt.kernels": "kernels"},
+)
