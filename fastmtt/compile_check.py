@@ -51,8 +51,13 @@ class CompileResult:
 
 
 def all_specs() -> Iterable[KernelSpec]:
+    """Every spec of every kernel module, each label once."""
+    seen = set()
     for name in KERNEL_MODULES:
-        yield from importlib.import_module(name).compile_specs()
+        for spec in importlib.import_module(name).compile_specs():
+            if spec.label not in seen:
+                seen.add(spec.label)
+                yield spec
 
 
 def _cuobjdump() -> str | None:

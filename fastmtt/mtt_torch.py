@@ -57,10 +57,10 @@ def _chunk_rows(z_in, b_in, labels, *, lam, temperature, reverse, ignore_index, 
         if lam > 0:
             if reverse:
                 kl_grad = torch.where(weight == 0, 0.0, weight * (log_ratio - kl[:, None]))
-                kl_grad = torch.where(base_empty | adapted_empty, 0.0, kl_grad)
             else:
-                kl_grad = torch.where(base_empty, 0.0, log_q.exp() - weight)
-            grad.add_(kl_grad, alpha=lam * temperature)
+                kl_grad = log_q.exp() - weight
+            # A side without mass outside the target makes KL a constant (0 or +inf): no gradient.
+            grad.add_(torch.where(base_empty | adapted_empty, 0.0, kl_grad), alpha=lam * temperature)
         grad.mul_(grad_scale.to(acc)).masked_fill_(~valid[:, None], 0.0)
         grad_out.copy_(grad)
     return ce, kl

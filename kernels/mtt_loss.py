@@ -145,10 +145,10 @@ def _mtt_loss_kernel(
                 q = tl.exp(log_q)
                 if REVERSE:
                     kl_grad = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl))
-                    kl_grad = tl.where((s_b == 0.0) | (s_z == 0.0), 0.0, kl_grad)
                 else:
-                    kl_grad = tl.where(s_b == 0.0, 0.0, q - tl.exp(log_p))
-                grad += lam_t2 * inv_t * kl_grad
+                    kl_grad = q - tl.exp(log_p)
+                # A side without mass outside the target makes KL a constant (0 or +inf): no gradient.
+                grad += tl.where((s_b == 0.0) | (s_z == 0.0), 0.0, lam_t2 * inv_t * kl_grad)
             tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
