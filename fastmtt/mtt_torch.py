@@ -113,6 +113,11 @@ def mtt_rows_torch(logits, base_logits, labels, *, lam, temperature, reverse, ig
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
+        if not bool((labels[rows] != ignore_index).any()):  # nothing to compute: padding only
+            ce[rows], kl[rows] = 0.0, 0.0
+            if grad_out is not None:
+                grad_out[rows] = 0.0
+            continue
         ce[rows], kl[rows] = _chunk_rows(
             logits[rows], base_logits[rows], labels[rows], lam=lam, temperature=temperature, reverse=reverse,
             ignore_index=ignore_index, need_kl=need_kl, grad_scale=grad_scale,
