@@ -101,7 +101,7 @@ def _worker_command(args, op_name, impl_name):
 def _run_worker(args, op, impl, configs):
     """Measure one implementation in a fresh process; a crash is recorded against its cases."""
     repo_root = str(Path(__file__).resolve().parent.parent)
-    python_path = os.pathsep.join(filter(None, (repo_root, os.environ.get("PYTHONPATH"))))
+    python_path = os.pathsep.join(filter(None, (os.environ.get("PYTHONPATH"), repo_root)))
     done = subprocess.run(_worker_command(args, op.name, impl.name), stdout=subprocess.PIPE, text=True,
                           env=dict(os.environ, PYTHONPATH=python_path))
     rows = [json.loads(line[len(RESULT_PREFIX):]) for line in done.stdout.splitlines()
@@ -139,31 +139,29 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def sweep(args):
-    """Measure the selected ops and implementations: (rows, run metadata)."""
-    device = torch.device(args.device)
-    rates = measure_device_rates(device)
-    meta = dict(device=device_name(device), device_type=device.type,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                copy_gbps=round(rates.copy_gbps, 2), matmul_tflops=round(rates.matmul_tflops, 3), **_versions())
-    print(f"# {meta['device']}: copy {rates.copy_gbps:.1f} GB/s, matmul {rates.matmul_tflops:.2f} TFLOP/s",
-          file=sys.stderr)
-    rows = []
+def sweep(args, device, rates, meta):
+    """Measure the selected ops and implementations, yielding the rows of each implementation."""
     for op_name in args.ops:
         op = OPS[op_name]
         configs = op.presets[args.preset]
         for impl in _selected_impls(op, args):
             reason = impl.unavailable(device)
             if reason is not None:
-                rows.append(dict(op=op.name, impl=impl.name, role=impl.role, status=f"skipped: {reason}"))
                 print(f"# {op.name} / {impl.name}: skipped ({reason})", file=sys.stderr)
-                continue
-            print(f"# {op.name} / {impl.name} ...", file=sys.stderr, flush=True)
-            if device.type == "cpu" and not args.in_process:
-                rows += _run_worker(args, op, impl, configs)
+                rows = [dict(op=op.name, impl=impl.name, role=impl.role, status=f"skipped: {reason}")]
             else:
-                rows += measure_impl(op, impl, configs, device, args.modes, args.budget)
-    return [dict(row, **meta, **report.roofline(row, rates)) for row in rows], meta
+                print(f"# {op.name} / {impl.name} ...", file=sys.stderr, flush=True)
+                if device.type == "cpu" and not args.in_process:
+                    rows = _run_worker(args, op, impl, configs)
+                else:
+                    rows = measure_impl(op, impl, configs, device, args.modes, args.budget)
+            yield [dict(row, **meta, **report.roofline(row, rates)) for row in rows]
+
+
+def run_metadata(device, rates):
+    return dict(device=device_name(device), device_type=device.type,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                copy_gbps=round(rates.copy_gbps, 2), matmul_tflops=round(rates.matmul_tflops, 3), **_versions())
 
 
 def build_parser():
@@ -205,10 +203,17 @@ def main(argv=None) -> int:
         for row in rows:
             print(RESULT_PREFIX + json.dumps(row), flush=True)
         return 0
-    rows, meta = sweep(args)
+    device = torch.device(args.device)
+    rates = measure_device_rates(device)
+    meta = run_metadata(device, rates)
+    print(f"# {meta['device']}: copy {rates.copy_gbps:.1f} GB/s, matmul {rates.matmul_tflops:.2f} TFLOP/s",
+          file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{_slug(meta['device']) if args.device == 'cuda' else 'cpu'}-{meta['date'][:10]}"
-    csv_path = report.write_csv(rows, args.out / f"{stem}.csv")
+    stem = f"{_slug(meta['device']) if device.type == 'cuda' else 'cpu'}-{meta['date'][:10]}"
+    rows, csv_path = [], report.write_csv([], args.out / f"{stem}.csv")
+    for batch in sweep(args, device, rates, meta):
+        rows += batch
+        report.write_csv(rows, csv_path)  # kept current, should the run be cut short
     print(f"# wrote {csv_path}", file=sys.stderr)
     if not args.no_plot:
         for png in report.plot(rows, args.out / stem):
