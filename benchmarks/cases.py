@@ -317,3 +317,34 @@ LORA_LINEAR = Op(
 )
 
 OPS = {op.name: op for op in (MTT_LOSS, FUSED_LINEAR_MTT_LOSS, LORA_LINEAR)}
+
+
+def prepare(op: Op, impl: Impl, config: Config, device: torch.device):
+    """(inputs, forward, gradient leaves, upstream gradient) for one case; runs forward once."""
+    inputs = op.make_inputs(config.size_dict, config.dtype, device)
+    forward = impl.build(inputs)
+    leaves = [inputs[name] for name in op.grad_inputs]
+    return inputs, forward, leaves, torch.ones_like(forward()).detach()
+
+
+def mode_steps(forward, leaves, upstream, mode):
+    """(step, setup) for one mode: forward keeps its output (as training does); backward times
+    only the backward of a forward run in setup; setup also drops earlier gradients."""
+    state = {}
+
+    def clear():
+        state.clear()
+        for leaf in leaves:
+            leaf.grad = None
+
+    if mode == "forward":
+        return lambda: state.__setitem__("out", forward()), clear
+    if mode == "backward":
+        def forward_untimed():
+            clear()
+            state["out"] = forward()
+
+        return lambda: state["out"].backward(upstream), forward_untimed
+    if mode == "forward+backward":
+        return lambda: forward().backward(upstream), clear
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")

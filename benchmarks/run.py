@@ -22,34 +22,11 @@ from pathlib import Path
 import torch
 
 from benchmarks import report
-from benchmarks.cases import MODES, OPS
+from benchmarks.cases import MODES, OPS, mode_steps, prepare
 from benchmarks.measure import measure_device_rates, peak_memory, time_step, device_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_PREFIX = "RESULT "
-
-
-def _mode_steps(forward, leaves, upstream, mode):
-    """(step, setup) for one mode: forward keeps its output (as training does); backward times
-    only the backward of a forward run in setup; setup also drops earlier gradients."""
-    state = {}
-
-    def clear():
-        state.clear()
-        for leaf in leaves:
-            leaf.grad = None
-
-    if mode == "forward":
-        return lambda: state.__setitem__("out", forward()), clear
-    if mode == "backward":
-        def forward_untimed():
-            clear()
-            state["out"] = forward()
-
-        return lambda: state["out"].backward(upstream), forward_untimed
-    if mode == "forward+backward":
-        return lambda: forward().backward(upstream), clear
-    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 def _error_status(error: BaseException) -> str:
@@ -65,15 +42,12 @@ def measure_impl(op, impl, configs, device, modes, budget_s):
         base = dict(op=op.name, impl=impl.name, role=impl.role, shape=config.label,
                     dtype=str(config.dtype).replace("torch.", ""), **config.size_dict)
         try:
-            inputs = op.make_inputs(config.size_dict, config.dtype, device)
-            forward = impl.build(inputs)
-            leaves = [inputs[name] for name in op.grad_inputs]
-            upstream = torch.ones_like(forward()).detach()
+            inputs, forward, leaves, upstream = prepare(op, impl, config, device)
         except Exception as error:  # noqa: BLE001 - recorded in the results, the sweep goes on
             rows += [dict(base, mode=mode, status=_error_status(error)) for mode in modes]
             continue
         for mode in modes:
-            step, setup = _mode_steps(forward, leaves, upstream, mode)
+            step, setup = mode_steps(forward, leaves, upstream, mode)
             row = dict(base, mode=mode, status="ok")
             try:
                 timing = time_step(step, setup, device, budget_s=budget_s)
@@ -204,7 +178,7 @@ def main(argv=None) -> int:
             print(RESULT_PREFIX + json.dumps(row), flush=True)
         return 0
     device = torch.device(args.device)
-    rates = measure_device_rates(device)
+    rates = measure_device_rates(device, budget_s=args.budget)
     meta = run_metadata(device, rates)
     print(f"# {meta['device']}: copy {rates.copy_gbps:.1f} GB/s, matmul {rates.matmul_tflops:.2f} TFLOP/s",
           file=sys.stderr)

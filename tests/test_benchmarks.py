@@ -24,14 +24,15 @@ def test_implementations_agree_with_the_reference(op_name):
     """Every non-floor implementation computes the reference's value and input gradients."""
     op = OPS[op_name]
     config = op.presets["tiny"][0]
+    impls = _available(op)
+    if len(impls) < 2:
+        pytest.skip(f"{op_name}: only {[impl.name for impl in impls]} available in this build")
     results = {}
-    for impl in _available(op):
+    for impl in impls:
         inputs = op.make_inputs(config.size_dict, torch.float64, CPU)
         out = impl.build(inputs)()
         out.backward(torch.ones_like(out))
         results[impl.name] = (out.detach(), [inputs[name].grad for name in op.grad_inputs])
-    if len(results) < 2:
-        pytest.skip(f"{op_name}: only {list(results)} available in this build")
     (_, (want, want_grads)), *others = results.items()
     for name, (got, grads) in others:
         torch.testing.assert_close(got, want, msg=f"{op_name}/{name} value")
