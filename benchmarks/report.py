@@ -64,8 +64,14 @@ def _find(rows, **match):
     return next((row for row in rows if all(row.get(k) == v for k, v in match.items())), None)
 
 
-def _ms(row):
-    return f"{row['median_ms']:.3g}" if row and row.get("status") == "ok" else (row or {}).get("status", "-")
+def _ms(row, spread=False):
+    """Median ms; with spread, half the 20-80th percentile range relative to the median."""
+    if not (row and row.get("status") == "ok"):
+        return (row or {}).get("status", "-")
+    text = f"{row['median_ms']:.3g}"
+    if spread and row.get("p80_ms") is not None:
+        text += f" ±{50 * (row['p80_ms'] - row['p20_ms']) / row['median_ms']:.0f}%"
+    return text
 
 
 def _ratio(row, reference, key):
@@ -77,8 +83,9 @@ def _ratio(row, reference, key):
 
 
 def markdown_tables(rows) -> str:
-    """One table per op: median ms per mode, extra peak memory and ratios to the op's reference
-    (forward+backward), roofline fraction; then skipped implementations and the issue-2 target."""
+    """One table per op: median ms per mode (forward+backward with its spread), extra peak memory and
+    ratios to the op's reference (forward+backward), roofline fraction; then skipped implementations
+    and the issue-2 target."""
     if not rows:
         return "(no results)"
     lines = [f"Device: {rows[0].get('device', '?')} | torch {rows[0].get('torch', '?')} | "
@@ -101,7 +108,7 @@ def markdown_tables(rows) -> str:
             fractions = [full.get(k) for k in ("bw_frac", "flop_frac")] if full else []
             fraction = max((f for f in fractions if f is not None), default=None)
             lines.append(f"| {shape} | {dtype} | {impl} | {_ms(by_mode['forward'])} | {_ms(by_mode['backward'])} "
-                         f"| {_ms(full)} | {memory} | {_ratio(full, reference, 'median_ms')} "
+                         f"| {_ms(full, spread=True)} | {memory} | {_ratio(full, reference, 'median_ms')} "
                          f"| {_ratio(full, reference, 'extra_mb')} "
                          f"| {'-' if fraction is None else f'{100 * fraction:.1f}%'} |")
         for row in skipped:

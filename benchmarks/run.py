@@ -35,32 +35,36 @@ def _error_status(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
+def _measure_config(op, impl, config, device, modes, budget_s):
+    """Rows for one implementation at one config; its tensors are freed when this returns."""
+    base = dict(op=op.name, impl=impl.name, role=impl.role, shape=config.label,
+                dtype=str(config.dtype).replace("torch.", ""), **config.size_dict)
+    try:
+        _, forward, leaves, upstream = prepare(op, impl, config, device)
+    except Exception as error:  # noqa: BLE001 - recorded in the results, the sweep goes on
+        return [dict(base, mode=mode, status=_error_status(error)) for mode in modes]
+    rows = []
+    for mode in modes:
+        # Each mode's setup drops the gradients and outputs left by the previous one.
+        step, setup = mode_steps(forward, leaves, upstream, mode)
+        row = dict(base, mode=mode, status="ok")
+        try:
+            timing = time_step(step, setup, device, budget_s=budget_s)
+            row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps)
+            memory = peak_memory(step, setup, device)
+            if memory is not None:
+                row.update(peak_mb=memory.peak_mb, extra_mb=memory.extra_mb)
+        except Exception as error:  # noqa: BLE001
+            row["status"] = _error_status(error)
+        rows.append(row)
+    return rows
+
+
 def measure_impl(op, impl, configs, device, modes, budget_s):
     """Rows (dicts) for one implementation over `configs` x `modes`, measured in this process."""
     rows = []
     for config in configs:
-        base = dict(op=op.name, impl=impl.name, role=impl.role, shape=config.label,
-                    dtype=str(config.dtype).replace("torch.", ""), **config.size_dict)
-        try:
-            inputs, forward, leaves, upstream = prepare(op, impl, config, device)
-        except Exception as error:  # noqa: BLE001 - recorded in the results, the sweep goes on
-            rows += [dict(base, mode=mode, status=_error_status(error)) for mode in modes]
-            continue
-        for mode in modes:
-            step, setup = mode_steps(forward, leaves, upstream, mode)
-            row = dict(base, mode=mode, status="ok")
-            try:
-                timing = time_step(step, setup, device, budget_s=budget_s)
-                row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                           reps=timing.reps)
-                memory = peak_memory(step, setup, device)
-                if memory is not None:
-                    row.update(peak_mb=memory.peak_mb, extra_mb=memory.extra_mb)
-            except Exception as error:  # noqa: BLE001
-                row["status"] = _error_status(error)
-            setup()
-            rows.append(row)
-        del inputs, forward, leaves, upstream
+        rows += _measure_config(op, impl, config, device, modes, budget_s)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
