@@ -84,10 +84,10 @@ def _run_worker(args, op, impl, configs):
                           env=dict(os.environ, PYTHONPATH=python_path))
     rows = [json.loads(line[len(RESULT_PREFIX):]) for line in done.stdout.splitlines()
             if line.startswith(RESULT_PREFIX)]
-    if done.returncode != 0 and not rows:
-        status = f"error: worker exited with {done.returncode}"
-        rows = [dict(op=op.name, impl=impl.name, role=impl.role, shape=c.label, mode=m, status=status)
-                for c in configs for m in args.modes]
+    measured = {(row["shape"], row["mode"]) for row in rows}
+    status = f"error: worker exited with {done.returncode}"
+    rows += [dict(op=op.name, impl=impl.name, role=impl.role, shape=config.label, mode=mode, status=status)
+             for config in configs for mode in args.modes if (config.label, mode) not in measured]
     return rows
 
 
@@ -176,10 +176,10 @@ def main(argv=None) -> int:
     args.preset = args.preset or ("gpu" if args.device == "cuda" else "cpu")
     if args.worker:
         op = OPS[args.ops[0]]
-        rows = measure_impl(op, op.impl(args.impls[0]), op.presets[args.preset], torch.device(args.device),
-                            args.modes, args.budget)
-        for row in rows:
-            print(RESULT_PREFIX + json.dumps(row), flush=True)
+        for config in op.presets[args.preset]:  # rows go out per config, so a crash loses only its own
+            for row in _measure_config(op, op.impl(args.impls[0]), config, torch.device(args.device), args.modes,
+                                       args.budget):
+                print(RESULT_PREFIX + json.dumps(row), flush=True)
         return 0
     device = torch.device(args.device)
     rates = measure_device_rates(device, budget_s=args.budget)
