@@ -1,6 +1,8 @@
 """Timing, peak memory and device rates, on CUDA (CUDA events) and on the CPU (monotonic clock).
 
-time_step(step, setup) times `step` alone, `setup` runs untimed before each repetition. Peak memory
+time_step(step, setup) times `step` alone, `setup` runs untimed before each repetition; on the CPU it
+also takes the process CPU time of each step, which time-slicing on a shared machine does not
+inflate the way it does the wall clock (run single-threaded for it to match an idle wall clock). Peak memory
 is what one step allocates beyond what was live when it started: CUDA max_memory_allocated after a
 reset, or on the CPU the peak resident set (VmHWM, reset through /proc/self/clear_refs) of the worker
 process that runs the case.
@@ -26,6 +28,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     reps: int
+    cpu_ms: Optional[float] = None  # CPU only: median process CPU time of one step
 
 
 def _quantile(sorted_values, q):
@@ -43,7 +46,7 @@ def time_step(step: Callable[[], object], setup: Callable[[], object], device: t
     for _ in range(warmup):
         setup()
         step()
-    times_ms = []
+    times_ms, cpu_times_ms = [], []
     started = time.perf_counter()
     while len(times_ms) < max_reps and (len(times_ms) < min_reps or time.perf_counter() - started < budget_s):
         setup()
@@ -56,11 +59,13 @@ def time_step(step: Callable[[], object], setup: Callable[[], object], device: t
             end.synchronize()
             times_ms.append(begin.elapsed_time(end))
         else:
-            begin = time.perf_counter()
+            begin, begin_cpu = time.perf_counter(), time.process_time()
             step()
             times_ms.append((time.perf_counter() - begin) * 1e3)
+            cpu_times_ms.append((time.process_time() - begin_cpu) * 1e3)
     times_ms.sort()
-    return Timing(statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8), len(times_ms))
+    return Timing(statistics.median(times_ms), _quantile(times_ms, 0.2), _quantile(times_ms, 0.8), len(times_ms),
+                  statistics.median(cpu_times_ms) if cpu_times_ms else None)
 
 
 def _proc_status_kib(key: str) -> int:
@@ -118,15 +123,15 @@ class DeviceRates:
 
 
 def measure_device_rates(device: torch.device, budget_s: float = 1.0) -> DeviceRates:
-    """The device's own copy bandwidth and matmul rate, the ceilings for the roofline fractions."""
-    cuda = device.type == "cuda"
-    copy_bytes = (1 << 30) if cuda else (128 << 20)
+    """A GPU's own copy bandwidth (1 GiB copy) and bf16 matmul rate (8192^3), the ceilings for the
+    roofline fractions."""
+    copy_bytes = 1 << 30
     source = torch.empty(copy_bytes, dtype=torch.uint8, device=device).random_()
     target = torch.empty_like(source)
     copy = time_step(lambda: target.copy_(source), lambda: None, device, budget_s=budget_s)
-    side, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
-    a = torch.randn(side, side, device=device, dtype=dtype)
-    b = torch.randn(side, side, device=device, dtype=dtype)
+    side = 8192
+    a = torch.randn(side, side, device=device, dtype=torch.bfloat16)
+    b = torch.randn(side, side, device=device, dtype=torch.bfloat16)
     matmul = time_step(lambda: a @ b, lambda: None, device, budget_s=budget_s)
     return DeviceRates(2 * copy_bytes / copy.median_ms / 1e6, 2 * side**3 / matmul.median_ms / 1e9)
 

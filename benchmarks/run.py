@@ -50,7 +50,8 @@ def _measure_config(op, impl, config, device, modes, budget_s):
         row = dict(base, mode=mode, status="ok")
         try:
             timing = time_step(step, setup, device, budget_s=budget_s)
-            row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps)
+            row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, reps=timing.reps,
+                       cpu_ms=timing.cpu_ms)
             memory = peak_memory(step, setup, device)
             if memory is not None:
                 row.update(peak_mb=memory.peak_mb, extra_mb=memory.extra_mb)
@@ -133,13 +134,15 @@ def sweep(args, device, rates, meta):
                     rows = _run_worker(args, op, impl, configs)
                 else:
                     rows = measure_impl(op, impl, configs, device, args.modes, args.budget)
-            yield [dict(row, **meta, **report.roofline(row, rates)) for row in rows]
+            yield [dict(row, **meta, **(report.roofline(row, rates) if rates else {})) for row in rows]
 
 
 def run_metadata(device, rates):
-    return dict(device=device_name(device), device_type=device.type,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                copy_gbps=round(rates.copy_gbps, 2), matmul_tflops=round(rates.matmul_tflops, 3), **_versions())
+    meta = dict(device=device_name(device), device_type=device.type,
+                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), **_versions())
+    if rates:
+        meta.update(copy_gbps=round(rates.copy_gbps, 2), matmul_tflops=round(rates.matmul_tflops, 3))
+    return meta
 
 
 def build_parser():
@@ -182,10 +185,12 @@ def main(argv=None) -> int:
                 print(RESULT_PREFIX + json.dumps(row), flush=True)
         return 0
     device = torch.device(args.device)
-    rates = measure_device_rates(device, budget_s=args.budget)
+    # Roofline fractions are for GPU runs: a shared CPU's rates are too unsteady to divide by.
+    rates = measure_device_rates(device, budget_s=args.budget) if device.type == "cuda" else None
     meta = run_metadata(device, rates)
-    print(f"# {meta['device']}: copy {rates.copy_gbps:.1f} GB/s, matmul {rates.matmul_tflops:.2f} TFLOP/s",
-          file=sys.stderr)
+    if rates:
+        print(f"# {meta['device']}: copy {rates.copy_gbps:.0f} GB/s, bf16 matmul {rates.matmul_tflops:.0f} TFLOP/s",
+              file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{_slug(meta['device']) if device.type == 'cuda' else 'cpu'}-{meta['date'][:10]}"
     rows, csv_path = [], report.write_csv([], args.out / f"{stem}.csv")

@@ -58,6 +58,7 @@ def test_time_step_times_the_step_not_the_setup():
     timing = time_step(lambda: time.sleep(0.003), lambda: time.sleep(0.02), CPU, budget_s=0.0)
     assert timing.reps == 3
     assert 3.0 <= timing.p20_ms <= timing.median_ms <= timing.p80_ms < 20.0
+    assert timing.cpu_ms < 2.0  # sleeping takes wall time, not CPU time
 
 
 @pytest.mark.skipif(not cpu_peak_reset_supported(), reason="needs /proc/self/clear_refs")
@@ -79,13 +80,16 @@ def test_roofline_fractions_use_the_op_work_model():
     assert report.roofline(floor, rates)["flop_frac"] == pytest.approx(2e6 / 1e-3 / 1e12, rel=1e-3)
 
 
-def test_target_summary_reports_both_ratios():
+def test_target_summary_reports_time_and_memory_ratios():
     base = dict(report.TARGET, device_type="cpu", status="ok")
-    rows = [dict(base, impl="reference (eager)", role="reference", median_ms=100.0, peak_mb=3000.0, extra_mb=2000.0),
-            dict(base, impl="fastmtt", role="fastmtt", median_ms=80.0, peak_mb=1200.0, extra_mb=1200.0)]
+    rows = [dict(base, impl="reference (eager)", role="reference", median_ms=100.0, cpu_ms=100.0, peak_mb=3000.0,
+                 extra_mb=2000.0),
+            dict(base, impl="fastmtt", role="fastmtt", median_ms=80.0, cpu_ms=120.0, peak_mb=1200.0, extra_mb=800.0)]
     text = report.target_summary(rows)
-    assert "time 0.80x" in text and "(target <= 1.0x, met)" in text
-    assert "extra peak memory 0.60x" in text and "NOT met" in text
+    assert "wall time 0.80x" in text and "CPU time 1.20x the reference (target <= 1.0x, NOT met)" not in text
+    assert "CPU time 1.20x (target <= 1.0x, NOT met)" in text  # the CPU time decides on the CPU
+    assert "extra peak memory 0.40x (target <= 0.5x, met" in text and "peak RSS 0.40x" in text
+    assert report.target_summary([dict(row, status="oom") for row in rows]) is None
 
 
 def test_runner_cpu_workers_write_csv_plot_and_table(tmp_path, capsys):
