@@ -1,6 +1,6 @@
 """Benchmark runner: every op's implementations side by side, on the CPU or a CUDA GPU.
 
-    python -m benchmarks --preset cpu                  # CPU sweep -> benchmarks/results/cpu-<date>.csv + PNGs
+    python -m benchmarks --preset cpu --threads 1      # CPU sweep -> benchmarks/results/cpu-<date>.{csv,md,png}
     python -m benchmarks --device cuda --preset gpu    # GPU sweep (sizes of the issues)
     python -m benchmarks --table FILE.csv              # print the tables of an earlier run
 
@@ -201,7 +201,9 @@ def main(argv=None) -> int:
     if not args.no_plot:
         for png in report.plot(rows, args.out / stem):
             print(f"# wrote {png}", file=sys.stderr)
-    print(report.markdown_tables(rows))
+    tables = report.markdown_tables(rows)
+    csv_path.with_suffix(".md").write_text(tables + "\n")
+    print(tables)
     return 0
 
 

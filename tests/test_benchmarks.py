@@ -108,6 +108,7 @@ def test_runner_cpu_workers_write_csv_plot_and_table(tmp_path, capsys):
             assert row["peak_mb"] > 0 and row["extra_mb"] >= 0
     table = capsys.readouterr().out
     assert "| N=64 V=256 | float32 | fastmtt |" in table
+    assert csv_files[0].with_suffix(".md").read_text().strip() == table.strip()
 
 
 def test_runner_in_process_covers_every_op_and_notes_skips(tmp_path, capsys):
