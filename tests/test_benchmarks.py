@@ -22,11 +22,14 @@ def _available(op):
 @pytest.mark.parametrize("op_name", list(OPS))
 def test_implementations_agree_with_the_reference(op_name):
     """Every non-floor implementation computes the reference's value and input gradients."""
-    op = OPS[op_name]
-    config = op.presets["tiny"][0]
-    impls = _available(op)
+    impls = _available(OPS[op_name])
     if len(impls) < 2:
         pytest.skip(f"{op_name}: only {[impl.name for impl in impls]} available in this build")
+    _assert_agree(OPS[op_name], impls)
+
+
+def _assert_agree(op, impls):
+    op_name, config = op.name, op.presets["tiny"][0]
     results = {}
     for impl in impls:
         inputs = op.make_inputs(config.size_dict, torch.float64, CPU)
@@ -131,3 +134,22 @@ def test_triton_interpret_zero_means_real_kernels(monkeypatch):
     assert not _dispatch.interpreting()
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert _dispatch.interpreting()
+
+
+def test_ops_join_the_sweep_once_fastmtt_has_them(monkeypatch):
+    """Stand-ins with the announced signatures make the fastmtt rows run (and agree) with no harness edit."""
+    def fused_linear_mtt_loss(hidden, base_hidden, weight, labels, *, lam, backend="auto", **options):
+        return fastmtt.mtt_loss(hidden @ weight.T, base_hidden @ weight.T, labels, lam=lam, backend="torch")
+
+    def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, backend="auto"):
+        return x @ weight.T + scaling * (x @ lora_a.T) @ lora_b.T
+
+    monkeypatch.setattr(fastmtt, "fused_linear_mtt_loss", fused_linear_mtt_loss, raising=False)
+    monkeypatch.setattr(fastmtt, "lora_linear", lora_linear, raising=False)
+    for op_name, impl_name in (("fused_linear_mtt_loss", "fastmtt (chunked)"), ("lora_linear", "fastmtt")):
+        op = OPS[op_name]
+        assert op.impl(impl_name).unavailable(CPU) is None
+        rows = run.measure_impl(op, op.impl(impl_name), op.presets["tiny"], CPU, ["forward+backward"], 0.0)
+        assert [row["status"] for row in rows] == ["ok"]
+        _assert_agree(op, _available(op))
+    assert "backend='tiled'" in OPS["fused_linear_mtt_loss"].impl("fastmtt (tiled)").unavailable(CPU)
