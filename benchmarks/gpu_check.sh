@@ -16,7 +16,9 @@ install_fastmtt() {
     # kernels/ installs as fastmtt.kernels (setup.py package_dir), so install in place. Without
     # setuptools or wheel, fall back to a shadow package tree (kernels/ linked as fastmtt/kernels) first
     # on PYTHONPATH, with PYTHONSAFEPATH so the checkout's own fastmtt/ does not hide it.
-    if ! "$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index -e . ; then
+    local pip_log
+    if ! pip_log="$("$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index -e . 2>&1)"; then
+        echo "$pip_log" | grep -i "error" | head -n 3
         local shadow
         shadow="$(mktemp -d)"
         mkdir "$shadow/fastmtt"
