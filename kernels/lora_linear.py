@@ -182,24 +182,30 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _gemm_blocks(M: int, C: int, L: int, R: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_C, BLOCK_L, num_warps, num_stages). The interpreter takes whole (small) matrices."""
+def _gemm_blocks(M: int, C: int, L: int, R: int, dtype: torch.dtype, lora_dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_C, BLOCK_L, num_warps, num_stages). The interpreter takes whole (small) matrices.
+    Any fp32 operand takes smaller tiles (fp32 dots hold twice the registers, ieee ones run on FMA units)."""
     if interpreting():
         return (min(128, triton.next_power_of_2(max(M, 16))), triton.next_power_of_2(max(C, 16)),
                 triton.next_power_of_2(max(L, 16)), 1, 1)
-    block_m = 128 if R <= 64 else 64
-    block_l = 32 if dtype == torch.float32 else 64
-    return block_m, 128, block_l, 8, 3
+    if torch.float32 in (dtype, lora_dtype):
+        return 64, 64, 32, 4, 3
+    return (128 if R <= 64 else 64), 128, 64, 8, 3
 
 
-def _weight_grad_blocks(M: int, C: int, R: int, device: torch.device):
+def _weight_grad_tiles(R: int, lora_dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_C, num_warps) of the weight-gradient kernel on a GPU."""
+    return 64, (128 if R <= 64 and lora_dtype != torch.float32 else 64), 4
+
+
+def _weight_grad_blocks(M: int, C: int, R: int, lora_dtype: torch.dtype, device: torch.device):
     """(BLOCK_M, BLOCK_C, num_warps, row splits): about two programs per SM on a GPU."""
     if interpreting():
         return triton.next_power_of_2(max(M, 16)), triton.next_power_of_2(max(C, 16)), 1, 1
-    block_m, block_c = 64, 128 if R <= 64 else 64
+    block_m, block_c, num_warps = _weight_grad_tiles(R, lora_dtype)
     tiles_c = triton.cdiv(C, block_c)
     splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * _sm_count(device.index or 0), tiles_c)))
-    return block_m, block_c, 4, splits
+    return block_m, block_c, num_warps, splits
 
 
 def _gemm(p, w_mat, a_mat, b_mat, bias, out, side, *, side_scale, lora_scale, dropout, dropout_p, seed, mask_cols):
@@ -208,7 +214,7 @@ def _gemm(p, w_mat, a_mat, b_mat, bias, out, side, *, side_scale, lora_scale, dr
     C = w_mat.shape[1]
     rank = a_mat.shape[1]
     R = _padded_rank(rank)
-    block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(M, C, L, R, p.dtype)
+    block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(M, C, L, R, p.dtype, a_mat.dtype)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
     _lora_gemm_kernel[grid](
         p, p.stride(0), p.stride(1),
@@ -232,7 +238,7 @@ def _weight_grad(g, p, *, scale, dropout, dropout_p, seed):
     M, C = p.shape
     rank = g.shape[1]
     R = _padded_rank(rank)
-    block_m, block_c, num_warps, splits = _weight_grad_blocks(M, C, R, p.device)
+    block_m, block_c, num_warps, splits = _weight_grad_blocks(M, C, R, g.dtype, p.device)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
     partial = torch.empty(splits, rank, C, dtype=torch.float32, device=p.device)
@@ -298,11 +304,12 @@ def dropout_mask_triton(shape, dropout_p, seed, device):
 
 
 def compile_specs():
-    """Forward and dx roles of the GEMM over every (input, adapter) dtype pair with its key flags on,
-    flag variants on bf16, and the weight-gradient kernel per dtype pair."""
+    """The GEMM's forward and dx roles with dropout over the dtype pairs (input, adapters), flag and
+    rank variants on bf16, tf32, the weight-gradient kernel per adapter dtype, and the mask kernel.
+    Tiles come from the launch-time choice (_gemm_blocks, _weight_grad_tiles)."""
     from fastmtt.compile_check import KernelSpec
 
-    pairs = (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("fp16", "fp32"), ("bf16", "fp32"))
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
     def gemm(x_dt, a_dt, role, dropout, has_bias, rank_block=64, fp32_precision="ieee"):
         signature = {
@@ -319,13 +326,14 @@ def compile_specs():
             "GROUP_M": "constexpr", "DROPOUT": "constexpr", "HAS_BIAS": "constexpr",
             "UPCAST": "constexpr", "FP32_PRECISION": "constexpr",
         }
-        block_m = 128 if rank_block <= 64 else 64
-        constexprs = {"R": rank_block, "BLOCK_M": block_m, "BLOCK_C": 128, "BLOCK_L": 32 if x_dt == "fp32" else 64,
-                      "GROUP_M": 8, "DROPOUT": (DROPOUT_INPUT if role == "forward" else DROPOUT_OUTPUT) if dropout else 0,
-                      "HAS_BIAS": has_bias, "UPCAST": False, "FP32_PRECISION": fp32_precision}
+        block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(4096, 4096, 4096, rank_block,
+                                                                         dtypes[x_dt], dtypes[a_dt])
+        mode = (DROPOUT_INPUT if role == "forward" else DROPOUT_OUTPUT) if dropout else DROPOUT_NONE
+        constexprs = {"R": rank_block, "BLOCK_M": block_m, "BLOCK_C": block_c, "BLOCK_L": block_l, "GROUP_M": 8,
+                      "DROPOUT": mode, "HAS_BIAS": has_bias, "UPCAST": False, "FP32_PRECISION": fp32_precision}
         label = (f"lora_gemm[{role},x={x_dt},adapter={a_dt},R={rank_block},dropout={int(dropout)},"
                  f"bias={int(has_bias)},fp32={fp32_precision}]")
-        return KernelSpec(label, _lora_gemm_kernel, signature, constexprs, num_warps=8, num_stages=3)
+        return KernelSpec(label, _lora_gemm_kernel, signature, constexprs, num_warps, num_stages)
 
     def weight_grad(x_dt, a_dt, dropout):
         signature = {
@@ -335,21 +343,22 @@ def compile_specs():
             "R": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr", "DROPOUT": "constexpr",
             "UPCAST": "constexpr", "FP32_PRECISION": "constexpr",
         }
-        constexprs = {"R": 64, "BLOCK_M": 64, "BLOCK_C": 128, "DROPOUT": dropout, "UPCAST": False,
+        block_m, block_c, num_warps = _weight_grad_tiles(64, dtypes[a_dt])
+        constexprs = {"R": 64, "BLOCK_M": block_m, "BLOCK_C": block_c, "DROPOUT": dropout, "UPCAST": False,
                       "FP32_PRECISION": "ieee"}
         label = f"lora_weight_grad[x={x_dt},adapter={a_dt},dropout={int(dropout)}]"
-        return KernelSpec(label, _lora_weight_grad_kernel, signature, constexprs, num_warps=4)
+        return KernelSpec(label, _lora_weight_grad_kernel, signature, constexprs, num_warps=num_warps)
 
-    for x_dt, a_dt in pairs:
+    for x_dt, a_dt in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")):
         yield gemm(x_dt, a_dt, "forward", True, True)
+    for x_dt, a_dt in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
         yield gemm(x_dt, a_dt, "dx", True, False)
-        yield weight_grad(x_dt, a_dt, True)
-    yield gemm("bf16", "bf16", "forward", False, False)
-    yield gemm("bf16", "bf16", "dx", False, False)
-    yield gemm("bf16", "bf16", "forward", False, True, rank_block=16)
-    yield gemm("bf16", "bf16", "forward", False, True, rank_block=256)
+    yield gemm("bf16", "bf16", "forward", False, False, rank_block=16)
+    yield gemm("fp16", "fp16", "dx", False, False, rank_block=256)
     yield gemm("fp32", "fp32", "forward", False, True, fp32_precision="tf32")
-    yield weight_grad("bf16", "bf16", False)
+    yield weight_grad("bf16", "bf16", True)
+    yield weight_grad("fp16", "fp16", False)
+    yield weight_grad("bf16", "fp32", True)
     yield KernelSpec("lora_dropout_mask", _dropout_mask_kernel,
                      {"out_ptr": "*i8", "M": "i32", "K": "i32", "dropout_p": "fp32", "seed": "i32",
                       "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}, {"BLOCK_M": 64, "BLOCK_K": 64})
