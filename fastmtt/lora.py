@@ -1,8 +1,9 @@
 """lora_linear: y = x W^T + bias + s * (dropout(x) A^T) B^T as one fused op, with its autograd Function.
 
 W is frozen (never gets a gradient); x, A, B and a bias that requires grad do. Dropout applies to
-the LoRA branch only (as in PEFT), and backward reuses the forward's mask: the PyTorch path saves it
-as a bool tensor, the Triton path regenerates it in-kernel from a seed (see fastmtt.kernels.lora_linear).
+the LoRA branch only (as in PEFT), and backward reuses the forward's mask: the PyTorch path saves the
+mask and the dropped input (as PEFT's autograd graph does), the Triton path saves neither and
+regenerates the mask in-kernel from a seed (see fastmtt.kernels.lora_linear).
 """
 from __future__ import annotations
 
@@ -15,25 +16,25 @@ from fastmtt._checks import check_float_tensor, check_same_device
 from fastmtt._dispatch import resolve_backend
 
 
-def _adapter_input(x, lora_dtype, keep):
-    """x cast to the adapters' dtype (as PEFT does) with the dropout keep mask applied and rescaled."""
-    x_lora = x.to(lora_dtype)
-    return x_lora if keep is None else x_lora * keep
-
-
 def _torch_forward(x, weight, lora_A, lora_B, bias, scaling, keep):
-    """PyTorch path: base product in x's dtype, LoRA products in the adapters' dtype, summed in the wider."""
-    xa = _adapter_input(x, lora_A.dtype, keep) @ lora_A.t()
-    base_bias = bias if bias is not None and bias.dtype == x.dtype else None
-    out = torch.nn.functional.linear(x, weight, base_bias)
-    wide = torch.promote_types(x.dtype, lora_A.dtype)
-    out = torch.addmm(out.to(wide), xa.to(wide), lora_B.t().to(wide), alpha=scaling)
-    if bias is not None and base_bias is None:
+    """PyTorch path: base product in x's dtype; LoRA products in the adapters' dtype on x cast to it
+    (as PEFT does) times the rescaled keep mask; summed in the wider dtype. Returns (y, x_lora, xa)."""
+    lora_dtype = lora_A.dtype
+    x_lora = x if x.dtype == lora_dtype else x.to(lora_dtype)
+    if keep is not None:
+        x_lora = x_lora * keep
+    xa = x_lora @ lora_A.t()
+    if lora_dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+        out = torch.nn.functional.linear(x, weight, bias)
+        return out.addmm_(xa, lora_B.t(), alpha=scaling), x_lora, xa
+    wide = torch.promote_types(x.dtype, lora_dtype)
+    out = torch.nn.functional.linear(x, weight).to(wide).addmm_(xa.to(wide), lora_B.t().to(wide), alpha=scaling)
+    if bias is not None:
         out = out + bias
-    return out.to(x.dtype), xa
+    return out.to(x.dtype), x_lora, xa
 
 
-def _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, keep, needs):
+def _torch_backward(dy, x_dtype, weight, lora_A, lora_B, x_lora, xa, scaling, keep, needs):
     need_dx, need_dA, need_dB = needs
     dy_lora = dy.to(lora_A.dtype)
     dx = dA = dB = None
@@ -42,10 +43,10 @@ def _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, keep, needs):
     if need_dx:
         dx_lora = g @ lora_A
         if keep is not None:
-            dx_lora = dx_lora * keep
-        dx = (dy @ weight).add_(dx_lora.to(x.dtype)) if dx_lora.dtype == x.dtype else (dy @ weight + dx_lora).to(x.dtype)
+            dx_lora.mul_(keep)
+        dx = (dy @ weight).add_(dx_lora) if dx_lora.dtype == x_dtype else (dy @ weight + dx_lora).to(x_dtype)
     if need_dA:
-        dA = g.t() @ _adapter_input(x, lora_A.dtype, keep)
+        dA = g.t() @ x_lora
     if need_dB:
         dB = (dy_lora.t() @ xa).mul_(scaling)
     return dx, dA, dB
@@ -68,28 +69,28 @@ class LoRALinearFunction(torch.autograd.Function):
 
             seed = draw_dropout_seed() if dropout_p > 0 else 0
             y, xa = lora_forward_triton(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+            saved = x  # the kernels regenerate the mask from the seed
         else:
             if dropout_p > 0:  # the same draw as torch.nn.functional.dropout on x in the adapters' dtype
                 keep = torch.empty(x.shape, dtype=lora_A.dtype, device=x.device).bernoulli_(1 - dropout_p)
                 keep.div_(1 - dropout_p)
-            y, xa = _torch_forward(x, weight, lora_A, lora_B, bias, scaling, keep)
-        ctx.options = (scaling, dropout_p, backend, seed)
+            y, saved, xa = _torch_forward(x, weight, lora_A, lora_B, bias, scaling, keep)
+        ctx.options = (scaling, dropout_p, backend, seed, x.dtype)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, None if keep is None else keep != 0)
+        ctx.save_for_backward(saved, weight, lora_A, lora_B, xa, keep)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xa, kept = ctx.saved_tensors
-        scaling, dropout_p, backend, seed = ctx.options
+        saved, weight, lora_A, lora_B, xa, keep = ctx.saved_tensors
+        scaling, dropout_p, backend, seed, x_dtype = ctx.options
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
         if backend == "triton":
             from fastmtt.kernels.lora_linear import lora_backward_triton
 
-            dx, dA, dB = lora_backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs)
+            dx, dA, dB = lora_backward_triton(dy, saved, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs)
         else:
-            keep = None if kept is None else kept.to(lora_A.dtype).div_(1 - dropout_p)
-            dx, dA, dB = _torch_backward(dy, x, weight, lora_A, lora_B, xa, scaling, keep, needs)
+            dx, dA, dB = _torch_backward(dy, x_dtype, weight, lora_A, lora_B, saved, xa, scaling, keep, needs)
         dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
         return dx, None, dA, dB, dbias, None, None, None
 

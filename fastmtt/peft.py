@@ -8,6 +8,7 @@ enabled layer over a plain float nn.Linear (or transformers Conv1D) base; every 
 """
 from __future__ import annotations
 
+import functools
 from numbers import Real
 
 import torch
@@ -22,6 +23,7 @@ def _lora_linear_class():
     return Linear
 
 
+@functools.lru_cache(maxsize=None)
 def _conv1d_class():
     try:
         from transformers.pytorch_utils import Conv1D
@@ -67,7 +69,8 @@ def _fused_call(layer, x, backend):
     """The fused output of `layer` for input x, or None when only PEFT's forward reproduces it."""
     if layer.disable_adapters or layer.merged or not torch.is_tensor(x) or not x.is_floating_point():
         return None
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    adapters = layer.lora_A
+    active = [name for name in layer.active_adapters if name in adapters]
     if len(active) != 1 or not _servable_adapter(layer, active[0]):
         return None
     name = active[0]
@@ -75,14 +78,15 @@ def _fused_call(layer, x, backend):
     weight = _base_weight(base)
     if weight is None or weight.requires_grad:
         return None
-    lora_A, lora_B = layer.lora_A[name].weight, layer.lora_B[name].weight
+    up = layer.lora_B[name]
+    lora_A, lora_B = adapters[name].weight, up.weight
     scaling = float(layer.scaling[name])
     bias = base.bias
     if layer.lora_bias.get(name, False):
-        lora_bias = scaling * layer.lora_B[name].bias
+        lora_bias = scaling * up.bias
         bias = lora_bias if bias is None else bias + lora_bias
     dropout = layer.lora_dropout[name]
-    dropout_p = float(dropout.p) if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+    dropout_p = float(dropout.p) if dropout.training and isinstance(dropout, nn.Dropout) else 0.0
 
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):

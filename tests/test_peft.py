@@ -329,3 +329,19 @@ def test_extra_forward_arguments_and_hooks_fall_back(fused_calls):
     handle.remove()
     torch.testing.assert_close(layer(x, adapter_names=["default"] * 3), want)
     assert len(fused_calls) == 1
+
+
+def test_disabled_input_dtype_casting_falls_back(fused_calls):
+    """With PEFT's input casting off, bf16 inputs meet fp32 adapters: PEFT's own forward decides (it raises)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    model = lora_model(tiny_llama(torch.bfloat16), targets=["q_proj"])
+    ids = tokens()
+    with disable_input_dtype_casting(model), pytest.raises(RuntimeError) as peft_error:
+        model(input_ids=ids)
+    patch_lora(model)
+    with disable_input_dtype_casting(model), pytest.raises(RuntimeError) as patched_error:
+        model(input_ids=ids)
+    assert str(patched_error.value) == str(peft_error.value) and not fused_calls
+    model(input_ids=ids)
+    assert len(fused_calls) == 2
