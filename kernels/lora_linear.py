@@ -14,6 +14,9 @@ traded for no extra launch and no [M, r] round trip between launches.
 
 A second kernel computes the adapter gradients, partial sums over row splits:
     out[R, C] = s * G[M, R]^T (D P)[M, C]      dA = s (dy B)^T drop(x),  dB^T = s (x A^T)^T dy
+Backward is three launches: dx (+ g = dy B), dA, dB. dA and dB reduce over rows while the dx GEMM
+reduces over columns; folding them into dx's programs would need per-row-tile partial sums and would
+save one read of x and one of dy, against the many reads of dy the dx GEMM makes anyway.
 
 Dropout mask: generated in-kernel from a seed, keep(m, k) = rand(seed, m * K + k) >= p (Philox).
 Forward and backward regenerate the identical mask from the same (seed, m, k), so no [M, K] mask
