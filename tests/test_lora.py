@@ -223,3 +223,28 @@ def test_triton_rank_limit():
     with pytest.raises(ValueError, match="rank up to"):
         lora_linear(*args, 1.0, backend="triton")
     torch.testing.assert_close(lora_linear(*args, 1.0), plain_lora(*args, 1.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype_name,lora_dtype_name", [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"),
+                                                        ("bf16", "fp32")])
+@pytest.mark.parametrize("rank,dropout_p", [(8, 0.0), (64, 0.2), (200, 0.0)])
+def test_cuda_kernels_multi_tile(dtype_name, lora_dtype_name, rank, dropout_p):
+    """Compiled kernels on a GPU: many tiles, row splits of the weight gradients, real bf16 dots."""
+    from fastmtt.kernels.lora_linear import dropout_mask_triton
+
+    dtype, lora_dtype = DTYPES[dtype_name], DTYPES[lora_dtype_name]
+    inputs = {k: (v.cuda() if v is not None else None)
+              for k, v in make_inputs((3, 170), 520, 390, rank, dtype, lora_dtype=lora_dtype).items()}
+    dy = torch.randn(3, 170, 390, device="cuda")
+    torch.manual_seed(4)
+    got = run(lora_linear, inputs, 0.5, dy, backend="triton", dropout_p=dropout_p)
+    torch.manual_seed(4)
+    keep = None
+    if dropout_p > 0:
+        kept = dropout_mask_triton((510, 520), dropout_p, draw_dropout_seed(), "cuda").reshape(3, 170, 520)
+        keep = kept.to(lora_dtype) / (1 - dropout_p)
+    same = run(plain_lora, inputs, 0.5, dy, keep=keep)
+    truth = run(plain_lora, as_fp64(inputs), 0.5, dy.double(), keep=None if keep is None else keep.double())
+    for name, g, s, t in zip(NAMES, got, same, truth):
+        assert_parity(name, g, s, t, dtype)
