@@ -24,8 +24,8 @@ or dropped copy of x is ever stored (PEFT keeps dropout(x) alive for backward). 
 materializes the mask for tests.
 
 Precision: the base product runs in the input dtype, the LoRA products in the adapters' dtype
-(as PEFT casts x to lora_A's dtype), all accumulated in fp32; fp32 dots honor
-torch.backends.cuda.matmul.allow_tf32.
+(as PEFT casts x to lora_A's dtype), all accumulated in fp32. fp32 dots run as tf32 when torch
+allows tf32 matmuls (torch.backends.cuda.matmul.allow_tf32), otherwise as tf32x3 (about fp32 accuracy).
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import triton.language as tl
 
 from fastmtt._dispatch import interpreting
 
-MAX_RANK = 256
+MAX_RANK = 128
 DROPOUT_NONE, DROPOUT_INPUT, DROPOUT_OUTPUT = 0, 1, 2
 
 
@@ -177,7 +177,11 @@ def _padded_rank(rank: int) -> int:
 
 
 def _fp32_precision() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """fp32 dots: tf32 when torch allows it for matmuls, else tf32x3 (three tf32 products, about fp32
+    accuracy on tensor cores; the FMA "ieee" lowering spills registers at these tile sizes)."""
+    if interpreting():
+        return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 @functools.lru_cache(maxsize=None)
@@ -185,20 +189,22 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _gemm_blocks(M: int, C: int, L: int, R: int, dtype: torch.dtype, lora_dtype: torch.dtype):
+def _gemm_blocks(M: int, C: int, L: int, R: int, dtype: torch.dtype, lora_dtype: torch.dtype, dropout: int):
     """(BLOCK_M, BLOCK_C, BLOCK_L, num_warps, num_stages). The interpreter takes whole (small) matrices.
-    Any fp32 operand takes smaller tiles (fp32 dots hold twice the registers, ieee ones run on FMA units)."""
+    On a GPU the tiles leave room for the [BLOCK_M, R] side accumulator and the in-register dropout
+    mask (a [BLOCK_M, BLOCK_L] tile on the input, [BLOCK_M, BLOCK_C] on the output)."""
     if interpreting():
         return (min(128, triton.next_power_of_2(max(M, 16))), triton.next_power_of_2(max(C, 16)),
                 triton.next_power_of_2(max(L, 16)), 1, 1)
-    if torch.float32 in (dtype, lora_dtype):
-        return 64, 64, 32, 4, 3
-    return (128 if R <= 64 else 64), 128, 64, 8, 3
+    fp32 = torch.float32 in (dtype, lora_dtype)
+    block_c = 64 if R > 64 or dropout == DROPOUT_OUTPUT else 128
+    block_l = 32 if fp32 or dropout == DROPOUT_INPUT else 64
+    return 64, block_c, block_l, 8, 3
 
 
 def _weight_grad_tiles(R: int, lora_dtype: torch.dtype):
     """(BLOCK_M, BLOCK_C, num_warps) of the weight-gradient kernel on a GPU."""
-    return 64, (128 if R <= 64 and lora_dtype != torch.float32 else 64), 4
+    return 32, (128 if R <= 64 and lora_dtype != torch.float32 else 64), 8
 
 
 def _weight_grad_blocks(M: int, C: int, R: int, lora_dtype: torch.dtype, device: torch.device):
@@ -217,7 +223,7 @@ def _gemm(p, w_mat, a_mat, b_mat, bias, out, side, *, side_scale, lora_scale, dr
     C = w_mat.shape[1]
     rank = a_mat.shape[1]
     R = _padded_rank(rank)
-    block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(M, C, L, R, p.dtype, a_mat.dtype)
+    block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(M, C, L, R, p.dtype, a_mat.dtype, dropout)
     grid = (triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
     _lora_gemm_kernel[grid](
         p, p.stride(0), p.stride(1),
@@ -314,7 +320,7 @@ def compile_specs():
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-    def gemm(x_dt, a_dt, role, dropout, has_bias, rank_block=64, fp32_precision="ieee"):
+    def gemm(x_dt, a_dt, role, dropout, has_bias, rank_block=64, fp32_precision="tf32x3"):
         signature = {
             "p_ptr": f"*{x_dt}", "stride_pm": "i64", "stride_pl": "i64",
             "w_ptr": f"*{x_dt}", "stride_wl": "i64", "stride_wc": "i64",
@@ -329,9 +335,9 @@ def compile_specs():
             "GROUP_M": "constexpr", "DROPOUT": "constexpr", "HAS_BIAS": "constexpr",
             "UPCAST": "constexpr", "FP32_PRECISION": "constexpr",
         }
-        block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(4096, 4096, 4096, rank_block,
-                                                                         dtypes[x_dt], dtypes[a_dt])
         mode = (DROPOUT_INPUT if role == "forward" else DROPOUT_OUTPUT) if dropout else DROPOUT_NONE
+        block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(4096, 4096, 4096, rank_block,
+                                                                         dtypes[x_dt], dtypes[a_dt], mode)
         constexprs = {"R": rank_block, "BLOCK_M": block_m, "BLOCK_C": block_c, "BLOCK_L": block_l, "GROUP_M": 8,
                       "DROPOUT": mode, "HAS_BIAS": has_bias, "UPCAST": False, "FP32_PRECISION": fp32_precision}
         label = (f"lora_gemm[{role},x={x_dt},adapter={a_dt},R={rank_block},dropout={int(dropout)},"
@@ -348,7 +354,7 @@ def compile_specs():
         }
         block_m, block_c, num_warps = _weight_grad_tiles(64, dtypes[a_dt])
         constexprs = {"R": 64, "BLOCK_M": block_m, "BLOCK_C": block_c, "DROPOUT": dropout, "UPCAST": False,
-                      "FP32_PRECISION": "ieee"}
+                      "FP32_PRECISION": "tf32x3"}
         label = f"lora_weight_grad[x={x_dt},adapter={a_dt},dropout={int(dropout)}]"
         return KernelSpec(label, _lora_weight_grad_kernel, signature, constexprs, num_warps=num_warps)
 
@@ -357,7 +363,8 @@ def compile_specs():
     for x_dt, a_dt in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
         yield gemm(x_dt, a_dt, "dx", True, False)
     yield gemm("bf16", "bf16", "forward", False, False, rank_block=16)
-    yield gemm("fp16", "fp16", "dx", False, False, rank_block=256)
+    yield gemm("fp16", "fp16", "dx", False, False, rank_block=128)
+    yield gemm("bf16", "fp32", "forward", True, True, rank_block=128)
     yield gemm("fp32", "fp32", "forward", False, True, fp32_precision="tf32")
     yield weight_grad("bf16", "bf16", True)
     yield weight_grad("fp16", "fp16", False)

@@ -228,7 +228,7 @@ def test_triton_rank_limit():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype_name,lora_dtype_name", [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"),
                                                         ("bf16", "fp32")])
-@pytest.mark.parametrize("rank,dropout_p", [(8, 0.0), (64, 0.2), (200, 0.0)])
+@pytest.mark.parametrize("rank,dropout_p", [(8, 0.0), (64, 0.2), (120, 0.1)])
 def test_cuda_kernels_multi_tile(dtype_name, lora_dtype_name, rank, dropout_p):
     """Compiled kernels on a GPU: many tiles, row splits of the weight gradients, real bf16 dots."""
     from fastmtt.kernels.lora_linear import dropout_mask_triton
