@@ -66,16 +66,14 @@ def reduce_loss(rows, reduction, scale):
 
 
 def scale_saved_grad(ctx, grad, grad_output):
-    """Scale the gradient saved by forward by the upstream gradient, in place: a scalar for mean/sum,
-    one value per row for 'none'. The saved buffer is consumed, so a second backward is refused."""
-    if ctx.consumed:
-        raise RuntimeError("fastmtt losses support one backward per forward (the gradient buffer is reused)")
-    ctx.consumed = True
+    """The saved gradient times the upstream gradient (a scalar for mean/sum, one value per row for
+    'none'). An upstream of exactly 1 returns the saved buffer itself. With ctx.in_place (the caller
+    opted into overwriting) the buffer is scaled in place, so autograd refuses a second backward."""
     if grad_output.dim() > 0:
-        grad.mul_(grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1))))
-    elif torch.compiler.is_compiling() or bool(grad_output != 1):
-        grad.mul_(grad_output)
-    return grad
+        grad_output = grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1)))
+    elif not torch.compiler.is_compiling() and not bool(grad_output != 1):
+        return grad
+    return grad.mul_(grad_output) if ctx.in_place else grad * grad_output
 
 
 class MTTLossFunction(torch.autograd.Function):
@@ -89,14 +87,14 @@ class MTTLossFunction(torch.autograd.Function):
                     ignore_index=options["ignore_index"], need_kl=options["need_kl"])
         if reduction != "mean":
             scale = torch.ones_like(scale)
-        if compute_grad and options["overwrite_logits"] and not torch.compiler.is_compiling():
+        ctx.in_place = compute_grad and options["overwrite_logits"] and not torch.compiler.is_compiling()
+        if ctx.in_place:
             ce, kl = _rows_fn(options["backend"])(logits, base_logits, labels, grad_scale=scale, grad_out=logits, **args)
             grad = logits
         else:
             ce, kl, grad = mtt_rows(logits, base_logits, labels, scale, compute_grad=compute_grad,
                                     backend=options["backend"], **args)
-        loss_rows = ce if lam == 0 else ce + (lam * temperature * temperature) * kl
-        ctx.consumed = False
+        loss_rows = ce.clone() if lam == 0 else ce + (lam * temperature * temperature) * kl  # a distinct output
         ctx.save_for_backward(grad)
         ce_out, kl_out = reduce_loss(ce, reduction, scale), reduce_loss(kl, reduction, scale)
         ctx.mark_non_differentiable(ce_out, kl_out)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastmtt
-from conftest import DTYPES, assert_parity
+from tests.conftest import DTYPES, assert_parity
 from fastmtt import _dispatch, reference
 
 pytestmark = pytest.mark.cuda

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DTYPES, assert_parity
+from tests.conftest import DTYPES, assert_parity
 from fastmtt.lora import draw_dropout_seed, lora_linear
 
 BACKENDS = ("triton", "torch")

@@ -207,10 +207,21 @@ def test_backends_agree_on_leading_batch_dims_and_module():
             reference.mtt_loss(logits.double(), base.double(), labels, lam=0.5).kl.float())
 
 
-def test_second_backward_is_refused():
-    logits, base, labels = make_inputs(4, 10, torch.float32, seed=16)
-    x = logits.requires_grad_(True)
-    loss = fastmtt.mtt_loss(x, base, labels)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="one backward"):
-        loss.backward()
+def test_retained_graph_allows_repeated_backward():
+    logits, base, labels = make_inputs(6, 10, torch.float32, seed=16)
+    x = logits.clone().requires_grad_(True)
+    loss = fastmtt.mtt_loss(x, base, labels, reduction="none")
+    upstream = torch.randn(6)
+    loss.backward(upstream, retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(upstream * 3)
+    torch.testing.assert_close(x.grad, 4 * first)
+
+
+def test_overwrite_logits_refuses_a_second_backward():
+    logits, base, labels = make_inputs(4, 10, torch.float32, seed=17)
+    x = logits.clone().requires_grad_(True)
+    loss = fastmtt.mtt_loss(x, base, labels, overwrite_logits=True)
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (2 * loss).backward()

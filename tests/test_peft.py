@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_parity
+from tests.conftest import assert_parity
 from fastmtt import peft as fastmtt_peft
 from fastmtt.peft import patch_lora, unpatch_lora
 
