@@ -275,5 +275,6 @@ def config_for(preset: str, **overrides) -> DemoConfig:
     """DemoConfig of a preset ('tiny', 'quick', 'full') with overrides (None values ignored)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    values = {**PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in overrides.items() if v is not None}}
     return DemoConfig(**values)

@@ -1,5 +1,4 @@
 """`fastmtt finetune` end to end on a tiny local model, and `fastmtt demo` at the tiny preset."""
-import csv
 import json
 
 import pytest
@@ -68,11 +67,14 @@ def test_finetune_pretokenized_data_without_tokenizer(tmp_path):
         main(["finetune", "--model", str(model_dir), "--data", bad, "--out", str(out), "--device", "cpu"])
 
 
-def test_demo_tiny_writes_table_csv_and_png(tmp_path, capsys):
-    assert main(["demo", "--preset", "tiny", "--out", str(tmp_path), "--no-progress", "--device", "cpu"]) == 0
-    printed = capsys.readouterr().out
-    assert "| mtt |" in printed and "| kl |" in printed and "| ce |" in printed
-    with open(tmp_path / "results.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert [row["method"] for row in rows] == ["base model", "ce", "kl", "mtt"]
-    assert (tmp_path / "frontier.png").stat().st_size > 1000
+def test_demo_arguments_reach_run_demo(tmp_path, monkeypatch):
+    import fastmtt.demo
+
+    calls = []
+    monkeypatch.setattr(fastmtt.demo, "run_demo", lambda cfg, **kwargs: calls.append((cfg, kwargs)))
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu", "--lams", "0.5", "2",
+                 "--directions", "forward", "reverse", "--shift", "0.7", "--seed", "3", "--no-progress"]) == 0
+    ((cfg, kwargs),) = calls
+    assert cfg == fastmtt.demo.config_for("quick", lams=(0.5, 2.0), directions=("forward", "reverse"), shift=0.7, seed=3)
+    assert kwargs == dict(out_dir=str(tmp_path), device="cpu", progress=False)
+    assert main(["demo", "--preset", "tiny", "--no-progress"]) == 0 and calls[1][0] == fastmtt.demo.config_for("tiny")
