@@ -29,23 +29,25 @@ from fastmtt.peft import MTTObjective
 
 @dataclasses.dataclass
 class DemoConfig:
-    vocab_size: int = 256
+    """Sizes of one demo run; the defaults are the --quick preset."""
+
+    vocab_size: int = 192
     branching: int = 6            # likely successors per token in the base language
     smoothing: float = 0.02       # uniform mass mixed into every base transition
-    shift: float = 0.5            # probability that the target language takes its new successor
-    seq_len: int = 32
-    hidden_size: int = 64
+    shift: float = 0.9            # probability that the target language takes its new successor
+    seq_len: int = 24
+    hidden_size: int = 48
     num_layers: int = 2
     num_heads: int = 4
-    pretrain_steps: int = 400
+    pretrain_steps: int = 300
     pretrain_lr: float = 3e-3
     finetune_sequences: int = 128  # size of the (small) target training corpus
-    finetune_steps: int = 150
+    finetune_steps: int = 80
     finetune_lr: float = 3e-3
     batch_size: int = 32
     lora_rank: int = 8
     eval_sequences: int = 256
-    lams: Sequence[float] = (0.1, 0.3, 1.0, 3.0, 10.0)
+    lams: Sequence[float] = (0.3, 1.0, 3.0, 10.0)
     methods: Sequence[str] = ("ce", "kl", "mtt")
     directions: Sequence[str] = ("forward",)
     seed: int = 0
@@ -55,9 +57,8 @@ PRESETS = {
     "tiny": dict(vocab_size=48, hidden_size=32, num_layers=1, seq_len=16, pretrain_steps=30, finetune_steps=8,
                  finetune_sequences=16, batch_size=8, eval_sequences=16, lams=(1.0,)),
     "quick": dict(),
-    "full": dict(vocab_size=384, hidden_size=128, num_layers=4, pretrain_steps=2000, finetune_steps=400,
-                 finetune_sequences=256, eval_sequences=1024, lams=(0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0),
-                 directions=("forward", "reverse")),
+    "full": dict(vocab_size=256, hidden_size=64, pretrain_steps=1000, finetune_steps=200, eval_sequences=512,
+                 lams=(0.1, 0.3, 1.0, 3.0, 10.0, 30.0), directions=("forward", "reverse")),
 }
 
 
