@@ -20,6 +20,7 @@ def _demo(args) -> int:
     from fastmtt.demo import config_for, run_demo
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.set_num_threads(args.threads)
     preset = "quick" if args.quick else args.preset
     cfg = config_for(preset, seed=args.seed, shift=args.shift, lams=args.lams, directions=args.directions)
     run_demo(cfg, out_dir=args.out, device=device, progress=not args.no_progress)
@@ -55,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--shift", type=float, help="probability of the target language's new successor")
     demo.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
     demo.add_argument("--directions", nargs="+", choices=("forward", "reverse"), help="MTT KL directions")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="CPU threads (default 1: the models are tiny, more threads mostly add overhead)")
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)
 
