@@ -11,6 +11,15 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: on a shared 2-core machine, two OpenMP threads mostly wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_languages_shift_mass_onto_new_successors():
     base, target = make_languages(vocab_size=50, branching=4, smoothing=0.05, shift=0.6, seed=1)
     torch.testing.assert_close(base.transition.sum(1), torch.ones(50))
