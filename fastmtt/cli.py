@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from fastmtt.loss import DEFAULT_LAM
 
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # peft calls a transformers 5 method deprecated in favor of another; nothing for a CLI user to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     return args.func(args)
 
 
