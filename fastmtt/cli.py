@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+
+from fastmtt.loss import DEFAULT_LAM
 
 
 def _compile_check(args) -> int:
@@ -12,17 +15,83 @@ def _compile_check(args) -> int:
     return 0 if results and all(r.ok for r in results) else 1
 
 
+def _demo(args) -> int:
+    import torch
+
+    from fastmtt.demo import config_for, run_demo
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.set_num_threads(args.threads)
+    preset = "quick" if args.quick else args.preset
+    cfg = config_for(preset, seed=args.seed, shift=args.shift, lams=args.lams, directions=args.directions)
+    run_demo(cfg, out_dir=args.out, device=device, progress=not args.no_progress)
+    return 0
+
+
+def _finetune(args) -> int:
+    from fastmtt.finetune import run_finetune
+
+    run_finetune(args.model, args.data, args.out, retain=args.retain, lam=args.lam, temperature=args.temperature,
+                 direction=args.direction, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                 lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
+                 epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+                 grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, seed=args.seed,
+                 device=args.device)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmtt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("compile-check", help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed)")
     check.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     check.set_defaults(func=_compile_check)
+
+    demo = sub.add_parser("demo", help="toy experiment: learning vs forgetting of CE, full KL and MTT (CPU, no downloads)")
+    demo.add_argument("--quick", action="store_true", help="small run, about a minute on a laptop CPU")
+    demo.add_argument("--preset", choices=("tiny", "quick", "full"), default="full",
+                      help="run size (default full; --quick is --preset quick)")
+    demo.add_argument("--out", default="fastmtt-demo", help="folder for results.csv and frontier.png")
+    demo.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when present)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--shift", type=float, help="probability of the target language's new successor")
+    demo.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
+    demo.add_argument("--directions", nargs="+", choices=("forward", "reverse"), help="MTT KL directions")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="CPU threads (default 1: the models are tiny, more threads mostly add overhead)")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.set_defaults(func=_demo)
+
+    tune = sub.add_parser("finetune", help="LoRA fine-tuning of a local causal LM on a JSONL file with MTT",
+                          description="Formats: {\"input_ids\": [...]} (optional \"labels\"), {\"text\": ...}, "
+                                      "or {\"prompt\": ..., \"completion\": ...} (loss on the completion).")
+    tune.add_argument("--model", required=True, help="local Hugging Face model directory")
+    tune.add_argument("--data", required=True, help="training JSONL")
+    tune.add_argument("--retain", help="held-out JSONL of the base's domain: reports forgetting before/after")
+    tune.add_argument("--out", required=True, help="folder for the adapter and metrics.json")
+    tune.add_argument("--lam", type=float, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
+    tune.add_argument("--temperature", type=float, default=1.0)
+    tune.add_argument("--direction", choices=("forward", "reverse"), default="forward")
+    tune.add_argument("--lora-r", type=int, default=8)
+    tune.add_argument("--lora-alpha", type=int, default=16)
+    tune.add_argument("--lora-dropout", type=float, default=0.0)
+    tune.add_argument("--target-modules", nargs="+", help="LoRA target modules (default: all linear layers)")
+    tune.add_argument("--epochs", type=float, default=1.0)
+    tune.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    tune.add_argument("--batch-size", type=int, default=8)
+    tune.add_argument("--grad-accum", type=int, default=1)
+    tune.add_argument("--lr", type=float, default=2e-4)
+    tune.add_argument("--max-length", type=int, default=512)
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--device", default="auto")
+    tune.set_defaults(func=_finetune)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # peft calls a transformers 5 method deprecated in favor of another; nothing for a CLI user to act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     return args.func(args)
 
 

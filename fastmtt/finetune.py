@@ -1,0 +1,131 @@
+"""`fastmtt finetune`: LoRA fine-tuning of a local Hugging Face causal LM on a local JSONL file with MTT.
+
+JSONL formats (one object per line; all lines of a file in one format):
+  {"input_ids": [...]}                       pre-tokenized; every token after the first is predicted
+  {"input_ids": [...], "labels": [...]}      pre-tokenized with explicit labels (-100 = no loss)
+  {"text": "..."}                            tokenized with the model directory's tokenizer (+ EOS)
+  {"prompt": "...", "completion": "..."}     loss on the completion tokens only
+An optional "retain" JSONL (same formats) measures forgetting: perplexity and KL(base || adapted)
+before and after training.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+
+from fastmtt.evaluation import evaluate_lm
+
+
+def read_jsonl(path: str) -> List[dict]:
+    with open(path) as handle:
+        records = [json.loads(line) for line in handle if line.strip()]
+    if not records:
+        raise ValueError(f"{path}: no JSON lines found")
+    return records
+
+
+def encode_records(records: List[dict], tokenizer, max_length: int, source: str = "data") -> List[Dict[str, list]]:
+    """Each record -> dict(input_ids, labels), truncated to max_length (formats: see module docstring)."""
+    examples = []
+    for number, record in enumerate(records, 1):
+        if "input_ids" in record:
+            input_ids = [int(t) for t in record["input_ids"]]
+            labels = [int(t) for t in record.get("labels", input_ids)]
+        elif "text" in record or {"prompt", "completion"} <= record.keys():
+            if tokenizer is None:
+                raise ValueError(f"{source} line {number}: text records need a tokenizer in the model directory; "
+                                 "give pre-tokenized {\"input_ids\": [...]} records instead")
+            eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+            if "text" in record:
+                input_ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"] + eos
+                labels = list(input_ids)
+            else:
+                prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
+                completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + eos
+                input_ids, labels = prompt + completion, [-100] * len(prompt) + completion
+        else:
+            raise ValueError(f"{source} line {number}: expected keys 'input_ids', 'text' or 'prompt'+'completion', "
+                             f"got {sorted(record)}")
+        if len(labels) != len(input_ids) or len(input_ids) < 2:
+            raise ValueError(f"{source} line {number}: need at least 2 tokens and labels as long as input_ids")
+        examples.append(dict(input_ids=input_ids[:max_length], labels=labels[:max_length]))
+    return examples
+
+
+class PadCollator:
+    """Right-pads examples to the longest: input_ids with pad_id, labels with -100, attention_mask 0."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples):
+        length = max(len(e["input_ids"]) for e in examples)
+        pad = lambda values, fill: list(values) + [fill] * (length - len(values))  # noqa: E731
+        return dict(input_ids=torch.tensor([pad(e["input_ids"], self.pad_id) for e in examples]),
+                    attention_mask=torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
+                    labels=torch.tensor([pad(e["labels"], -100) for e in examples]))
+
+
+def _load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = None, lam: float = 1.0,
+                 temperature: float = 1.0, direction: str = "forward", lora_r: int = 8, lora_alpha: int = 16,
+                 lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
+                 batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4, max_length: int = 512,
+                 seed: int = 0, device: str = "auto", log=print) -> Dict[str, Dict[str, float]]:
+    """Train a LoRA adapter with MTTTrainer, save it (and metrics.json) to `out`; returns the metrics."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+
+    from fastmtt.peft import MTTObjective
+    from fastmtt.trainer import MTTTrainer
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    set_seed(seed)
+    tokenizer = _load_tokenizer(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                               model.config.pad_token_id, model.config.eos_token_id) if isinstance(i, int)), 0)
+    train_examples = encode_records(read_jsonl(data), tokenizer, max_length, source=data)
+    collate = PadCollator(pad_id)
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora).to(device)
+
+    metrics: Dict[str, Dict[str, float]] = {}
+    retain_batches = None
+    if retain:
+        retain_examples = encode_records(read_jsonl(retain), tokenizer, max_length, source=retain)
+        retain_batches = [collate(retain_examples[i:i + batch_size]) for i in range(0, len(retain_examples), batch_size)]
+        metrics["retain_before"] = evaluate_lm(model, retain_batches, device)
+        log(f"retain before: ppl {metrics['retain_before']['ppl']:.3f}")
+
+    args = TrainingArguments(output_dir=out, num_train_epochs=epochs, max_steps=max_steps,
+                             per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
+                             learning_rate=lr, logging_steps=max(1, min(10, max_steps if max_steps > 0 else 10)),
+                             save_strategy="no", report_to=[], seed=seed, use_cpu=device == "cpu",
+                             remove_unused_columns=False)
+    trainer = MTTTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collate,
+                         objective=MTTObjective(lam=lam, temperature=temperature, direction=direction))
+    trainer.train()
+    metrics["train_log"] = [entry for entry in trainer.state.log_history if "ce" in entry]
+    if retain_batches is not None:
+        metrics["retain_after"] = evaluate_lm(model, retain_batches, device)
+        before, after = metrics["retain_before"], metrics["retain_after"]
+        log(f"retain after: ppl {after['ppl']:.3f} ({after['ppl'] - before['ppl']:+.3f}), "
+            f"KL(base || adapted) {after['kl_to_base']:.5f} nats/token")
+    model.save_pretrained(out)
+    with open(os.path.join(out, "metrics.json"), "w") as handle:
+        json.dump(metrics, handle, indent=2)
+    log(f"saved the adapter and metrics.json to {out}")
+    return metrics

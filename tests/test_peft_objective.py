@@ -1,0 +1,164 @@
+"""MTTObjective on tiny PEFT Llamas, checked against the reference on materialized logits."""
+import pytest
+import torch
+
+import fastmtt
+from fastmtt import reference
+from fastmtt.peft import MTTObjective, _head_loss
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 37  # not a power of two
+
+
+def tiny_llama(seed=0, **config):
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    settings.update(config)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings))
+
+
+def tiny_peft(target_modules=("q_proj", "v_proj", "lm_head"), seed=0, **lora):
+    model = tiny_llama(seed)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules), init_lora_weights=False, **lora)
+    return peft.get_peft_model(model, config)
+
+
+def padded_batch(seed=1, batch=3, length=12):
+    """Right-padded batch with -100 on padding and on a prompt prefix; target ids include 0 and V-1."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(VOCAB, (batch, length), generator=generator)
+    input_ids[0, 3], input_ids[1, 4] = 0, VOCAB - 1
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, length - 4:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[0, :5] = -100
+    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+
+def reference_loss(model, batch, **options):
+    """Reference MTT on the full logits of the adapted and the base model (causal shift applied)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return reference.mtt_loss(logits[:, :-1].reshape(-1, VOCAB), base[:, :-1].reshape(-1, VOCAB),
+                              batch["labels"][:, 1:].reshape(-1), **options)
+
+
+def trainable_grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("direction,temperature", [("forward", 1.0), ("reverse", 1.0), ("forward", 2.0)])
+def test_matches_reference_with_lora_head_and_padding(direction, temperature):
+    model, batch = tiny_peft(), padded_batch()
+    options = dict(lam=0.7, temperature=temperature, direction=direction)
+    got = MTTObjective(**options)(model, **batch)
+    got.loss.backward()
+    got_grads = trainable_grads(model)
+    model.zero_grad()
+    want = reference_loss(model, batch, **options)
+    want.loss.backward()
+    want_grads = trainable_grads(model)
+    assert want.kl > 1e-3 and want.ce > 1.0  # the adapter really moved the model
+    for name in ("loss", "ce", "kl"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+    assert not got.ce.requires_grad and not got.kl.requires_grad
+    assert any("lm_head" in name for name in got_grads)
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_base_pass_disables_adapters_without_grad():
+    model, batch = tiny_peft(), padded_batch()
+    adapted, base = MTTObjective().hidden_states(model, batch["input_ids"], batch["attention_mask"])
+    with model.disable_adapter():
+        expected_base = model.get_base_model().model(input_ids=batch["input_ids"],
+                                                     attention_mask=batch["attention_mask"]).last_hidden_state
+    torch.testing.assert_close(base, expected_base)
+    assert not base.requires_grad and adapted.requires_grad
+    assert (adapted - base).abs().max() > 1e-3  # adapters were back on for the adapted pass
+
+
+def test_gradient_accumulation_matches_one_batch():
+    model = tiny_peft()
+    batch = padded_batch(batch=4)
+    batch["labels"][2, :9] = -100  # the two halves have different numbers of predicted tokens
+    objective = MTTObjective(lam=1.3)
+    objective(model, **batch).loss.backward()
+    whole = trainable_grads(model)
+    model.zero_grad()
+    total = int((batch["labels"][:, 1:] != -100).sum())
+    for half in (slice(0, 2), slice(2, 4)):
+        part = {key: value[half] for key, value in batch.items()}
+        objective(model, **part, num_items_in_batch=torch.tensor(total)).loss.backward()
+    for name, grad in trainable_grads(model).items():
+        torch.testing.assert_close(grad, whole[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_all_ignored_batch_gives_zero_loss():
+    model, batch = tiny_peft(), padded_batch()
+    batch["labels"].fill_(-100)
+    out = MTTObjective()(model, **batch)
+    out.loss.backward()
+    assert float(out.loss.detach()) == 0.0 and float(out.ce) == 0.0
+    assert all(torch.all(g == 0) for g in trainable_grads(model).values())
+
+
+def test_head_loss_fallback_matches_reference_with_softcap_and_bias():
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(9, 8, generator=generator, dtype=torch.float64, requires_grad=True)
+    base_hidden = torch.randn(9, 8, generator=generator, dtype=torch.float64)
+    weight, bias = torch.randn(VOCAB, 8, generator=generator, dtype=torch.float64), torch.randn(VOCAB, dtype=torch.float64)
+    lora_A, lora_B = torch.randn(3, 8, dtype=torch.float64), torch.randn(VOCAB, 3, dtype=torch.float64)
+    labels = torch.randint(VOCAB, (9,), generator=generator)
+    labels[2] = -100
+    got = _head_loss(hidden, base_hidden, weight, labels, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_scaling=0.5,
+                     softcap=3.0, lam=0.9, return_components=True)
+    cap = lambda x: 3.0 * torch.tanh(x / 3.0)  # noqa: E731
+    logits = cap(hidden @ weight.T + bias + 0.5 * (hidden @ lora_A.T) @ lora_B.T)
+    want = reference.mtt_loss(logits, cap(base_hidden @ weight.T + bias), labels, lam=0.9)
+    torch.testing.assert_close(got.loss, want.loss)
+    torch.testing.assert_close(got.kl, want.kl)
+    (grad_got,) = torch.autograd.grad(got.loss, hidden)
+    (grad_want,) = torch.autograd.grad(want.loss, hidden)
+    torch.testing.assert_close(grad_got, grad_want)
+
+
+def test_head_loss_calls_fused_linear_loss_when_available(monkeypatch):
+    calls = []
+
+    def fused(hidden, base_hidden, weight, labels, **kwargs):
+        calls.append(kwargs)
+        return "fused result"
+
+    monkeypatch.setattr(fastmtt, "fused_linear_mtt_loss", fused, raising=False)
+    model, batch = tiny_peft(), padded_batch()
+    assert MTTObjective(lam=0.5)(model, **batch) == "fused result"
+    (kwargs,) = calls
+    assert kwargs["lam"] == 0.5 and kwargs["lora_A"].shape == (4, 16) and kwargs["lora_B"].shape == (VOCAB, 4)
+    assert kwargs["lora_scaling"] == 2.0 and kwargs["softcap"] is None and kwargs["return_components"] is True
+
+
+def test_errors_name_the_problem():
+    batch = padded_batch()
+    with pytest.raises(TypeError, match="peft.PeftModel"):
+        MTTObjective()(tiny_llama(), **batch)
+    saved_head = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                    modules_to_save=["lm_head"]))
+    with pytest.raises(NotImplementedError, match="output head"):
+        MTTObjective()(saved_head, **batch)
+    scaled = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    scaled.get_base_model().config.logit_scale = 0.5
+    with pytest.raises(NotImplementedError, match="logit_scale"):
+        MTTObjective()(scaled, **batch)
+    dropout_head = tiny_peft(lora_dropout=0.1)
+    with pytest.raises(NotImplementedError, match="lora_dropout"):
+        MTTObjective()(dropout_head.train(), **batch)
+    with pytest.raises(ValueError, match="labels"):
+        MTTObjective()(tiny_peft(), input_ids=batch["input_ids"], labels=batch["labels"][:, 1:])
+    with pytest.raises(ValueError, match="lam"):
+        MTTObjective(lam=-1.0)

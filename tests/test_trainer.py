@@ -1,0 +1,92 @@
+"""MTTTrainer: exact gradient accumulation, ce/kl logging, TRL SFTTrainer through the mixin."""
+import pytest
+import torch
+
+from fastmtt.peft import MTTObjective
+from fastmtt.trainer import MTTLossMixin, MTTTrainer
+from test_peft_objective import padded_batch, tiny_peft, trainable_grads
+
+transformers = pytest.importorskip("transformers")
+
+LR = 0.5
+
+
+def dataset_of(batch):
+    return [{key: value[i] for key, value in batch.items()} for i in range(len(batch["input_ids"]))]
+
+
+def four_examples():
+    batch = padded_batch(batch=4, length=10)
+    batch["labels"][3, :7] = -100  # micro-batches with different numbers of predicted tokens
+    return batch
+
+
+def training_args(tmp_path, **overrides):
+    settings = dict(output_dir=str(tmp_path), optim="sgd", learning_rate=LR, lr_scheduler_type="constant",
+                    max_steps=1, weight_decay=0.0, max_grad_norm=1e9, logging_steps=1, save_strategy="no",
+                    report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    settings.update(overrides)
+    return transformers.TrainingArguments(**settings)
+
+
+def adapter_weights(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("micro_batch,accumulation", [(4, 1), (2, 2), (1, 4)])
+def test_one_step_equals_full_batch_gradient_step(tmp_path, micro_batch, accumulation):
+    batch = four_examples()
+    reference_model = tiny_peft()
+    MTTObjective(lam=0.8)(reference_model, **batch).loss.backward()
+    expected = {name: p.detach() - LR * trainable_grads(reference_model)[name]
+                for name, p in reference_model.named_parameters() if p.requires_grad}
+
+    model = tiny_peft()
+    trainer = MTTTrainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=micro_batch,
+                                                         gradient_accumulation_steps=accumulation),
+                         train_dataset=dataset_of(batch), mtt_lambda=0.8)
+    trainer.train()
+    got = adapter_weights(model)
+    for name, weight in expected.items():
+        torch.testing.assert_close(got[name], weight, rtol=1e-5, atol=1e-6, msg=name)
+
+    (logged,) = [entry for entry in trainer.state.log_history if "ce" in entry]
+    full = MTTObjective(lam=0.8)(tiny_peft(), **batch)
+    assert logged["ce"] == pytest.approx(float(full.ce), rel=1e-4)
+    assert logged["kl"] == pytest.approx(float(full.kl), rel=1e-4) and logged["kl"] > 1e-4
+    assert logged["loss"] == pytest.approx(logged["ce"] + 0.8 * logged["kl"], rel=1e-3)
+
+
+def test_objective_and_lambda_arguments(tmp_path):
+    args = training_args(tmp_path)
+    objective = MTTObjective(lam=0.2, direction="reverse")
+    trainer = MTTTrainer(model=tiny_peft(), args=args, train_dataset=dataset_of(four_examples()), objective=objective)
+    assert trainer.objective is objective
+    with pytest.raises(ValueError, match="either objective or mtt_lambda"):
+        MTTTrainer(model=tiny_peft(), args=args, objective=objective, mtt_lambda=1.0)
+    with pytest.raises(TypeError, match="MTTObjective"):
+        MTTTrainer(model=tiny_peft(), args=args, objective=lambda *a, **k: None)
+
+
+def test_trl_sft_trainer_with_mixin(tmp_path):
+    trl = pytest.importorskip("trl")
+
+    class MTTSFTTrainer(MTTLossMixin, trl.SFTTrainer):
+        pass
+
+    batch = four_examples()
+    model = tiny_peft()
+    before = adapter_weights(model)
+    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                         gradient_accumulation_steps=2, learning_rate=LR, optim="sgd", logging_steps=1,
+                         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    data = [{"input_ids": ids.tolist()} for ids in batch["input_ids"]]
+    trainer = MTTSFTTrainer(model=model, args=args, train_dataset=data_as_dataset(data), mtt_lambda=0.8)
+    trainer.train()
+    assert any("kl" in entry and entry["kl"] > 0 for entry in trainer.state.log_history)
+    assert any((adapter_weights(model)[name] - weight).abs().max() > 0 for name, weight in before.items())
+
+
+def data_as_dataset(rows):
+    datasets = pytest.importorskip("datasets")
+    return datasets.Dataset.from_list(rows)
