@@ -4,7 +4,7 @@ import torch
 
 from fastmtt.peft import MTTObjective
 from fastmtt.trainer import MTTLossMixin, MTTTrainer
-from test_peft_objective import padded_batch, tiny_peft, trainable_grads
+from tests.test_peft_objective import padded_batch, tiny_peft, trainable_grads
 
 transformers = pytest.importorskip("transformers")
 
