@@ -1,6 +1,7 @@
 """fastmtt: fused kernels for the Mask-the-Target loss (CE + target-masked KL to the frozen base)."""
+from fastmtt.fused_linear import FusedLinearMTTLoss, fused_linear_mtt_loss
 from fastmtt.loss import DEFAULT_LAM, MTTLoss, mtt_loss
 from fastmtt.reference import MTTOutput
 
 __version__ = "0.1.0"
-__all__ = ["DEFAULT_LAM", "MTTLoss", "MTTOutput", "mtt_loss"]
+__all__ = ["DEFAULT_LAM", "FusedLinearMTTLoss", "MTTLoss", "MTTOutput", "fused_linear_mtt_loss", "mtt_loss"]

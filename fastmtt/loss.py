@@ -41,15 +41,22 @@ def reduce_loss(rows, reduction, scale):
 
 
 def scale_saved_grad(ctx, grad, grad_output):
-    """Scale the gradient saved by forward by the upstream gradient, in place: a scalar for mean/sum,
-    one value per row for 'none'. The saved buffer is consumed, so a second backward is refused."""
+    """Scale the gradient(s) saved by forward by the upstream gradient, in place: a scalar for mean/sum,
+    one value per row (first dim) for 'none'. `grad` is a tensor or a tuple of tensors and Nones.
+    The saved buffers are consumed, so a second backward is refused."""
     if ctx.consumed:
         raise RuntimeError("fastmtt losses support one backward per forward (the gradient buffer is reused)")
     ctx.consumed = True
-    if grad_output.dim() > 0:
-        grad.mul_(grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1))))
-    elif torch.compiler.is_compiling() or bool(grad_output != 1):
-        grad.mul_(grad_output)
+    per_row = grad_output.dim() > 0
+    if not per_row and not (torch.compiler.is_compiling() or bool(grad_output != 1)):
+        return grad
+    for saved in grad if isinstance(grad, tuple) else (grad,):
+        if saved is None:
+            continue
+        if per_row:
+            saved.mul_(grad_output.reshape(saved.shape[0], *([1] * (saved.dim() - 1))))
+        else:
+            saved.mul_(grad_output)
     return grad
 
 
