@@ -32,17 +32,20 @@ class LinearHead:
     scaling: float = 1.0
     softcap: Optional[float] = None
 
-    def logits(self, hidden, lora_hidden=None):
-        """New [n, V] slab softcap(h W^T + bias [+ s * lora_hidden B^T]); lora_hidden = h A^T."""
+    def logits(self, hidden, base_hidden=None, lora_hidden=None):
+        """Adapted slab softcap(h W^T + bias + s * lora_hidden B^T) [n, V] (lora_hidden = h A^T) and, when
+        base_hidden is given, base slab softcap(h0 W^T + bias) [n, V]: one product, one read of W."""
+        rows = hidden if base_hidden is None else torch.cat((hidden, base_hidden))
         if self.bias is None:
-            slab = hidden @ self.weight.T
+            slab = rows @ self.weight.T
         else:
-            slab = torch.addmm(self.bias, hidden, self.weight.T)
+            slab = torch.addmm(self.bias, rows, self.weight.T)
+        adapted, base = slab[: hidden.shape[0]], slab[hidden.shape[0]:]
         if lora_hidden is not None:
-            slab.addmm_(lora_hidden, self.lora_B.T, alpha=self.scaling)
+            adapted.addmm_(lora_hidden, self.lora_B.T, alpha=self.scaling)
         if self.softcap is not None:
             slab.div_(self.softcap).tanh_().mul_(self.softcap)
-        return slab
+        return adapted, (None if base_hidden is None else base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +98,8 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _
         rows = slice(start, start + options.chunk_size)
         h = hidden[rows]
         lora_h = h @ head.lora_A.T if lora else None
-        z = head.logits(h, lora_h)
-        b = head.logits(base_hidden[rows]) if has_kl else z  # not read without the KL term
+        z, b = head.logits(h, base_hidden[rows] if has_kl else None, lora_h)
+        b = z if b is None else b  # not read without the KL term
         # The row function writes dL/dz over a slab it has read; z itself is still needed under a softcap.
         grad = None
         if any_grad:

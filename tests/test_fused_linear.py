@@ -144,7 +144,7 @@ def test_never_materializes_tokens_by_vocabulary(reduction):
         loss = fastmtt.fused_linear_mtt_loss(*(leaves.pop(k) for k in ("hidden", "base_hidden", "weight")), labels,
                                              **leaves, softcap=3.0, reduction=reduction, chunk_size=chunk)
         loss.sum().backward()
-    assert probe.largest <= max(chunk * vocab, vocab * HIDDEN) < n_rows * vocab
+    assert probe.largest <= max(2 * chunk * vocab, vocab * HIDDEN) < n_rows * vocab  # both slabs of one chunk
 
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
