@@ -65,11 +65,15 @@ class _Options:
                     ignore_index=self.ignore_index, need_kl=self.need_kl)
 
 
+MIN_CHUNK_ROWS = 256
+
+
 def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
-    """Rows per chunk so that one [rows, V] logit slab holds about as many elements as the hidden
-    states [N, H]; a multiple of 16 (at least 16)."""
+    """Rows per chunk: a [rows, V] logit slab about the size of the hidden states [N, H], rounded up to
+    a multiple of 16 and at least MIN_CHUNK_ROWS (every chunk streams the whole weight once; fewer rows
+    leave the matrix products bound by that read)."""
     rows = -(-n_rows * hidden_size // max(vocab_size, 1))
-    return max(16, -(-rows // 16) * 16)
+    return max(MIN_CHUNK_ROWS, -(-rows // 16) * 16)
 
 
 def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _Options, needs,
@@ -225,7 +229,8 @@ def fused_linear_mtt_loss(
     gets a gradient), weight [V, H], bias [V], lora_A [r, H], lora_B [V, r] (LoRA on the output head,
     adapted side only), labels [...] aligned with the rows. weight, bias, lora_A, lora_B get gradients
     when they require them. softcap c: logits c * tanh(x / c) on both sides. chunk_size: rows per
-    chunk (default: a [rows, V] slab about the size of the hidden states). Other arguments as in
+    chunk (default: `default_chunk_size`, a [rows, V] slab about the size of the hidden states, at
+    least 256 rows). Other arguments as in
     `mtt_loss`.
     """
     check_float_tensor("hidden", hidden, min_dim=2)
