@@ -16,7 +16,7 @@ import tempfile
 import time
 from typing import Callable, Iterable
 
-KERNEL_MODULES = ("fastmtt.kernels.mtt_loss",)
+KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.fused_linear_mtt")
 ARCHS = (80, 90)
 
 

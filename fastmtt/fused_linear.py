@@ -1,9 +1,11 @@
 """fused_linear_mtt_loss: the MTT objective from final hidden states and the output head, never
 materializing the [N, V] logits (docs: mtt-math, "From hidden states").
 
-Chunked algorithm: walk the rows in chunks; per chunk form both logit slabs, run the MTT row function
-with the gradient written in place, and turn the slab gradient into the hidden, weight, bias and LoRA
-gradients right away. Only gradients are saved for backward.
+PyTorch path (chunked): walk the rows in chunks; per chunk form both logit slabs, run the MTT row
+function with the gradient written in place, and turn the slab gradient into the hidden, weight, bias
+and LoRA gradients right away. Only gradients are saved for backward.
+Triton path (tiled, kernels/fused_linear_mtt.py): logits exist only as on-chip tiles; forward keeps
+O(N) statistics, backward recomputes the tiles.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_options, check_same_device
 from fastmtt._dispatch import resolve_backend
-from fastmtt.loss import DEFAULT_LAM, _rows_fn, mean_scale, reduce_loss, scale_saved_grad
+from fastmtt.loss import DEFAULT_LAM, mean_scale, reduce_loss, scale_saved_grad
+from fastmtt.mtt_torch import mtt_rows_torch
 from fastmtt.reference import MTTOutput
 
 GRAD_INPUTS = ("hidden", "weight", "bias", "lora_A", "lora_B")
@@ -50,7 +53,6 @@ class LinearHead:
 
 @dataclasses.dataclass(frozen=True)
 class _Options:
-    rows_fn: object
     lam: float
     temperature: float
     reverse: bool
@@ -59,6 +61,7 @@ class _Options:
     need_kl: bool
     scale: torch.Tensor
     chunk_size: int
+    grad_threshold: float
 
     def row_kwargs(self):
         return dict(lam=self.lam, temperature=self.temperature, reverse=self.reverse,
@@ -66,6 +69,7 @@ class _Options:
 
 
 MIN_CHUNK_ROWS = 256
+DEFAULT_GRAD_THRESHOLD = 2.0**-12  # Cut Cross-Entropy's gradient filter for 16-bit inputs
 
 
 def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
@@ -108,7 +112,7 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _
         grad = None
         if any_grad:
             grad = z if head.softcap is None else (b if has_kl else torch.empty_like(z))
-        ce[rows], kl[rows] = options.rows_fn(z, b, labels[rows], **options.row_kwargs(),
+        ce[rows], kl[rows] = mtt_rows_torch(z, b, labels[rows], **options.row_kwargs(),
                                              grad_scale=grad_scale, grad_out=grad)
         if grad is None:
             continue
@@ -175,6 +179,56 @@ class FusedLinearMTTFunction(torch.autograd.Function):
         return (*grads, None, None, None, None)
 
 
+class TiledFusedLinearMTTFunction(torch.autograd.Function):
+    """Triton tiles (kernels/fused_linear_mtt.py): forward keeps O(N) statistics, backward recomputes
+    the logit tiles and accumulates the gradients."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, head_options, options):
+        from fastmtt.kernels.fused_linear_mtt import STAT_KL, linear_mtt_forward_triton
+
+        lora_hidden = None if lora_A is None else hidden.float() @ lora_A.float().T
+        ce, stats = linear_mtt_forward_triton(hidden, base_hidden, weight, bias, lora_hidden, lora_B, labels,
+                                              **head_options, **options.row_kwargs())
+        kl = stats[STAT_KL]
+        ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats)
+        ctx.head_options, ctx.options = head_options, options
+        lam_t2 = options.lam * options.temperature * options.temperature
+        loss_rows = ce if options.lam == 0 else ce + lam_t2 * kl
+        ce_out, kl_out = reduce_loss(ce, options.reduction, options.scale), reduce_loss(kl, options.reduction,
+                                                                                          options.scale)
+        ctx.mark_non_differentiable(ce_out, kl_out)
+        return reduce_loss(loss_rows, options.reduction, options.scale), ce_out, kl_out
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_ce, _grad_kl):
+        from fastmtt.kernels.fused_linear_mtt import linear_mtt_backward_triton
+
+        hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats = ctx.saved_tensors
+        options, head_options = ctx.options, ctx.head_options
+        need_dh, need_dw, need_db, need_da, need_db_lora = ctx.needs_input_grad[:5]
+        coef = grad_loss.float().expand(labels.shape[0])
+        if options.reduction == "mean":
+            coef = coef * options.scale.float()
+        coef = torch.where(labels != options.ignore_index, coef, 0.0).contiguous()
+        lora = lora_A is not None
+        needs = (need_dh, need_dw, need_db, lora and (need_dh or need_da), need_db_lora)
+        dh, dw, db, grad_lora_h, db_lora = linear_mtt_backward_triton(
+            hidden, base_hidden, weight, bias, lora_hidden, lora_B, labels, stats, coef, **head_options,
+            lam=options.lam, temperature=options.temperature, reverse=options.reverse,
+            ignore_index=options.ignore_index, threshold=options.grad_threshold, needs=needs)
+        scaling = head_options["scaling"]
+        da = None
+        if grad_lora_h is not None:  # dh += s (g B) A,  dA = s (g B)^T h
+            if need_dh:
+                dh.addmm_(grad_lora_h, lora_A.float(), alpha=scaling)
+            if need_da:
+                da = (grad_lora_h.T @ hidden.float()).mul_(scaling)
+        grads = (dh, dw, db, da, db_lora)
+        inputs = (hidden, weight, bias, lora_A, lora_B)
+        return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None, None, None, None)
+
+
 def _check_head(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap):
     hidden_size = hidden.shape[-1]
     check_float_tensor("weight", weight, min_dim=2)
@@ -221,6 +275,7 @@ def fused_linear_mtt_loss(
     return_components: bool = False,
     backend: str = "auto",
     chunk_size: Optional[int] = None,
+    grad_threshold: Optional[float] = None,
 ):
     """Mask-the-Target loss from final hidden states: mtt_loss(softcap(h W^T + bias + s (h A^T) B^T),
     softcap(h0 W^T + bias), labels), without materializing the [N, V] logits.
@@ -230,8 +285,9 @@ def fused_linear_mtt_loss(
     adapted side only), labels [...] aligned with the rows. weight, bias, lora_A, lora_B get gradients
     when they require them. softcap c: logits c * tanh(x / c) on both sides. chunk_size: rows per
     chunk (default: `default_chunk_size`, a [rows, V] slab about the size of the hidden states, at
-    least 256 rows). Other arguments as in
-    `mtt_loss`.
+    least 256 rows; PyTorch path). grad_threshold (Triton path): backward skips a tile of logits whose
+    |dL_i/dz| is below it everywhere; 0 is exact, None picks 2**-12 for fp16/bf16 and 0 for fp32.
+    Other arguments as in `mtt_loss`.
     """
     check_float_tensor("hidden", hidden, min_dim=2)
     check_float_tensor("base_hidden", base_hidden, shape=hidden.shape)
@@ -245,6 +301,8 @@ def fused_linear_mtt_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if grad_threshold is not None and not grad_threshold >= 0:
+        raise ValueError(f"grad_threshold must be None or >= 0, got {grad_threshold!r}")
 
     backend = resolve_backend(backend, hidden, weight)
     flat_hidden = hidden.reshape(-1, hidden_size)
@@ -253,16 +311,24 @@ def fused_linear_mtt_loss(
     n_rows = flat_hidden.shape[0]
     if lora_A is not None:  # autograd carries the gradient back through the casts
         lora_A, lora_B = lora_A.to(hidden.dtype), lora_B.to(hidden.dtype)
+    if grad_threshold is None:
+        grad_threshold = DEFAULT_GRAD_THRESHOLD if hidden.dtype in (torch.float16, torch.bfloat16) else 0.0
     options = _Options(
-        rows_fn=_rows_fn(backend), lam=float(lam), temperature=float(temperature),
+        lam=float(lam), temperature=float(temperature),
         reverse=direction == "reverse", ignore_index=int(ignore_index), reduction=reduction,
         need_kl=return_components,
         scale=mean_scale(flat_labels, ignore_index, num_items_in_batch, hidden.device,
                          torch.promote_types(hidden.dtype, torch.float32)),
-        chunk_size=chunk_size or default_chunk_size(n_rows, hidden_size, vocab_size))
+        chunk_size=chunk_size or default_chunk_size(n_rows, hidden_size, vocab_size),
+        grad_threshold=float(grad_threshold))
     head_options = dict(scaling=float(lora_scaling), softcap=None if softcap is None else float(softcap))
-    loss, ce, kl = FusedLinearMTTFunction.apply(flat_hidden, weight, bias, lora_A, lora_B, flat_base, flat_labels,
-                                                head_options, options)
+    tensors = (flat_hidden, weight, bias, lora_A, lora_B, flat_base)
+    if backend == "triton":
+        function = TiledFusedLinearMTTFunction
+        tensors = tuple(None if t is None else t.contiguous() for t in tensors)
+    else:
+        function = FusedLinearMTTFunction
+    loss, ce, kl = function.apply(*tensors, flat_labels, head_options, options)
     if reduction == "none":
         loss, ce, kl = (t.reshape(labels.shape) for t in (loss, ce, kl))
     return MTTOutput(loss, ce, kl) if return_components else loss

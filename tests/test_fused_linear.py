@@ -49,6 +49,7 @@ def check_against_reference(inputs, labels, trainable, dtype, *, backend="torch"
     got = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, dtype, upstream,
                    backend=backend, **options)
     options.pop("chunk_size", None)
+    options.pop("grad_threshold", None)
     same = evaluate(reference.fused_linear_mtt_loss, inputs, labels, trainable, dtype, upstream, **options)
     truth = evaluate(reference.fused_linear_mtt_loss, inputs, labels, trainable, torch.float64, upstream, **options)
     for what, g, s, t in zip(("loss", "ce", "kl"), got[:3], same[:3], truth[:3]):
@@ -147,12 +148,48 @@ def test_never_materializes_tokens_by_vocabulary(reduction):
     assert probe.largest <= max(2 * chunk * vocab, vocab * HIDDEN) < n_rows * vocab  # both slabs of one chunk
 
 
-@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
-def test_triton_backend_through_the_interpreter(dtype_name, direction):
+def test_tiled_triton_path_through_the_interpreter(dtype_name, direction):
     inputs, labels, trainable = make_inputs(16, bias=True, lora=True, weight_grad=True)
     check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], backend="triton", lora_scaling=0.5,
-                            softcap=4.0, lam=0.8, temperature=1.5, direction=direction, chunk_size=16)
+                            softcap=4.0, lam=0.8, temperature=1.5, direction=direction, grad_threshold=0.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_tiled_reductions_plain_head_unit_temperature(reduction):
+    inputs, labels, trainable = make_inputs(19)
+    upstream = torch.rand(N_ROWS) + 0.5 if reduction == "none" else None
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", upstream=upstream,
+                            lam=0.6, reduction=reduction, **({"num_items_in_batch": 50} if reduction == "mean" else {}))
+
+
+def test_tiled_cross_entropy_only_and_all_ignored():
+    inputs, labels, trainable = make_inputs(20, bias=True, weight_grad=True)
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", lam=0.0, softcap=3.0)
+    labels[:] = -100
+    loss, ce, kl, grads = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32,
+                                   backend="triton")
+    assert loss.item() == 0.0 and kl.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_tiled_gradient_filter_skips_only_negligible_tiles():
+    # Three vocabulary tiles when interpreting (1024 columns each); the last two are pushed far below
+    # the targets by the bias, so every |dL/dz| there is ~1e-9: the default bf16 filter skips them.
+    inputs, labels, trainable = make_inputs(21, bias=True, vocab=2500)
+    inputs["bias"][1024:] -= 20.0
+    labels = torch.where(labels == -100, labels, labels % 1024)
+    exact = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.bfloat16, backend="triton",
+                     grad_threshold=0.0)[3]
+    filtered = check_against_reference(inputs, labels, trainable, torch.bfloat16, backend="triton",
+                                       lam=fastmtt.DEFAULT_LAM)[3]
+    assert torch.count_nonzero(exact["bias"][1024:]) > 0
+    assert torch.count_nonzero(filtered["bias"][1024:]) == 0
+    assert torch.equal(filtered["bias"][:1024], exact["bias"][:1024])
+    dropped = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.bfloat16, backend="triton",
+                       grad_threshold=10.0)[3]  # above every |dL/dz|: every tile skipped
+    assert all(torch.count_nonzero(g) == 0 for g in dropped.values())
 
 
 def test_module_matches_function():
@@ -173,6 +210,7 @@ def test_module_matches_function():
     (dict(lora_A=torch.randn(RANK, HIDDEN), lora_B=torch.randn(VOCAB, RANK + 1)), "lora_B must have shape"),
     (dict(softcap=0.0), "softcap"),
     (dict(chunk_size=0), "chunk_size"),
+    (dict(grad_threshold=-1.0), "grad_threshold"),
     (dict(base_hidden=torch.randn(N_ROWS, HIDDEN + 1)), "base_hidden must have shape"),
     (dict(labels=torch.full((N_ROWS,), VOCAB)), "labels must lie in"),
 ])
