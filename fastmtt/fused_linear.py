@@ -190,7 +190,7 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         lora_hidden = None if lora_A is None else hidden.float() @ lora_A.float().T
         ce, stats = linear_mtt_forward_triton(hidden, base_hidden, weight, bias, lora_hidden, lora_B, labels,
                                               **head_options, **options.row_kwargs())
-        kl = stats[STAT_KL]
+        kl = stats[STAT_KL.value]
         ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats)
         ctx.head_options, ctx.options = head_options, options
         lam_t2 = options.lam * options.temperature * options.temperature

@@ -21,7 +21,8 @@ import triton.language as tl
 
 from fastmtt._dispatch import interpreting
 
-STAT_LSE, STAT_Z, STAT_B, STAT_KL = range(4)  # rows of the saved [4, N] statistics
+# Rows of the saved [4, N] statistics: LSE(z), Z', B', KL (constexpr so kernels can read them).
+STAT_LSE, STAT_Z, STAT_B, STAT_KL = (tl.constexpr(i) for i in range(4))
 
 
 @triton.jit
