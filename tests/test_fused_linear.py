@@ -11,19 +11,20 @@ N_ROWS, HIDDEN, VOCAB, RANK = 37, 24, 97, 4  # 37 rows: never a multiple of the 
 GRAD_NAMES = ("hidden", "weight", "bias", "lora_A", "lora_B")
 
 
-def make_inputs(seed, *, bias=False, lora=False, weight_grad=False, n_rows=N_ROWS, vocab=VOCAB, ignored=5):
+def make_inputs(seed, *, bias=False, lora=False, weight_grad=False, n_rows=N_ROWS, vocab=VOCAB, hidden=HIDDEN,
+                ignored=5):
     """fp32 inputs with realistic logit sizes; labels include 0, V-1 and `ignored` ignored rows."""
     gen = torch.Generator().manual_seed(seed)
     inputs = dict(
-        hidden=torch.randn(n_rows, HIDDEN, generator=gen),
-        base_hidden=torch.randn(n_rows, HIDDEN, generator=gen),
-        weight=torch.randn(vocab, HIDDEN, generator=gen) * (2.0 / HIDDEN**0.5),
+        hidden=torch.randn(n_rows, hidden, generator=gen),
+        base_hidden=torch.randn(n_rows, hidden, generator=gen),
+        weight=torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5),
     )
     inputs["base_hidden"] = 0.7 * inputs["hidden"] + 0.5 * inputs["base_hidden"]  # a related base model
     if bias:
         inputs["bias"] = torch.randn(vocab, generator=gen)
     if lora:
-        inputs["lora_A"] = torch.randn(RANK, HIDDEN, generator=gen) / HIDDEN**0.5
+        inputs["lora_A"] = torch.randn(RANK, hidden, generator=gen) / hidden**0.5
         inputs["lora_B"] = torch.randn(vocab, RANK, generator=gen)
     labels = torch.randint(0, vocab, (n_rows,), generator=gen)
     labels[:2] = torch.tensor([0, vocab - 1])
@@ -162,6 +163,28 @@ def test_tiled_reductions_plain_head_unit_temperature(reduction):
     upstream = torch.rand(N_ROWS) + 0.5 if reduction == "none" else None
     check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", upstream=upstream,
                             lam=0.6, reduction=reduction, **({"num_items_in_batch": 50} if reduction == "mean" else {}))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_tiled_several_tiles_along_rows_vocabulary_and_hidden(direction):
+    # Interpreter tiles are at most 64 rows x 1024 columns x 256 hidden: 2 x 2 x 2 tiles here.
+    inputs, labels, trainable = make_inputs(22, bias=True, lora=True, weight_grad=True, n_rows=70, vocab=1100,
+                                            hidden=300)
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", lora_scaling=0.5,
+                            softcap=6.0, lam=0.9, direction=direction, grad_threshold=0.0)
+
+
+def test_leading_dimensions_are_flattened():
+    inputs, labels, trainable = make_inputs(23, n_rows=36)
+    upstream = torch.rand(36) + 0.5
+    flat = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32, upstream,
+                    reduction="none")
+    shaped_inputs = {k: v.reshape(4, 9, -1) if k in ("hidden", "base_hidden") else v for k, v in inputs.items()}
+    shaped = evaluate(fastmtt.fused_linear_mtt_loss, shaped_inputs, labels.reshape(4, 9), trainable, torch.float32,
+                      upstream.reshape(4, 9), reduction="none")
+    assert shaped[0].shape == (4, 9)
+    torch.testing.assert_close(shaped[0].reshape(-1), flat[0])
+    torch.testing.assert_close(shaped[3]["hidden"].reshape(36, -1), flat[3]["hidden"])
 
 
 def test_tiled_cross_entropy_only_and_all_ignored():
