@@ -142,6 +142,16 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _
     return ce, kl, grads
 
 
+def _reduced_outputs(ctx, ce, kl, options):
+    """(loss, ce, kl) reduced from the per-row terms, loss_i = ce_i + lam * T^2 * kl_i; the last two
+    are marked non-differentiable."""
+    lam_t2 = options.lam * options.temperature * options.temperature
+    loss_rows = ce if options.lam == 0 else ce + lam_t2 * kl
+    ce_out, kl_out = (reduce_loss(t, options.reduction, options.scale) for t in (ce, kl))
+    ctx.mark_non_differentiable(ce_out, kl_out)
+    return reduce_loss(loss_rows, options.reduction, options.scale), ce_out, kl_out
+
+
 class FusedLinearMTTFunction(torch.autograd.Function):
     """Forward walks the chunks and forms the gradients; backward scales them by the upstream gradient.
     reduction='none' with a parameter gradient needs per-row upstream weights inside the parameter
@@ -160,12 +170,7 @@ class FusedLinearMTTFunction(torch.autograd.Function):
             ctx.head_options, ctx.options, ctx.needs = head_options, options, needs
         else:
             ctx.save_for_backward(*grads)
-        lam_t2 = options.lam * options.temperature * options.temperature
-        loss_rows = ce if options.lam == 0 else ce + lam_t2 * kl
-        ce_out, kl_out = reduce_loss(ce, options.reduction, options.scale), reduce_loss(kl, options.reduction,
-                                                                                          options.scale)
-        ctx.mark_non_differentiable(ce_out, kl_out)
-        return reduce_loss(loss_rows, options.reduction, options.scale), ce_out, kl_out
+        return _reduced_outputs(ctx, ce, kl, options)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
@@ -193,12 +198,7 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         kl = stats[STAT_KL.value]
         ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats)
         ctx.head_options, ctx.options = head_options, options
-        lam_t2 = options.lam * options.temperature * options.temperature
-        loss_rows = ce if options.lam == 0 else ce + lam_t2 * kl
-        ce_out, kl_out = reduce_loss(ce, options.reduction, options.scale), reduce_loss(kl, options.reduction,
-                                                                                          options.scale)
-        ctx.mark_non_differentiable(ce_out, kl_out)
-        return reduce_loss(loss_rows, options.reduction, options.scale), ce_out, kl_out
+        return _reduced_outputs(ctx, ce, kl, options)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
