@@ -1,8 +1,9 @@
 """Peak memory and time of fused_linear_mtt_loss against eager materialized-logit baselines (CPU).
 
 Each case runs in its own subprocess: it builds the inputs, reads its resident set size (RSS), runs
-forward + backward `--repeats` times, and reports the median time and the peak RSS (VmHWM) minus the
-RSS before the first run, i.e. the memory the loss itself needed beyond inputs already in place.
+forward + backward `--repeats` times, and reports the median wall time, the median process CPU time
+(all threads; steadier than wall time on a shared machine) and the peak RSS (VmHWM) minus the RSS
+before the first run, i.e. the memory the loss itself needed beyond inputs already in place.
 
     python benchmarks/fused_linear_cpu.py [--rows 4096 --hidden 512 --vocab 32000 --repeats 3]
 """
@@ -70,12 +71,13 @@ def run_case(case: str, head: str, rows: int, hidden_size: int, vocab: int, repe
             t.grad = None
 
     before = _rss_kib("VmRSS")
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
-    return dict(case=case, head=head, seconds=statistics.median(times),
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return dict(case=case, head=head, seconds=statistics.median(wall), cpu_seconds=statistics.median(cpu),
                 peak_mib=(_rss_kib("VmHWM") - before) / 1024, threads=torch.get_num_threads())
 
 
@@ -95,17 +97,21 @@ def main(argv=None) -> int:
 
     print(f"N={args.rows} H={args.hidden} V={args.vocab} fp32, forward+backward, median of {args.repeats}; "
           "memory = peak RSS of a subprocess per case minus its RSS before the first run")
-    print(f"{'head':<13} {'case':<16} {'time s':>8} {'x eager':>8} {'peak MiB':>9} {'x eager':>8}")
+    print(f"{'head':<13} {'case':<16} {'wall s':>8} {'x eager':>8} {'cpu s':>8} {'x eager':>8} "
+          f"{'peak MiB':>9} {'x eager':>8}")
     for head in args.heads:
         results = {}
         for case in CASES:
             out = subprocess.run([sys.executable, __file__, "--rows", str(args.rows), "--hidden", str(args.hidden),
                                   "--vocab", str(args.vocab), "--repeats", str(args.repeats),
-                                  "--one", case, head], capture_output=True, text=True, check=True)
+                                  "--one", case, head], capture_output=True, text=True)
+            if out.returncode:
+                raise RuntimeError(f"case {case} / {head} failed:\n{out.stderr}")
             results[case] = json.loads(out.stdout.strip().splitlines()[-1])
         eager = results["eager_reference"]
         for case, r in results.items():
-            print(f"{head:<13} {case:<16} {r['seconds']:8.3f} {r['seconds'] / eager['seconds']:8.2f} "
+            print(f"{head:<13} {case:<16} {r['seconds']:8.2f} {r['seconds'] / eager['seconds']:8.2f} "
+                  f"{r['cpu_seconds']:8.2f} {r['cpu_seconds'] / eager['cpu_seconds']:8.2f} "
                   f"{r['peak_mib']:9.1f} {r['peak_mib'] / eager['peak_mib']:8.3f}", flush=True)
     return 0
 
