@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel for real GPUs, with no GPU present.
 
 Each kernel module lists its specializations through `compile_specs()`; this module compiles each
-for sm_80 and sm_90 and reports registers and spills read from the cubin (cuobjdump).
+for sm_80 and sm_90 and reports registers and stack bytes (where spills go) read from the cubin
+(cuobjdump).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import tempfile
 import time
 from typing import Callable, Iterable
 
-KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.fused_linear_mtt")
+KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.lora_linear", "fastmtt.kernels.fused_linear_mtt")
 ARCHS = (80, 90)
 
 
@@ -38,7 +39,7 @@ class CompileResult:
     arch: int
     ok: bool
     registers: int | None = None
-    spill_bytes: int | None = None
+    stack_bytes: int | None = None  # spilled registers live in the stack frame
     seconds: float = 0.0
     error: str = ""
 
@@ -46,13 +47,18 @@ class CompileResult:
         if not self.ok:
             return f"FAIL sm_{self.arch} {self.label}: {self.error}"
         regs = "?" if self.registers is None else self.registers
-        spills = "?" if self.spill_bytes is None else self.spill_bytes
-        return f"ok   sm_{self.arch} {self.label}: registers={regs} spill_bytes={spills} ({self.seconds:.1f}s)"
+        stack = "?" if self.stack_bytes is None else self.stack_bytes
+        return f"ok   sm_{self.arch} {self.label}: registers={regs} stack_bytes={stack} ({self.seconds:.1f}s)"
 
 
 def all_specs() -> Iterable[KernelSpec]:
+    """Every spec of every kernel module, each label once."""
+    seen = set()
     for name in KERNEL_MODULES:
-        yield from importlib.import_module(name).compile_specs()
+        for spec in importlib.import_module(name).compile_specs():
+            if spec.label not in seen:
+                seen.add(spec.label)
+                yield spec
 
 
 def _cuobjdump() -> str | None:
@@ -70,9 +76,9 @@ def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
         f.write(cubin)
         f.flush()
         out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-    regs = re.search(r"REG:(\d+)", out)
-    local = re.search(r"LOCAL:(\d+)", out)
-    return (int(regs.group(1)) if regs else None, int(local.group(1)) if local else None)
+    regs = [int(v) for v in re.findall(r"REG:(\d+)", out)]
+    stack = [int(v) for v in re.findall(r"STACK:(\d+)", out)]
+    return (max(regs) if regs else None, max(stack) if stack else None)
 
 
 def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
@@ -88,8 +94,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
         )
-        regs, spills = _resource_usage(compiled.asm["cubin"])
-        return CompileResult(spec.label, arch, True, regs, spills, time.perf_counter() - start)
+        regs, stack = _resource_usage(compiled.asm["cubin"])
+        return CompileResult(spec.label, arch, True, regs, stack, time.perf_counter() - start)
     except Exception as exc:  # report every failure, keep going
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return CompileResult(spec.label, arch, False, seconds=time.perf_counter() - start,

@@ -164,7 +164,7 @@ class FusedLinearMTTFunction(torch.autograd.Function):
         ctx.deferred = options.reduction == "none" and any(needs[1:])
         ce, kl, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, options,
                                            (False,) * 5 if ctx.deferred else needs)
-        ctx.consumed = False
+        ctx.in_place = True  # the saved gradients are private buffers: scale them in place
         if ctx.deferred:
             ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels)
             ctx.head_options, ctx.options, ctx.needs = head_options, options, needs
@@ -180,7 +180,7 @@ class FusedLinearMTTFunction(torch.autograd.Function):
             _, _, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, ctx.options, ctx.needs,
                                              row_weights=grad_loss)
         else:
-            grads = scale_saved_grad(ctx, tuple(ctx.saved_tensors), grad_loss)
+            grads = tuple(None if g is None else scale_saved_grad(ctx, g, grad_loss) for g in ctx.saved_tensors)
         return (*grads, None, None, None, None)
 
 

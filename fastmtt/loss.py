@@ -21,6 +21,31 @@ def _rows_fn(backend: str):
     return mtt_rows_torch
 
 
+def _accumulator_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.library.custom_op("fastmtt::mtt_rows", mutates_args=())
+def mtt_rows(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor,
+             lam: float, temperature: float, reverse: bool, ignore_index: int, need_kl: bool,
+             compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (ce, kl) and grad_scale * dL/dlogits ([N, V], or empty when not compute_grad), as one
+    opaque op so that torch.compile treats the kernel as a single call."""
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    ce, kl = _rows_fn(backend)(logits, base_logits, labels, lam=lam, temperature=temperature, reverse=reverse,
+                               ignore_index=ignore_index, need_kl=need_kl, grad_scale=grad_scale,
+                               grad_out=grad if compute_grad else None)
+    return ce, kl, grad
+
+
+@mtt_rows.register_fake
+def _mtt_rows_fake(logits, base_logits, labels, grad_scale, lam, temperature, reverse, ignore_index, need_kl,
+                   compute_grad, backend):
+    rows = logits.new_empty(logits.shape[0], dtype=_accumulator_dtype(logits, base_logits))
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return rows, torch.empty_like(rows), grad
+
+
 def mean_scale(labels, ignore_index, num_items_in_batch, device, dtype=torch.float32):
     """1-element tensor 1/divisor (divisor = num_items_in_batch or the number of valid labels;
     scale 0 when the divisor is 0), kept on `device` so no host sync is needed."""
@@ -41,23 +66,14 @@ def reduce_loss(rows, reduction, scale):
 
 
 def scale_saved_grad(ctx, grad, grad_output):
-    """Scale the gradient(s) saved by forward by the upstream gradient, in place: a scalar for mean/sum,
-    one value per row (first dim) for 'none'. `grad` is a tensor or a tuple of tensors and Nones.
-    The saved buffers are consumed, so a second backward is refused."""
-    if ctx.consumed:
-        raise RuntimeError("fastmtt losses support one backward per forward (the gradient buffer is reused)")
-    ctx.consumed = True
-    per_row = grad_output.dim() > 0
-    if not per_row and not (torch.compiler.is_compiling() or bool(grad_output != 1)):
+    """The saved gradient times the upstream gradient (a scalar for mean/sum, one value per row for
+    'none'). An upstream of exactly 1 returns the saved buffer itself. With ctx.in_place (the caller
+    opted into overwriting) the buffer is scaled in place, so autograd refuses a second backward."""
+    if grad_output.dim() > 0:
+        grad_output = grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1)))
+    elif not torch.compiler.is_compiling() and not bool(grad_output != 1):
         return grad
-    for saved in grad if isinstance(grad, tuple) else (grad,):
-        if saved is None:
-            continue
-        if per_row:
-            saved.mul_(grad_output.reshape(saved.shape[0], *([1] * (saved.dim() - 1))))
-        else:
-            saved.mul_(grad_output)
-    return grad
+    return grad.mul_(grad_output) if ctx.in_place else grad * grad_output
 
 
 class MTTLossFunction(torch.autograd.Function):
@@ -65,17 +81,20 @@ class MTTLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, base_logits, labels, options):
-        rows_fn, lam, temperature, reduction, scale, overwrite = options.pop("rows_fn"), *(
-            options[k] for k in ("lam", "temperature", "reduction", "scale", "overwrite_logits"))
-        grad = None
-        if ctx.needs_input_grad[0]:
-            grad = logits if overwrite else torch.empty_like(logits)
-        ce, kl = rows_fn(logits, base_logits, labels, lam=lam, temperature=temperature,
-                         reverse=options["direction"] == "reverse", ignore_index=options["ignore_index"],
-                         need_kl=options["need_kl"], grad_scale=scale if reduction == "mean" else None,
-                         grad_out=grad)
-        loss_rows = ce if lam == 0 else ce + (lam * temperature * temperature) * kl
-        ctx.consumed = False
+        lam, temperature, reduction, scale = (options[k] for k in ("lam", "temperature", "reduction", "scale"))
+        compute_grad = ctx.needs_input_grad[0]
+        args = dict(lam=lam, temperature=temperature, reverse=options["direction"] == "reverse",
+                    ignore_index=options["ignore_index"], need_kl=options["need_kl"])
+        if reduction != "mean":
+            scale = torch.ones_like(scale)
+        ctx.in_place = compute_grad and options["overwrite_logits"] and not torch.compiler.is_compiling()
+        if ctx.in_place:
+            ce, kl = _rows_fn(options["backend"])(logits, base_logits, labels, grad_scale=scale, grad_out=logits, **args)
+            grad = logits
+        else:
+            ce, kl, grad = mtt_rows(logits, base_logits, labels, scale, compute_grad=compute_grad,
+                                    backend=options["backend"], **args)
+        loss_rows = ce.clone() if lam == 0 else ce + (lam * temperature * temperature) * kl  # a distinct output
         ctx.save_for_backward(grad)
         ce_out, kl_out = reduce_loss(ce, reduction, scale), reduce_loss(kl, reduction, scale)
         ctx.mark_non_differentiable(ce_out, kl_out)
@@ -126,7 +145,7 @@ def mtt_loss(
         flat_logits = flat_logits if flat_logits.stride(-1) == 1 else flat_logits.contiguous()
         flat_base = flat_base if flat_base.stride(-1) == 1 else flat_base.contiguous()
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    options = dict(rows_fn=_rows_fn(backend), lam=float(lam), temperature=float(temperature), direction=direction,
+    options = dict(backend=backend, lam=float(lam), temperature=float(temperature), direction=direction,
                    ignore_index=int(ignore_index), reduction=reduction, need_kl=return_components,
                    scale=mean_scale(flat_labels, ignore_index, num_items_in_batch, logits.device,
                                      torch.promote_types(logits.dtype, torch.float32)),

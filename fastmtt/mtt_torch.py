@@ -1,19 +1,31 @@
 """Pure-PyTorch MTT rows: the same function as the Triton row kernel, vectorized over row chunks.
 
-Memory beyond inputs and the gradient stays bounded by the chunk (about CHUNK_ELEMENTS per temporary).
+Memory beyond inputs and the gradient stays bounded by the chunk: a few temporaries of about
+CHUNK_ELEMENTS each (large chunks: per-op overhead dominates small ones on CPU). The gradient is assembled from the masked distributions q, p with per-row coefficients, so each
+[rows, V] temporary is touched only a few times.
 """
 from __future__ import annotations
 
 import torch
 
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 22
 NEG_INF = float("-inf")
 
 
-def _masked_log_normalizer(x):
-    """(LSE over dim 1, same with an empty row's -inf replaced by 0 so it can be subtracted safely)."""
-    lse = torch.logsumexp(x, dim=1, keepdim=True)
-    return lse, torch.where(lse == NEG_INF, 0.0, lse)
+def _masked_log_probs(x, index, temperature):
+    """log_softmax over k != target of x / T (x is overwritten) and LSE' [rows]. An all -inf row
+    gets -inf log-probs (q = 0) and LSE' = -inf."""
+    x.scatter_(1, index, NEG_INF)
+    if temperature != 1.0:
+        x.div_(temperature)
+    top, argmax = x.max(dim=1)
+    log_probs = torch.log_softmax(x, dim=1)
+    lse = top - log_probs.gather(1, argmax[:, None]).squeeze(1)
+    empty = top == NEG_INF
+    if empty.any():
+        log_probs[empty] = NEG_INF
+        lse[empty] = NEG_INF
+    return log_probs, lse
 
 
 def _chunk_rows(z_in, b_in, labels, *, lam, temperature, reverse, ignore_index, need_kl, grad_scale, grad_out):
@@ -21,48 +33,67 @@ def _chunk_rows(z_in, b_in, labels, *, lam, temperature, reverse, ignore_index, 
     valid = labels != ignore_index
     label_ok = valid & (labels >= 0) & (labels < z_in.shape[1])
     index = torch.where(label_ok, labels, 0)[:, None]
+    unit_t = temperature == 1.0
+
     z = z_in.to(acc, copy=True)
-    z_label = z.gather(1, index)
-    lse = torch.logsumexp(z, dim=1, keepdim=True)
-    lse = torch.where(label_ok[:, None], lse, float("nan"))
-    ce = torch.where(valid, (lse - z_label).squeeze(1), 0.0)
+    z_label = z.gather(1, index).squeeze(1)
+    lse = None if unit_t else torch.logsumexp(z, dim=1)
+    log_q, z_lse = _masked_log_probs(z, index, temperature)
+    if unit_t:
+        lse = torch.logaddexp(z_lse, z_label)
+    lse = torch.where(label_ok, lse, float("nan"))
+    ce = torch.where(valid, lse - z_label, 0.0)
+    q = log_q.exp()
 
     kl = torch.zeros_like(ce)
-    has_kl = need_kl or lam > 0
-    if has_kl:
-        zt = z.div_(temperature) if temperature != 1.0 else z
-        zt.scatter_(1, index, NEG_INF)
-        bt = b_in.to(acc, copy=True).div_(temperature)
-        b_label = bt.gather(1, index)
-        bt.scatter_(1, index, NEG_INF)
-        z_lse, z_lse_safe = _masked_log_normalizer(zt)
-        b_lse, b_lse_safe = _masked_log_normalizer(bt)
-        log_q = zt.sub_(z_lse_safe)
-        log_p = bt.sub_(b_lse_safe)
-        weight = (log_q if reverse else log_p).exp()
-        log_ratio = log_q - log_p if reverse else log_p - log_q
-        kl = torch.where(weight == 0, 0.0, weight * log_ratio).sum(dim=1, keepdim=True)
-        base_empty = b_lse == NEG_INF
-        adapted_empty = z_lse == NEG_INF
+    constant_kl = torch.ones_like(valid)
+    if need_kl or lam > 0:
+        b = b_in.to(acc, copy=True)
+        b_label = b.gather(1, index).squeeze(1)
+        log_p, b_lse = _masked_log_probs(b, index, temperature)
+        p = log_p.exp()
+        weight = q if reverse else p
+        log_ratio = (log_q - log_p) if reverse else log_p.sub_(log_q)  # log_p is not needed after this
+        log_ratio.scatter_(1, index, 0.0)  # the target column: -inf - -inf
+        kl = torch.linalg.vecdot(weight, log_ratio)
+        # A term of weight 0 contributes 0, never 0 * inf = NaN. Only rows with -inf logits (or NaN
+        # inputs) can hold such terms, and their KL is NaN: mask those rows and sum again.
+        suspect = kl.isnan().nonzero().squeeze(1)
+        if suspect.numel():
+            log_ratio[suspect] = log_ratio[suspect].masked_fill_(weight[suspect] == 0, 0.0)
+            kl[suspect] = torch.linalg.vecdot(weight[suspect], log_ratio[suspect])
+        base_empty, adapted_empty = b_lse == NEG_INF, z_lse == NEG_INF
+        constant_kl = base_empty | adapted_empty
         if reverse:
-            kl = torch.where(base_empty | adapted_empty, 0.0, kl)
+            kl = torch.where(constant_kl, 0.0, kl)
         else:
             kl = torch.where(base_empty, 0.0, torch.where(adapted_empty, float("inf"), kl))
         kl = torch.where(b_label.isnan(), float("nan"), kl)
-        kl = torch.where(valid[:, None], kl, 0.0).squeeze(1)
+        kl = torch.where(valid, kl, 0.0)
+        constant_kl |= kl == float("inf")
 
     if grad_out is not None:
-        grad = (z_in.to(acc) - lse).exp_()
-        grad.scatter_add_(1, index, torch.full_like(z_label, -1.0))
-        if lam > 0:
-            if reverse:
-                kl_grad = torch.where(weight == 0, 0.0, weight * (log_ratio - kl[:, None]))
-                kl_grad = torch.where(base_empty | adapted_empty, 0.0, kl_grad)
-            else:
-                kl_grad = torch.where(base_empty, 0.0, log_q.exp() - weight)
-            grad.add_(kl_grad, alpha=lam * temperature)
-        grad.mul_(grad_scale.to(acc)).masked_fill_(~valid[:, None], 0.0)
-        grad_out.copy_(grad)
+        # grad = softmax(z) - onehot(y) + lam T (q - p)  [forward]  or  + lam T q (log q - log p - KL)  [reverse],
+        # times the scale; the q terms share one coefficient.
+        scale = grad_scale.to(acc).reshape(())
+        q_coef = torch.where(constant_kl | ~valid, 0.0, lam * temperature * scale)[:, None]
+        p_coef = q_coef if lam > 0 and not reverse else None
+        if lam > 0 and reverse:
+            log_ratio[constant_kl] = 0.0
+            q_coef = log_ratio.sub_(torch.where(constant_kl, 0.0, kl)[:, None]).mul_(q_coef)
+        grad = grad_out if grad_out.dtype == acc else torch.empty_like(q)
+        if unit_t:  # softmax(z)_k = q_k exp(Z' - LSE) off the target
+            torch.mul(q, q_coef + ((z_lse - lse).exp() * scale)[:, None], out=grad)
+        else:
+            torch.sub(z_in.to(acc), lse[:, None], out=grad).exp_().mul_(scale)
+            if lam > 0:
+                grad.addcmul_(q, q_coef)
+        if p_coef is not None:
+            grad.addcmul_(p, p_coef, value=-1.0)
+        grad.scatter_(1, index, (((z_label - lse).exp() - 1.0) * scale)[:, None])
+        grad[~valid] = 0.0
+        if grad is not grad_out:
+            grad_out.copy_(grad)
     return ce, kl
 
 
@@ -71,6 +102,7 @@ def mtt_rows_torch(logits, base_logits, labels, *, lam, temperature, reverse, ig
     """Per-row (ce, kl) for [N, V] logits; writes grad_scale * dL_i/dlogits into `grad_out` if given.
 
     Same contract as the Triton row kernel; float32 math (float64 when an input is float64).
+    `grad_out` may be `logits` itself.
     """
     n_rows, n_cols = logits.shape
     acc = torch.float64 if torch.float64 in (logits.dtype, base_logits.dtype) else torch.float32
@@ -81,6 +113,11 @@ def mtt_rows_torch(logits, base_logits, labels, *, lam, temperature, reverse, ig
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
     for start in range(0, n_rows, step):
         rows = slice(start, start + step)
+        if not bool((labels[rows] != ignore_index).any()):  # nothing to compute: padding only
+            ce[rows], kl[rows] = 0.0, 0.0
+            if grad_out is not None:
+                grad_out[rows] = 0.0
+            continue
         ce[rows], kl[rows] = _chunk_rows(
             logits[rows], base_logits[rows], labels[rows], lam=lam, temperature=temperature, reverse=reverse,
             ignore_index=ignore_index, need_kl=need_kl, grad_scale=grad_scale,

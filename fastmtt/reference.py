@@ -95,7 +95,7 @@ def mtt_loss(
     ce = cross_entropy_rows(logits, labels, ignore_index=ignore_index)
     kl = masked_kl_rows(logits, base_logits, labels, temperature=temperature, direction=direction,
                         ignore_index=ignore_index)
-    loss = ce + lam * temperature**2 * kl
+    loss = ce if lam == 0 else ce + lam * temperature**2 * kl  # lam = 0 is plain CE, even where KL is inf
     reduce = dict(labels=labels, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch)
     return MTTOutput(reduce_rows(loss, **reduce), reduce_rows(ce, **reduce).detach(),

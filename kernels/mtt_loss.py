@@ -145,10 +145,11 @@ def _mtt_loss_kernel(
                 q = tl.exp(log_q)
                 if REVERSE:
                     kl_grad = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl))
-                    kl_grad = tl.where((s_b == 0.0) | (s_z == 0.0), 0.0, kl_grad)
                 else:
-                    kl_grad = tl.where(s_b == 0.0, 0.0, q - tl.exp(log_p))
-                grad += lam_t2 * inv_t * kl_grad
+                    kl_grad = q - tl.exp(log_p)
+                # KL is a constant (0 or +inf) when a side has no mass outside the target or it is
+                # infinite: no KL gradient then.
+                grad += tl.where((s_b == 0.0) | (s_z == 0.0) | (kl == float("inf")), 0.0, lam_t2 * inv_t * kl_grad)
             tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 

@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmtt
 from fastmtt import reference
-from conftest import DTYPES, assert_parity
+from tests.conftest import DTYPES, assert_parity
 
 N_ROWS, HIDDEN, VOCAB, RANK = 37, 24, 97, 4  # 37 rows: never a multiple of the chunk sizes below
 GRAD_NAMES = ("hidden", "weight", "bias", "lora_A", "lora_B")

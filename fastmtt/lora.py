@@ -1,0 +1,151 @@
+"""lora_linear: y = x W^T + bias + s * (dropout(x) A^T) B^T as one fused op, with its autograd Function.
+
+W is frozen (never gets a gradient); x, A, B and a bias that requires grad do. Dropout applies to
+the LoRA branch only (as in PEFT), and backward reuses the forward's mask: the PyTorch path saves the
+mask and the dropped input (as PEFT's autograd graph does), the Triton path saves neither and
+regenerates the mask in-kernel from a seed (see fastmtt.kernels.lora_linear).
+"""
+from __future__ import annotations
+
+from numbers import Real
+from typing import Optional
+
+import torch
+
+from fastmtt._checks import check_float_tensor, check_same_device
+from fastmtt._dispatch import resolve_backend
+
+
+def _torch_forward(x, weight, lora_A, lora_B, bias, scaling, keep):
+    """PyTorch path: base product in x's dtype; LoRA products in the adapters' dtype on x cast to it
+    (as PEFT does) times the rescaled keep mask; summed in the wider dtype. Returns (y, x_lora, xa)."""
+    lora_dtype = lora_A.dtype
+    x_lora = x if x.dtype == lora_dtype else x.to(lora_dtype)
+    if keep is not None:
+        x_lora = x_lora * keep
+    xa = x_lora @ lora_A.t()
+    if lora_dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+        out = torch.nn.functional.linear(x, weight, bias)
+        return out.addmm_(xa, lora_B.t(), alpha=scaling), x_lora, xa
+    wide = torch.promote_types(x.dtype, lora_dtype)
+    out = torch.nn.functional.linear(x, weight).to(wide).addmm_(xa.to(wide), lora_B.t().to(wide), alpha=scaling)
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype), x_lora, xa
+
+
+def _torch_backward(dy, x_dtype, weight, lora_A, lora_B, x_lora, xa, scaling, keep, needs):
+    need_dx, need_dA, need_dB = needs
+    dy_lora = dy.to(lora_A.dtype)
+    dx = dA = dB = None
+    if need_dx or need_dA:
+        g = (dy_lora @ lora_B).mul_(scaling)  # s dy B, [M, r]
+    if need_dx:
+        dx_lora = g @ lora_A
+        if keep is not None:
+            dx_lora.mul_(keep)
+        dx = (dy @ weight).add_(dx_lora) if dx_lora.dtype == x_dtype else (dy @ weight + dx_lora).to(x_dtype)
+    if need_dA:
+        dA = g.t() @ x_lora
+    if need_dB:
+        dB = (dy_lora.t() @ xa).mul_(scaling)
+    return dx, dA, dB
+
+
+def draw_dropout_seed() -> int:
+    """Seed for the Triton path's in-kernel dropout mask, drawn from torch's default CPU generator
+    (so torch.manual_seed makes runs reproducible)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+class LoRALinearFunction(torch.autograd.Function):
+    """Inputs: x [M, K], weight [N, K] (detached), lora_A [r, K], lora_B [N, r], bias [N] or None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend):
+        keep = seed = None
+        if backend == "triton":
+            from fastmtt.kernels.lora_linear import lora_forward_triton
+
+            seed = draw_dropout_seed() if dropout_p > 0 else 0
+            y, xa = lora_forward_triton(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+            saved = x  # the kernels regenerate the mask from the seed
+        else:
+            if dropout_p > 0:  # the same draw as torch.nn.functional.dropout on x in the adapters' dtype
+                keep = torch.empty(x.shape, dtype=lora_A.dtype, device=x.device).bernoulli_(1 - dropout_p)
+                keep.div_(1 - dropout_p)
+            y, saved, xa = _torch_forward(x, weight, lora_A, lora_B, bias, scaling, keep)
+        ctx.options = (scaling, dropout_p, backend, seed, x.dtype)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(saved, weight, lora_A, lora_B, xa, keep)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, weight, lora_A, lora_B, xa, keep = ctx.saved_tensors
+        scaling, dropout_p, backend, seed, x_dtype = ctx.options
+        needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
+        if backend == "triton":
+            from fastmtt.kernels.lora_linear import lora_backward_triton
+
+            dx, dA, dB = lora_backward_triton(dy, saved, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs)
+        else:
+            dx, dA, dB = _torch_backward(dy, x_dtype, weight, lora_A, lora_B, saved, xa, scaling, keep, needs)
+        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
+        return dx, None, dA, dB, dbias, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused LoRA linear layer:  y = x W^T + bias + scaling * (dropout(x) A^T) B^T.
+
+    x [..., in]; weight [out, in] in x's dtype, frozen (detached: never gets a gradient); lora_A
+    [r, in] and lora_B [out, r] share one dtype, which may differ from x's (x is cast to it for the
+    LoRA branch, as PEFT does); bias [out] or None (gets a gradient if it requires one). Returns
+    [..., out] in x's dtype. dropout_p > 0 drops entries of x on the LoRA branch only, with a fresh
+    mask per call drawn from torch's default generator; pass 0 for eval. Any weight strides work
+    (a transposed view serves Conv1D-style [in, out] weights without a copy).
+    """
+    check_float_tensor("x", x, min_dim=1)
+    in_features = x.shape[-1]
+    check_float_tensor("weight", weight, min_dim=2)
+    if weight.dim() != 2 or weight.shape[1] != in_features:
+        raise ValueError(f"weight must have shape [out, {in_features}], got {tuple(weight.shape)}")
+    out_features = weight.shape[0]
+    check_float_tensor("lora_A", lora_A, min_dim=2)
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features or lora_A.shape[0] < 1:
+        raise ValueError(f"lora_A must have shape [r, {in_features}] with r >= 1, got {tuple(lora_A.shape)}")
+    rank = lora_A.shape[0]
+    check_float_tensor("lora_B", lora_B, shape=(out_features, rank))
+    if bias is not None:
+        check_float_tensor("bias", bias, shape=(out_features,))
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight must have x's dtype {x.dtype}, got {weight.dtype}")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B must have lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
+    if isinstance(scaling, bool) or not isinstance(scaling, Real):
+        raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
+
+    requested = backend
+    backend = resolve_backend(backend, x, weight, lora_A, lora_B, *([] if bias is None else [bias]))
+    if backend == "triton":
+        from fastmtt.kernels.lora_linear import MAX_RANK
+
+        if rank > MAX_RANK and requested == "triton":
+            raise ValueError(f"backend='triton' supports lora rank up to {MAX_RANK}, got r={rank}")
+        if rank > MAX_RANK or x.numel() == 0:
+            backend = "torch"
+    x2d = x.reshape(-1, in_features)
+    y = LoRALinearFunction.apply(x2d, weight.detach(), lora_A, lora_B, bias, float(scaling), float(dropout_p), backend)
+    return y.reshape(*x.shape[:-1], out_features)

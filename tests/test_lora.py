@@ -1,0 +1,250 @@
+"""lora_linear against the plain PyTorch formula: fp64 truth, same-dtype PyTorch, both backends."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import DTYPES, assert_parity
+from fastmtt.lora import draw_dropout_seed, lora_linear
+
+BACKENDS = ("triton", "torch")
+
+
+def plain_lora(x, weight, lora_A, lora_B, scaling, bias=None, keep=None):
+    """PEFT's formula: base in x's dtype, x cast to the adapters' dtype for the LoRA branch."""
+    x_lora = x.to(lora_A.dtype)
+    if keep is not None:
+        x_lora = x_lora * keep
+    out = F.linear(x, weight, bias) if bias is None or bias.dtype == x.dtype else F.linear(x, weight) + bias
+    return (out + F.linear(F.linear(x_lora, lora_A), lora_B) * scaling).to(x.dtype)
+
+
+def make_inputs(lead, in_f, out_f, rank, dtype, lora_dtype=None, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lora_dtype = lora_dtype or dtype
+
+    def rand(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=gen) * scale).to(dt)
+
+    return dict(
+        x=rand(*lead, in_f),
+        weight=rand(out_f, in_f, scale=in_f**-0.5),
+        lora_A=rand(rank, in_f, scale=in_f**-0.5, dt=lora_dtype),
+        lora_B=rand(out_f, rank, scale=rank**-0.5, dt=lora_dtype),
+        bias=rand(out_f) if bias else None,
+    )
+
+
+def run(fn, inputs, scaling, dy, **kwargs):
+    """Output and gradients (x, lora_A, lora_B) of fn on fresh leaves."""
+    leaves = {k: (v.detach().clone().requires_grad_(k in ("x", "lora_A", "lora_B")) if v is not None else None)
+              for k, v in inputs.items()}
+    y = fn(leaves["x"], leaves["weight"], leaves["lora_A"], leaves["lora_B"], scaling, leaves["bias"], **kwargs)
+    grads = torch.autograd.grad(y, [leaves["x"], leaves["lora_A"], leaves["lora_B"]], dy.to(y.dtype))
+    return (y, *grads)
+
+
+def as_fp64(inputs):
+    return {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+
+
+NAMES = ("y", "dx", "dA", "dB")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype_name", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("rank,lead,in_f,out_f,bias", [
+    (1, (37,), 45, 29, True),
+    (8, (3, 11), 33, 70, False),
+    (64, (2, 5), 50, 19, True),
+])
+def test_parity_with_plain_formula(backend, dtype_name, rank, lead, in_f, out_f, bias):
+    dtype = DTYPES[dtype_name]
+    inputs = make_inputs(lead, in_f, out_f, rank, dtype, bias=bias, seed=rank)
+    dy = torch.randn(*lead, out_f)
+    scaling = 1.7
+    got = run(lora_linear, inputs, scaling, dy, backend=backend)
+    same = run(plain_lora, inputs, scaling, dy)
+    truth = run(plain_lora, as_fp64(inputs), scaling, dy.double())
+    assert got[0].shape == (*lead, out_f) and got[0].dtype == dtype
+    for name, g, s, t in zip(NAMES, got, same, truth):
+        assert g.dtype == s.dtype
+        assert_parity(name, g, s, t, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype_name", ["fp16", "bf16"])
+def test_fp32_adapters_on_half_inputs(backend, dtype_name):
+    """PEFT keeps adapters in fp32 on a half-precision base: the LoRA branch then runs in fp32."""
+    dtype = DTYPES[dtype_name]
+    inputs = make_inputs((2, 9), 40, 24, 8, dtype, lora_dtype=torch.float32)
+    inputs["bias"] = inputs["bias"].float()  # a folded lora_B bias is fp32 as well
+    dy = torch.randn(2, 9, 24)
+    got = run(lora_linear, inputs, 0.5, dy, backend=backend)
+    same = run(plain_lora, inputs, 0.5, dy)
+    truth = run(plain_lora, as_fp64(inputs), 0.5, dy.double())
+    assert got[0].dtype == dtype and got[2].dtype == torch.float32
+    for name, g, s, t in zip(NAMES, got, same, truth):
+        assert_parity(name, g, s, t, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_weight_and_input(backend):
+    """A transposed weight view (Conv1D's [in, out] storage) and a non-contiguous x, no copies needed."""
+    inputs = make_inputs((21,), 36, 28, 8, torch.float32)
+    inputs["weight"] = inputs["weight"].t().contiguous().t()
+    inputs["x"] = torch.randn(36, 21).t()
+    assert not inputs["weight"].is_contiguous() and not inputs["x"].is_contiguous()
+    dy = torch.randn(21, 28)
+    got = run(lora_linear, inputs, 2.0, dy, backend=backend)
+    truth = run(plain_lora, as_fp64(inputs), 2.0, dy.double())
+    for name, g, t in zip(NAMES, got, truth):
+        torch.testing.assert_close(g.double(), t, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_triton_tiling_with_small_blocks(monkeypatch):
+    """Several row/column tiles, several reduction steps and row splits of the weight gradients."""
+    from fastmtt.kernels import lora_linear as kernels
+
+    monkeypatch.setattr(kernels, "_gemm_blocks", lambda *args: (16, 16, 16, 1, 1))
+    monkeypatch.setattr(kernels, "_weight_grad_blocks", lambda *args: (16, 16, 1, 3))
+    inputs = make_inputs((53,), 40, 50, 8, torch.float32)
+    dy = torch.randn(53, 50)
+    for p in (0.0, 0.25):
+        torch.manual_seed(5)
+        got = run(lora_linear, inputs, 0.5, dy, backend="triton", dropout_p=p)
+        torch.manual_seed(5)
+        keep = None
+        if p > 0:
+            keep = kernels.dropout_mask_triton((53, 40), p, draw_dropout_seed(), "cpu").double() / (1 - p)
+        truth = run(plain_lora, as_fp64(inputs), 0.5, dy.double(), keep=keep)
+        for name, g, t in zip(NAMES, got, truth):
+            torch.testing.assert_close(g.double(), t, rtol=1e-5, atol=1e-5, msg=f"{name} p={p}")
+
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+def test_triton_dropout_uses_one_mask_in_forward_and_backward(dtype_name):
+    from fastmtt.kernels.lora_linear import dropout_mask_triton
+
+    dtype = DTYPES[dtype_name]
+    p = 0.4
+    inputs = make_inputs((2, 13), 30, 22, 8, dtype)
+    dy = torch.randn(2, 13, 22)
+    torch.manual_seed(11)
+    got = run(lora_linear, inputs, 1.5, dy, backend="triton", dropout_p=p)
+    torch.manual_seed(11)
+    kept = dropout_mask_triton((26, 30), p, draw_dropout_seed(), "cpu").reshape(2, 13, 30)
+    assert 0 < kept.sum() < kept.numel()
+    same = run(plain_lora, inputs, 1.5, dy, keep=kept.to(dtype) / (1 - p))
+    truth = run(plain_lora, as_fp64(inputs), 1.5, dy.double(), keep=kept.double() / (1 - p))
+    for name, g, s, t in zip(NAMES, got, same, truth):
+        assert_parity(name, g, s, t, dtype)
+
+
+def test_triton_dropout_mask_statistics():
+    from fastmtt.kernels.lora_linear import dropout_mask_triton
+
+    first = dropout_mask_triton((64, 500), 0.3, 1234, "cpu")
+    assert abs(first.float().mean().item() - 0.7) < 0.01
+    assert torch.equal(first, dropout_mask_triton((64, 500), 0.3, 1234, "cpu"))
+    assert (first != dropout_mask_triton((64, 500), 0.3, 1235, "cpu")).float().mean() > 0.3
+    # consecutive calls draw fresh seeds, hence fresh masks
+    inputs = make_inputs((8,), 16, 16, 4, torch.float32)
+    ys = [lora_linear(*(inputs[k] for k in ("x", "weight", "lora_A", "lora_B")), 1.0, dropout_p=0.5, backend="triton")
+          for _ in range(2)]
+    assert not torch.equal(*ys)
+
+
+def test_torch_dropout_matches_functional_dropout():
+    """The PyTorch path draws the same mask as F.dropout (so it reproduces PEFT under one seed)."""
+    inputs = make_inputs((4, 7), 24, 18, 8, torch.float32)
+    dy = torch.randn(4, 7, 18)
+
+    def peft_style(x, weight, lora_A, lora_B, scaling, bias):
+        return F.linear(x, weight, bias) + F.linear(F.linear(F.dropout(x, 0.3), lora_A), lora_B) * scaling
+
+    torch.manual_seed(2)
+    got = run(lora_linear, inputs, 0.8, dy, backend="torch", dropout_p=0.3)
+    torch.manual_seed(2)
+    want = run(peft_style, inputs, 0.8, dy)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_frozen_and_bias_gradient(backend):
+    inputs = make_inputs((5, 3), 20, 12, 4, torch.float32)
+    weight = inputs["weight"].requires_grad_()
+    bias = inputs["bias"].requires_grad_()
+    x, lora_A = inputs["x"].requires_grad_(), inputs["lora_A"]
+    lora_B = inputs["lora_B"].requires_grad_()
+    y = lora_linear(x, weight, lora_A, lora_B, 0.5, bias, backend=backend)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    assert weight.grad is None and lora_A.grad is None
+    torch.testing.assert_close(bias.grad, dy.sum((0, 1)))
+    assert x.grad is not None and lora_B.grad is not None
+
+
+def test_no_grad_and_empty_input():
+    inputs = make_inputs((0, 4), 10, 6, 2, torch.float32)
+    y = lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0, backend="triton")
+    assert y.shape == (0, 4, 6)
+    inputs = make_inputs((3,), 10, 6, 2, torch.float32)
+    with torch.no_grad():
+        y = lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0, backend="triton")
+    torch.testing.assert_close(y, plain_lora(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(weight=torch.randn(6, 11)), "weight must have shape"),
+    (dict(lora_A=torch.randn(2, 11)), "lora_A must have shape"),
+    (dict(lora_B=torch.randn(5, 2)), "lora_B must have shape"),
+    (dict(bias=torch.randn(5)), "bias must have shape"),
+    (dict(weight=torch.randn(6, 10, dtype=torch.float64)), "weight must have x's dtype"),
+    (dict(lora_B=torch.randn(6, 2, dtype=torch.float16)), "lora_B must have lora_A's dtype"),
+    (dict(x=torch.ones(3, 10, dtype=torch.int64)), "x must be a floating-point tensor"),
+    (dict(dropout_p=1.0), "dropout_p must lie in"),
+    (dict(scaling="2"), "scaling must be a real number"),
+    (dict(backend="cuda"), "backend must be one of"),
+])
+def test_bad_arguments_name_the_argument(change, message):
+    args = dict(x=torch.randn(3, 10), weight=torch.randn(6, 10), lora_A=torch.randn(2, 10),
+                lora_B=torch.randn(6, 2), scaling=1.0, bias=None)
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=message):
+        lora_linear(**args)
+
+
+def test_triton_rank_limit():
+    from fastmtt.kernels.lora_linear import MAX_RANK
+
+    inputs = make_inputs((3,), 8, 8, MAX_RANK + 1, torch.float32)
+    args = [inputs[k] for k in ("x", "weight", "lora_A", "lora_B")]
+    with pytest.raises(ValueError, match="rank up to"):
+        lora_linear(*args, 1.0, backend="triton")
+    torch.testing.assert_close(lora_linear(*args, 1.0), plain_lora(*args, 1.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype_name,lora_dtype_name", [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"),
+                                                        ("bf16", "fp32")])
+@pytest.mark.parametrize("rank,dropout_p", [(8, 0.0), (64, 0.2), (120, 0.1)])
+def test_cuda_kernels_multi_tile(dtype_name, lora_dtype_name, rank, dropout_p):
+    """Compiled kernels on a GPU: many tiles, row splits of the weight gradients, real bf16 dots."""
+    from fastmtt.kernels.lora_linear import dropout_mask_triton
+
+    dtype, lora_dtype = DTYPES[dtype_name], DTYPES[lora_dtype_name]
+    inputs = {k: (v.cuda() if v is not None else None)
+              for k, v in make_inputs((3, 170), 520, 390, rank, dtype, lora_dtype=lora_dtype).items()}
+    dy = torch.randn(3, 170, 390, device="cuda")
+    torch.manual_seed(4)
+    got = run(lora_linear, inputs, 0.5, dy, backend="triton", dropout_p=dropout_p)
+    torch.manual_seed(4)
+    keep = None
+    if dropout_p > 0:
+        kept = dropout_mask_triton((510, 520), dropout_p, draw_dropout_seed(), "cuda").reshape(3, 170, 520)
+        keep = kept.to(lora_dtype) / (1 - dropout_p)
+    same = run(plain_lora, inputs, 0.5, dy, keep=keep)
+    truth = run(plain_lora, as_fp64(inputs), 0.5, dy.double(), keep=None if keep is None else keep.double())
+    for name, g, s, t in zip(NAMES, got, same, truth):
+        assert_parity(name, g, s, t, dtype)

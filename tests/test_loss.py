@@ -1,0 +1,227 @@
+"""mtt_loss: PyTorch path and Triton kernel (interpreted) against the fp64 reference."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmtt
+from fastmtt import reference
+from tests.conftest import DTYPES, assert_parity
+
+BACKENDS = ["torch", "triton"]
+
+# (N, V, lam, temperature, reduction, num_items_in_batch): every value of each axis appears.
+CASES = [
+    (1, 1, 0.5, 1.0, "mean", None),
+    (37, 2, 3.0, 2.0, "sum", None),
+    (37, 127, 0.5, 2.0, "none", None),
+    (256, 127, 3.0, 1.0, "mean", 500),
+    (37, 4096, 0.0, 1.0, "mean", None),
+    (256, 4096, 0.5, 1.0, "none", None),
+    (1, 32017, 3.0, 2.0, "mean", None),
+    (37, 32017, 0.5, 1.0, "sum", None),
+]
+
+
+def make_inputs(n, v, dtype, base_dtype=None, seed=0, ignore_fraction=0.25, spread=4.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * spread).to(dtype)
+    base = (torch.randn(n, v, generator=g) * spread + logits.float() * 0.5).to(base_dtype or dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < ignore_fraction] = -100
+    if n > 2:
+        labels[0], labels[1] = 0, v - 1
+    return logits, base, labels
+
+
+def run(fn, logits, base, labels, upstream=None, **kw):
+    """(loss, ce, kl, grad) of fn with gradient from `upstream` (default ones)."""
+    x = logits.detach().clone().requires_grad_(True)
+    out = fn(x, base, labels, **kw)
+    loss = out.loss
+    loss.backward(torch.ones_like(loss) if upstream is None else upstream)
+    return loss.detach(), out.ce, out.kl, x.grad
+
+
+def fastmtt_fn(backend):
+    def fn(x, base, labels, **kw):
+        return fastmtt.mtt_loss(x, base, labels, return_components=True, backend=backend, **kw)
+    return fn
+
+
+def check_against_reference(backend, logits, base, labels, upstream=None, **kw):
+    dtype = logits.dtype
+    got = run(fastmtt_fn(backend), logits, base, labels, upstream, **kw)
+    truth = run(reference.mtt_loss, logits.double(), base.double(), labels,
+                None if upstream is None else upstream.double(), **kw)
+    same = run(reference.mtt_loss, logits, base.to(dtype), labels,
+               None if upstream is None else upstream.to(dtype), **kw)
+    for name, g, s, t in zip(("loss", "ce", "kl"), got, same, truth):
+        assert_parity(name, g, s, t, dtype)
+    # An infinite row loss has no meaningful gradient; compare the rest.
+    rows = truth[0].isfinite() if truth[0].dim() else slice(None)
+    assert_parity("grad", got[3][rows], same[3][rows], truth[3][rows], dtype)
+    return got, truth
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-V{}-lam{}-T{}-{}-{}".format(*c))
+def test_parity(backend, dtype, direction, case):
+    n, v, lam, temperature, reduction, num_items = case
+    logits, base, labels = make_inputs(n, v, DTYPES[dtype], seed=n * v)
+    check_against_reference(backend, logits, base, labels, lam=lam, temperature=temperature,
+                            direction=direction, reduction=reduction, num_items_in_batch=num_items)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("logits_dtype,base_dtype", [("bf16", "fp32"), ("fp32", "fp16"), ("fp16", "bf16")])
+def test_mixed_dtypes(backend, logits_dtype, base_dtype):
+    logits, base, labels = make_inputs(37, 1000, DTYPES[logits_dtype], DTYPES[base_dtype], seed=5)
+    check_against_reference(backend, logits, base, labels, lam=1.0, temperature=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lam_zero_equals_torch_cross_entropy(backend):
+    logits, base, labels = make_inputs(64, 333, torch.float32, seed=6)
+    x = logits.clone().requires_grad_(True)
+    loss = fastmtt.mtt_loss(x, base, labels, lam=0.0, backend=backend)
+    loss.backward()
+    y = logits.clone().requires_grad_(True)
+    expected = F.cross_entropy(y, labels)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_gradient(backend, reduction):
+    logits, base, labels = make_inputs(9, 50, torch.float32, seed=7)
+    labels[:] = -100
+    loss, ce, kl, grad = run(fastmtt_fn(backend), logits, base, labels, lam=1.0, reduction=reduction)
+    assert torch.equal(loss, torch.zeros_like(loss)) and not loss.isnan().any()
+    assert torch.equal(ce, torch.zeros_like(ce)) and torch.equal(kl, torch.zeros_like(kl))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_edge_rows(backend, direction):
+    """Confident rows, padded vocabulary (-inf in both), base without mass outside the target."""
+    n, v = 8, 67
+    logits, base, labels = make_inputs(n, v, torch.float32, seed=8, ignore_fraction=0.0)
+    logits[:, 60:] = float("-inf")  # padded vocabulary in both inputs
+    base[:, 60:] = float("-inf")
+    labels = torch.tensor([0, 59, 3, 4, 5, 6, 7, 8])
+    logits[2, 3] += 40.0  # confident adapted row, p_y -> 1
+    base[3, 4] += 40.0  # confident base row
+    base[4, :] = float("-inf")  # base has no mass outside the target
+    base[4, 5] = 1.0
+    logits[5, :] = float("-inf")  # adapted has no mass outside the target
+    logits[5, 6] = 2.0
+    base[6, 10] = float("-inf")  # one term of weight 0 in the forward direction
+    logits[7, 11] = float("-inf")  # one term of weight 0 in the reverse direction
+    (loss, ce, kl, grad), (t_loss, t_ce, t_kl, t_grad) = check_against_reference(
+        backend, logits, base, labels, lam=0.5, direction=direction, reduction="none")
+    assert kl[4] == 0 and grad[4].isfinite().all()
+    assert kl[5] == (float("inf") if direction == "forward" else 0.0)
+    infinite_row = 7 if direction == "forward" else 6
+    assert loss[infinite_row] == float("inf")
+    finite_rows = [r for r in range(n) if r not in (5, infinite_row)]
+    assert grad[:, 60:].eq(0).all() and grad[finite_rows].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapted_minus_inf_where_base_has_mass_is_infinite(backend):
+    logits, base, labels = make_inputs(4, 30, torch.float32, seed=9, ignore_fraction=0.0)
+    logits[1, (labels[1] + 1) % 30] = float("-inf")
+    out = fastmtt.mtt_loss(logits, base, labels, lam=1.0, reduction="none", backend=backend)
+    assert out[1] == float("inf") and out[[0, 2, 3]].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["logits", "base", "base_target"])
+def test_nan_propagates_to_its_row_only(backend, where):
+    logits, base, labels = make_inputs(5, 40, torch.float32, seed=10, ignore_fraction=0.0)
+    tensor = logits if where == "logits" else base
+    tensor[2, labels[2] if where == "base_target" else (labels[2] + 3) % 40] = float("nan")
+    out = fastmtt.mtt_loss(logits, base, labels, lam=1.0, reduction="none", backend=backend)
+    assert out[2].isnan() and out[[0, 1, 3, 4]].isfinite().all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_upstream_gradients_are_honored(backend, reduction):
+    logits, base, labels = make_inputs(37, 129, torch.float32, seed=11)
+    upstream = torch.randn(37) if reduction == "none" else torch.tensor(-2.5)
+    check_against_reference(backend, logits, base, labels, upstream, lam=3.0, temperature=2.0,
+                            direction="reverse", reduction=reduction)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_base_gets_no_gradient_and_inputs_are_untouched(backend):
+    logits, base, labels = make_inputs(16, 100, torch.float32, seed=12)
+    x, b = logits.clone().requires_grad_(True), base.clone().requires_grad_(True)
+    fastmtt.mtt_loss(x, b, labels, lam=1.0, backend=backend).backward()
+    assert b.grad is None and x.grad is not None
+    assert torch.equal(x.detach(), logits) and torch.equal(b.detach(), base)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_logits_stores_the_gradient_in_place(backend):
+    logits, base, labels = make_inputs(16, 100, torch.float32, seed=13)
+    expected = run(fastmtt_fn(backend), logits, base, labels, lam=1.0)[3]
+    x = logits.clone().requires_grad_(True)
+    loss = fastmtt.mtt_loss(x, base, labels, lam=1.0, backend=backend, overwrite_logits=True)
+    torch.testing.assert_close(x.detach(), expected)
+    loss.backward()
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_work_without_requires_grad(backend, monkeypatch):
+    import fastmtt.loss as loss_module
+
+    seen = []
+    real = loss_module._rows_fn(backend)
+    monkeypatch.setattr(loss_module, "_rows_fn", lambda b: lambda *a, **k: seen.append(k["grad_out"]) or real(*a, **k))
+    logits, base, labels = make_inputs(8, 50, torch.float32, seed=14)
+    loss = fastmtt.mtt_loss(logits, base, labels, lam=1.0, backend=backend)
+    assert seen == [None] and not loss.requires_grad and loss > 0
+
+
+def test_backends_agree_on_leading_batch_dims_and_module():
+    logits, base, labels = make_inputs(24, 77, torch.float32, seed=15)
+    shaped = [t.reshape(4, 6, *t.shape[1:]) for t in (logits, base, labels)]
+    module = fastmtt.MTTLoss(lam=0.5, temperature=2.0, direction="reverse", reduction="none")
+    out = module(*shaped)
+    assert out.shape == (4, 6)
+    flat = fastmtt.mtt_loss(logits, base, labels, lam=0.5, temperature=2.0, direction="reverse", reduction="none")
+    torch.testing.assert_close(out.reshape(-1), flat)
+    for backend in BACKENDS:
+        torch.testing.assert_close(
+            fastmtt.mtt_loss(*shaped, lam=0.5, backend=backend, return_components=True).kl,
+            reference.mtt_loss(logits.double(), base.double(), labels, lam=0.5).kl.float())
+
+
+def test_retained_graph_allows_repeated_backward():
+    logits, base, labels = make_inputs(6, 10, torch.float32, seed=16)
+    x = logits.clone().requires_grad_(True)
+    loss = fastmtt.mtt_loss(x, base, labels, reduction="none")
+    upstream = torch.randn(6)
+    loss.backward(upstream, retain_graph=True)
+    first = x.grad.clone()
+    loss.backward(upstream * 3)
+    torch.testing.assert_close(x.grad, 4 * first)
+
+
+def test_overwrite_logits_refuses_a_second_backward():
+    logits, base, labels = make_inputs(4, 10, torch.float32, seed=17)
+    x = logits.clone().requires_grad_(True)
+    loss = fastmtt.mtt_loss(x, base, labels, overwrite_logits=True)
+    (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (2 * loss).backward()

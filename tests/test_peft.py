@@ -1,0 +1,347 @@
+"""patch_lora: a patched PEFT model gives PEFT's outputs and gradients, falling back where it must."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import assert_parity
+from fastmtt import peft as fastmtt_peft
+from fastmtt.peft import patch_lora, unpatch_lora
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama(dtype=torch.float32, bias=False):
+    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                      attention_bias=bias, mlp_bias=bias)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def lora_model(base, targets=LLAMA_TARGETS, **config):
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, **config)
+    model = peft.get_peft_model(base, config)
+    randomize_trainable(model)
+    return model
+
+
+def randomize_trainable(model):
+    """Fresh nonzero values for every trainable tensor (lora_B included, so the LoRA term is live)."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+
+
+def tokens(vocab=61, shape=(2, 9)):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(2))
+
+
+def outputs_and_grads(model, ids, seed=0):
+    """Logits and the gradients of all trainable parameters for a fixed upstream gradient."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    logits = model(input_ids=ids).logits
+    upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3)).to(logits.dtype)
+    logits.backward(upstream)
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    return logits.detach(), grads
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls that took the fused path."""
+    calls = []
+    real = fastmtt_peft.lora_linear
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastmtt_peft, "lora_linear", counting)
+    return calls
+
+
+def assert_same(got, want, atol=1e-5, rtol=1e-4):
+    (logits, grads), (want_logits, want_grads) = got, want
+    torch.testing.assert_close(logits, want_logits, atol=atol, rtol=rtol)
+    assert grads.keys() == want_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], want_grads[name], atol=atol, rtol=rtol, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_tiny_llama_parity(backend, fused_calls):
+    model = lora_model(tiny_llama())
+    ids = tokens()
+    want = outputs_and_grads(model, ids)
+    assert patch_lora(model, backend=backend) == 14
+    assert patch_lora(model) == 0  # already patched
+    got = outputs_and_grads(model, ids)
+    assert len(fused_calls) == 14  # the forward of every LoRA module took the fused path
+    assert_same(got, want)
+    assert unpatch_lora(model) == 14
+    assert not any("forward" in vars(m) for m in model.modules())
+    again = outputs_and_grads(model, ids)
+    torch.testing.assert_close(again[0], want[0], atol=0, rtol=0)
+
+
+def test_base_bias_and_lora_bias(fused_calls):
+    model = lora_model(tiny_llama(bias=True), lora_bias=True, bias="lora_only")
+    trainable_bias = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("lora_B.default.bias")]
+    assert len(trainable_bias) == 14
+    ids = tokens()
+    want = outputs_and_grads(model, ids)
+    assert patch_lora(model) == 14
+    assert_same(outputs_and_grads(model, ids), want)
+    assert fused_calls
+
+
+def test_trainable_base_bias(fused_calls):
+    """bias='all' trains the base layers' biases too; the fused path passes their gradient on."""
+    model = lora_model(tiny_llama(bias=True), bias="all")
+    ids = tokens()
+    want = outputs_and_grads(model, ids)
+    assert any(n.endswith("base_layer.bias") for n in want[1])
+    patch_lora(model)
+    assert_same(outputs_and_grads(model, ids), want)
+    assert fused_calls
+
+
+def test_disabled_adapters_give_the_base_output(fused_calls):
+    model = lora_model(tiny_llama())
+    ids = tokens()
+    with model.disable_adapter(), torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+    patch_lora(model)
+    with model.disable_adapter(), torch.no_grad():
+        patched_base = model(input_ids=ids).logits
+    assert not fused_calls
+    torch.testing.assert_close(patched_base, base_logits, atol=0, rtol=0)
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+    assert fused_calls and (adapted - base_logits).abs().max() > 1e-2
+
+
+def test_merged_adapters_fall_back(fused_calls):
+    model = lora_model(tiny_llama())
+    ids = tokens()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    patch_lora(model)
+    model.merge_adapter()
+    with torch.no_grad():
+        merged = model(input_ids=ids).logits
+    assert not fused_calls
+    torch.testing.assert_close(merged, want, atol=1e-5, rtol=1e-4)
+    model.unmerge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, atol=1e-5, rtol=1e-4)
+    assert fused_calls
+
+
+def test_several_active_adapters_fall_back(fused_calls):
+    model = lora_model(tiny_llama())
+    model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    randomize_trainable(model)
+    ids = tokens()
+    want = outputs_and_grads(model, ids)
+    assert len(want[1]) == 14 * 2 + 4 * 2
+    assert patch_lora(model) == 14
+    got = outputs_and_grads(model, ids)
+    assert len(fused_calls) == 2 * 5  # the five modules that carry only "default"; q and v fall back
+    assert_same(got, want)
+
+
+def test_dora_falls_back(fused_calls):
+    model = lora_model(tiny_llama(), use_dora=True)
+    ids = tokens()
+    want = outputs_and_grads(model, ids)
+    assert patch_lora(model) == 0
+    assert_same(outputs_and_grads(model, ids), want, atol=0, rtol=0)
+    assert not fused_calls
+
+
+def test_variant_adapter_next_to_vanilla_one(fused_calls):
+    """One module, a vanilla and a DoRA adapter: fused while the vanilla one is active, PEFT's otherwise."""
+    model = lora_model(tiny_llama(), targets=["q_proj"])
+    model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
+    assert patch_lora(model) == 2
+    ids = tokens()
+    for name, fused in (("dora", False), ("default", True)):
+        model.set_adapter(name)
+        randomize_trainable(model)
+        fused_calls.clear()
+        got = outputs_and_grads(model, ids)
+        assert bool(fused_calls) == fused
+        unpatch_lora(model)
+        assert_same(got, outputs_and_grads(model, ids))
+        patch_lora(model)
+
+
+def test_dropout_train_and_eval(fused_calls):
+    """Training draws PEFT's own dropout masks (same RNG stream), eval applies none."""
+    model = lora_model(tiny_llama(), lora_dropout=0.3)
+    ids = tokens()
+    model.train()
+    want_train = outputs_and_grads(model, ids, seed=7)
+    model.eval()
+    want_eval = outputs_and_grads(model, ids, seed=7)
+    assert (want_train[0] - want_eval[0]).abs().max() > 1e-3
+    patch_lora(model)
+    model.train()
+    assert_same(outputs_and_grads(model, ids, seed=7), want_train)
+    model.eval()
+    assert_same(outputs_and_grads(model, ids, seed=7), want_eval)
+    assert len(fused_calls) == 2 * 14
+
+
+def test_dropout_through_the_kernel_keeps_training_semantics(fused_calls):
+    """Triton path (in-kernel masks): eval matches PEFT exactly; train differs from eval, and backward
+    reuses every forward mask: a central difference along a random direction in all trainable
+    parameters, each forward under the same seed, matches the gradient."""
+    model = lora_model(tiny_llama(), lora_dropout=0.5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for param in params:
+            param.mul_(0.25)  # milder attention logits keep the central difference accurate
+    ids = tokens()
+    model.eval()
+    want_eval = outputs_and_grads(model, ids)
+    patch_lora(model, backend="triton")
+    assert_same(outputs_and_grads(model, ids), want_eval)
+    model.train()
+    logits, grads = outputs_and_grads(model, ids, seed=5)
+    assert (logits - want_eval[0]).abs().max() > 1e-3
+    upstream = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(9)
+    directions = [torch.randn(p.shape, generator=gen) for p in params]
+    step = 1e-3
+    values = []
+    with torch.no_grad():
+        for sign in (1, -1):
+            for param, direction in zip(params, directions):
+                param.add_(sign * step * direction)
+            torch.manual_seed(5)
+            values.append((model(input_ids=ids).logits * upstream).sum())
+            for param, direction in zip(params, directions):
+                param.sub_(sign * step * direction)
+    numeric = (values[0] - values[1]) / (2 * step)
+    analytic = sum((g * d).sum() for g, d in zip(grads.values(), directions))
+    torch.testing.assert_close(numeric, analytic, rtol=1e-2, atol=1e-3)
+    # a different seed gives other masks, hence another value
+    torch.manual_seed(6)
+    assert not torch.equal(model(input_ids=ids).logits.detach(), logits)
+
+
+def test_gpt2_conv1d_fan_in_fan_out(fused_calls):
+    config = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    base = transformers.GPT2LMHeadModel(config)
+    model = lora_model(base, targets=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    ids = tokens()
+    want = outputs_and_grads(model, ids)
+    assert patch_lora(model) == 2 * 4
+    assert_same(outputs_and_grads(model, ids), want)
+    assert len(fused_calls) == 2 * 4
+
+
+def test_input_dtype_casting_bf16_base_fp32_adapters(fused_calls):
+    """PEFT keeps adapters in fp32 on a bf16 base and casts x for them; the fused path does the same.
+    Compared with the CCE rule against the fp64 model."""
+    bf16_model = lora_model(tiny_llama(torch.bfloat16))
+    lora_weight = bf16_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight
+    assert lora_weight.dtype == torch.float32
+    truth_model = copy.deepcopy(bf16_model).double()
+    ids = tokens()
+    same = outputs_and_grads(bf16_model, ids)
+    truth = outputs_and_grads(truth_model, ids)
+    patch_lora(bf16_model)
+    got = outputs_and_grads(bf16_model, ids)
+    assert fused_calls
+    assert_parity("logits", got[0], same[0], truth[0], torch.bfloat16)
+    for name in truth[1]:
+        assert got[1][name].dtype == torch.float32
+        assert_parity(name, got[1][name], same[1][name], truth[1][name], torch.bfloat16)
+
+
+def test_autocast(fused_calls):
+    model = lora_model(tiny_llama())
+    ids = tokens()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = outputs_and_grads(model, ids)
+    truth = outputs_and_grads(copy.deepcopy(model).double(), ids)
+    patch_lora(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = outputs_and_grads(model, ids)
+    assert fused_calls and got[0].dtype == want[0].dtype
+    assert_parity("logits", got[0], want[0], truth[0], torch.bfloat16)
+    for name in truth[1]:
+        assert_parity(name, got[1][name], want[1][name], truth[1][name], torch.bfloat16)
+
+
+class FakeInt8Linear(nn.Linear):
+    """A quantized base layer: int8 weight plus a per-row scale, dequantized in its own forward."""
+
+    def __init__(self, linear):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        scale = linear.weight.abs().amax(1, keepdim=True) / 127
+        self.weight = nn.Parameter((linear.weight / scale).round().to(torch.int8), requires_grad=False)
+        self.register_buffer("scale", scale.detach())
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype) * self.scale.to(x.dtype))
+
+
+def test_quantized_base_layers_fall_back(fused_calls):
+    base = tiny_llama()
+    for layer in base.model.layers:
+        layer.self_attn.q_proj = FakeInt8Linear(layer.self_attn.q_proj)
+    model = lora_model(base)
+    assert isinstance(model.base_model.model.model.layers[0].self_attn.q_proj, peft.tuners.lora.Linear)
+    ids = tokens()
+    want = outputs_and_grads(model, ids)
+    assert patch_lora(model) == 12
+    assert_same(outputs_and_grads(model, ids), want)
+    assert len(fused_calls) == 2 * 6
+
+
+def test_extra_forward_arguments_and_hooks_fall_back(fused_calls):
+    model = lora_model(tiny_llama(), targets=["q_proj"])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert patch_lora(model) == 2
+    x = torch.randn(3, 32)
+    want = type(layer).forward(layer, x)
+    torch.testing.assert_close(layer(x), want)
+    assert len(fused_calls) == 1
+    handle = layer.base_layer.register_forward_hook(lambda module, args, out: out * 2)
+    torch.testing.assert_close(layer(x), type(layer).forward(layer, x))
+    assert len(fused_calls) == 1
+    handle.remove()
+    torch.testing.assert_close(layer(x, adapter_names=["default"] * 3), want)
+    assert len(fused_calls) == 1
+
+
+def test_disabled_input_dtype_casting_falls_back(fused_calls):
+    """With PEFT's input casting off, bf16 inputs meet fp32 adapters: PEFT's own forward decides (it raises)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    model = lora_model(tiny_llama(torch.bfloat16), targets=["q_proj"])
+    ids = tokens()
+    with disable_input_dtype_casting(model), pytest.raises(RuntimeError) as peft_error:
+        model(input_ids=ids)
+    patch_lora(model)
+    with disable_input_dtype_casting(model), pytest.raises(RuntimeError) as patched_error:
+        model(input_ids=ids)
+    assert str(patched_error.value) == str(peft_error.value) and not fused_calls
+    model(input_ids=ids)
+    assert len(fused_calls) == 2
