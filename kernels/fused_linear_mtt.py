@@ -270,6 +270,11 @@ def _linear_mtt_bwd_kernel(
                               mask=col_mask[:, None] & r_mask[None, :])
 
 
+# GPU tiles (BLOCK_N, BLOCK_V, BLOCK_H), 8 warps: the smallest stack frames (spills) in compile-check
+# among the shapes tried (64x128x64 and 32x128x64 spill hundreds of bytes to kilobytes).
+GPU_TILES = (64, 64, 32)
+
+
 def _config(n_rows, n_cols, n_hidden, rank):
     """(BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, num_warps). The interpreter's cost grows with tile
     iterations, so it takes large tiles."""
@@ -277,7 +282,7 @@ def _config(n_rows, n_cols, n_hidden, rank):
     if interpreting():
         return (min(64, max(16, triton.next_power_of_2(n_rows))), min(1024, max(16, triton.next_power_of_2(n_cols))),
                 min(256, max(16, triton.next_power_of_2(n_hidden))), r_pad, 1)
-    return 64, 128, 64, r_pad, 8
+    return (*GPU_TILES, r_pad, 8)
 
 
 def _dtype_flags(dtype):
@@ -369,7 +374,8 @@ def compile_specs():
                 "bias_ptr": f"*{dtype}", "lora_h_ptr": "*fp32", "lora_b_ptr": f"*{dtype}", "labels_ptr": "*i64"}
 
     def flags(dtype, **features):
-        return dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, R_PAD=16, UPCAST=False,
+        block_n, block_v, block_h = GPU_TILES
+        return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, R_PAD=16, UPCAST=False,
                     PRECISION="ieee" if dtype == "fp32" else "tf32", **features)
 
     def forward(dtype, reverse, unit_t, has_kl, bias, lora, softcap):
