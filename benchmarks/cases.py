@@ -89,12 +89,14 @@ def _module_missing(module: str, needs_cuda: bool = False):
     return unavailable
 
 
-def _fastmtt_missing(attribute: str, backend: Optional[str] = None):
+def _fastmtt_missing(attribute: str, backend: Optional[str] = None, needs_cuda: bool = False):
     def unavailable(device):
         if not hasattr(fastmtt, attribute):
             return f"fastmtt.{attribute} is not in this build"
         if backend is not None and backend not in _dispatch.BACKENDS:
             return f"fastmtt has no backend={backend!r} in this build"
+        if needs_cuda and device.type != "cuda":
+            return f"fastmtt.{attribute}(backend={backend!r}) runs on CUDA only here"
         return None
 
     return unavailable
@@ -222,10 +224,10 @@ FUSED_LINEAR_MTT_LOSS = Op(
     impls=(
         Impl("reference (eager)", "reference", _linear_reference),
         Impl("torch.compile(reference)", "compiled", _linear_compiled),
-        Impl("fastmtt (chunked)", "fastmtt", _linear_fastmtt("auto"), _fastmtt_missing("fused_linear_mtt_loss")),
-        # The tiled Triton variant is expected as backend="tiled"; rename here if it lands otherwise.
-        Impl("fastmtt (tiled)", "fastmtt", _linear_fastmtt("tiled"),
-             _fastmtt_missing("fused_linear_mtt_loss", backend="tiled")),
+        Impl("fastmtt (chunked)", "fastmtt", _linear_fastmtt("torch"), _fastmtt_missing("fused_linear_mtt_loss")),
+        # The tiled Triton kernels are backend="triton" (what "auto" picks on CUDA).
+        Impl("fastmtt (tiled)", "fastmtt", _linear_fastmtt("triton"),
+             _fastmtt_missing("fused_linear_mtt_loss", backend="triton", needs_cuda=True)),
         Impl("Liger fused linear CE (CE only)", "floor", _liger_ce,
              _module_missing("liger_kernel", needs_cuda=True), _ce_only_work),
         Impl("Cut Cross-Entropy (CE only)", "floor", _cce_ce,

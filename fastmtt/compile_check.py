@@ -17,7 +17,7 @@ import tempfile
 import time
 from typing import Callable, Iterable
 
-KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.lora_linear")
+KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.lora_linear", "fastmtt.kernels.fused_linear_mtt")
 ARCHS = (80, 90)
 
 

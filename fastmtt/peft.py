@@ -22,44 +22,12 @@ from torch import nn
 
 from fastmtt._checks import check_options
 from fastmtt.lora import lora_linear
-from fastmtt.loss import DEFAULT_LAM, mtt_loss
+from fastmtt.fused_linear import fused_linear_mtt_loss
+from fastmtt.loss import DEFAULT_LAM
 from fastmtt.reference import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
 _UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
-
-
-def _head_logits(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap):
-    """softcap(h W^T + bias + s * (h A^T) B^T): [N, D] -> [N, V]."""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
-    if lora_A is not None:
-        logits = logits + lora_scaling * torch.nn.functional.linear(torch.nn.functional.linear(hidden, lora_A), lora_B)
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
-
-
-def _head_loss(hidden, base_hidden, weight, labels, *, bias=None, lora_A=None, lora_B=None, lora_scaling=1.0,
-               softcap=None, lam, temperature=1.0, direction="forward", ignore_index=-100, reduction="mean",
-               num_items_in_batch=None, return_components=False, backend="auto"):
-    """The MTT loss of logits = head(hidden) against base logits = head without LoRA (base_hidden).
-
-    Uses `fastmtt.fused_linear_mtt_loss` when the package provides it (logits exist one tile at a
-    time); otherwise materializes the [N, V] logits of these rows and calls `fastmtt.mtt_loss`.
-    """
-    import fastmtt
-
-    options = dict(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index,
-                   reduction=reduction, num_items_in_batch=num_items_in_batch,
-                   return_components=return_components, backend=backend)
-    fused = getattr(fastmtt, "fused_linear_mtt_loss", None)
-    if fused is not None:
-        return fused(hidden, base_hidden, weight, labels, bias=bias, lora_A=lora_A, lora_B=lora_B,
-                     lora_scaling=lora_scaling, softcap=softcap, **options)
-    logits = _head_logits(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap)
-    with torch.no_grad():
-        base_logits = _head_logits(base_hidden, weight, bias, None, None, 1.0, softcap)
-    return mtt_loss(logits, base_logits, labels, overwrite_logits=True, **options)
 
 
 def _unwrap_causal_lm(model):
@@ -165,7 +133,7 @@ class MTTObjective:
         hidden, base_hidden = self.hidden_states(model, input_ids, attention_mask, **model_kwargs)
         targets = labels[:, 1:]
         keep = targets != self.ignore_index  # only predicted positions reach the head
-        return _head_loss(hidden[:, :-1][keep], base_hidden[:, :-1][keep], labels=targets[keep],
+        return fused_linear_mtt_loss(hidden[:, :-1][keep], base_hidden[:, :-1][keep], labels=targets[keep],
                           lam=self.lam, temperature=self.temperature, direction=self.direction,
                           ignore_index=self.ignore_index, reduction="mean", num_items_in_batch=num_items_in_batch,
                           return_components=True, backend=self.backend, **head)

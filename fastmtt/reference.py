@@ -100,3 +100,37 @@ def mtt_loss(
                   num_items_in_batch=num_items_in_batch)
     return MTTOutput(reduce_rows(loss, **reduce), reduce_rows(ce, **reduce).detach(),
                      reduce_rows(kl, **reduce).detach())
+
+
+def linear_logits(hidden, weight, *, bias=None, lora_A=None, lora_B=None, lora_scaling=1.0, softcap=None):
+    """softcap(h W^T + bias + s * (h A^T) B^T): hidden [N, H], weight [V, H], bias [V], lora_A [r, H],
+    lora_B [V, r] -> [N, V]. softcap(x) = c * tanh(x / c) when c is given."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    if lora_A is not None:
+        logits = logits + lora_scaling * ((hidden @ lora_A.T) @ lora_B.T)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def fused_linear_mtt_loss(
+    hidden: torch.Tensor,
+    base_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    lora_A: Optional[torch.Tensor] = None,
+    lora_B: Optional[torch.Tensor] = None,
+    lora_scaling: float = 1.0,
+    softcap: Optional[float] = None,
+    **mtt_options,
+) -> MTTOutput:
+    """mtt_loss on materialized logits: adapted side with the LoRA head, base side (from the frozen
+    base pass, detached) without it; both softcapped. `mtt_options` are those of `mtt_loss`."""
+    logits = linear_logits(hidden, weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_scaling=lora_scaling,
+                           softcap=softcap)
+    base_logits = linear_logits(base_hidden.detach(), weight, bias=bias, softcap=softcap)
+    return mtt_loss(logits, base_logits.detach(), labels, **mtt_options)

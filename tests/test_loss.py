@@ -1,5 +1,4 @@
 """mtt_loss: PyTorch path and Triton kernel (interpreted) against the fp64 reference."""
-import itertools
 
 import pytest
 import torch

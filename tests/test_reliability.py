@@ -8,7 +8,7 @@ import fastmtt
 from fastmtt import reference
 from fastmtt.kernels.mtt_loss import mtt_rows_triton
 from fastmtt.mtt_torch import mtt_rows_torch
-from tests.conftest import DTYPES, assert_parity
+from tests.conftest import DTYPES
 from tests.test_loss import check_against_reference, make_inputs
 
 BACKENDS = ["torch", "triton"]

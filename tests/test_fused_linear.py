@@ -1,0 +1,245 @@
+"""fused_linear_mtt_loss against the reference on materialized logits (CCE parity rule, fp64 truth)."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastmtt
+from fastmtt import reference
+from tests.conftest import DTYPES, assert_parity
+
+N_ROWS, HIDDEN, VOCAB, RANK = 37, 24, 97, 4  # 37 rows: never a multiple of the chunk sizes below
+GRAD_NAMES = ("hidden", "weight", "bias", "lora_A", "lora_B")
+
+
+def make_inputs(seed, *, bias=False, lora=False, weight_grad=False, n_rows=N_ROWS, vocab=VOCAB, hidden=HIDDEN,
+                ignored=5):
+    """fp32 inputs with realistic logit sizes; labels include 0, V-1 and `ignored` ignored rows."""
+    gen = torch.Generator().manual_seed(seed)
+    inputs = dict(
+        hidden=torch.randn(n_rows, hidden, generator=gen),
+        base_hidden=torch.randn(n_rows, hidden, generator=gen),
+        weight=torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5),
+    )
+    inputs["base_hidden"] = 0.7 * inputs["hidden"] + 0.5 * inputs["base_hidden"]  # a related base model
+    if bias:
+        inputs["bias"] = torch.randn(vocab, generator=gen)
+    if lora:
+        inputs["lora_A"] = torch.randn(RANK, hidden, generator=gen) / hidden**0.5
+        inputs["lora_B"] = torch.randn(vocab, RANK, generator=gen)
+    labels = torch.randint(0, vocab, (n_rows,), generator=gen)
+    labels[:2] = torch.tensor([0, vocab - 1])
+    labels[2:2 + ignored] = -100
+    trainable = {"hidden", "bias", "lora_A", "lora_B"} | ({"weight"} if weight_grad else set())
+    return inputs, labels, trainable
+
+
+def evaluate(fn, inputs, labels, trainable, dtype, upstream=None, **options):
+    """(loss, ce, kl, {name: grad}) for fn(inputs cast to dtype); `upstream` weights 'none' rows."""
+    leaves = {k: v.detach().to(dtype).requires_grad_(k in trainable) for k, v in inputs.items()}
+    args = dict(leaves)
+    out = fn(args.pop("hidden"), args.pop("base_hidden"), args.pop("weight"), labels, **args, **options,
+             **({"return_components": True} if fn is fastmtt.fused_linear_mtt_loss else {}))
+    loss = out.loss
+    weighted = (loss * upstream.to(loss.dtype)).sum() if upstream is not None else loss * 1.5
+    names = [k for k in GRAD_NAMES if k in trainable and k in leaves]
+    grads = torch.autograd.grad(weighted, [leaves[k] for k in names])
+    return loss, out.ce, out.kl, dict(zip(names, grads))
+
+
+def check_against_reference(inputs, labels, trainable, dtype, *, backend="torch", upstream=None, **options):
+    got = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, dtype, upstream,
+                   backend=backend, **options)
+    options.pop("chunk_size", None)
+    options.pop("grad_threshold", None)
+    same = evaluate(reference.fused_linear_mtt_loss, inputs, labels, trainable, dtype, upstream, **options)
+    truth = evaluate(reference.fused_linear_mtt_loss, inputs, labels, trainable, torch.float64, upstream, **options)
+    for what, g, s, t in zip(("loss", "ce", "kl"), got[:3], same[:3], truth[:3]):
+        assert_parity(what, g, s, t, dtype)
+    assert got[3].keys() == truth[3].keys()
+    for name, grad in got[3].items():
+        assert grad.dtype == dtype, name
+        assert_parity(f"d{name}", grad, same[3][name], truth[3][name], dtype)
+        assert truth[3][name].abs().max() > 0, f"d{name} is trivially zero"
+    return got
+
+
+HEADS = {
+    "plain": dict(),
+    "bias": dict(bias=True),
+    "lora": dict(lora=True),
+    "softcap": dict(softcap=4.0),
+    "all+weight_grad": dict(bias=True, lora=True, softcap=4.0, weight_grad=True),
+}
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("head", list(HEADS))
+def test_parity_over_dtypes_and_heads(dtype_name, head):
+    options = dict(HEADS[head])
+    softcap = options.pop("softcap", None)
+    inputs, labels, trainable = make_inputs(10, **options)
+    extra = dict(lora_scaling=0.5) if "lora_A" in inputs else {}
+    check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], softcap=softcap, lam=0.8,
+                            temperature=1.5, chunk_size=8, **extra)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_directions_reductions_and_upstream_weights(direction, reduction, weight_grad):
+    inputs, labels, trainable = make_inputs(11, bias=True, lora=True, weight_grad=weight_grad)
+    upstream = torch.rand(N_ROWS) + 0.5 if reduction == "none" else None
+    check_against_reference(inputs, labels, trainable, torch.float32, upstream=upstream, lora_scaling=2.0,
+                            softcap=5.0, lam=1.3, temperature=0.7, direction=direction, reduction=reduction,
+                            chunk_size=16)
+
+
+def test_num_items_in_batch_and_default_chunk():
+    inputs, labels, trainable = make_inputs(12, bias=True, weight_grad=True)
+    check_against_reference(inputs, labels, trainable, torch.float32, lam=0.5, num_items_in_batch=100)
+    check_against_reference(inputs, labels, trainable, torch.float32, lam=0.0)
+
+
+def test_all_rows_ignored_gives_zero_loss_and_zero_gradients():
+    inputs, labels, trainable = make_inputs(13, lora=True, weight_grad=True, ignored=N_ROWS)
+    labels[:] = -100
+    for reduction in ("mean", "sum"):
+        loss, ce, kl, grads = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32,
+                                       reduction=reduction, chunk_size=8)
+        assert loss.item() == 0.0 and ce.item() == 0.0 and kl.item() == 0.0
+        assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_confident_logits_and_lora_in_another_dtype():
+    inputs, labels, trainable = make_inputs(14, lora=True)
+    inputs["weight"] = inputs["weight"] * 30.0  # near one-hot distributions on both sides
+    check_against_reference(inputs, labels, trainable, torch.float32, lam=1.0, chunk_size=5)
+    hidden = inputs["hidden"].bfloat16().requires_grad_()
+    lora_A, lora_B = (inputs[k].clone().requires_grad_() for k in ("lora_A", "lora_B"))
+    loss = fastmtt.fused_linear_mtt_loss(hidden, inputs["base_hidden"].bfloat16(), inputs["weight"].bfloat16(),
+                                         labels, lora_A=lora_A, lora_B=lora_B)
+    loss.backward()
+    assert lora_A.grad.dtype == torch.float32 and lora_B.grad.abs().max() > 0
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Largest number of elements of any tensor produced by an op."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_never_materializes_tokens_by_vocabulary(reduction):
+    n_rows, vocab, chunk = 256, 301, 32
+    inputs, labels, trainable = make_inputs(15, bias=True, lora=True, weight_grad=True, n_rows=n_rows, vocab=vocab)
+    leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in inputs.items()}
+    with _LargestTensor() as probe:
+        loss = fastmtt.fused_linear_mtt_loss(*(leaves.pop(k) for k in ("hidden", "base_hidden", "weight")), labels,
+                                             **leaves, softcap=3.0, reduction=reduction, chunk_size=chunk)
+        loss.sum().backward()
+    assert probe.largest <= max(2 * chunk * vocab, vocab * HIDDEN) < n_rows * vocab  # both slabs of one chunk
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_tiled_triton_path_through_the_interpreter(dtype_name, direction):
+    inputs, labels, trainable = make_inputs(16, bias=True, lora=True, weight_grad=True)
+    check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], backend="triton", lora_scaling=0.5,
+                            softcap=4.0, lam=0.8, temperature=1.5, direction=direction, grad_threshold=0.0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_tiled_reductions_plain_head_unit_temperature(reduction):
+    inputs, labels, trainable = make_inputs(19)
+    upstream = torch.rand(N_ROWS) + 0.5 if reduction == "none" else None
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", upstream=upstream,
+                            lam=0.6, reduction=reduction, **({"num_items_in_batch": 50} if reduction == "mean" else {}))
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_tiled_several_tiles_along_rows_vocabulary_and_hidden(direction):
+    # Interpreter tiles are at most 64 rows x 1024 columns x 256 hidden: 2 x 2 x 2 tiles here.
+    inputs, labels, trainable = make_inputs(22, bias=True, lora=True, weight_grad=True, n_rows=70, vocab=1100,
+                                            hidden=300)
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", lora_scaling=0.5,
+                            softcap=6.0, lam=0.9, direction=direction, grad_threshold=0.0)
+
+
+def test_leading_dimensions_are_flattened():
+    inputs, labels, trainable = make_inputs(23, n_rows=36)
+    upstream = torch.rand(36) + 0.5
+    flat = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32, upstream,
+                    reduction="none")
+    shaped_inputs = {k: v.reshape(4, 9, -1) if k in ("hidden", "base_hidden") else v for k, v in inputs.items()}
+    shaped = evaluate(fastmtt.fused_linear_mtt_loss, shaped_inputs, labels.reshape(4, 9), trainable, torch.float32,
+                      upstream.reshape(4, 9), reduction="none")
+    assert shaped[0].shape == (4, 9)
+    torch.testing.assert_close(shaped[0].reshape(-1), flat[0])
+    torch.testing.assert_close(shaped[3]["hidden"].reshape(36, -1), flat[3]["hidden"])
+
+
+def test_tiled_cross_entropy_only_and_all_ignored():
+    inputs, labels, trainable = make_inputs(20, bias=True, weight_grad=True)
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", lam=0.0, softcap=3.0)
+    labels[:] = -100
+    loss, ce, kl, grads = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32,
+                                   backend="triton")
+    assert loss.item() == 0.0 and kl.item() == 0.0
+    assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+
+
+def test_tiled_gradient_filter_skips_only_negligible_tiles():
+    # Three vocabulary tiles when interpreting (1024 columns each); the last two are pushed far below
+    # the targets by the bias, so every |dL/dz| there is ~1e-9: the default bf16 filter skips them.
+    inputs, labels, trainable = make_inputs(21, bias=True, vocab=2500)
+    inputs["bias"][1024:] -= 20.0
+    labels = torch.where(labels == -100, labels, labels % 1024)
+    exact = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.bfloat16, backend="triton",
+                     grad_threshold=0.0)[3]
+    filtered = check_against_reference(inputs, labels, trainable, torch.bfloat16, backend="triton",
+                                       lam=fastmtt.DEFAULT_LAM)[3]
+    assert torch.count_nonzero(exact["bias"][1024:]) > 0
+    assert torch.count_nonzero(filtered["bias"][1024:]) == 0
+    assert torch.equal(filtered["bias"][:1024], exact["bias"][:1024])
+    dropped = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.bfloat16, backend="triton",
+                       grad_threshold=10.0)[3]  # above every |dL/dz|: every tile skipped
+    assert all(torch.count_nonzero(g) == 0 for g in dropped.values())
+
+
+def test_module_matches_function():
+    inputs, labels, _ = make_inputs(17, bias=True)
+    module = fastmtt.FusedLinearMTTLoss(lam=0.3, softcap=4.0, chunk_size=8)
+    expected = fastmtt.fused_linear_mtt_loss(inputs["hidden"], inputs["base_hidden"], inputs["weight"], labels,
+                                             bias=inputs["bias"], lam=0.3, softcap=4.0)
+    got = module(inputs["hidden"], inputs["base_hidden"], inputs["weight"], labels, bias=inputs["bias"])
+    torch.testing.assert_close(got, expected)
+    assert "softcap=4.0" in repr(module)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(weight=torch.randn(VOCAB, HIDDEN + 1)), "weight must have shape"),
+    (dict(weight=torch.randn(VOCAB, HIDDEN, dtype=torch.float64)), "weight must have the dtype"),
+    (dict(bias=torch.randn(VOCAB + 1)), "bias must have shape"),
+    (dict(lora_A=torch.randn(RANK, HIDDEN)), "lora_A and lora_B"),
+    (dict(lora_A=torch.randn(RANK, HIDDEN), lora_B=torch.randn(VOCAB, RANK + 1)), "lora_B must have shape"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(chunk_size=0), "chunk_size"),
+    (dict(grad_threshold=-1.0), "grad_threshold"),
+    (dict(base_hidden=torch.randn(N_ROWS, HIDDEN + 1)), "base_hidden must have shape"),
+    (dict(labels=torch.full((N_ROWS,), VOCAB)), "labels must lie in"),
+])
+def test_bad_arguments_are_named(change, message):
+    inputs, labels, _ = make_inputs(18)
+    kwargs = {**inputs, "labels": labels, **change}
+    with pytest.raises((ValueError, TypeError), match=message):
+        fastmtt.fused_linear_mtt_loss(kwargs.pop("hidden"), kwargs.pop("base_hidden"), kwargs.pop("weight"),
+                                      kwargs.pop("labels"), **kwargs)
