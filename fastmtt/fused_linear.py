@@ -229,6 +229,13 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None, None, None, None)
 
 
+@torch.compiler.disable
+def _apply_eagerly(function, *args):
+    """function.apply(*args) outside any torch.compile graph: the chunk walk writes gradients into
+    private buffers in place, which a traced graph does not reproduce; eagerly it is one fused op."""
+    return function.apply(*args)
+
+
 def _check_head(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap):
     hidden_size = hidden.shape[-1]
     check_float_tensor("weight", weight, min_dim=2)
@@ -328,7 +335,7 @@ def fused_linear_mtt_loss(
         tensors = tuple(None if t is None else t.contiguous() for t in tensors)
     else:
         function = FusedLinearMTTFunction
-    loss, ce, kl = function.apply(*tensors, flat_labels, head_options, options)
+    loss, ce, kl = _apply_eagerly(function, *tensors, flat_labels, head_options, options)
     if reduction == "none":
         loss, ce, kl = (t.reshape(labels.shape) for t in (loss, ce, kl))
     return MTTOutput(loss, ce, kl) if return_components else loss

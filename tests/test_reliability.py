@@ -226,3 +226,86 @@ def test_torch_compile_of_lora_linear_matches_eager():
     lora_a.grad = lora_b.grad = None
     torch.testing.assert_close(torch.compile(step)(x), eager)
     torch.testing.assert_close([lora_a.grad, lora_b.grad], grads)
+
+
+def _fused_linear_problem(dtype=torch.float64, n=7, h=5, v=9, seed=30):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=dtype)
+    base_hidden = hidden + 0.3 * torch.randn(n, h, generator=g, dtype=dtype)
+    weight = torch.randn(v, h, generator=g, dtype=dtype)
+    bias = torch.randn(v, generator=g, dtype=dtype)
+    lora_a, lora_b = torch.randn(2, h, generator=g, dtype=dtype), torch.randn(v, 2, generator=g, dtype=dtype)
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[1] = -100
+    return hidden, base_hidden, weight, bias, lora_a, lora_b, labels
+
+
+@pytest.mark.parametrize("direction,reduction,softcap", [("forward", "mean", None), ("reverse", "none", 4.0),
+                                                         ("forward", "sum", 2.0)])
+def test_gradcheck_float64_fused_linear(direction, reduction, softcap):
+    """weight and bias also form the base logits, which are constants of the loss (the base is frozen),
+    so a finite difference through them measures another function; their gradients are checked
+    against the reference in tests/test_fused_linear.py."""
+    hidden, base_hidden, weight, bias, lora_a, lora_b, labels = _fused_linear_problem()
+    inputs = tuple(t.requires_grad_(True) for t in (hidden, lora_a, lora_b))
+
+    def fn(hidden, lora_a, lora_b):
+        return fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, bias=bias, lora_A=lora_a,
+                                             lora_B=lora_b, lora_scaling=0.5, softcap=softcap, lam=0.8,
+                                             temperature=1.5, direction=direction, reduction=reduction,
+                                             chunk_size=3, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+def test_torch_compile_of_fused_linear_training_step_matches_eager():
+    hidden, base_hidden, weight, bias, lora_a, lora_b, labels = _fused_linear_problem(torch.float32, n=40, h=16, v=70)
+    lora_a.requires_grad_(True)
+    lora_b.requires_grad_(True)
+
+    def step(hidden):
+        out = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, bias=bias, lora_A=lora_a,
+                                            lora_B=lora_b, lora_scaling=2.0, lam=0.5, return_components=True)
+        out.loss.backward()
+        return out.loss.detach(), out.kl
+
+    x = hidden.clone().requires_grad_(True)
+    eager = step(x)
+    grads = [x.grad.clone(), lora_a.grad.clone(), lora_b.grad.clone()]
+    x.grad = lora_a.grad = lora_b.grad = None
+    torch.testing.assert_close(torch.compile(step)(x), eager)
+    torch.testing.assert_close([x.grad, lora_a.grad, lora_b.grad], grads)
+
+
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(hidden=a["hidden"].long()), TypeError, "hidden"),
+    (lambda a: a.update(base_hidden=a["base_hidden"][:-1]), ValueError, "base_hidden"),
+    (lambda a: a.update(weight=a["weight"][:, :-1]), ValueError, "weight"),
+    (lambda a: a.update(bias=a["bias"][:-1]), ValueError, "bias"),
+    (lambda a: a.update(lora_A=a["lora_A"][:, :-1]), ValueError, "lora_A"),
+    (lambda a: a.update(lora_B=None), ValueError, "lora_B"),
+    (lambda a: a.update(labels=a["labels"][:-1]), ValueError, "labels"),
+    (lambda a: a.update(labels=torch.full_like(a["labels"], 9)), ValueError, "labels"),
+    (lambda a: a.update(softcap=0.0), ValueError, "softcap"),
+    (lambda a: a.update(lam=-1.0), ValueError, "lam"),
+])
+def test_fused_linear_bad_arguments_name_the_argument(change, error, match):
+    hidden, base_hidden, weight, bias, lora_a, lora_b, labels = _fused_linear_problem(torch.float32)
+    args = dict(hidden=hidden, base_hidden=base_hidden, weight=weight, labels=labels, bias=bias, lora_A=lora_a,
+                lora_B=lora_b, lam=1.0)
+    change(args)
+    with pytest.raises(error, match=match):
+        fastmtt.fused_linear_mtt_loss(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_non_contiguous_hidden_and_transposed_weight(backend):
+    hidden, base_hidden, weight, bias, lora_a, lora_b, labels = _fused_linear_problem(torch.float32, n=12, h=16, v=40)
+    wide = torch.randn(12, 20)
+    wide[:, 2:18] = hidden
+    strided_weight = weight.t().contiguous().t()
+    got = fastmtt.fused_linear_mtt_loss(wide[:, 2:18], base_hidden, strided_weight, labels, bias=bias, lam=0.5,
+                                        reduction="none", backend=backend)
+    want = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, bias=bias, lam=0.5,
+                                         reduction="none", backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
