@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from fastmtt._dispatch import interpreting
+from fastmtt.kernels.mtt_loss import kl_gradient, kl_summands, lse_with_label, log_normalizer, masked_kl
 
 # Rows of the saved [4, N] statistics: LSE(z), Z', B', KL (constexpr so kernels can read them).
 STAT_LSE, STAT_Z, STAT_B, STAT_KL = (tl.constexpr(i) for i in range(4))
@@ -39,11 +40,6 @@ def _online_rows(m, s, x):
     e = tl.exp(x - m_safe[:, None])
     alpha = tl.exp(m - m_safe)
     return m_new, s * alpha + tl.sum(e, 1), e, alpha
-
-
-@triton.jit
-def _log_normalizer(m, s):
-    return tl.where(s == 0.0, float("-inf"), m + tl.log(s))
 
 
 @triton.jit
@@ -139,30 +135,20 @@ def _linear_mtt_fwd_kernel(
             b_label += tl.sum(tl.where(is_label, b, 0.0), 1)
             bt = tl.where(keep, b * inv_t, float("-inf"))
             m_b, s_b, e_b, alpha_b = _online_rows(m_b, s_b, bt)
-            if REVERSE:
-                w = w * alpha_z + tl.sum(tl.where(e_z == 0.0, 0.0, e_z * (zt - bt)), 1)
-            else:
-                w = w * alpha_b + tl.sum(tl.where(e_b == 0.0, 0.0, e_b * (bt - zt)), 1)
+            w = w * (alpha_z if REVERSE else alpha_b) + tl.sum(kl_summands(e_z, e_b, zt, bt, REVERSE), 1)
 
-    z_lse = _log_normalizer(m_z, s_z)  # Z'
+    z_lse = log_normalizer(m_z, s_z)  # Z'
     if UNIT_TEMPERATURE:
-        hi = tl.maximum(z_lse, z_label)
-        lse = hi + tl.log(tl.exp(z_lse - hi) + tl.exp(z_label - hi))
+        lse = lse_with_label(z_lse, z_label)
     else:
-        lse = _log_normalizer(m_r, s_r)
+        lse = log_normalizer(m_r, s_r)
     lse = tl.where(label_ok, lse, float("nan"))
     z_label = tl.where(label_ok, z_label, float("nan"))
     kl = tl.zeros((BLOCK_N,), tl.float32)
     b_lse = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # B'
     if HAS_KL:
-        b_lse = _log_normalizer(m_b, s_b)
-        if REVERSE:
-            kl = w / s_z - z_lse + b_lse
-            kl = tl.where((s_b == 0.0) | (s_z == 0.0), 0.0, kl)
-        else:
-            kl = w / s_b - b_lse + z_lse
-            kl = tl.where(s_b == 0.0, 0.0, tl.where(s_z == 0.0, float("inf"), kl))
-        kl = tl.where(b_label != b_label, float("nan"), kl)  # NaN at the base target poisons the row
+        b_lse = log_normalizer(m_b, s_b)
+        kl = masked_kl(w, s_z, s_b, z_lse, b_lse, b_label, REVERSE)
     tl.store(ce_ptr + rows, tl.where(valid, lse - z_label, 0.0), mask=row_mask)
     tl.store(stats_ptr + STAT_LSE * n_rows + rows, lse, mask=row_mask)
     tl.store(stats_ptr + STAT_Z * n_rows + rows, z_lse, mask=row_mask)
@@ -206,16 +192,11 @@ def _linear_mtt_bwd_kernel(
         b_empty = b_lse == float("-inf")
         zt = tl.where(keep, z * inv_t, float("-inf"))
         bt = tl.where(keep, b * inv_t, float("-inf"))
-        log_q = zt - tl.where(z_empty, 0.0, z_lse)[:, None]
-        log_p = bt - tl.where(b_empty, 0.0, b_lse)[:, None]
-        q = tl.exp(log_q)
-        if REVERSE:
-            kl = tl.load(stats_ptr + STAT_KL * n_rows + rows, mask=live, other=0.0)
-            kl_grad = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl[:, None]))
-            kl_grad = tl.where((b_empty | z_empty)[:, None], 0.0, kl_grad)
-        else:
-            kl_grad = tl.where(b_empty[:, None], 0.0, q - tl.exp(log_p))
-        grad += lam_t2 * inv_t * kl_grad
+        kl = tl.load(stats_ptr + STAT_KL * n_rows + rows, mask=live, other=0.0)
+        constant = b_empty | z_empty | (kl == float("inf"))
+        grad += lam_t2 * inv_t * kl_gradient(zt - tl.where(z_empty, 0.0, z_lse)[:, None],
+                                             bt - tl.where(b_empty, 0.0, b_lse)[:, None],
+                                             kl[:, None], constant[:, None], REVERSE)
     if SOFTCAP:  # dz_pre = dz * (1 - tanh^2), tanh = z / c
         t = z / softcap
         grad = grad * (1.0 - t * t)

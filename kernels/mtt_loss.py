@@ -29,9 +29,51 @@ def _online_update(m, s, x):
 
 
 @triton.jit
-def _log_normalizer(m, s):
+def log_normalizer(m, s):
     """m + log(s), -inf for an empty (all -inf) row."""
     return tl.where(s == 0.0, float("-inf"), m + tl.log(s))
+
+
+@triton.jit
+def lse_with_label(masked_lse, z_label):
+    """LSE over all columns at T = 1 from Z' (target masked) and the target logit: logaddexp."""
+    hi = tl.maximum(masked_lse, z_label)
+    return hi + tl.log(tl.exp(masked_lse - hi) + tl.exp(z_label - hi))
+
+
+@triton.jit
+def kl_summands(e_z, e_b, zt, bt, REVERSE: tl.constexpr):
+    """Terms of the KL accumulator w: exp(. - m) of the weighting side times the log-ratio
+    (b - z)/T (forward) or (z - b)/T (reverse); a term of weight 0 is 0, never 0 * inf."""
+    if REVERSE:
+        terms = tl.where(e_z == 0.0, 0.0, e_z * (zt - bt))
+    else:
+        terms = tl.where(e_b == 0.0, 0.0, e_b * (bt - zt))
+    return terms
+
+
+@triton.jit
+def masked_kl(w, s_z, s_b, z_lse, b_lse, b_label, REVERSE: tl.constexpr):
+    """KL from the online statistics (docs: mtt-math): 0 when the base (or, reverse, the adapted side)
+    has no mass outside the target, +inf (forward) when only the adapted side has none; NaN at the
+    base's target logit poisons the row."""
+    if REVERSE:
+        kl = tl.where((s_b == 0.0) | (s_z == 0.0), 0.0, w / s_z - z_lse + b_lse)
+    else:
+        kl = tl.where(s_b == 0.0, 0.0, tl.where(s_z == 0.0, float("inf"), w / s_b - b_lse + z_lse))
+    return tl.where(b_label != b_label, float("nan"), kl)
+
+
+@triton.jit
+def kl_gradient(log_q, log_p, kl, constant, REVERSE: tl.constexpr):
+    """T * dKL/dz off the target: q - p (forward) or q (log q - log p - KL) (reverse); 0 where
+    `constant` (a side without mass outside the target, or KL = +inf: KL is constant there)."""
+    q = tl.exp(log_q)
+    if REVERSE:
+        grad = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl))
+    else:
+        grad = q - tl.exp(log_p)
+    return tl.where(constant, 0.0, grad)
 
 
 @triton.jit
@@ -94,33 +136,22 @@ def _mtt_loss_kernel(
             b = tl.load(base_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
             bt = tl.where(keep, b * inv_t, float("-inf"))
             m_b, s_b, e_b, alpha_b = _online_update(m_b, s_b, bt)
-            if REVERSE:
-                w = w * alpha_z + tl.sum(tl.where(e_z == 0.0, 0.0, e_z * (zt - bt)), 0)
-            else:
-                w = w * alpha_b + tl.sum(tl.where(e_b == 0.0, 0.0, e_b * (bt - zt)), 0)
+            w = w * (alpha_z if REVERSE else alpha_b) + tl.sum(kl_summands(e_z, e_b, zt, bt, REVERSE), 0)
 
-    lse_masked = _log_normalizer(m_z, s_z)  # Z'
+    lse_masked = log_normalizer(m_z, s_z)  # Z'
     if UNIT_TEMPERATURE:
-        hi = tl.maximum(lse_masked, z_label)
-        lse = hi + tl.log(tl.exp(lse_masked - hi) + tl.exp(z_label - hi))
+        lse = lse_with_label(lse_masked, z_label)
     else:
-        lse = _log_normalizer(m_r, s_r)
+        lse = log_normalizer(m_r, s_r)
     lse = tl.where(label_ok, lse, float("nan"))
     tl.store(ce_ptr + row, lse - z_label)
 
     kl = 0.0
     base_lse = float("-inf")  # B'
     if HAS_KL:
-        base_lse = _log_normalizer(m_b, s_b)
-        if REVERSE:
-            kl = w / s_z - lse_masked + base_lse
-            kl = tl.where((s_b == 0.0) | (s_z == 0.0), 0.0, kl)
-        else:
-            kl = w / s_b - base_lse + lse_masked
-            kl = tl.where(s_b == 0.0, 0.0, tl.where(s_z == 0.0, float("inf"), kl))
-        # b at the label takes no part in the value, but NaN there still poisons the row.
+        base_lse = log_normalizer(m_b, s_b)
         b_label = tl.load(base_row + label, mask=label_ok, other=0.0).to(tl.float32)
-        kl = tl.where(b_label != b_label, float("nan"), kl)
+        kl = masked_kl(w, s_z, s_b, lse_masked, base_lse, b_label, REVERSE)
     tl.store(kl_ptr + row, kl)
 
     if COMPUTE_GRAD:
@@ -140,16 +171,8 @@ def _mtt_loss_kernel(
                 else:
                     zt = tl.where(keep, z * inv_t, float("-inf"))
                 bt = tl.where(keep, b * inv_t, float("-inf"))
-                log_q = zt - lse_masked_safe
-                log_p = bt - base_lse_safe
-                q = tl.exp(log_q)
-                if REVERSE:
-                    kl_grad = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl))
-                else:
-                    kl_grad = q - tl.exp(log_p)
-                # KL is a constant (0 or +inf) when a side has no mass outside the target or it is
-                # infinite: no KL gradient then.
-                grad += tl.where((s_b == 0.0) | (s_z == 0.0) | (kl == float("inf")), 0.0, lam_t2 * inv_t * kl_grad)
+                constant = (s_b == 0.0) | (s_z == 0.0) | (kl == float("inf"))
+                grad += lam_t2 * inv_t * kl_gradient(zt - lse_masked_safe, bt - base_lse_safe, kl, constant, REVERSE)
             tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
