@@ -4,7 +4,7 @@ import torch
 
 from fastmtt.peft import MTTObjective
 from fastmtt.trainer import MTTLossMixin, MTTTrainer
-from tests.test_peft_objective import padded_batch, tiny_peft, trainable_grads
+from tests.test_peft_objective import VOCAB, padded_batch, tiny_peft, trainable_grads
 
 transformers = pytest.importorskip("transformers")
 
@@ -75,16 +75,27 @@ def test_trl_sft_trainer_with_mixin(tmp_path):
         pass
 
     batch = four_examples()
-    model = tiny_peft()
+    model = tiny_peft(target_modules=("q_proj", "v_proj"))  # TRL refuses LoRA on lm_head
     before = adapter_weights(model)
     args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
                          gradient_accumulation_steps=2, learning_rate=LR, optim="sgd", logging_steps=1,
                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
     data = [{"input_ids": ids.tolist()} for ids in batch["input_ids"]]
-    trainer = MTTSFTTrainer(model=model, args=args, train_dataset=data_as_dataset(data), mtt_lambda=0.8)
+    trainer = MTTSFTTrainer(model=model, args=args, train_dataset=data_as_dataset(data),
+                            processing_class=tiny_tokenizer(), mtt_lambda=0.8)
     trainer.train()
     assert any("kl" in entry and entry["kl"] > 0 for entry in trainer.state.log_history)
     assert any((adapter_weights(model)[name] - weight).abs().max() > 0 for name, weight in before.items())
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny model's vocabulary (TRL wants one; nothing is downloaded)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB)}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="t1"))
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t1", pad_token="t0", eos_token="t2")
 
 
 def data_as_dataset(rows):
