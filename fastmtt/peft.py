@@ -62,7 +62,7 @@ def _head_params(causal_lm):
     for name in _UNSUPPORTED_LOGIT_SCALING:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
-            raise NotImplementedError(f"{type(causal_lm).__name__} scales its logits (config.{name}={value}); "
+            raise ValueError(f"{type(causal_lm).__name__} scales its logits (config.{name}={value}); "
                                       "MTTObjective supports heads computing softcap(h W^T + b) only")
     softcap = getattr(config, "final_logit_softcapping", None)
     head = causal_lm.get_output_embeddings()
@@ -72,7 +72,7 @@ def _head_params(causal_lm):
         return params
     base_layer = getattr(head, "base_layer", None)
     if not (hasattr(head, "lora_A") and type(base_layer) is torch.nn.Linear):
-        raise NotImplementedError(
+        raise ValueError(
             f"unsupported output head {type(head).__name__}: MTTObjective serves an nn.Linear head, optionally "
             "with a LoRA adapter (modules_to_save, DoRA and other head wrappers are not supported)")
     params.update(weight=base_layer.weight, bias=base_layer.bias)
@@ -80,14 +80,14 @@ def _head_params(causal_lm):
     if head.disable_adapters or not active:
         return params
     if head.merged:
-        raise NotImplementedError("the LoRA adapter on the output head is merged; unmerge it for MTT training")
+        raise ValueError("the LoRA adapter on the output head is merged; unmerge it for MTT training")
     if len(active) > 1:
-        raise NotImplementedError(f"one active LoRA adapter on the output head is supported, got {active}")
+        raise ValueError(f"one active LoRA adapter on the output head is supported, got {active}")
     (name,) = active
     dropout = head.lora_dropout[name]
     if head.use_dora.get(name, False) or getattr(head, "lora_bias", {}).get(name, False) or (
             head.training and not isinstance(dropout, torch.nn.Identity) and dropout.p > 0):
-        raise NotImplementedError("the LoRA adapter on the output head uses DoRA, lora_bias or lora_dropout > 0, "
+        raise ValueError("the LoRA adapter on the output head uses DoRA, lora_bias or lora_dropout > 0, "
                                   "which MTTObjective does not support on the head")
     params.update(lora_A=head.lora_A[name].weight, lora_B=head.lora_B[name].weight,
                   lora_scaling=float(head.scaling[name]))

@@ -129,14 +129,14 @@ def test_errors_name_the_problem():
         MTTObjective()(tiny_llama(), **batch)
     saved_head = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"],
                                                                     modules_to_save=["lm_head"]))
-    with pytest.raises(NotImplementedError, match="output head"):
+    with pytest.raises(ValueError, match="output head"):
         MTTObjective()(saved_head, **batch)
     scaled = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     scaled.get_base_model().config.logit_scale = 0.5
-    with pytest.raises(NotImplementedError, match="logit_scale"):
+    with pytest.raises(ValueError, match="logit_scale"):
         MTTObjective()(scaled, **batch)
     dropout_head = tiny_peft(lora_dropout=0.1)
-    with pytest.raises(NotImplementedError, match="lora_dropout"):
+    with pytest.raises(ValueError, match="lora_dropout"):
         MTTObjective()(dropout_head.train(), **batch)
     with pytest.raises(ValueError, match="labels"):
         MTTObjective()(tiny_peft(), input_ids=batch["input_ids"], labels=batch["labels"][:, 1:])
