@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-benchmarks/results}"
 mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
-PYTHON="${PYTHON:-python}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 export TRITON_INTERPRET=0  # tests/conftest.py only sets it when unset: real kernels here
 export PYTHONUNBUFFERED=1
 
