@@ -16,7 +16,7 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_options, check_same_device
 from fastmtt._dispatch import resolve_backend
-from fastmtt.loss import DEFAULT_LAM, mean_scale, reduce_loss, scale_saved_grad
+from fastmtt.loss import DEFAULT_LAM, mean_scale, reduced_outputs, scale_saved_grad
 from fastmtt.mtt_torch import mtt_rows_torch
 from fastmtt.reference import MTTOutput
 
@@ -142,16 +142,6 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _
     return ce, kl, grads
 
 
-def _reduced_outputs(ctx, ce, kl, options):
-    """(loss, ce, kl) reduced from the per-row terms, loss_i = ce_i + lam * T^2 * kl_i; the last two
-    are marked non-differentiable."""
-    lam_t2 = options.lam * options.temperature * options.temperature
-    loss_rows = ce if options.lam == 0 else ce + lam_t2 * kl
-    ce_out, kl_out = (reduce_loss(t, options.reduction, options.scale) for t in (ce, kl))
-    ctx.mark_non_differentiable(ce_out, kl_out)
-    return reduce_loss(loss_rows, options.reduction, options.scale), ce_out, kl_out
-
-
 class FusedLinearMTTFunction(torch.autograd.Function):
     """Forward walks the chunks and forms the gradients; backward scales them by the upstream gradient.
     reduction='none' with a parameter gradient needs per-row upstream weights inside the parameter
@@ -170,7 +160,8 @@ class FusedLinearMTTFunction(torch.autograd.Function):
             ctx.head_options, ctx.options, ctx.needs = head_options, options, needs
         else:
             ctx.save_for_backward(*grads)
-        return _reduced_outputs(ctx, ce, kl, options)
+        return reduced_outputs(ctx, ce, kl, lam=options.lam, temperature=options.temperature,
+                               reduction=options.reduction, scale=options.scale)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
@@ -198,7 +189,8 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         kl = stats[STAT_KL.value]
         ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats)
         ctx.head_options, ctx.options = head_options, options
-        return _reduced_outputs(ctx, ce, kl, options)
+        return reduced_outputs(ctx, ce, kl, lam=options.lam, temperature=options.temperature,
+                               reduction=options.reduction, scale=options.scale)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):

@@ -65,6 +65,16 @@ def reduce_loss(rows, reduction, scale):
     return total if reduction == "sum" else total * scale.to(total.dtype).squeeze(0)
 
 
+def reduced_outputs(ctx, ce, kl, *, lam, temperature, reduction, scale):
+    """(loss, ce, kl) of an autograd Function's forward, reduced from the per-row terms with
+    loss_i = ce_i + lam * T^2 * kl_i (plain CE when lam == 0, even where KL is inf); ce and kl are
+    marked non-differentiable, so loss must be a distinct tensor."""
+    loss_rows = ce.clone() if lam == 0 else ce + (lam * temperature * temperature) * kl
+    ce_out, kl_out = reduce_loss(ce, reduction, scale), reduce_loss(kl, reduction, scale)
+    ctx.mark_non_differentiable(ce_out, kl_out)
+    return reduce_loss(loss_rows, reduction, scale), ce_out, kl_out
+
+
 def scale_saved_grad(ctx, grad, grad_output):
     """The saved gradient times the upstream gradient (a scalar for mean/sum, one value per row for
     'none'). An upstream of exactly 1 returns the saved buffer itself. With ctx.in_place (the caller
@@ -94,11 +104,8 @@ class MTTLossFunction(torch.autograd.Function):
         else:
             ce, kl, grad = mtt_rows(logits, base_logits, labels, scale, compute_grad=compute_grad,
                                     backend=options["backend"], **args)
-        loss_rows = ce.clone() if lam == 0 else ce + (lam * temperature * temperature) * kl  # a distinct output
         ctx.save_for_backward(grad)
-        ce_out, kl_out = reduce_loss(ce, reduction, scale), reduce_loss(kl, reduction, scale)
-        ctx.mark_non_differentiable(ce_out, kl_out)
-        return reduce_loss(loss_rows, reduction, scale), ce_out, kl_out
+        return reduced_outputs(ctx, ce, kl, lam=lam, temperature=temperature, reduction=reduction, scale=scale)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
