@@ -16,8 +16,8 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_options, check_same_device
 from fastmtt._dispatch import resolve_backend
-from fastmtt.loss import DEFAULT_LAM, mean_scale, reduced_outputs, scale_saved_grad
-from fastmtt.mtt_torch import mtt_rows_torch
+from fastmtt.loss import DEFAULT_LAM, gradient_scale, reduced_outputs, scale_saved_grad
+from fastmtt.mtt_torch import accumulator_dtype, mtt_rows_torch
 from fastmtt.reference import MTTOutput
 
 GRAD_INPUTS = ("hidden", "weight", "bias", "lora_A", "lora_B")
@@ -83,11 +83,11 @@ def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
 def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _Options, needs,
                        row_weights=None):
     """Per-row (ce, kl) [N] and the gradients flagged in `needs` (hidden, weight, bias, lora_A, lora_B;
-    None where not flagged) of sum_i w_i * scale * loss_i, with scale = options.scale for 'mean' (else 1)
+    None where not flagged) of sum_i w_i * scale * loss_i, with scale = options.scale (1/divisor for 'mean', else 1)
     and w = row_weights (else 1). Parameter gradients accumulate in fp32 (fp64 for fp64 inputs)."""
     n_rows, hidden_size = hidden.shape
     vocab_size = head.weight.shape[0]
-    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(hidden)
     device = hidden.device
     ce = torch.empty(n_rows, dtype=acc, device=device)
     kl = torch.empty_like(ce)
@@ -100,7 +100,6 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _
     db_lora = torch.zeros(head.lora_B.shape, dtype=acc, device=device) if need_db_lora else None
     any_grad = any(needs)
     has_kl = options.lam > 0 or options.need_kl
-    grad_scale = options.scale if options.reduction == "mean" else None
 
     for start in range(0, n_rows, options.chunk_size):
         rows = slice(start, start + options.chunk_size)
@@ -113,7 +112,7 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _
         if any_grad:
             grad = z if head.softcap is None else (b if has_kl else torch.empty_like(z))
         ce[rows], kl[rows] = mtt_rows_torch(z, b, labels[rows], **options.row_kwargs(),
-                                             grad_scale=grad_scale, grad_out=grad)
+                                             grad_scale=options.scale, grad_out=grad)
         if grad is None:
             continue
         if head.softcap is not None:  # dz_pre = dz * (1 - tanh^2(pre / c)), tanh(pre / c) = z / c
@@ -199,9 +198,7 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats = ctx.saved_tensors
         options, head_options = ctx.options, ctx.head_options
         need_dh, need_dw, need_db, need_da, need_db_lora = ctx.needs_input_grad[:5]
-        coef = grad_loss.float().expand(labels.shape[0])
-        if options.reduction == "mean":
-            coef = coef * options.scale.float()
+        coef = grad_loss.float().expand(labels.shape[0]) * options.scale.float()
         coef = torch.where(labels != options.ignore_index, coef, 0.0).contiguous()
         lora = lora_A is not None
         needs = (need_dh, need_dw, need_db, lora and (need_dh or need_da), need_db_lora)
@@ -316,8 +313,8 @@ def fused_linear_mtt_loss(
         lam=float(lam), temperature=float(temperature),
         reverse=direction == "reverse", ignore_index=int(ignore_index), reduction=reduction,
         need_kl=return_components,
-        scale=mean_scale(flat_labels, ignore_index, num_items_in_batch, hidden.device,
-                         torch.promote_types(hidden.dtype, torch.float32)),
+        scale=gradient_scale(reduction, flat_labels, ignore_index, num_items_in_batch, hidden.device,
+                             accumulator_dtype(hidden)),
         chunk_size=chunk_size or default_chunk_size(n_rows, hidden_size, vocab_size),
         grad_threshold=float(grad_threshold))
     head_options = dict(scaling=float(lora_scaling), softcap=None if softcap is None else float(softcap))

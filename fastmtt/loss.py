@@ -7,7 +7,7 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_options, check_same_device
 from fastmtt._dispatch import resolve_backend
-from fastmtt.mtt_torch import mtt_rows_torch
+from fastmtt.mtt_torch import accumulator_dtype, mtt_rows_torch
 from fastmtt.reference import MTTOutput
 
 DEFAULT_LAM = 1.0
@@ -19,10 +19,6 @@ def _rows_fn(backend: str):
 
         return mtt_rows_triton
     return mtt_rows_torch
-
-
-def _accumulator_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 @torch.library.custom_op("fastmtt::mtt_rows", mutates_args=())
@@ -41,14 +37,17 @@ def mtt_rows(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tens
 @mtt_rows.register_fake
 def _mtt_rows_fake(logits, base_logits, labels, grad_scale, lam, temperature, reverse, ignore_index, need_kl,
                    compute_grad, backend):
-    rows = logits.new_empty(logits.shape[0], dtype=_accumulator_dtype(logits, base_logits))
+    rows = logits.new_empty(logits.shape[0], dtype=accumulator_dtype(logits, base_logits))
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     return rows, torch.empty_like(rows), grad
 
 
-def mean_scale(labels, ignore_index, num_items_in_batch, device, dtype=torch.float32):
-    """1-element tensor 1/divisor (divisor = num_items_in_batch or the number of valid labels;
-    scale 0 when the divisor is 0), kept on `device` so no host sync is needed."""
+def gradient_scale(reduction, labels, ignore_index, num_items_in_batch, device, dtype=torch.float32):
+    """1-element tensor by which the reduction scales each row's gradient: 1/divisor for 'mean'
+    (divisor = num_items_in_batch or the number of valid labels; 0 when the divisor is 0), 1 for
+    'sum' and 'none'. It stays on `device`, so no host sync is needed."""
+    if reduction != "mean":
+        return torch.ones(1, dtype=dtype, device=device)
     if num_items_in_batch is None:
         divisor = (labels != ignore_index).sum()
     else:
@@ -58,7 +57,7 @@ def mean_scale(labels, ignore_index, num_items_in_batch, device, dtype=torch.flo
 
 
 def reduce_loss(rows, reduction, scale):
-    """Reduce per-row values: 'none' -> rows, 'sum' -> sum, 'mean' -> sum * scale (scale = 1/divisor)."""
+    """Reduce per-row values: 'none' -> rows, 'sum' -> sum, 'mean' -> sum * scale (from gradient_scale)."""
     if reduction == "none":
         return rows
     total = rows.sum()
@@ -95,8 +94,6 @@ class MTTLossFunction(torch.autograd.Function):
         compute_grad = ctx.needs_input_grad[0]
         args = dict(lam=lam, temperature=temperature, reverse=options["direction"] == "reverse",
                     ignore_index=options["ignore_index"], need_kl=options["need_kl"])
-        if reduction != "mean":
-            scale = torch.ones_like(scale)
         ctx.in_place = compute_grad and options["overwrite_logits"] and not torch.compiler.is_compiling()
         if ctx.in_place:
             ce, kl = _rows_fn(options["backend"])(logits, base_logits, labels, grad_scale=scale, grad_out=logits, **args)
@@ -154,8 +151,8 @@ def mtt_loss(
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     options = dict(backend=backend, lam=float(lam), temperature=float(temperature), direction=direction,
                    ignore_index=int(ignore_index), reduction=reduction, need_kl=return_components,
-                   scale=mean_scale(flat_labels, ignore_index, num_items_in_batch, logits.device,
-                                     torch.promote_types(logits.dtype, torch.float32)),
+                   scale=gradient_scale(reduction, flat_labels, ignore_index, num_items_in_batch, logits.device,
+                                        accumulator_dtype(logits, base_logits)),
                    overwrite_logits=overwrite_logits)
     loss, ce, kl = MTTLossFunction.apply(flat_logits, flat_base, flat_labels, options)
     if reduction == "none":

@@ -12,6 +12,11 @@ CHUNK_ELEMENTS = 1 << 22
 NEG_INF = float("-inf")
 
 
+def accumulator_dtype(*tensors):
+    """float64 when any input is float64, float32 otherwise: the dtype of the row math."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _masked_log_probs(x, index, temperature):
     """log_softmax over k != target of x / T (x is overwritten) and LSE' [rows]. An all -inf row
     gets -inf log-probs (q = 0) and LSE' = -inf."""
@@ -29,7 +34,7 @@ def _masked_log_probs(x, index, temperature):
 
 
 def _chunk_rows(z_in, b_in, labels, *, lam, temperature, reverse, ignore_index, need_kl, grad_scale, grad_out):
-    acc = torch.float64 if torch.float64 in (z_in.dtype, b_in.dtype) else torch.float32
+    acc = accumulator_dtype(z_in, b_in)
     valid = labels != ignore_index
     label_ok = valid & (labels >= 0) & (labels < z_in.shape[1])
     index = torch.where(label_ok, labels, 0)[:, None]
@@ -105,7 +110,7 @@ def mtt_rows_torch(logits, base_logits, labels, *, lam, temperature, reverse, ig
     `grad_out` may be `logits` itself.
     """
     n_rows, n_cols = logits.shape
-    acc = torch.float64 if torch.float64 in (logits.dtype, base_logits.dtype) else torch.float32
+    acc = accumulator_dtype(logits, base_logits)
     ce = torch.empty(n_rows, dtype=acc, device=logits.device)
     kl = torch.empty_like(ce)
     if grad_scale is None:
