@@ -17,6 +17,8 @@ import tempfile
 import time
 from typing import Callable, Iterable
 
+from fastmtt._dispatch import interpreting
+
 KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.lora_linear", "fastmtt.kernels.fused_linear_mtt")
 ARCHS = (80, 90)
 
@@ -104,7 +106,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
 
 def run(archs: Iterable[int] = ARCHS, out=sys.stdout) -> list[CompileResult]:
     """Compile every spec for every arch, print one line each, return the results."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise RuntimeError("compile-check needs the real Triton compiler: unset TRITON_INTERPRET")
     results = []
     for spec in all_specs():
