@@ -2,6 +2,6 @@
 from setuptools import setup
 
 setup(
-    packages=["fastmtt", "fastmtt.kernels"],
+    packages=["fastmtt", "fastmtt.apps", "fastmtt.ops", "fastmtt.pytorch", "fastmtt.kernels"],
     package_dir={"fastmtt": "fastmtt", "fastmtt.kernels": "kernels"},
 )

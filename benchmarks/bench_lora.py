@@ -58,7 +58,7 @@ def test_tiny_llama_forward_backward_cpu(benchmark, variant, lora_dropout):
 def test_lora_layer_forward_backward_cpu(benchmark, variant):
     import torch.nn.functional as F
 
-    from fastmtt.lora import lora_linear
+    from fastmtt.ops.lora_linear import lora_linear
 
     tokens, in_features, out_features = BATCH * SEQ, MODEL_SHAPE["hidden_size"], MODEL_SHAPE["intermediate_size"]
     gen = torch.Generator().manual_seed(0)
@@ -85,7 +85,7 @@ def bench_lora_linear_gpu(tokens=8192, in_features=4096, out_features=4096, rank
     import torch.nn.functional as F
     from triton.testing import do_bench
 
-    from fastmtt.lora import lora_linear
+    from fastmtt.ops.lora_linear import lora_linear
 
     device = "cuda"
     lora_dtype = lora_dtype or dtype

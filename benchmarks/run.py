@@ -23,7 +23,7 @@ import torch
 
 from benchmarks import report
 from benchmarks.cases import MODES, OPS, mode_steps, prepare
-from benchmarks.measure import measure_device_rates, peak_memory, time_step, device_name
+from benchmarks.measure import device_name, measure_device_rates, peak_memory, time_step
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULT_PREFIX = "RESULT "
@@ -41,7 +41,7 @@ def _measure_config(op, impl, config, device, modes, budget_s):
                 dtype=str(config.dtype).replace("torch.", ""), **config.size_dict)
     try:
         _, forward, leaves, upstream = prepare(op, impl, config, device)
-    except Exception as error:  # noqa: BLE001 - recorded in the results, the sweep goes on
+    except Exception as error:
         return [dict(base, mode=mode, status=_error_status(error)) for mode in modes]
     rows = []
     for mode in modes:
@@ -55,7 +55,7 @@ def _measure_config(op, impl, config, device, modes, budget_s):
             memory = peak_memory(step, setup, device)
             if memory is not None:
                 row.update(peak_mb=memory.peak_mb, extra_mb=memory.extra_mb)
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             row["status"] = _error_status(error)
         rows.append(row)
     return rows

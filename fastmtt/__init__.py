@@ -1,8 +1,8 @@
 """fastmtt: fused kernels for the Mask-the-Target loss (CE + target-masked KL to the frozen base)."""
-from fastmtt.fused_linear import FusedLinearMTTLoss, fused_linear_mtt_loss
-from fastmtt.lora import lora_linear
-from fastmtt.loss import DEFAULT_LAM, MTTLoss, mtt_loss
-from fastmtt.peft import MTTObjective
+from fastmtt.objective import MTTObjective
+from fastmtt.ops.fused_linear_mtt_loss import FusedLinearMTTLoss, fused_linear_mtt_loss
+from fastmtt.ops.lora_linear import lora_linear
+from fastmtt.ops.mtt_loss import DEFAULT_LAM, MTTLoss, mtt_loss
 from fastmtt.reference import MTTOutput
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 import sys
 
-from fastmtt.cli import main
+from fastmtt.apps.cli import main
 
 sys.exit(main())

@@ -22,7 +22,8 @@ def check_float_tensor(name, tensor, *, shape=None, min_dim=1):
 def check_same_device(**tensors):
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
-        raise ValueError("all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+        listing = ", ".join(f"{k} on {v}" for k, v in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
 def check_labels(labels, shape, n_cols, ignore_index):

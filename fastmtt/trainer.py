@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from transformers import Trainer
 
-from fastmtt.loss import DEFAULT_LAM
-from fastmtt.peft import MTTObjective
+from fastmtt.objective import MTTObjective
+from fastmtt.ops.mtt_loss import DEFAULT_LAM
 
 
 class MTTLossMixin:

@@ -184,7 +184,7 @@ def _fp32_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -317,7 +317,7 @@ def compile_specs():
     """The GEMM's forward and dx roles with dropout over the dtype pairs (input, adapters), flag and
     rank variants on bf16, tf32, the weight-gradient kernel per adapter dtype, and the mask kernel.
     Tiles come from the launch-time choice (_gemm_blocks, _weight_grad_tiles)."""
-    from fastmtt.compile_check import KernelSpec
+    from fastmtt.apps.compile_check import KernelSpec
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -226,7 +226,7 @@ def mtt_rows_triton(logits, base_logits, labels, *, lam, temperature, reverse, i
 def compile_specs():
     """Every specialization the dispatch can launch: all dtype pairs with every feature on, and every
     flag combination on fp32."""
-    from fastmtt.compile_check import KernelSpec
+    from fastmtt.apps.compile_check import KernelSpec
 
     dtypes = ("fp32", "fp16", "bf16")
 

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fastmtt.cli import main
+from fastmtt.apps.cli import main
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -68,15 +68,17 @@ def test_finetune_pretokenized_data_without_tokenizer(tmp_path):
 
 
 def test_demo_arguments_reach_run_demo(tmp_path, monkeypatch):
-    import fastmtt.demo
+    import fastmtt.apps.demo
 
     calls, threads = [], []
-    monkeypatch.setattr(fastmtt.demo, "run_demo", lambda cfg, **kwargs: calls.append((cfg, kwargs)))
+    monkeypatch.setattr(fastmtt.apps.demo, "run_demo", lambda cfg, **kwargs: calls.append((cfg, kwargs)))
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     assert main(["demo", "--quick", "--out", str(tmp_path), "--device", "cpu", "--lams", "0.5", "2",
                  "--directions", "forward", "reverse", "--shift", "0.7", "--seed", "3", "--no-progress"]) == 0
     ((cfg, kwargs),) = calls
-    assert cfg == fastmtt.demo.config_for("quick", lams=(0.5, 2.0), directions=("forward", "reverse"), shift=0.7, seed=3)
+    assert cfg == fastmtt.apps.demo.config_for("quick", lams=(0.5, 2.0), directions=("forward", "reverse"), shift=0.7,
+                                               seed=3)
     assert kwargs == dict(out_dir=str(tmp_path), device="cpu", progress=False)
-    assert main(["demo", "--preset", "tiny", "--threads", "2"]) == 0 and calls[1][0] == fastmtt.demo.config_for("tiny")
+    assert main(["demo", "--preset", "tiny", "--threads", "2"]) == 0
+    assert calls[1][0] == fastmtt.apps.demo.config_for("tiny")
     assert threads == [1, 2] and calls[1][1]["progress"] is True and calls[1][1]["out_dir"] == "fastmtt-demo"

@@ -3,7 +3,7 @@ import os
 import subprocess
 import sys
 
-from fastmtt import compile_check
+from fastmtt.apps import compile_check
 
 
 def test_compile_check_cli_compiles_every_kernel():

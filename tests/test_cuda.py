@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import fastmtt
-from tests.conftest import DTYPES, assert_parity
 from fastmtt import _dispatch, reference
+from tests.conftest import DTYPES, assert_parity
 
 pytestmark = pytest.mark.cuda
 LAM = 1.0

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastmtt.demo import config_for, make_languages, run_demo
+from fastmtt.apps.demo import config_for, make_languages, run_demo
 
 pytest.importorskip("peft")
 pytest.importorskip("transformers")

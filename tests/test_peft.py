@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import assert_parity
 from fastmtt import peft as fastmtt_peft
 from fastmtt.peft import patch_lora, unpatch_lora
+from tests.conftest import assert_parity
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

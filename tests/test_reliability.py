@@ -1,13 +1,13 @@
 """Bad input, empty and huge inputs, strides, gradcheck, determinism, torch.compile, property tests."""
 import pytest
 import torch
+from fastmtt.kernels.mtt_loss import mtt_rows_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastmtt
 from fastmtt import reference
-from fastmtt.kernels.mtt_loss import mtt_rows_triton
-from fastmtt.mtt_torch import mtt_rows_torch
+from fastmtt.pytorch.mtt_loss import mtt_rows_torch
 from tests.conftest import DTYPES
 from tests.test_loss import check_against_reference, make_inputs
 
@@ -198,7 +198,8 @@ def test_property_matches_reference(backend, problem):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_gradcheck_float64_lora_linear(with_bias):
     g = torch.Generator().manual_seed(28)
-    x, weight = torch.randn(2, 3, 6, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 6, generator=g, dtype=torch.float64)
     lora_a = torch.randn(3, 6, generator=g, dtype=torch.float64).requires_grad_(True)
     lora_b = torch.randn(5, 3, generator=g, dtype=torch.float64).requires_grad_(True)
     bias = torch.randn(5, generator=g, dtype=torch.float64).requires_grad_(True) if with_bias else None

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastmtt.peft import MTTObjective
+from fastmtt.objective import MTTObjective
 from fastmtt.trainer import MTTLossMixin, MTTTrainer
 from tests.test_peft_objective import VOCAB, padded_batch, tiny_peft, trainable_grads
 

@@ -16,8 +16,8 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_options, check_same_device
 from fastmtt._dispatch import resolve_backend
-from fastmtt.loss import DEFAULT_LAM, gradient_scale, reduced_outputs, scale_saved_grad
-from fastmtt.mtt_torch import accumulator_dtype, mtt_rows_torch
+from fastmtt.ops.mtt_loss import DEFAULT_LAM, gradient_scale, reduced_outputs, scale_saved_grad
+from fastmtt.pytorch.mtt_loss import accumulator_dtype, mtt_rows_torch
 from fastmtt.reference import MTTOutput
 
 GRAD_INPUTS = ("hidden", "weight", "bias", "lora_A", "lora_B")
@@ -180,7 +180,7 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, head_options, options):
-        from fastmtt.kernels.fused_linear_mtt import STAT_KL, linear_mtt_forward_triton
+        from fastmtt.kernels.fused_linear_mtt_loss import STAT_KL, linear_mtt_forward_triton
 
         lora_hidden = None if lora_A is None else hidden.float() @ lora_A.float().T
         ce, stats = linear_mtt_forward_triton(hidden, base_hidden, weight, bias, lora_hidden, lora_B, labels,
@@ -193,7 +193,7 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        from fastmtt.kernels.fused_linear_mtt import linear_mtt_backward_triton
+        from fastmtt.kernels.fused_linear_mtt_loss import linear_mtt_backward_triton
 
         hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats = ctx.saved_tensors
         options, head_options = ctx.options, ctx.head_options

@@ -18,9 +18,9 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from fastmtt.kernels.mtt_loss import kl_gradient, kl_summands, log_normalizer, lse_with_label, masked_kl
 
 from fastmtt._dispatch import interpreting
-from fastmtt.kernels.mtt_loss import kl_gradient, kl_summands, lse_with_label, log_normalizer, masked_kl
 
 # Rows of the saved [4, N] statistics: LSE(z), Z', B', KL (constexpr so kernels can read them).
 STAT_LSE, STAT_Z, STAT_B, STAT_KL = (tl.constexpr(i) for i in range(4))
@@ -344,7 +344,7 @@ def linear_mtt_backward_triton(hidden, base_hidden, weight, bias, lora_hidden, l
 
 def compile_specs():
     """Forward and backward for every input dtype with every feature on, and flag variations on bf16."""
-    from fastmtt.compile_check import KernelSpec
+    from fastmtt.apps.compile_check import KernelSpec
 
     common = {"stride_h": "i64", "stride_b": "i64", "stride_w": "i64", "stride_lh": "i64", "stride_lb": "i64",
               "n_rows": "i32", "n_cols": "i32", "n_hidden": "i32", "rank": "i32", "ignore_index": "i32",

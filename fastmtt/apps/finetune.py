@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from fastmtt.evaluation import evaluate_lm
+from fastmtt.apps.evaluation import evaluate_lm
 
 
 def read_jsonl(path: str) -> List[dict]:
@@ -87,7 +87,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
 
-    from fastmtt.peft import MTTObjective
+    from fastmtt.objective import MTTObjective
     from fastmtt.trainer import MTTTrainer
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -106,7 +106,8 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     retain_batches = None
     if retain:
         retain_examples = encode_records(read_jsonl(retain), tokenizer, max_length, source=retain)
-        retain_batches = [collate(retain_examples[i:i + batch_size]) for i in range(0, len(retain_examples), batch_size)]
+        retain_batches = [collate(retain_examples[i:i + batch_size])
+                          for i in range(0, len(retain_examples), batch_size)]
         metrics["retain_before"] = evaluate_lm(model, retain_batches, device)
         log(f"retain before: ppl {metrics['retain_before']['ppl']:.3f}")
 

@@ -23,8 +23,8 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastmtt.evaluation import evaluate_lm, tensor_batches
-from fastmtt.peft import MTTObjective
+from fastmtt.apps.evaluation import evaluate_lm, tensor_batches
+from fastmtt.objective import MTTObjective
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ from typing import Callable, Iterable
 
 from fastmtt._dispatch import interpreting
 
-KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.lora_linear", "fastmtt.kernels.fused_linear_mtt")
+KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.lora_linear", "fastmtt.kernels.fused_linear_mtt_loss")
 ARCHS = (80, 90)
 
 

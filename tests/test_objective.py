@@ -4,7 +4,7 @@ import torch
 
 import fastmtt
 from fastmtt import reference
-from fastmtt.peft import MTTObjective
+from fastmtt.objective import MTTObjective
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -115,7 +115,7 @@ def test_head_loss_goes_through_the_fused_linear_loss(monkeypatch):
         calls.append(kwargs)
         return "fused result"
 
-    monkeypatch.setattr(fastmtt.peft, "fused_linear_mtt_loss", fused)
+    monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss", fused)
     model, batch = tiny_peft(), padded_batch()
     assert MTTObjective(lam=0.5)(model, **batch) == "fused result"
     (kwargs,) = calls

@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastmtt.ops.lora_linear import draw_dropout_seed, lora_linear
 from tests.conftest import DTYPES, assert_parity
-from fastmtt.lora import draw_dropout_seed, lora_linear
 
 BACKENDS = ("triton", "torch")
 

@@ -7,7 +7,7 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_options, check_same_device
 from fastmtt._dispatch import resolve_backend
-from fastmtt.mtt_torch import accumulator_dtype, mtt_rows_torch
+from fastmtt.pytorch.mtt_loss import accumulator_dtype, mtt_rows_torch
 from fastmtt.reference import MTTOutput
 
 DEFAULT_LAM = 1.0

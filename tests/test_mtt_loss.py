@@ -182,7 +182,7 @@ def test_overwrite_logits_stores_the_gradient_in_place(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_work_without_requires_grad(backend, monkeypatch):
-    import fastmtt.loss as loss_module
+    import fastmtt.ops.mtt_loss as loss_module
 
     seen = []
     real = loss_module._rows_fn(backend)

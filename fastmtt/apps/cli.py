@@ -5,11 +5,11 @@ import argparse
 import sys
 import warnings
 
-from fastmtt.loss import DEFAULT_LAM
+from fastmtt.ops.mtt_loss import DEFAULT_LAM
 
 
 def _compile_check(args) -> int:
-    from fastmtt import compile_check
+    from fastmtt.apps import compile_check
 
     results = compile_check.run(archs=args.arch)
     return 0 if results and all(r.ok for r in results) else 1
@@ -18,7 +18,7 @@ def _compile_check(args) -> int:
 def _demo(args) -> int:
     import torch
 
-    from fastmtt.demo import config_for, run_demo
+    from fastmtt.apps.demo import config_for, run_demo
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_num_threads(args.threads)
@@ -29,7 +29,7 @@ def _demo(args) -> int:
 
 
 def _finetune(args) -> int:
-    from fastmtt.finetune import run_finetune
+    from fastmtt.apps.finetune import run_finetune
 
     run_finetune(args.model, args.data, args.out, retain=args.retain, lam=args.lam, temperature=args.temperature,
                  direction=args.direction, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     check.set_defaults(func=_compile_check)
 
-    demo = sub.add_parser("demo", help="toy experiment: learning vs forgetting of CE, full KL and MTT (CPU, no downloads)")
+    demo = sub.add_parser("demo", help="toy experiment: learning vs forgetting of CE, full KL and MTT "
+                                           "(CPU, no downloads)")
     demo.add_argument("--quick", action="store_true", help="small run, about a minute on a laptop CPU")
     demo.add_argument("--preset", choices=("tiny", "quick", "full"), default="full",
                       help="run size (default full; --quick is --preset quick)")
