@@ -1,0 +1,68 @@
+"""MTTOptions: the loss configuration, validated once, shared by every layer.
+
+The public functions keep their keyword signatures and build an MTTOptions from them; the Modules,
+MTTObjective, the Trainer mixin and the command line hold one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from numbers import Real
+
+DEFAULT_LAM = 1.0
+# Divergences between the target-masked distributions (docs: mtt-math): "forward" is KL(base || adapted),
+# "reverse" is KL(adapted || base). Adding one: kernels/mtt_math.py, fastmtt/pytorch/divergences.py, reference.
+DIRECTIONS = ("forward", "reverse")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class MTTOptions:
+    """loss_i = CE_i + lam * T^2 * D_i, reduced over rows.
+
+    lam >= 0: regularizer weight. temperature T > 0 (regularizer only; CE uses raw logits).
+    direction: the divergence D, one of DIRECTIONS. mask_target: True (MTT) removes the target from
+    both distributions and renormalizes; False is the full-vocabulary KL baseline, everything else
+    equal. ignore_index: label of rows without loss. reduction: 'mean', 'sum' or 'none'.
+    """
+
+    lam: float = DEFAULT_LAM
+    temperature: float = 1.0
+    direction: str = "forward"
+    mask_target: bool = True
+    ignore_index: int = -100
+    reduction: str = "mean"
+
+    def __post_init__(self):
+        _check_real("lam", self.lam)
+        _check_real("temperature", self.temperature)
+        if not self.lam >= 0:
+            raise ValueError(f"lam must be >= 0, got {self.lam}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
+        if not isinstance(self.mask_target, bool):
+            raise TypeError(f"mask_target must be a bool, got {self.mask_target!r}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        object.__setattr__(self, "lam", float(self.lam))
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+    @property
+    def reverse(self) -> bool:
+        return self.direction == "reverse"
+
+    @property
+    def kl_weight(self) -> float:
+        """lam * T^2: the weight of the divergence in each row's loss."""
+        return self.lam * self.temperature * self.temperature
+
+    def replace(self, **changes) -> MTTOptions:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_real(name, value):
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
