@@ -16,6 +16,7 @@ with lam > 0 nothing is skipped: the divergence's gradient is many small entries
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 import triton
@@ -324,6 +325,18 @@ def _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef
     return Launch(_linear_mtt_bwd_kernel, grid, args, flags, num_warps)
 
 
+def _alert_not_deterministic(what):
+    """Refuse (or warn, with warn_only) under torch.use_deterministic_algorithms, as torch's own ops do:
+    the tiled backward sums with fp32 atomics, whose order varies between runs."""
+    if torch.are_deterministic_algorithms_enabled():
+        message = (f"{what} sums with atomic adds and is not deterministic; use the chunked path "
+                   "(tiled=False), which is, or torch.use_deterministic_algorithms(False)")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message, stacklevel=3)
+        else:
+            raise RuntimeError(message)
+
+
 def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, coef, options, *, threshold, needs,
                         vocab_start=0):
     """fp32 gradients of sum_i coef_i * loss_i: (dh [N, H], dW [V, H], dbias [V], dA [r, H], dB [V, r]), None
@@ -339,7 +352,7 @@ def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, c
     grads = [torch.zeros(shape, dtype=torch.float32, device=hidden.device) if need else None
              for shape, need in zip(shapes, kernel_needs)]
     if n_rows and any(kernel_needs):
-        torch._C._alert_not_deterministic("fused_linear_mtt_loss(tiled=True) backward (fp32 atomic sums)")
+        _alert_not_deterministic("fused_linear_mtt_loss(tiled=True) backward")
         _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef, grads, options,
                          threshold=threshold, vocab_start=vocab_start).run()
     dh, dw, db, grad_lora_h, db_lora = grads
