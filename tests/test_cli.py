@@ -129,6 +129,11 @@ def test_argument_errors_are_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and "error: argument" in err, argv
     assert main(["demo", "--lams", "1", "nan", "--device", "cpu"]) == 2
     assert "--lam: lam must be >= 0, got nan" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+    assert "--out: " in capsys.readouterr().err
+    assert main(["compile-check"]) == 2  # the tests run Triton's interpreter
+    assert "unset TRITON_INTERPRET" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -75,6 +75,8 @@ def _compile_check(args) -> int:
 def _demo(args) -> int:
     for lam in args.lams or ():
         check_options(lam=lam)
+    if os.path.isfile(args.out):
+        raise UsageError(f"--out: {args.out} is a file; give a folder for results.csv and frontier.png")
     device = resolve_device(args.device)
 
     import torch

@@ -18,6 +18,7 @@ import time
 from typing import Callable, Iterable
 
 from fastmtt._dispatch import interpreting
+from fastmtt.apps import UsageError
 
 KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.lora_linear", "fastmtt.kernels.fused_linear_mtt_loss")
 ARCHS = (80, 90)
@@ -108,7 +109,7 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
 def run(archs: Iterable[int] = ARCHS, out=sys.stdout) -> list[CompileResult]:
     """Compile every spec for every arch, print one line each, return the results."""
     if interpreting():
-        raise RuntimeError("compile-check needs the real Triton compiler: unset TRITON_INTERPRET")
+        raise UsageError("compile-check needs the real Triton compiler: unset TRITON_INTERPRET")
     results = []
     for spec in all_specs():
         for arch in archs:
