@@ -38,6 +38,7 @@ def write_jsonl(path, records):
 
 def test_finetune_text_data_reports_forgetting(tmp_path, capsys):
     model_dir = save_tiny_model(tmp_path / "model")
+    capsys.readouterr()  # saving the model may draw a progress bar
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": "the cat sat on the mat"}, {"text": "a dog ran under a log"},
                                                    {"prompt": "the cat", "completion": "sat on the log"}] * 2)
     retain = write_jsonl(tmp_path / "retain.jsonl", [{"text": "the dog sat and then the cat ran"}] * 3)
@@ -52,7 +53,9 @@ def test_finetune_text_data_reports_forgetting(tmp_path, capsys):
     assert after["kl_to_base"] > 1e-5 and after["ppl"] != pytest.approx(before["ppl"])
     assert before["tokens"] == 3 * 8  # 8 words + EOS per line: 9 tokens, the last 8 predicted
     assert all(entry["ce"] > 0 and entry["kl"] >= 0 for entry in metrics["train_log"]) and metrics["train_log"]
-    assert f"KL(base || adapted) {format_kl(after['kl_to_base'])} nats/token" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert f"KL(base || adapted) {format_kl(after['kl_to_base'])} nats/token" in captured.out
+    assert "\r" not in captured.out + captured.err and "it/s" not in captured.err  # stderr is no terminal: no bars
 
 
 def test_kl_keeps_significant_digits():

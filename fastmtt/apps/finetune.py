@@ -123,6 +123,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     """Train a LoRA adapter with MTTTrainer, save it (and metrics.json) to `out`; returns the metrics."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, set_seed
+    from transformers.utils import logging as transformers_logging
 
     from fastmtt.apps.cli import check_options, resolve_device
     from fastmtt.objective import MTTObjective
@@ -130,6 +131,8 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
 
     check_options(lam=lam, temperature=temperature, direction=direction)
     device = resolve_device(device)
+    if not sys.stderr.isatty():  # progress bars (weight loading, training) only on a terminal
+        transformers_logging.disable_progress_bar()
     config = AutoConfig.from_pretrained(check_model_dir(model_dir), local_files_only=True)
     tokenizer = _load_tokenizer(model_dir)
     train_examples = encode_records(read_jsonl(data), tokenizer, max_length, config.vocab_size, source=data)
@@ -168,7 +171,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     if retain_batches is not None:
         metrics["retain_after"] = evaluate_lm(model, retain_batches, device)
         before, after = metrics["retain_before"], metrics["retain_after"]
-        log(f"retain after: ppl {after['ppl']:.3f} ({after['ppl'] - before['ppl']:+.3f}), "
+        log(f"retain after: ppl {after['ppl']:.3f} ({after['ppl'] - before['ppl']:+.3g}), "
             f"KL(base || adapted) {format_kl(after['kl_to_base'])} nats/token")
     model.save_pretrained(out)
     with open(os.path.join(out, "metrics.json"), "w") as handle:
