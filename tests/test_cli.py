@@ -63,7 +63,7 @@ def test_kl_keeps_significant_digits():
         "0", "1.050e-06", "-2.500e-04", "0.001234", "0.872", "12.5"]
 
 
-def test_finetune_pretokenized_data_without_tokenizer(tmp_path):
+def test_finetune_pretokenized_data_without_tokenizer(tmp_path, capsys):
     model_dir = save_tiny_model(tmp_path / "model", with_tokenizer=False)
     data = write_jsonl(tmp_path / "train.jsonl", [{"input_ids": [3, 4, 5, 6, 7, 8]},
                                                    {"input_ids": [3, 9, 10], "labels": [-100, 9, 10]}])
@@ -72,6 +72,9 @@ def test_finetune_pretokenized_data_without_tokenizer(tmp_path):
                  "--batch-size", "2", "--device", "cpu", "--target-modules", "q_proj", "v_proj"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert main(["finetune", "--model", str(model_dir), "--data", data, "--out", str(out), "--device", "cpu",
+                 "--target-modules", "no_such_layer"]) == 2
+    assert "Target modules {'no_such_layer'} not found" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -115,6 +115,10 @@ def _load_tokenizer(model_dir: str):
         return None
 
 
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = None, lam: float = DEFAULT_LAM,
                  temperature: float = 1.0, direction: str = "forward", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
@@ -142,14 +146,16 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UsageError(f"--model: cannot load a causal LM from {model_dir}: {first_line}") from exc
+        raise UsageError(f"--model: cannot load a causal LM from {model_dir}: {_first_line(exc)}") from exc
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
                                config.pad_token_id, config.eos_token_id) if isinstance(i, int)), 0)
     collate = PadCollator(pad_id)
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                       task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora).to(device)
+    try:
+        model = get_peft_model(model, lora).to(device)
+    except ValueError as exc:  # e.g. --target-modules names no module of this model
+        raise UsageError(f"cannot add LoRA to {model_dir}: {_first_line(exc)}") from exc
 
     metrics: Dict[str, Dict[str, float]] = {}
     retain_batches = None
