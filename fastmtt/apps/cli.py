@@ -119,7 +119,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="fastmtt", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fastmtt", description="fastmtt: the Mask-the-Target loss (CE + target-masked KL to the "
+                                                  "frozen base) for LoRA fine-tuning. Errors are one line; --debug "
+                                                  "shows the traceback.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or FASTMTT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("compile-check", help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed)")
