@@ -6,6 +6,10 @@ import subprocess
 import sys
 import zipfile
 
+import pytest
+
+pytest.importorskip("setuptools")  # the build backend, used without build isolation (no downloads)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"fastmtt": ROOT / "fastmtt", "fastmtt/kernels": ROOT / "kernels"}  # as setup.py's package_dir
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",

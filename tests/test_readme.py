@@ -50,7 +50,10 @@ def tiny_models(monkeypatch, tmp_path):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", tiny_causal_lm)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", tiny_tokenizer)
     monkeypatch.chdir(tmp_path)
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: more threads only wait for each other on a shared machine
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_readme_has_the_examples():
