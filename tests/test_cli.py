@@ -1,4 +1,5 @@
-"""`fastmtt finetune` end to end on a tiny local model, and `fastmtt demo` at the tiny preset."""
+"""The `fastmtt` command line: finetune end to end on a tiny local model, one-line user errors found before any
+model loads, the demo's arguments, and a quick start-up (no torch for --help) without stray warnings."""
 import json
 import os
 import subprocess
