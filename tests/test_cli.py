@@ -76,6 +76,11 @@ def test_finetune_pretokenized_data_without_tokenizer(tmp_path, capsys):
     assert main(["finetune", "--model", str(model_dir), "--data", data, "--out", str(out), "--device", "cpu",
                  "--target-modules", "no_such_layer"]) == 2
     assert "Target modules {'no_such_layer'} not found" in capsys.readouterr().err
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((model_dir / "config.json").read_text())
+    assert main(["finetune", "--model", str(no_weights), "--data", data, "--out", str(out), "--device", "cpu"]) == 2
+    assert f"--model: cannot load a causal LM from {no_weights}" in capsys.readouterr().err
 
 
 @pytest.fixture
