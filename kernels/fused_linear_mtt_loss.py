@@ -221,19 +221,24 @@ def _linear_mtt_bwd_kernel(
                               mask=col_mask[:, None] & r_mask[None, :], sem="relaxed")
 
 
-# GPU tiles (BLOCK_N, BLOCK_V, BLOCK_H), 8 warps: the smallest stack frames (spills) in compile-check
-# among the shapes tried (64x128x64 and 32x128x64 spill hundreds of bytes to kilobytes).
-GPU_TILES = (64, 64, 32)
+# GPU tiles (BLOCK_N, BLOCK_V, BLOCK_H), 8 warps, from `fastmtt compile-check` on sm_90 as launched
+# (bf16, N=8192, H=4096, V=128256; registers / stack bytes, forward and backward with the KL term):
+#   64x64x32:   plain head 131/0 and 105/0; bias+LoRA+softcap 230/0 and 179/0
+#   64x128x64:  plain head 232/0 and 173/0; bias+LoRA+softcap 255/592 and 255/64 (spills)
+#   128x128x64: plain head 255/56 (spills) and 255/0
+# so 16-bit plain (or biased) heads take 64x128x64 and everything else the spill-free 64x64x32.
+WIDE_TILES, SMALL_TILES = (64, 128, 64), (64, 64, 32)
 
 
-def _config(n_rows, n_cols, n_hidden, rank):
+def _config(n_rows, n_cols, n_hidden, rank, *, dtype=None, lora=False, softcap=False):
     """(BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, num_warps). The interpreter's cost grows with tile
     iterations, so it takes large tiles."""
     r_pad = max(16, triton.next_power_of_2(max(rank, 1)))
     if interpreting():
         return (min(64, max(16, triton.next_power_of_2(n_rows))), min(1024, max(16, triton.next_power_of_2(n_cols))),
                 min(256, max(16, triton.next_power_of_2(n_hidden))), r_pad, 1)
-    return (*GPU_TILES, r_pad, 8)
+    wide = dtype in (torch.float16, torch.bfloat16) and not lora and not softcap
+    return (*(WIDE_TILES if wide else SMALL_TILES), r_pad, 8)
 
 
 def _dtype_flags(dtype):
@@ -264,8 +269,9 @@ def _head_args(hidden, base_hidden, head, lora_hidden, labels, vocab_start, opti
 
 
 def _head_flags(hidden, head, lora_hidden, options):
-    block_n, block_v, block_h, r_pad, num_warps = _config(hidden.shape[0], head.weight.shape[0], hidden.shape[1],
-                                                          1 if lora_hidden is None else lora_hidden.shape[1])
+    block_n, block_v, block_h, r_pad, num_warps = _config(
+        hidden.shape[0], head.weight.shape[0], hidden.shape[1], 1 if lora_hidden is None else lora_hidden.shape[1],
+        dtype=hidden.dtype, lora=lora_hidden is not None, softcap=head.softcap is not None)
     flags = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, R_PAD=r_pad,
                  DIVERGENCE=DIVERGENCE_IDS[options.direction], MASK_TARGET=options.mask_target,
                  HAS_BIAS=head.bias is not None, LORA=lora_hidden is not None, SOFTCAP=head.softcap is not None,

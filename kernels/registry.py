@@ -27,7 +27,7 @@ class KernelSpec:
     fn: Callable
     signature: dict
     constexprs: dict
-    attrs: dict
+    attrs: dict = dataclasses.field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
 

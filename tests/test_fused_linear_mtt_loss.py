@@ -329,3 +329,20 @@ def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, tiled,
     truth = kl_part(reference.fused_linear_mtt_loss, torch.float64)
     assert truth.norm() > 0
     assert (ours - truth).norm() <= 0.05 * truth.norm()
+
+
+def test_tiled_backward_refuses_deterministic_mode():
+    inputs, labels, _ = make_inputs(35)
+    hidden = inputs["hidden"].clone().requires_grad_(True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        loss = fastmtt.fused_linear_mtt_loss(hidden, inputs["base_hidden"], inputs["weight"], labels,
+                                             backend="triton", tiled=True)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            loss.backward()
+        chunked = [torch.autograd.grad(fastmtt.fused_linear_mtt_loss(hidden, inputs["base_hidden"], inputs["weight"],
+                                                                     labels, backend="triton"), hidden)[0]
+                   for _ in range(2)]
+        assert torch.equal(*chunked)
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -13,6 +13,7 @@ Rows with ignore_index never enter a product.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Union
 
 import torch
@@ -130,11 +131,16 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None, None, None)
 
 
-@torch.compiler.disable
 def _apply_eagerly(function, *args):
     """function.apply(*args) outside any torch.compile graph: the chunk walk writes gradients into
     private buffers in place, which a traced graph does not reproduce; eagerly it is one fused op."""
-    return function.apply(*args)
+    return _eager_apply()(function, *args)
+
+
+@functools.cache
+def _eager_apply():
+    # torch.compiler.disable imports torch._dynamo (seconds): pay for it on the first call, not on import.
+    return torch.compiler.disable(lambda function, *args: function.apply(*args))
 
 
 def _check_head(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap):
