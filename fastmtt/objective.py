@@ -14,7 +14,7 @@ gradient synchronization as for any forward, and FSDP has the parameters unshard
 from __future__ import annotations
 
 import functools
-import types
+import inspect
 from typing import Optional, Union
 
 import torch
@@ -67,21 +67,30 @@ def _data_parallel_types():
     return (DistributedDataParallel, FullyShardedDataParallel), FSDPModule
 
 
-def _mtt_forward(self, *args, fastmtt_mtt=None, **kwargs):
+class _MTTForward:
     """The causal LM's forward, patched: the original one unless called with fastmtt_mtt (a callable
-    (causal_lm, **forward_kwargs) -> MTTOutput), whose result it returns instead."""
-    if fastmtt_mtt is None:
-        return self._fastmtt_original_forward(*args, **kwargs)
-    if args:
-        raise TypeError("the MTT forward takes keyword arguments only")
-    return fastmtt_mtt(self, **kwargs)
+    (causal_lm, **forward_kwargs) -> MTTOutput), whose result it returns instead. It keeps the original
+    signature (the Trainer reads it to choose dataset columns) and is an object, not a closure, so copies
+    and pickles of the model stay consistent."""
+
+    def __init__(self, causal_lm):
+        self.causal_lm, self.original = causal_lm, causal_lm.forward
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.original)
+
+    def __call__(self, *args, fastmtt_mtt=None, **kwargs):
+        if fastmtt_mtt is None:
+            return self.original(*args, **kwargs)
+        if args:
+            raise TypeError("the MTT forward takes keyword arguments only")
+        return fastmtt_mtt(self.causal_lm, **kwargs)
 
 
 def _install_mtt_forward(causal_lm):
-    """Patch causal_lm.forward once (bound methods, so copies of the model stay consistent)."""
-    if "_fastmtt_original_forward" not in vars(causal_lm):
-        causal_lm._fastmtt_original_forward = causal_lm.forward
-        causal_lm.forward = types.MethodType(_mtt_forward, causal_lm)
+    if not isinstance(vars(causal_lm).get("forward"), _MTTForward):
+        causal_lm.forward = _MTTForward(causal_lm)
 
 
 def disable_model_dropout(peft_model) -> None:
