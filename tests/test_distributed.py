@@ -1,0 +1,140 @@
+"""Data parallelism on the CPU (gloo, 2 processes): DDP, the Trainer under accelerate, FSDP2 fully_shard.
+
+Every rank takes two rows of one four-row batch whose ranks predict different numbers of tokens; the
+gradient every rank ends with must be the single-process gradient of the whole batch.
+Processes start from a forkserver that has imported this module: fast, and never forked from a process
+whose OpenMP threads have run (a fork from the test process can hang there).
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing
+
+from fastmtt.objective import MTTObjective
+from tests.test_objective import tiny_peft, trainable_grads
+from tests.test_trainer import LR, adapter_weights, dataset_of, four_examples, training_args
+
+transformers = pytest.importorskip("transformers")
+
+WORLD = 2
+LAM = 0.7
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+
+
+def rank_rows(batch, rank):
+    rows = slice(2 * rank, 2 * rank + 2)
+    return {key: value[rows] for key, value in batch.items()}
+
+
+def predicted_tokens(batch):
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def whole_batch_reference():
+    """(MTTOutput, LoRA gradients) of the whole batch in one process."""
+    batch = four_examples()
+    assert predicted_tokens(rank_rows(batch, 0)) != predicted_tokens(rank_rows(batch, 1))
+    model = tiny_peft()
+    output = MTTObjective(lam=LAM)(model, **batch)
+    output.loss.backward()
+    return output, trainable_grads(model)
+
+
+def launch(worker, tmp_path):
+    """Run worker(rank, rendezvous, out_dir) on WORLD processes; the ranks' saved results."""
+    torch.multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
+    torch.multiprocessing.start_processes(worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)),
+                                          nprocs=WORLD, start_method="forkserver")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def init_gloo(rank, rendezvous):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+
+
+def ddp_worker(rank, rendezvous, out_dir):
+    init_gloo(rank, rendezvous)
+    model = torch.nn.parallel.DistributedDataParallel(tiny_peft())
+    output = MTTObjective(lam=LAM)(model, **rank_rows(four_examples(), rank))
+    output.loss.backward()
+    torch.save(dict(output=[t.detach() for t in output], grads=trainable_grads(model.module)),
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def fsdp2_worker(rank, rendezvous, out_dir):
+    init_gloo(rank, rendezvous)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = tiny_peft()
+    for layer in model.get_base_model().model.layers:
+        fsdp.fully_shard(layer, mesh=mesh)
+    fsdp.fully_shard(model, mesh=mesh)
+    output = MTTObjective(lam=LAM)(model, **rank_rows(four_examples(), rank))
+    output.loss.backward()
+    grads = {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.requires_grad}
+
+    head_apart = tiny_peft()  # the head sharded on its own is still sharded inside the root's forward
+    fsdp.fully_shard(head_apart.get_base_model().lm_head, mesh=mesh)
+    fsdp.fully_shard(head_apart, mesh=mesh)
+    with pytest.raises(ValueError, match="output head's weight is sharded"):
+        MTTObjective(lam=LAM)(head_apart, **rank_rows(four_examples(), rank))
+    torch.save(dict(output=[t.detach() for t in output], grads=grads), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def assert_global_batch_results(results):
+    want, want_grads = whole_batch_reference()
+    assert want.kl > 1e-3
+    for rank, result in enumerate(results):
+        assert result["grads"].keys() == want_grads.keys()
+        assert any("lm_head" in name for name in want_grads)
+        for name, grad in want_grads.items():
+            assert grad.abs().max() > 0, name
+            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
+    # Each rank returns world_size * its share of the global sum: the mean over ranks is the global value.
+    for index, name in enumerate(("loss", "ce", "kl")):
+        mean = sum(result["output"][index] for result in results) / WORLD
+        torch.testing.assert_close(mean, getattr(want, name).detach(), rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_ddp_gradients_equal_the_whole_batch_gradient(tmp_path):
+    assert_global_batch_results(launch(ddp_worker, tmp_path))
+
+
+def test_fsdp2_fully_shard_gradients_equal_the_whole_batch_gradient(tmp_path):
+    assert_global_batch_results(launch(fsdp2_worker, tmp_path))
+
+
+def trainer_worker(rank, rendezvous, out_dir):
+    """MTTTrainer in accelerate's multi-process CPU mode, set up as accelerate.debug_launcher does."""
+    os.environ.update(WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", ACCELERATE_USE_CPU="yes",
+                      ACCELERATE_MIXED_PRECISION="no", GLOO_SOCKET_IFNAME="lo")
+    init_gloo(rank, rendezvous)
+    from fastmtt.trainer import MTTTrainer
+
+    model = tiny_peft()
+    args = training_args(out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=1)
+    trainer = MTTTrainer(model=model, args=args, train_dataset=dataset_of(four_examples()), mtt_lambda=LAM)
+    assert trainer.accelerator.num_processes == WORLD and trainer.accelerator.distributed_type == "MULTI_CPU"
+    trainer.train()
+    assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+    torch.save(dict(weights=adapter_weights(model), log=trainer.state.log_history), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_trainer_step_under_accelerate_multi_process_cpu(tmp_path):
+    results = launch(trainer_worker, tmp_path)
+    want, want_grads = whole_batch_reference()
+    start = adapter_weights(tiny_peft())
+    for result in results:
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(result["weights"][name], start[name] - LR * grad, rtol=1e-5, atol=1e-6,
+                                       msg=name)
+        (logged,) = [entry for entry in result["log"] if "kl" in entry]
+        assert logged["ce"] == pytest.approx(float(want.ce), rel=1e-5)
+        assert logged["kl"] == pytest.approx(float(want.kl), rel=1e-5)
