@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from fastmtt.ops.fused_linear_mtt_loss import LinearHead, fused_linear_mtt_loss
+from fastmtt.head import LinearHead
+from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
 from fastmtt.options import DEFAULT_LAM, MTTOptions
 from fastmtt.reference import MTTOutput
 
@@ -220,7 +221,8 @@ class MTTObjective:
         elif not isinstance(options, MTTOptions):
             raise TypeError(f"options must be a fastmtt.options.MTTOptions, got {type(options).__name__}")
         elif keywords != MTTOptions():
-            raise ValueError("pass either options= or lam/temperature/direction/mask_target/ignore_index, not both")
+            raise TypeError("pass options=MTTOptions(...) or lam/temperature/direction/mask_target/ignore_index, "
+                            "not both")
         if options.reduction != "mean":
             raise ValueError(f"MTTObjective averages over predicted tokens: options.reduction must be 'mean', "
                              f"got {options.reduction!r}")
@@ -249,16 +251,11 @@ class MTTObjective:
         """What the patched causal-LM forward returns when asked for the MTT loss."""
         head = output_head(causal_lm)
         hidden, base_hidden = self._both_passes(peft_model, causal_lm, inputs)
-        options = self.options
         targets = labels[:, 1:]
-        keep = targets != options.ignore_index  # only predicted positions reach the head
-        mask_target = {} if options.mask_target else {"mask_target": False}
-        return fused_linear_mtt_loss(
-            hidden[:, :-1][keep], base_hidden[:, :-1][keep], head.weight, targets[keep], bias=head.bias,
-            lora_A=head.lora_A, lora_B=head.lora_B, lora_scaling=head.scaling, softcap=head.softcap,
-            lam=options.lam, temperature=options.temperature, direction=options.direction,
-            ignore_index=options.ignore_index, reduction="mean", num_items_in_batch=num_items_in_batch,
-            return_components=True, backend=self.backend, **mask_target)
+        keep = targets != self.options.ignore_index  # only predicted positions reach the head
+        return fused_linear_mtt_loss_with_options(
+            hidden[:, :-1][keep], base_hidden[:, :-1][keep], head, targets[keep], self.options,
+            num_items_in_batch=num_items_in_batch, return_components=True, backend=self.backend)
 
     def __call__(self, model, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,

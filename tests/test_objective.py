@@ -114,17 +114,18 @@ def test_all_ignored_batch_gives_zero_loss():
 def test_head_loss_goes_through_the_fused_linear_loss(monkeypatch):
     calls = []
 
-    def fused(hidden, base_hidden, weight, labels, **kwargs):
-        calls.append(kwargs)
+    def fused(hidden, base_hidden, head, labels, options, **kwargs):
+        calls.append((head, options, kwargs))
         return "fused result"
 
-    monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss", fused)
+    monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss_with_options", fused)
     model, batch = tiny_peft(), padded_batch()
-    assert MTTObjective(lam=0.5)(model, **batch) == "fused result"
-    (kwargs,) = calls
-    assert kwargs["lam"] == 0.5 and "mask_target" not in kwargs
-    assert kwargs["lora_A"].shape == (4, 16) and kwargs["lora_B"].shape == (VOCAB, 4)
-    assert kwargs["lora_scaling"] == 2.0 and kwargs["softcap"] is None and kwargs["return_components"] is True
+    objective = MTTObjective(lam=0.5, mask_target=False)
+    assert objective(model, **batch) == "fused result"
+    ((head, options, kwargs),) = calls
+    assert options is objective.options and options.lam == 0.5 and options.mask_target is False
+    assert head.lora_A.shape == (4, 16) and head.lora_B.shape == (VOCAB, 4)
+    assert head.scaling == 2.0 and head.softcap is None and kwargs["return_components"] is True
 
 
 def test_errors_name_the_problem():
@@ -165,7 +166,7 @@ def test_options_object_or_keywords():
     assert MTTObjective(options=options).options is options
     assert MTTObjective(lam=0.3, temperature=2.0, direction="reverse", ignore_index=-1).options == options
     assert MTTObjective(mask_target=False).options == MTTOptions(mask_target=False)
-    with pytest.raises(ValueError, match="either options= or lam"):
+    with pytest.raises(TypeError, match=r"options=MTTOptions\(\.\.\.\) or lam"):
         MTTObjective(lam=0.5, options=options)
     with pytest.raises(ValueError, match="reduction must be 'mean'"):
         MTTObjective(options=MTTOptions(reduction="sum"))
