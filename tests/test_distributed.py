@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from fastmtt.objective import MTTObjective
+from fastmtt.trainer import MTTTrainer
 from tests.test_objective import tiny_peft, trainable_grads
 from tests.test_trainer import LR, adapter_weights, dataset_of, four_examples, training_args
 
@@ -42,10 +43,10 @@ def whole_batch_reference():
     return output, trainable_grads(model)
 
 
-def launch(worker, tmp_path):
-    """Run worker(rank, rendezvous, out_dir) on WORLD processes; the ranks' saved results."""
+def launch(worker, tmp_path, *args):
+    """Run worker(rank, rendezvous, out_dir, *args) on WORLD processes; the ranks' saved results."""
     torch.multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-    torch.multiprocessing.start_processes(worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)),
+    torch.multiprocessing.start_processes(worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), *args),
                                           nprocs=WORLD, start_method="forkserver")
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
 
@@ -110,31 +111,65 @@ def test_fsdp2_fully_shard_gradients_equal_the_whole_batch_gradient(tmp_path):
     assert_global_batch_results(launch(fsdp2_worker, tmp_path))
 
 
-def trainer_worker(rank, rendezvous, out_dir):
+class RecordingTrainer(MTTTrainer):
+    """MTTTrainer that keeps the input_ids of the micro-batches this process trained on."""
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        self.seen.append(inputs["input_ids"])
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def trainer_worker(rank, rendezvous, out_dir, average_tokens):
     """MTTTrainer in accelerate's multi-process CPU mode, set up as accelerate.debug_launcher does."""
     os.environ.update(WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", ACCELERATE_USE_CPU="yes",
                       ACCELERATE_MIXED_PRECISION="no", GLOO_SOCKET_IFNAME="lo")
     init_gloo(rank, rendezvous)
-    from fastmtt.trainer import MTTTrainer
-
     model = tiny_peft()
-    args = training_args(out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=1)
-    trainer = MTTTrainer(model=model, args=args, train_dataset=dataset_of(four_examples()), mtt_lambda=LAM)
+    args = training_args(out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                         average_tokens_across_devices=average_tokens)
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset_of(four_examples()), mtt_lambda=LAM)
+    trainer.seen = []
     assert trainer.accelerator.num_processes == WORLD and trainer.accelerator.distributed_type == "MULTI_CPU"
     trainer.train()
     assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
-    torch.save(dict(weights=adapter_weights(model), log=trainer.state.log_history), f"{out_dir}/rank{rank}.pt")
+    torch.save(dict(weights=adapter_weights(model), log=trainer.state.log_history, seen=trainer.seen),
+               f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_trainer_step_under_accelerate_multi_process_cpu(tmp_path):
-    results = launch(trainer_worker, tmp_path)
-    want, want_grads = whole_batch_reference()
+def mean_of_rank_means(rows_by_rank):
+    """(ce, kl, LoRA gradients) averaged over ranks of each rank's own token mean (no token count across ranks)."""
+    batch, ce, kl, grads = four_examples(), 0.0, 0.0, {}
+    for rows in rows_by_rank:
+        model = tiny_peft()
+        output = MTTObjective(lam=LAM)(model, **{key: value[rows] for key, value in batch.items()})
+        output.loss.backward()
+        ce, kl = ce + float(output.ce) / WORLD, kl + float(output.kl) / WORLD
+        for name, grad in trainable_grads(model).items():
+            grads[name] = grads.get(name, 0.0) + grad / WORLD
+    return ce, kl, grads
+
+
+@pytest.mark.parametrize("average_tokens", [True, False])
+def test_trainer_step_under_accelerate_multi_process_cpu(tmp_path, average_tokens):
+    """average_tokens_across_devices (the default): the step of the whole batch; without it, as the
+    Trainer does for CE, the mean over processes of each process's token mean."""
+    results = launch(trainer_worker, tmp_path, average_tokens)
+    batch = four_examples()
+    rows_by_rank = [[i for seen in result["seen"] for ids in seen for i, row in enumerate(batch["input_ids"])
+                     if torch.equal(ids, row)] for result in results]
+    assert sorted(sum(rows_by_rank, [])) == [0, 1, 2, 3]
+    if average_tokens:
+        want, want_grads = whole_batch_reference()
+        want_ce, want_kl = float(want.ce), float(want.kl)
+    else:
+        want_ce, want_kl, want_grads = mean_of_rank_means(rows_by_rank)
+        assert abs(want_ce - float(whole_batch_reference()[0].ce)) > 1e-3  # the two cases differ
     start = adapter_weights(tiny_peft())
     for result in results:
         for name, grad in want_grads.items():
             torch.testing.assert_close(result["weights"][name], start[name] - LR * grad, rtol=1e-5, atol=1e-6,
                                        msg=name)
         (logged,) = [entry for entry in result["log"] if "kl" in entry]
-        assert logged["ce"] == pytest.approx(float(want.ce), rel=1e-5)
-        assert logged["kl"] == pytest.approx(float(want.kl), rel=1e-5)
+        assert logged["ce"] == pytest.approx(want_ce, rel=1e-5)
+        assert logged["kl"] == pytest.approx(want_kl, rel=1e-5)
