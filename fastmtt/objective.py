@@ -253,9 +253,17 @@ class MTTObjective:
         hidden, base_hidden = self._both_passes(peft_model, causal_lm, inputs)
         targets = labels[:, 1:]
         keep = targets != self.options.ignore_index  # only predicted positions reach the head
-        return fused_linear_mtt_loss_with_options(
-            hidden[:, :-1][keep], base_hidden[:, :-1][keep], head, targets[keep], self.options,
-            num_items_in_batch=num_items_in_batch, return_components=True, backend=self.backend)
+        hidden, base_hidden = hidden[:, :-1][keep], base_hidden[:, :-1][keep]
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # e.g. Accelerator(mixed_precision=...) around this forward
+            # The head in the autocast dtype, as autocast runs a Linear head, statistics in fp32 by the op itself.
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, base_hidden = hidden.to(dtype), base_hidden.to(dtype)
+            head = head.with_tensors(*(None if t is None else t.to(dtype) for t in head.tensors()))
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_mtt_loss_with_options(
+                hidden, base_hidden, head, targets[keep], self.options, num_items_in_batch=num_items_in_batch,
+                return_components=True, backend=self.backend)
 
     def __call__(self, model, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,

@@ -209,3 +209,27 @@ def test_lora_dropout_still_acts_on_the_adapted_side():
     trained = [float(objective(model, **batch).loss.detach()) for _ in range(2)]
     assert evaluated[0] == evaluated[1]
     assert trained[0] != trained[1] and all(abs(t - evaluated[0]) > 1e-4 for t in trained)
+
+
+def test_autocast_runs_the_head_loss_in_its_dtype_without_autocast(monkeypatch):
+    model, batch = tiny_peft(), padded_batch()
+    outside = MTTObjective(lam=0.7)(model, **batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = MTTObjective(lam=0.7)(model, **batch)
+    inside.loss.backward()
+    grads = trainable_grads(model)
+    assert all(grad.dtype == torch.float32 and grad.abs().max() > 0 for grad in grads.values())
+    torch.testing.assert_close(inside.loss, outside.loss, rtol=2e-2, atol=0)  # bf16 passes, same objective
+
+    seen = []
+    real = fastmtt.objective.fused_linear_mtt_loss_with_options
+
+    def spy(hidden, base_hidden, head, labels, options, **kwargs):
+        seen.append((hidden.dtype, base_hidden.dtype, {t.dtype for t in head.tensors() if t is not None},
+                     torch.is_autocast_enabled("cpu")))
+        return real(hidden, base_hidden, head, labels, options, **kwargs)
+
+    monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss_with_options", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        MTTObjective()(model, **batch)
+    assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)]
