@@ -199,10 +199,11 @@ class MTTObjective:
     num_items_in_batch: the mean divides by that count instead (exact gradient accumulation: the
     predicted tokens of all micro-batches of the step).
 
-    model: a peft.PeftModel, or a DDP / FSDP wrapper of one. Under such a wrapper the count is over all
-    ranks (all-reduced when num_items_in_batch is None; give the global count otherwise) and the outputs
-    are multiplied by the world size, so the wrapper's gradient average is the gradient of the global
-    batch and the mean of loss, ce, kl over ranks is the global value.
+    model: a peft.PeftModel, or a DDP / FSDP wrapper of one. data_parallel_size (default: the wrapper's
+    world size, 1 without one) > 1: the count is over that many ranks (all-reduced when
+    num_items_in_batch is None; give the global count otherwise) and the outputs are multiplied by it, so
+    the wrapper's gradient average is the gradient of the global batch and the mean of loss, ce, kl over
+    ranks is the global value. 1 under a wrapper: each rank's own mean (the wrapper averages the means).
 
     Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions), or options= a
     ready MTTOptions (reduction 'mean'). disable_dropout=True sets the base model's dropout to 0 (on
@@ -267,23 +268,26 @@ class MTTObjective:
 
     def __call__(self, model, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,
-                 num_items_in_batch: Optional[Union[int, torch.Tensor]] = None, **model_kwargs) -> MTTOutput:
+                 num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+                 data_parallel_size: Optional[int] = None, **model_kwargs) -> MTTOutput:
         if labels is None or labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {None if labels is None else tuple(labels.shape)}")
+        if data_parallel_size is not None and (isinstance(data_parallel_size, bool) or
+                                               not isinstance(data_parallel_size, int) or data_parallel_size < 1):
+            raise ValueError(f"data_parallel_size must be None or a positive int, got {data_parallel_size!r}")
         peft_model, group = _unwrap(model)
         _install_mtt_forward(peft_model.get_base_model())
         if self.disable_dropout:
             disable_model_dropout(peft_model)
-        world_size = 1
-        if group is not False:
-            world_size = dist.get_world_size(group)
-            if num_items_in_batch is None:
-                num_items_in_batch = (labels[:, 1:] != self.options.ignore_index).sum()
-                dist.all_reduce(num_items_in_batch, group=group)
+        if data_parallel_size is None:
+            data_parallel_size = 1 if group is False else dist.get_world_size(group)
+        if data_parallel_size > 1 and num_items_in_batch is None:
+            num_items_in_batch = (labels[:, 1:] != self.options.ignore_index).sum()
+            dist.all_reduce(num_items_in_batch, group=None if group is False else group)
         loss_in_forward = functools.partial(self._loss_in_forward, peft_model, num_items_in_batch=num_items_in_batch)
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                        fastmtt_mtt=loss_in_forward, **model_kwargs)
-        if world_size > 1:  # the wrapper averages gradients over ranks: undo that average for a global sum
-            output = MTTOutput(*(value * world_size for value in output))
+        if data_parallel_size > 1:  # the wrapper averages gradients over ranks: undo that average for a global sum
+            output = MTTOutput(*(value * data_parallel_size for value in output))
         return output

@@ -60,11 +60,12 @@ class MTTLossMixin:
         if torch.is_tensor(num_items_in_batch) and num_items_in_batch.is_floating_point():
             # Trainer divides the token count by the tensor/context/sequence-parallel sizes (1 here): a float.
             num_items_in_batch = num_items_in_batch.round().to(torch.int64)
-        if num_items_in_batch is not None and not self.args.average_tokens_across_devices:
-            # The Trainer counted this process's tokens and averages the per-process means; the objective
-            # multiplies by the number of processes, so it divides by that many times the local count.
-            num_items_in_batch = num_items_in_batch * self.accelerator.num_processes
-        output = self.objective(model, labels=labels, num_items_in_batch=num_items_in_batch, **inputs)
+        # As Trainer.compute_loss: a count over all processes (average_tokens_across_devices) comes with the loss
+        # multiplied by their number (DDP/FSDP average the gradients; evaluation averages the losses); else
+        # each process's own mean.
+        over_processes = self.args.average_tokens_across_devices and num_items_in_batch is not None
+        output = self.objective(model, labels=labels, num_items_in_batch=num_items_in_batch,
+                                data_parallel_size=self.accelerator.num_processes if over_processes else 1, **inputs)
         if model.training:
             # Same normalization as the logged loss: per optimizer step, averaged over logging steps.
             per_step = 1.0 if num_items_in_batch is not None else 1.0 / self.current_gradient_accumulation_steps

@@ -114,8 +114,11 @@ def test_fsdp2_fully_shard_gradients_equal_the_whole_batch_gradient(tmp_path):
 class RecordingTrainer(MTTTrainer):
     """MTTTrainer that keeps the input_ids of the micro-batches this process trained on."""
 
+    seen = None
+
     def compute_loss(self, model, inputs, *args, **kwargs):
-        self.seen.append(inputs["input_ids"])
+        if self.seen is not None:
+            self.seen.append(inputs["input_ids"])
         return super().compute_loss(model, inputs, *args, **kwargs)
 
 
@@ -128,12 +131,14 @@ def trainer_worker(rank, rendezvous, out_dir, average_tokens):
     args = training_args(out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                          average_tokens_across_devices=average_tokens)
     trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset_of(four_examples()), mtt_lambda=LAM)
-    trainer.seen = []
     assert trainer.accelerator.num_processes == WORLD and trainer.accelerator.distributed_type == "MULTI_CPU"
+    evaluator = MTTTrainer(model=tiny_peft(), args=args, mtt_lambda=LAM)  # evaluates unwrapped, counts over processes
+    evaluation = evaluator.evaluate(dataset_of(four_examples()))
+    trainer.seen = []
     trainer.train()
     assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
-    torch.save(dict(weights=adapter_weights(model), log=trainer.state.log_history, seen=trainer.seen),
-               f"{out_dir}/rank{rank}.pt")
+    torch.save(dict(weights=adapter_weights(model), log=trainer.state.log_history, seen=trainer.seen,
+                    eval_loss=evaluation["eval_loss"]), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -162,6 +167,8 @@ def test_trainer_step_under_accelerate_multi_process_cpu(tmp_path, average_token
     if average_tokens:
         want, want_grads = whole_batch_reference()
         want_ce, want_kl = float(want.ce), float(want.kl)
+        for result in results:
+            assert result["eval_loss"] == pytest.approx(float(want.loss), rel=1e-5)
     else:
         want_ce, want_kl, want_grads = mean_of_rank_means(rows_by_rank)
         assert abs(want_ce - float(whole_batch_reference()[0].ce)) > 1e-3  # the two cases differ
