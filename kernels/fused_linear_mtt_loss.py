@@ -16,6 +16,7 @@ with lam > 0 nothing is skipped: the divergence's gradient is many small entries
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 import triton
@@ -192,7 +193,7 @@ def _linear_mtt_bwd_kernel(
                         w = w.to(tl.float32)
                     part = tl.dot(grad_mm, w, input_precision=PRECISION)
                     tl.atomic_add(grad_hidden_ptr + rows[:, None] * n_hidden + ks[None, :], part,
-                                  mask=row_mask[:, None] & k_mask[None, :])
+                                  mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
                 if WEIGHT_GRAD:
                     h = tl.load(hidden_ptr + rows[:, None] * stride_h + ks[None, :],
                                 mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -200,9 +201,9 @@ def _linear_mtt_bwd_kernel(
                         h = h.to(tl.float32)
                     part = tl.dot(tl.trans(grad_mm), h, input_precision=PRECISION)
                     tl.atomic_add(grad_weight_ptr + cols[:, None] * n_hidden + ks[None, :], part,
-                                  mask=col_mask[:, None] & k_mask[None, :])
+                                  mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
         if BIAS_GRAD:
-            tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, 0), mask=col_mask)
+            tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, 0), mask=col_mask, sem="relaxed")
         if LORA_H_GRAD or LORA_B_GRAD:
             rs = tl.arange(0, R_PAD)
             r_mask = rs < rank
@@ -211,13 +212,13 @@ def _linear_mtt_bwd_kernel(
                                  mask=col_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
                 part = tl.dot(grad, lora_b, input_precision="ieee")
                 tl.atomic_add(grad_lora_h_ptr + rows[:, None] * rank + rs[None, :], part,
-                              mask=row_mask[:, None] & r_mask[None, :])
+                              mask=row_mask[:, None] & r_mask[None, :], sem="relaxed")
             if LORA_B_GRAD:  # s g^T (h A^T), [BLOCK_V, r]
                 lora_h = tl.load(lora_h_ptr + rows[:, None] * stride_lh + rs[None, :],
                                  mask=row_mask[:, None] & r_mask[None, :], other=0.0)
                 part = scaling * tl.dot(tl.trans(grad), lora_h, input_precision="ieee")
                 tl.atomic_add(grad_lora_b_ptr + cols[:, None] * rank + rs[None, :], part,
-                              mask=col_mask[:, None] & r_mask[None, :])
+                              mask=col_mask[:, None] & r_mask[None, :], sem="relaxed")
 
 
 # GPU tiles (BLOCK_N, BLOCK_V, BLOCK_H), 8 warps: the smallest stack frames (spills) in compile-check
@@ -324,6 +325,18 @@ def _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef
     return Launch(_linear_mtt_bwd_kernel, grid, args, flags, num_warps)
 
 
+def _alert_not_deterministic(what):
+    """Refuse (or warn, with warn_only) under torch.use_deterministic_algorithms, as torch's own ops do:
+    the tiled backward sums with fp32 atomics, whose order varies between runs."""
+    if torch.are_deterministic_algorithms_enabled():
+        message = (f"{what} sums with atomic adds and is not deterministic; use the chunked path "
+                   "(tiled=False), which is, or torch.use_deterministic_algorithms(False)")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message, stacklevel=3)
+        else:
+            raise RuntimeError(message)
+
+
 def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, coef, options, *, threshold, needs,
                         vocab_start=0):
     """fp32 gradients of sum_i coef_i * loss_i: (dh [N, H], dW [V, H], dbias [V], dA [r, H], dB [V, r]), None
@@ -339,6 +352,7 @@ def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, c
     grads = [torch.zeros(shape, dtype=torch.float32, device=hidden.device) if need else None
              for shape, need in zip(shapes, kernel_needs)]
     if n_rows and any(kernel_needs):
+        _alert_not_deterministic("fused_linear_mtt_loss(tiled=True) backward")
         _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef, grads, options,
                          threshold=threshold, vocab_start=vocab_start).run()
     dh, dw, db, grad_lora_h, db_lora = grads

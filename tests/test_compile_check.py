@@ -28,3 +28,11 @@ def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects():
                                     {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 3})
     result = compile_check.compile_spec(spec, 90)
     assert not result.ok and "FAIL" in result.line()
+
+
+def test_compile_check_prints_no_triton_deprecation_warning():
+    probe = ("from fastmtt.apps import compile_check\n"
+             "assert compile_check.compile_spec(next(iter(compile_check.all_specs())), 80).ok")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr[-3000:]
