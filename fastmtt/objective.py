@@ -45,7 +45,8 @@ def _unwrap(model):
                             "accelerate launch) so the model is wrapped in DistributedDataParallel")
         if isinstance(inner, averaging):  # DDP averages over its process group, FSDP over the default one
             group = inner.process_group if isinstance(inner, DistributedDataParallel) else None
-        nested = getattr(inner, "module", None) or getattr(inner, "_orig_mod", None)  # wrappers, torch.compile
+        nested = getattr(inner, "module", None)  # DDP, FSDP1 and other wrappers
+        nested = getattr(inner, "_orig_mod", None) if nested is None else nested  # torch.compile
         if not isinstance(nested, torch.nn.Module):
             raise TypeError(
                 f"model must be a peft.PeftModel (e.g. from peft.get_peft_model), or a DDP/FSDP wrapper of one, got "

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from fastmtt.objective import MTTObjective
+from fastmtt.reference import MTTOutput
 from fastmtt.trainer import MTTTrainer
 from tests.test_objective import tiny_peft, trainable_grads
 from tests.test_trainer import LR, adapter_weights, dataset_of, four_examples, training_args
@@ -33,14 +34,14 @@ def predicted_tokens(batch):
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def whole_batch_reference():
-    """(MTTOutput, LoRA gradients) of the whole batch in one process."""
+def whole_batch_reference(device="cpu"):
+    """(MTTOutput, LoRA gradients) of the whole batch in one process (on `device`), as CPU tensors."""
     batch = four_examples()
     assert predicted_tokens(rank_rows(batch, 0)) != predicted_tokens(rank_rows(batch, 1))
-    model = tiny_peft()
-    output = MTTObjective(lam=LAM)(model, **batch)
+    model = tiny_peft().to(device)
+    output = MTTObjective(lam=LAM)(model, **{key: value.to(device) for key, value in batch.items()})
     output.loss.backward()
-    return output, trainable_grads(model)
+    return MTTOutput(*(t.cpu() for t in output)), {name: g.cpu() for name, g in trainable_grads(model).items()}
 
 
 def launch(worker, tmp_path, *args):
@@ -51,18 +52,22 @@ def launch(worker, tmp_path, *args):
     return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
 
 
-def init_gloo(rank, rendezvous):
+def init_gloo(rank, rendezvous, backend="gloo"):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
 
 
-def ddp_worker(rank, rendezvous, out_dir):
-    init_gloo(rank, rendezvous)
-    model = torch.nn.parallel.DistributedDataParallel(tiny_peft())
-    output = MTTObjective(lam=LAM)(model, **rank_rows(four_examples(), rank))
+def ddp_worker(rank, rendezvous, out_dir, device="cpu"):
+    """device "cpu": gloo; "cuda": NCCL, one GPU per rank."""
+    init_gloo(rank, rendezvous, "gloo" if device == "cpu" else "nccl")
+    device = torch.device(device, rank) if device == "cuda" else torch.device(device)
+    device_ids = [rank] if device.type == "cuda" else None
+    model = torch.nn.parallel.DistributedDataParallel(tiny_peft().to(device), device_ids=device_ids)
+    batch = {key: value.to(device) for key, value in rank_rows(four_examples(), rank).items()}
+    output = MTTObjective(lam=LAM)(model, **batch)
     output.loss.backward()
-    torch.save(dict(output=[t.detach() for t in output], grads=trainable_grads(model.module)),
-               f"{out_dir}/rank{rank}.pt")
+    grads = {name: grad.cpu() for name, grad in trainable_grads(model.module).items()}
+    torch.save(dict(output=[t.detach().cpu() for t in output], grads=grads), f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -88,23 +93,29 @@ def fsdp2_worker(rank, rendezvous, out_dir):
     dist.destroy_process_group()
 
 
-def assert_global_batch_results(results):
-    want, want_grads = whole_batch_reference()
+def assert_global_batch_results(results, device="cpu", rtol=1e-5, atol=1e-7):
+    want, want_grads = whole_batch_reference(device)
     assert want.kl > 1e-3
     for rank, result in enumerate(results):
         assert result["grads"].keys() == want_grads.keys()
         assert any("lm_head" in name for name in want_grads)
         for name, grad in want_grads.items():
             assert grad.abs().max() > 0, name
-            torch.testing.assert_close(result["grads"][name], grad, rtol=1e-5, atol=1e-7, msg=f"rank {rank} {name}")
+            torch.testing.assert_close(result["grads"][name], grad, rtol=rtol, atol=atol, msg=f"rank {rank} {name}")
     # Each rank returns world_size * its share of the global sum: the mean over ranks is the global value.
     for index, name in enumerate(("loss", "ce", "kl")):
         mean = sum(result["output"][index] for result in results) / WORLD
-        torch.testing.assert_close(mean, getattr(want, name).detach(), rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(mean, getattr(want, name).detach(), rtol=rtol, atol=atol, msg=name)
 
 
 def test_ddp_gradients_equal_the_whole_batch_gradient(tmp_path):
     assert_global_batch_results(launch(ddp_worker, tmp_path))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"NCCL needs {WORLD} GPUs (one per rank)")
+def test_ddp_nccl_gradients_equal_the_whole_batch_gradient(tmp_path):
+    assert_global_batch_results(launch(ddp_worker, tmp_path, "cuda"), "cuda", rtol=1e-4, atol=1e-6)
 
 
 def test_fsdp2_fully_shard_gradients_equal_the_whole_batch_gradient(tmp_path):
