@@ -31,7 +31,7 @@ from fastmtt.kernels.mtt_math import (
     logit_gradient,
     store_partials,
 )
-from fastmtt.kernels.registry import Launch, compile_specs, meta_tensor
+from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor
 
 from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
@@ -415,7 +415,7 @@ def _specs():
         options = MTTOptions(lam=1.0, temperature=2.0, direction=direction)
         yield forward(dtype, options, True, True, True, True)
         yield backward(dtype, options, True, True, True, every_grad, 0.0)
-    for temperature, lam, mask_target in itertools.product((1.0, 2.0), (0.0, 1.0), (True, False)):
+    for temperature, lam, mask_target in FEATURE_COVER:
         options = MTTOptions(lam=lam, temperature=temperature, mask_target=mask_target)
         yield forward("bf16", options, lam > 0, False, False, False)
         yield backward("bf16", options, False, False, False, (True, False, False, False, False), 2.0**-12)
