@@ -313,7 +313,7 @@ def kl_part_of_dh(fn, inputs, dtype, **options):
     hidden, base_hidden, weight, labels = inputs
     grads = []
     for lam in (1.0, 0.0):
-        h = hidden.to(dtype).requires_grad_(True)
+        h = hidden.detach().to(dtype).requires_grad_(True)
         out = fn(h, base_hidden.to(dtype), weight.to(dtype), labels, lam=lam, **options)
         (out if torch.is_tensor(out) else out.loss).backward()
         grads.append(h.grad.double())
