@@ -136,7 +136,7 @@ def markdown_tables(rows) -> str:
         mine = [row for row in rows if row["op"] == op.name]
         skipped = dict.fromkeys((row["impl"], row["status"]) for row in mine if row["status"].startswith("skipped"))
         measured = [row for row in mine if row.get("mode") in op.modes and not row["status"].startswith("skipped")]
-        checked = [row for row in mine if row.get("mode") in CHECKS]
+        checked = [row for row in mine if row.get("mode") in CHECKS and not row["status"].startswith("skipped")]
         if not (measured or checked or skipped):
             continue
         main = op.modes[-1]
@@ -156,11 +156,11 @@ def markdown_tables(rows) -> str:
             times = " | ".join(_ms(by_mode[mode], spread=mode == main) for mode in op.modes)
             lines.append(f"| {shape} | {dtype} | {impl} | {times} | {memory} | {rate} "
                          f"| {_ratio(full, reference, time_key)} | {_ratio(full, reference, 'extra_mb')} |")
-        for row in checked:
-            lines.append(f"\n- {row['mode']}, {row['impl']}, {row['shape']} {row.get('dtype', '')}: "
-                         f"{row.get('note') or row['status']}")
-        for impl, status in skipped:
-            lines.append(f"\n- {impl}: {status}")
+        notes = [f"- {row['mode']}, {row['impl']}, {row['shape']} {row.get('dtype', '')}: "
+                 f"{row.get('note') or row['status']}" for row in checked]
+        notes += [f"- {impl}: {status}" for impl, status in skipped]
+        if notes:
+            lines += ["", *notes]
     target = target_summary(rows)
     if target:
         lines += ["", target]
@@ -207,13 +207,16 @@ def plot(rows, stem: Path) -> list:
         figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
         width = 0.8 / len(impls)
         for axis, (mode, key, unit) in zip(axes[0], panels):
+            positive = False
             for index, impl in enumerate(impls):
                 values = [(_find(measured, shape=s, impl=impl, mode=mode) or {}).get(key) for s in shapes]
-                axis.bar([i + index * width for i in range(len(shapes))],
-                         [v if v else float("nan") for v in values], width, label=impl)
+                values = [v if v and v > 0 else float("nan") for v in values]
+                positive |= any(v == v for v in values)
+                axis.bar([i + index * width for i in range(len(shapes))], values, width, label=impl)
             axis.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
             axis.set_xticklabels([s.replace(" ", "\n") for s in shapes], fontsize=7)
-            axis.set_yscale("log")
+            if positive:  # a log axis needs a value above 0 (tiny runs allocate 0 extra MB)
+                axis.set_yscale("log")
             axis.set_title(f"{mode}: {unit}")
         axes[0][0].legend(fontsize=7)
         figure.suptitle(f"{op.name} on {measured[0].get('device', '')}")

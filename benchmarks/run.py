@@ -152,17 +152,19 @@ class Clock:
 
 
 def measure_op(args, op, impls, device, clock):
-    """Rows of the available `impls` of `op`, one batch per (config, implementation), config by config."""
-    modes = _modes_for(args, op)
-    for config in configs_for(args, op):
-        for impl in impls:
-            if clock.spent():
-                yield [dict(_case_row(op, impl, config), mode=mode, status=OUT_OF_TIME) for mode in modes]
-                continue
-            print(f"# {op.name} / {impl.name} / {config.label} ...", file=sys.stderr, flush=True)
-            yield measure_config(op, impl, config, device, modes, args.budget, args.min_reps)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    """Rows of the available `impls` of `op`, one batch per (config, implementation): config by config
+    in the registry's order, the peers (third-party packages) after every config of the others."""
+    modes, configs = _modes_for(args, op), configs_for(args, op)
+    cases = [(config, impl) for peers in (False, True) for config in configs for impl in impls
+             if (impl.role == "peer") == peers]
+    for config, impl in cases:
+        if clock.spent():
+            yield [dict(_case_row(op, impl, config), mode=mode, status=OUT_OF_TIME) for mode in modes]
+            continue
+        print(f"# {op.name} / {impl.name} / {config.label} ...", file=sys.stderr, flush=True)
+        yield measure_config(op, impl, config, device, modes, args.budget, args.min_reps)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def sweep(args, device, clock):
@@ -246,11 +248,11 @@ def build_parser():
 def publish(csv_path: Path, plot: bool) -> str:
     """Tables of every row in `csv_path`, written beside it (.md) and returned; plots beside it too."""
     rows = report.read_csv(csv_path)
+    tables = report.markdown_tables(rows)
+    csv_path.with_suffix(".md").write_text(tables + "\n")
     if plot:
         for png in report.plot(rows, csv_path.with_suffix("")):
             print(f"# wrote {png}", file=sys.stderr)
-    tables = report.markdown_tables(rows)
-    csv_path.with_suffix(".md").write_text(tables + "\n")
     return tables
 
 
@@ -275,9 +277,9 @@ def main(argv=None) -> int:
     # Roofline fractions are for GPU runs: a shared CPU's rates are too unsteady to divide by.
     rates = measure_device_rates(device, budget_s=min(args.budget, 1.0)) if device.type == "cuda" else None
     meta = run_metadata(device, rates)
-    if rates:
-        print(f"# {meta['device']}: copy {rates.copy_gbps:.0f} GB/s, bf16 matmul {rates.matmul_tflops:.0f} TFLOP/s",
-              file=sys.stderr)
+    print(f"# {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, fastmtt {meta['fastmtt']}"
+          + (f": copy {rates.copy_gbps:.0f} GB/s, bf16 matmul {rates.matmul_tflops:.0f} TFLOP/s" if rates else ""),
+          file=sys.stderr)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{_slug(meta['device']) if device.type == 'cuda' else 'cpu'}-{meta['date'][:10]}"
     csv_path = args.csv or args.out / f"{stem}.csv"
