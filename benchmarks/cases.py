@@ -142,6 +142,15 @@ def _fastmtt_missing(attribute: str, backend: Optional[str] = None, keywords=(),
     return unavailable
 
 
+def _fastmtt_variants(attribute, variants, build, agrees_with):
+    """One Impl per (name, backend, keywords) row of `variants`: fastmtt.<attribute>(..., backend=backend,
+    **keywords) through build(backend, keywords); a row whose keyword this build lacks is skipped."""
+    return tuple(Impl(name, "fastmtt", build(backend, keywords),
+                      _fastmtt_missing(attribute, backend, tuple(keywords), needs_cuda=backend == "triton"),
+                      agrees_with=agrees_with)
+                 for name, backend, keywords in variants)
+
+
 def _frozen_head_only(sizes):
     return None if sizes.get("head", "frozen") == "frozen" else "frozen output head only"
 
@@ -243,12 +252,13 @@ def _linear_compiled(inputs):
     return lambda: loss(inputs["hidden"], inputs["base_hidden"], inputs["weight"], inputs["labels"], **_head(inputs))
 
 
-# fastmtt.fused_linear_mtt_loss(..., backend=..., **keywords): one row per path. backend="triton" is the
-# tiled kernel pair today; a path selected by a new keyword is one more row, skipped until the keyword lands.
+# fastmtt.fused_linear_mtt_loss(..., backend=..., **keywords), one row per path: the default (on CUDA the
+# chunked path with cuBLAS slabs and the Triton row kernel), the chunked path in PyTorch, the tiled kernels.
+# A path selected by a new keyword is one more row, skipped until a build has the keyword.
 FUSED_LINEAR_VARIANTS = (
     ("fastmtt (default)", "auto", {}),
     ("fastmtt (chunked, torch)", "torch", {}),
-    ("fastmtt (tiled)", "triton", {}),
+    ("fastmtt (tiled)", "triton", {"tiled": True}),
 )
 
 
@@ -325,10 +335,7 @@ FUSED_LINEAR_MTT_LOSS = Op(
     name="fused_linear_mtt_loss",
     make_inputs=_linear_inputs,
     impls=(
-        *(Impl(name, "fastmtt", _linear_fastmtt(backend, keywords),
-               _fastmtt_missing("fused_linear_mtt_loss", backend, tuple(keywords), needs_cuda=backend == "triton"),
-               agrees_with="reference (eager)")
-          for name, backend, keywords in FUSED_LINEAR_VARIANTS),
+        *_fastmtt_variants("fused_linear_mtt_loss", FUSED_LINEAR_VARIANTS, _linear_fastmtt, "reference (eager)"),
         Impl("cuBLAS 3-GEMM floor", "floor", _three_gemm_floor, unsupported=_frozen_head_only),
         Impl("reference (eager)", "reference", _linear_reference),
         Impl("Liger fused linear CE (CE only)", "peer", _liger_ce, _module_missing("liger_kernel", needs_cuda=True),
@@ -391,9 +398,20 @@ def _plain_linear(inputs):
     return lambda: torch.nn.functional.linear(inputs["x"], inputs["weight"])
 
 
-def _lora_fastmtt(inputs):
-    return lambda: fastmtt.lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"],
-                                       LORA_SCALING, dropout_p=inputs["dropout"])
+# fastmtt.lora_linear(..., backend=..., **keywords), one row per path: the default (cuBLAS on CUDA until a
+# measurement puts the kernel first) and the fused Triton kernel.
+LORA_VARIANTS = (
+    ("fastmtt (default)", "auto", {}),
+    ("fastmtt (Triton kernel)", "triton", {}),
+)
+
+
+def _lora_fastmtt(backend, keywords):
+    def build(inputs):
+        return lambda: fastmtt.lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"],
+                                           LORA_SCALING, dropout_p=inputs["dropout"], backend=backend, **keywords)
+
+    return build
 
 
 def _lora_work(sizes, mode, element_size, with_adapter=True):
@@ -411,7 +429,7 @@ LORA_LINEAR = Op(
     name="lora_linear",
     make_inputs=_lora_inputs,
     impls=(
-        Impl("fastmtt", "fastmtt", _lora_fastmtt, _fastmtt_missing("lora_linear"), agrees_with="PEFT LoRA (eager)"),
+        *_fastmtt_variants("lora_linear", LORA_VARIANTS, _lora_fastmtt, "PEFT LoRA (eager)"),
         Impl("x @ W^T (floor)", "floor", _plain_linear,
              work=lambda sizes, mode, element_size: _lora_work(sizes, mode, element_size, with_adapter=False)),
         Impl("PEFT LoRA (eager)", "reference", _peft_lora, _module_missing("peft")),

@@ -14,6 +14,15 @@ CPU = torch.device("cpu")
 NO_COMPILE = ["--exclude", "compile"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, restored afterwards: on a shared 2-core machine a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _fresh(op, impl, config, dtype=torch.float64):
     """(output, gradients) of one forward + backward of `impl` on fresh inputs of `config`."""
     inputs = op.make_inputs(config.size_dict, dtype, CPU)
@@ -122,8 +131,10 @@ def test_fastmtt_variants_skip_what_this_build_lacks():
     assert lacking(CPU) == "fastmtt.fused_linear_mtt_loss has no keyword no_such_keyword in this build"
     assert cases._fastmtt_missing("fused_linear_mtt_loss", "auto", ("chunk_size",))(CPU) is None
     assert "CUDA only" in OPS["fused_linear_mtt_loss"].impl("fastmtt (tiled)").unavailable(CPU)
-    names = [name for name, _, _ in cases.FUSED_LINEAR_VARIANTS]
-    assert [impl.name for impl in OPS["fused_linear_mtt_loss"].impls[:len(names)]] == names  # fastmtt first
+    for op_name, variants in (("fused_linear_mtt_loss", cases.FUSED_LINEAR_VARIANTS),
+                              ("lora_linear", cases.LORA_VARIANTS)):
+        names = [name for name, _, _ in variants]
+        assert [impl.name for impl in OPS[op_name].impls[:len(names)]] == names  # fastmtt first
 
 
 def test_determinism_check_tells_equal_from_different_gradients():
