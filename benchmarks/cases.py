@@ -336,7 +336,7 @@ FUSED_LINEAR_MTT_LOSS = Op(
     make_inputs=_linear_inputs,
     impls=(
         *_fastmtt_variants("fused_linear_mtt_loss", FUSED_LINEAR_VARIANTS, _linear_fastmtt, "reference (eager)"),
-        Impl("cuBLAS 3-GEMM floor", "floor", _three_gemm_floor, unsupported=_frozen_head_only),
+        Impl("3-GEMM floor", "floor", _three_gemm_floor, unsupported=_frozen_head_only),
         Impl("reference (eager)", "reference", _linear_reference),
         Impl("Liger fused linear CE (CE only)", "peer", _liger_ce, _module_missing("liger_kernel", needs_cuda=True),
              _frozen_head_only, _ce_only_work),
