@@ -135,8 +135,8 @@ def _fastmtt_missing(attribute: str, backend: Optional[str] = None, keywords=(),
         missing = [key for key in keywords if key not in inspect.signature(function).parameters]
         if missing:
             return f"fastmtt.{attribute} has no keyword {', '.join(missing)} in this build"
-        if needs_cuda and device.type != "cuda":
-            return f"fastmtt.{attribute}(backend={backend!r}) runs on CUDA only here"
+        if needs_cuda and device.type != "cuda" and not _dispatch.interpreting():
+            return f"fastmtt.{attribute}(backend={backend!r}) runs on CUDA (or with TRITON_INTERPRET=1) only"
         return None
 
     return unavailable

@@ -23,7 +23,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _fresh(op, impl, config, dtype=torch.float64):
+def _fresh(op, impl, config, dtype=torch.float32):
     """(output, gradients) of one forward + backward of `impl` on fresh inputs of `config`."""
     inputs = op.make_inputs(config.size_dict, dtype, CPU)
     out = impl.build(inputs)()
@@ -38,7 +38,8 @@ AGREEING = [pytest.param(op, impl, id=f"{op.name}|{impl.name}") for op in OPS.va
 
 @pytest.mark.parametrize("op, impl", AGREEING)
 def test_implementations_agree_with_what_they_claim(op, impl):
-    """Value and every gradient equal those of `agrees_with`, in fp64, at each tiny config without dropout."""
+    """Value and every gradient equal those of `agrees_with` at each tiny config without dropout, in fp32
+    (what the Triton variants take; they run in Triton's interpreter here)."""
     other = op.impl(impl.agrees_with)
     reason = impl.unavailable(CPU) or other.unavailable(CPU)
     if reason:
@@ -49,10 +50,11 @@ def test_implementations_agree_with_what_they_claim(op, impl):
     for config in configs:
         (got, grads), (want, want_grads) = _fresh(op, impl, config), _fresh(op, other, config)
         assert len(grads) == len(want_grads) > 0 and want.abs().max() > 0
-        torch.testing.assert_close(got, want, msg=f"{impl.name} value at {config.label}")
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{impl.name} value at {config.label}")
         for grad, want_grad in zip(grads, want_grads):
             assert want_grad.abs().max() > 0
-            torch.testing.assert_close(grad, want_grad, msg=f"{impl.name} gradient at {config.label}")
+            torch.testing.assert_close(grad, want_grad, rtol=2e-4, atol=2e-5,
+                                       msg=f"{impl.name} gradient at {config.label}")
 
 
 def test_peft_layer_computes_lora_and_feeds_the_benchmark_leaves():
@@ -126,11 +128,15 @@ def test_cut_cross_entropy_adapter_is_the_cross_entropy(monkeypatch):
     torch.testing.assert_close(got.double(), ce)
 
 
-def test_fastmtt_variants_skip_what_this_build_lacks():
+def test_fastmtt_variants_skip_what_this_build_lacks(monkeypatch):
     lacking = cases._fastmtt_missing("fused_linear_mtt_loss", "auto", ("no_such_keyword",))
     assert lacking(CPU) == "fastmtt.fused_linear_mtt_loss has no keyword no_such_keyword in this build"
     assert cases._fastmtt_missing("fused_linear_mtt_loss", "auto", ("chunk_size",))(CPU) is None
-    assert "CUDA only" in OPS["fused_linear_mtt_loss"].impl("fastmtt (tiled)").unavailable(CPU)
+    tiled = OPS["fused_linear_mtt_loss"].impl("fastmtt (tiled)")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "runs on CUDA (or with TRITON_INTERPRET=1) only" in tiled.unavailable(CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tiled.unavailable(CPU) is None
     for op_name, variants in (("fused_linear_mtt_loss", cases.FUSED_LINEAR_VARIANTS),
                               ("lora_linear", cases.LORA_VARIANTS)):
         names = [name for name, _, _ in variants]
