@@ -1,7 +1,7 @@
 """Benchmark runner: every op's implementations side by side, on the CPU or a CUDA GPU.
 
     python -m benchmarks --preset cpu --threads 1     # CPU sweep -> benchmarks/results/cpu-<date>.{csv,md,png}
-    python -m benchmarks --device cpu --preset tiny   # every op in seconds (tests/test_benchmarks.py runs it)
+    python -m benchmarks --device cpu --preset tiny   # every op at toy sizes (tests/test_benchmarks.py runs it)
     python -m benchmarks --device cuda --preset gpu   # the issues' GPU sizes (benchmarks/gpu_check.sh runs it in parts)
     python -m benchmarks --ops fused_linear_mtt_loss --shape N=4096 H=512 V=32000 head=lora   # sizes of your own
     python -m benchmarks --ops fused_linear_mtt_loss --roles fastmtt --modes determinism      # repeatable gradients?
