@@ -110,7 +110,8 @@ def _import_problem(module: str) -> Optional[str]:
     try:
         importlib.import_module(module)
     except ImportError as error:
-        return f"{module} is not installed" if error.name == module else f"{module} does not import: {error}"
+        missing = error.name is not None and module.split(".")[0] == error.name
+        return f"{error.name} is not installed" if missing else f"{module} does not import: {error}"
     except Exception as error:  # a package built for other versions can fail in any way at import
         return f"{module} does not import: {type(error).__name__}: {error}"
     return None
@@ -338,12 +339,12 @@ FUSED_LINEAR_MTT_LOSS = Op(
         *_fastmtt_variants("fused_linear_mtt_loss", FUSED_LINEAR_VARIANTS, _linear_fastmtt, "reference (eager)"),
         Impl("3-GEMM floor", "floor", _three_gemm_floor, unsupported=_frozen_head_only),
         Impl("reference (eager)", "reference", _linear_reference),
-        Impl("Liger fused linear CE (CE only)", "peer", _liger_ce, _module_missing("liger_kernel", needs_cuda=True),
-             _frozen_head_only, _ce_only_work),
+        Impl("Liger fused linear CE (CE only)", "peer", _liger_ce,
+             _module_missing("liger_kernel.transformers", needs_cuda=True), _frozen_head_only, _ce_only_work),
         Impl("Cut Cross-Entropy (CE only)", "peer", _cut_cross_entropy,
              _module_missing("cut_cross_entropy", needs_cuda=True), _frozen_head_only, _ce_only_work),
         Impl("Liger fused linear distillation (CE + KL)", "peer", _liger_distillation,
-             _module_missing("liger_kernel"), _frozen_head_only),
+             _module_missing("liger_kernel.chunked_loss"), _frozen_head_only),
         Impl("torch.compile(reference)", "compiled", _linear_compiled, agrees_with="reference (eager)"),
     ),
     work=_linear_work,

@@ -11,18 +11,18 @@
 # Budget, estimated at the H200's ~4.3 TB/s copy and ~790 TFLOP/s bf16 (a case runs >= 7 times: 3 warm-up,
 # >= 3 timed within --budget, 1 for peak memory; compiles are the larger part):
 #   section               cap   work
-#   fused linear          125s  N=8192 H=4096 V=128256 bf16: one logits GEMM 2NHV = 8.6 TFLOP = 10.9 ms, so the
+#   fused linear          120s  N=8192 H=4096 V=128256 bf16: one logits GEMM 2NHV = 8.6 TFLOP = 10.9 ms, so the
 #                               3-GEMM floor is ~33 ms, eager ~80 ms, the tiled kernels ~0.2-0.4 s; N=1024 is 1/8
 #                               of it. Modes forward, backward, both, determinism (2 more runs). ~40 s of runs,
 #                               Triton compiles ~20 s, Liger's torch.compile'd distillation loss ~30-60 s.
 #   training step          55s  Llama-3.2-1B shape, 4 x 2048 tokens: forward 2 * 1.24e9 * 8192 = 20 TFLOP, a CE
 #                               step ~0.1 s, an MTT step (+ base forward) ~0.15 s, 4 variants with a model build
 #                               each (~3 s); then the small model (issue 12's patched-vs-PEFT step), ~1 s a case.
-#   mtt_loss row kernel    80s  forward + gradient moves 3 N V elements: 6.3 GB (1.5 ms) at N=8192 V=128256 bf16,
+#   mtt_loss row kernel    75s  forward + gradient moves 3 N V elements: 6.3 GB (1.5 ms) at N=8192 V=128256 bf16,
 #                               all 8 configs ~6 ms at the copy rate; torch.compile of the reference ~3 x 20 s.
 #   lora_linear            60s  8192 x 4096 -> 14336: 0.96 TFLOP = 1.2 ms forward, ~2.4 ms with backward;
 #                               8 configs x 3 implementations x 2 modes at 0.2 s each ~25 s, kernel compiles ~20 s.
-#   tables + plots         10s
+#   tables + plots         20s
 # What is left after that (if 45 s or more) runs the CUDA parity tests (pytest -m cuda).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -31,7 +31,7 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 TOTAL_SECONDS="${GPU_CHECK_SECONDS:-360}"
-RESERVE_SECONDS=10  # for the tables and plots at the end
+RESERVE_SECONDS=20  # for the tables and plots at the end
 # A rehearsal on the CPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_PRESET=tiny bash benchmarks/gpu_check.sh
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 PRESET="${GPU_CHECK_PRESET:-gpu}"
@@ -102,10 +102,10 @@ check() {
     CSV="$OUT_DIR/${gpu:-gpu}-$(date -u +%Y-%m-%d).csv"
     STATUS=()
 
-    section "fused linear MTT loss (forward, backward, both, determinism)" 125 --ops fused_linear_mtt_loss \
+    section "fused linear MTT loss (forward, backward, both, determinism)" 120 --ops fused_linear_mtt_loss \
         --exclude compile --modes forward backward forward+backward determinism
     section "LoRA training step: MTTObjective vs CE, patch_lora vs PEFT" 55 --ops lora_train_step
-    section "MTT row kernel vs torch.compile" 80 --ops mtt_loss --exclude "reference (eager)" \
+    section "MTT row kernel vs torch.compile" 75 --ops mtt_loss --exclude "reference (eager)" \
         --modes forward+backward
     section "LoRA linear vs PEFT and x W^T" 60 --ops lora_linear --modes forward forward+backward
 

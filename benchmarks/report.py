@@ -141,10 +141,11 @@ def markdown_tables(rows) -> str:
             continue
         main = op.modes[-1]
         extra = "CPU-time ms" if on_cpu else "rate (roofline)"
-        lines += ["", op.name, "",
-                  "| shape | dtype | implementation | " + " | ".join(f"{mode} ms" for mode in op.modes)
-                  + f" | extra MB | {extra} | time vs ref | memory vs ref |",
-                  "|---|---|---|" + "---:|" * (len(op.modes) + 4)]
+        lines += ["", op.name]
+        if measured:
+            lines += ["", "| shape | dtype | implementation | " + " | ".join(f"{mode} ms" for mode in op.modes)
+                      + f" | extra MB | {extra} | time vs ref | memory vs ref |",
+                      "|---|---|---|" + "---:|" * (len(op.modes) + 4)]
         for shape, dtype, impl in dict.fromkeys((row["shape"], row.get("dtype", ""), row["impl"]) for row in measured):
             by_mode = {mode: _find(measured, shape=shape, impl=impl, mode=mode) for mode in op.modes}
             full, reference = by_mode[main], _reference(measured, shape, main)
