@@ -2,8 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from fastmtt.kernels.lora_linear import draw_dropout_seed
 
-from fastmtt.ops.lora_linear import draw_dropout_seed, lora_linear
+from fastmtt.ops.lora_linear import lora_linear
 from tests.conftest import DTYPES, assert_parity
 
 BACKENDS = ("triton", "torch")

@@ -185,8 +185,13 @@ def test_no_gradient_work_without_requires_grad(backend, monkeypatch):
     import fastmtt.ops.mtt_loss as loss_module
 
     seen = []
-    real = loss_module._rows_fn(backend)
-    monkeypatch.setattr(loss_module, "_rows_fn", lambda b: lambda *a, **k: seen.append(k["grad_out"]) or real(*a, **k))
+    real = loss_module.implementation
+
+    def recording(op, name):
+        rows = real(op, name)
+        return lambda *a, **k: seen.append(k["grad_out"]) or rows(*a, **k)
+
+    monkeypatch.setattr(loss_module, "implementation", recording)
     logits, base, labels = make_inputs(8, 50, torch.float32, seed=14)
     loss = fastmtt.mtt_loss(logits, base, labels, lam=1.0, backend=backend)
     assert seen == [None] and not loss.requires_grad and loss > 0
@@ -224,3 +229,90 @@ def test_overwrite_logits_refuses_a_second_backward():
     (2 * loss).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (2 * loss).backward()
+
+
+# --- mask_target=False (the full-vocabulary KL baseline) and vocabulary ranges ---
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_vocabulary_kl_matches_reference(backend, direction, temperature):
+    logits, base, labels = make_inputs(29, 301, torch.float32, seed=41)
+    logits[3, :40] = float("-inf")
+    base[3, :40] = float("-inf")
+    check_against_reference(backend, logits, base, labels, lam=0.8, temperature=temperature, direction=direction,
+                            mask_target=False)
+    masked = fastmtt.mtt_loss(logits, base, labels, lam=0.8, return_components=True, backend=backend)
+    full = fastmtt.mtt_loss(logits, base, labels, lam=0.8, mask_target=False, return_components=True,
+                            backend=backend)
+    assert full.kl > masked.kl  # the full KL also counts the target's own probabilities
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("temperature,mask_target", [(1.0, True), (2.0, True), (1.0, False)])
+def test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary(backend, direction, temperature, mask_target):
+    """Partial statistics of [0, cut) and [cut, V), merged and finalized, give the whole row's loss, and each
+    range's gradient from the merged statistics is the whole gradient's slice (labels on both sides)."""
+    from fastmtt._dispatch import implementation
+    from fastmtt.options import MTTOptions
+    from fastmtt.partials import finalize, merge_partials
+
+    logits, base, labels = make_inputs(23, 130, torch.float32, seed=42)
+    labels[2], labels[3] = 61, 62  # on both sides of the cut
+    cut = 62
+    options = MTTOptions(lam=0.9, temperature=temperature, direction=direction, mask_target=mask_target)
+    scale = torch.tensor([0.3])
+    whole_grad = torch.empty_like(logits)
+    whole = implementation("mtt_rows", backend)(logits, base, labels, options, need_kl=True, grad_scale=scale,
+                                                 grad_out=whole_grad)
+    ranges = [(0, cut), (cut, logits.shape[1])]
+    parts = torch.stack([implementation("mtt_partials", backend)(
+        logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels, options, vocab_start=a, need_kl=True)
+        for a, b in ranges]).float()
+    merged = finalize(merge_partials(parts, direction), labels, options, need_kl=True)
+    torch.testing.assert_close(merged.float(), whole.float(), rtol=1e-5, atol=1e-5)
+    for a, b in ranges:
+        grad = torch.empty(logits.shape[0], b - a)
+        implementation("mtt_gradient", backend)(logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels,
+                                                merged, options, vocab_start=a, grad_scale=scale, grad_out=grad)
+        torch.testing.assert_close(grad, whole_grad[:, a:b], rtol=1e-5, atol=1e-6)
+
+
+# --- the regularizer's gradient on its own, on realistic rows ---
+
+def confident_rows(n, v, seed):
+    """Targets 20 nats above logits of std 1, drawn from a few frequent tokens (two vocabulary tiles), and a
+    base model close to the adapted one: the rows where a gradient filter or 16-bit logits lose the KL part."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g)
+    base = logits + 0.05 * torch.randn(n, v, generator=g)
+    frequent = torch.cat([torch.arange(0, 8), torch.arange(v - 8, v)])
+    labels = frequent[torch.randint(0, len(frequent), (n,), generator=g)]
+    rows = torch.arange(n)
+    logits[rows, labels] += 20.0
+    base[rows, labels] += 20.0
+    return logits, base, labels
+
+
+def kl_part(fn, logits, base, labels, lam):
+    """dL/dlogits at lam minus at lam = 0 (fp64)."""
+    grads = []
+    for weight in (lam, 0.0):
+        x = logits.detach().clone().requires_grad_(True)
+        fn(x, base, labels, lam=weight).backward()
+        grads.append(x.grad.double())
+    return grads[0] - grads[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, direction):
+    logits, base, labels = confident_rows(24, 4096, seed=43)
+    logits, base = logits.bfloat16(), base.bfloat16()
+    ours = kl_part(lambda *a, **k: fastmtt.mtt_loss(*a, **k, direction=direction, backend=backend),
+                   logits, base, labels, lam=1.0)
+    truth = kl_part(lambda *a, **k: reference.mtt_loss(*a, **k, direction=direction).loss,
+                    logits.double(), base.double(), labels, lam=1.0)
+    assert truth.norm() > 0
+    assert (ours - truth).norm() <= 0.05 * truth.norm()

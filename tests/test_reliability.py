@@ -1,15 +1,16 @@
 """Bad input, empty and huge inputs, strides, gradcheck, determinism, torch.compile, property tests."""
 import pytest
 import torch
-from fastmtt.kernels.mtt_loss import mtt_rows_triton
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastmtt
 from fastmtt import reference
-from fastmtt.pytorch.mtt_loss import mtt_rows_torch
+from fastmtt._dispatch import implementation
+from fastmtt.options import MTTOptions
+from fastmtt.partials import CE, KL
 from tests.conftest import DTYPES
-from tests.test_loss import check_against_reference, make_inputs
+from tests.test_mtt_loss import check_against_reference, make_inputs
 
 BACKENDS = ["torch", "triton"]
 
@@ -57,14 +58,20 @@ def test_empty_input(backend, reduction):
     assert logits.grad.shape == (0, 13)
 
 
-@pytest.mark.parametrize("rows_fn", [mtt_rows_torch, mtt_rows_triton])
-def test_out_of_range_label_poisons_its_row_without_reading_out_of_bounds(rows_fn):
+@pytest.mark.parametrize("rows_backend", ["torch", "triton"])
+def _rows(backend, logits, base, labels, grad_out=None):
+    """(ce, kl) per row from the backend's MTT row implementation (lam 1, forward KL)."""
+    stats = implementation("mtt_rows", backend)(logits, base, labels, MTTOptions(lam=1.0), need_kl=True,
+                                                grad_out=grad_out)
+    return stats[CE], stats[KL]
+
+
+def test_out_of_range_label_poisons_its_row_without_reading_out_of_bounds(rows_backend):
     """Past validation (as under torch.compile) a bad label is never used as an address."""
     logits, base, labels = make_inputs(4, 9, torch.float32, seed=22, ignore_fraction=0.0)
     labels[1], labels[2] = 9, -7
     grad = torch.empty_like(logits)
-    ce, kl = rows_fn(logits, base, labels, lam=1.0, temperature=1.0, reverse=False, ignore_index=-100,
-                     need_kl=True, grad_out=grad)
+    ce, kl = _rows(rows_backend, logits, base, labels, grad_out=grad)
     assert ce[1:3].isnan().all() and ce[[0, 3]].isfinite().all() and kl[[0, 3]].isfinite().all()
     assert grad[1:3].isnan().all() and grad[[0, 3]].isfinite().all()
 
@@ -97,8 +104,8 @@ def test_non_contiguous_inputs_match_contiguous(backend, layout):
     torch.testing.assert_close(x.grad, xc.grad, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("rows_fn", [mtt_rows_torch, mtt_rows_triton])
-def test_more_than_2_pow_31_elements_are_indexed_with_64_bit_offsets(rows_fn):
+@pytest.mark.parametrize("rows_backend", ["torch", "triton"])
+def test_more_than_2_pow_31_elements_are_indexed_with_64_bit_offsets(rows_backend):
     """[N, V] fp16 with N*V > 2^31: only the last rows (past element 2^31) hold labels; the untouched
     pages of the big allocation are never written, so this costs little real memory."""
     n, v = 32_770, 65_539
@@ -109,8 +116,7 @@ def test_more_than_2_pow_31_elements_are_indexed_with_64_bit_offsets(rows_fn):
     tail = torch.randn(3, v, generator=torch.Generator().manual_seed(24)).half()
     big[-3:] = tail
     labels[-2:] = torch.tensor([5, v - 1])
-    ce, kl = rows_fn(logits, base, labels, lam=1.0, temperature=1.0, reverse=False, ignore_index=-100,
-                     need_kl=True)
+    ce, kl = _rows(rows_backend, logits, base, labels)
     expected = reference.mtt_loss(tail[:2].double(), tail[1:].double(), labels[-2:], lam=1.0, reduction="none")
     torch.testing.assert_close(ce[-2:].double(), expected.ce, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl[-2:].double(), expected.kl, rtol=1e-4, atol=1e-5)
@@ -314,7 +320,7 @@ def test_fused_linear_non_contiguous_hidden_and_transposed_weight(backend):
 
 @st.composite
 def fused_linear_problems(draw):
-    from tests.test_fused_linear import make_inputs as fused_inputs
+    from tests.test_fused_linear_mtt_loss import make_inputs as fused_inputs
 
     n_rows, vocab, hidden = draw(st.integers(2, 20)), draw(st.integers(2, 80)), draw(st.integers(1, 24))
     head = dict(bias=draw(st.booleans()), lora=draw(st.booleans()), weight_grad=draw(st.booleans()))
@@ -333,7 +339,7 @@ def fused_linear_problems(draw):
 @settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=fused_linear_problems())
 def test_property_fused_linear_matches_reference(backend, problem):
-    from tests.test_fused_linear import check_against_reference as check_fused
+    from tests.test_fused_linear_mtt_loss import check_against_reference as check_fused
 
     inputs, labels, trainable, dtype, options = problem  # rows 0 and 1 always hold labels (0 and V-1)
     check_fused(inputs, labels, trainable, dtype, backend=backend, **options)
