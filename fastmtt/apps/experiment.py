@@ -50,13 +50,13 @@ class ExperimentConfig:
     directions: Sequence[str] = ("forward",)  # of MTT; "kl" is KL(base || adapted)
     lams: Sequence[float] = (0.3, 3.0, 30.0)
     seeds: Sequence[int] = (0, 1)
-    steps: int = 30
+    steps: int = 20
     batch_size: int = 8
     lr: float = 2e-3
     rank: int = 8
     adapted_layers: int = 10          # adapters on the last 10 of SmolLM2's 30 decoder layers
     temperature: float = 1.0
-    prose_length: int = 32            # tokens per window of the license task
+    prose_length: int = 16            # tokens per window of the license task
     task_eval_examples: int = 64
     retention_tokens: int = 1024      # held-out prose tokens scored for forgetting
     retention_length: int = 64        # tokens per retention window
@@ -66,8 +66,7 @@ class ExperimentConfig:
 PRESETS = {
     "tiny": dict(steps=2, batch_size=2, task_eval_examples=4, retention_tokens=256, lams=(1.0,), seeds=(0,)),
     "quick": dict(),
-    "full": dict(tasks=TASKS, adapters=("lora", "dora"), directions=("forward", "reverse"), steps=40,
-                 lams=(0.3, 1.0, 3.0, 10.0, 30.0), task_eval_examples=96, retention_tokens=1536),
+    "full": dict(steps=30, lams=(0.3, 1.0, 3.0, 10.0, 30.0), task_eval_examples=96),
 }
 
 
@@ -230,13 +229,18 @@ def top_layers(model, adapted_layers: int):
 
 
 @torch.no_grad()
-def cache_frozen_states(model, batches: List[Dict[str, torch.Tensor]], adapted_layers: int):
+def cache_frozen_states(model, batches: List[Dict[str, torch.Tensor]], adapted_layers: int, log_probs=False):
     """Adds to each batch "prefix" (hidden states entering the last adapted_layers layers) and "base_hidden"
-    (final hidden states of the base model), both [B, L, H]."""
+    (final hidden states of the base model), both [B, L, H]; with log_probs also "base_log_probs" [n, V],
+    the base's next-token log-probabilities at the n predicted positions (for the forgetting KL)."""
+    weight = model.get_output_embeddings().weight
     for batch in batches:
         out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           output_hidden_states=True)
         batch["prefix"], batch["base_hidden"] = out.hidden_states[-adapted_layers - 1], out.last_hidden_state
+        if log_probs:
+            keep = batch["labels"][:, 1:] != -100
+            batch["base_log_probs"] = (out.last_hidden_state[:, :-1][keep] @ weight.T).log_softmax(-1)
 
 
 def final_hidden(model, batch):
@@ -254,26 +258,27 @@ def objective(model, batch, method: str, lam: float, direction: str, temperature
     keep = targets != -100
     return fused_linear_mtt_loss(hidden[:, :-1][keep], batch["base_hidden"][:, :-1][keep], weight, targets[keep],
                                  lam=0.0 if method == "ce" else lam, temperature=temperature,
-                                 direction="forward" if method == "kl" else direction,
+                                 direction=direction if method == "mtt" else "forward",
                                  mask_target=method != "kl", return_components=True)
 
 
 @torch.no_grad()
 def evaluate(model, batches) -> Dict[str, float]:
-    """ce, acc (per predicted token), exact (sequences with every predicted token right), kl = mean
-    KL(base || model) of the full next-token distributions, ppl = exp(ce)."""
+    """ce, acc (per predicted token), exact (sequences with every predicted token right), ppl = exp(ce),
+    and on batches with base_log_probs: kl = mean KL(base || model) of the full next-token distributions."""
     totals = dict(ce=0.0, acc=0.0, kl=0.0, exact=0.0, tokens=0, sequences=0)
     for batch in batches:
         hidden, weight = final_hidden(model, batch)
         targets = batch["labels"][:, 1:]
         keep = targets != -100
         log_q = (hidden[:, :-1][keep] @ weight.T).log_softmax(-1)
-        log_p = (batch["base_hidden"][:, :-1][keep] @ weight.T).log_softmax(-1)
         right = log_q.argmax(-1) == targets[keep]
         wrong_per_sequence = torch.zeros_like(keep, dtype=torch.long).masked_scatter(keep, (~right).long())
         totals["ce"] -= float(log_q.gather(-1, targets[keep][:, None]).sum())
         totals["acc"] += float(right.sum())
-        totals["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+        if "base_log_probs" in batch:
+            log_p = batch["base_log_probs"]
+            totals["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
         totals["exact"] += float((wrong_per_sequence.sum(1) == 0).sum())
         totals["tokens"] += int(keep.sum())
         totals["sequences"] += keep.shape[0]
@@ -297,7 +302,8 @@ def adapter_config(kind: str, rank: int):
                            use_dora=kind == "dora")
 
 
-def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: str, method: str, lam: float, direction: str, seed: int):
+def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: str, method: str, lam: float,
+                  direction: str, seed: int):
     """A fresh adapter trained for one epoch of data.train (seeded init and order); returns the PEFT model."""
     from peft import get_peft_model
 
@@ -322,13 +328,13 @@ def score(model, data: TaskData) -> Dict[str, float]:
                 retention_ppl=retention["ppl"], retention_kl=retention["kl"])
 
 
-COLUMNS = ("task", "adapter", "method", "direction", "lam", "seed", "task_ce", "task_acc", "exact_match",
+COLUMNS = ("task", "adapter", "method", "direction", "lam", "temperature", "seed", "task_ce", "task_acc", "exact_match",
            "retention_ppl", "retention_kl", "seconds")
-KEY = ("task", "adapter", "method", "direction", "lam", "seed")
+KEY = ("task", "adapter", "method", "direction", "lam", "temperature", "seed")
 
 
 def _key(row) -> tuple:
-    return tuple(str(row[k]) if k not in ("lam", "seed") else float(row[k]) for k in KEY)
+    return tuple(float(row[k]) if k in ("lam", "temperature", "seed") else str(row[k]) for k in KEY)
 
 
 def read_csv(path: str) -> List[dict]:
@@ -370,13 +376,16 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
     done = {_key(r) for r in rows}
     for task in cfg.tasks:
         data = make_task(task, tokenizer, cfg, retention_tokens)
-        cache_frozen_states(model, [data.train, *data.task_eval, *data.retention], cfg.adapted_layers)
-        base_row = dict(task=task, adapter="", method="base", direction="", lam=0.0, seed=0.0, seconds=0.0)
+        cache_frozen_states(model, [data.train, *data.task_eval], cfg.adapted_layers)
+        cache_frozen_states(model, data.retention, cfg.adapted_layers, log_probs=True)
+        base_row = dict(task=task, adapter="", method="base", direction="", lam=0.0, temperature=1.0, seed=0.0,
+                        seconds=0.0)
         if _key(base_row) not in done:
             rows.append({**base_row, **score(top, data)})
             log(_run_line(rows[-1]))
         for adapter, method, lam, direction, seed in planned_runs(cfg):
-            row = dict(task=task, adapter=adapter, method=method, direction=direction, lam=lam, seed=float(seed))
+            row = dict(task=task, adapter=adapter, method=method, direction=direction, lam=lam,
+                       temperature=1.0 if method == "ce" else cfg.temperature, seed=float(seed))
             if _key(row) in done:
                 continue
             run_start = time.time()
@@ -406,7 +415,8 @@ def _run_line(row) -> str:
 
 
 def _curve_name(row) -> str:
-    return {"ce": "CE only", "kl": "full KL", "base": "base model"}.get(row["method"], f"MTT {row['direction']}")
+    name = {"ce": "CE only", "kl": "full KL", "base": "base model"}.get(row["method"], f"MTT {row['direction']}")
+    return name if row["method"] in ("ce", "base") or row["temperature"] == 1 else f"{name} T={row['temperature']:g}"
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -421,12 +431,12 @@ def _mean_std(values):
 
 
 def grouped(rows):
-    """{(task, adapter): {(curve, lam): {metric: (mean, std, min, max)}}} over seeds."""
+    """{(task, adapter): {(curve, lam): {metric: (mean, std, min, max), "seeds": count}}} over seeds."""
     groups: Dict[tuple, Dict[tuple, List[dict]]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["adapter"]), {}).setdefault((_curve_name(row), row["lam"]), []).append(row)
     return {key: {point: {m: (*_mean_std([r[m] for r in runs]), min(r[m] for r in runs), max(r[m] for r in runs))
-                          for m in METRICS} for point, runs in points.items()}
+                          for m in METRICS} | {"seeds": len(runs)} for point, runs in points.items()}
             for key, points in groups.items()}
 
 
@@ -466,8 +476,7 @@ def summarize(rows) -> str:
         for (name, lam), stats in sorted(points.items(), key=lambda item: (item[0][0] != "CE only",) + item[0]):
             cells = " | ".join(f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" if m != "retention_kl"
                                else f"{stats[m][0]:.4f} ± {stats[m][1]:.4f}" for m in METRICS)
-            seeds = sum(1 for r in rows if (r["task"], r["adapter"], _curve_name(r), r["lam"]) == (task, adapter, name, lam))
-            lines.append(f"| {name} | {lam:g} | {seeds} | {cells} |")
+            lines.append(f"| {name} | {lam:g} | {stats['seeds']} | {cells} |")
         ce_only = points.get(("CE only", 0.0))
         if b is None or ce_only is None:
             continue
