@@ -474,8 +474,8 @@ def summarize(rows) -> str:
                   "", "| method | lam | seeds | task CE | task acc | exact match | retention PPL | KL(base‖adapted) |",
                   "|---|---|---|---|---|---|---|---|"]
         for (name, lam), stats in sorted(points.items(), key=lambda item: (item[0][0] != "CE only",) + item[0]):
-            cells = " | ".join(f"{stats[m][0]:.3f} ± {stats[m][1]:.3f}" if m != "retention_kl"
-                               else f"{stats[m][0]:.4f} ± {stats[m][1]:.4f}" for m in METRICS)
+            cells = " | ".join("-" if math.isnan(stats[m][0]) else f"{stats[m][0]:.{4 if m == 'retention_kl' else 3}f}"
+                               f" ± {stats[m][1]:.{4 if m == 'retention_kl' else 3}f}" for m in METRICS)
             lines.append(f"| {name} | {lam:g} | {stats['seeds']} | {cells} |")
         ce_only = points.get(("CE only", 0.0))
         if b is None or ce_only is None:
@@ -496,8 +496,8 @@ def summarize(rows) -> str:
 
 
 def plot_frontier(rows, path: str):
-    """Learning (task CE) against forgetting (retention KL), one panel per (task, adapter): seed means with
-    min-max bars across seeds, one line per method over lam (every line starts at CE only)."""
+    """Learning (task CE) against forgetting (retention KL, log scale), one panel per (task, adapter): seed
+    means with min-max bars across seeds, one line per method over lam (every line starts at CE only)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -522,6 +522,7 @@ def plot_frontier(rows, path: str):
                        label="CE only")
         if task in base:
             ax.axhline(base[task]["task_ce"], color="gray", lw=0.8, ls=":", label="base model")
+        ax.set_xscale("log")
         ax.set_title(f"{task}, {adapter} (labels: lam)", fontsize=9)
         ax.set_xlabel("forgetting: KL(base ‖ adapted) on Python prose (nats/token)", fontsize=8)
         ax.set_ylabel("held-out task CE (nats/token, lower = learned)", fontsize=8)
