@@ -17,3 +17,5 @@ run --tasks addition --adapters lora --methods mtt --directions forward --lams 3
 run --tasks license --adapters lora --methods ce kl mtt --directions forward --lams 1 10 --seeds 0
 # 5. DoRA on the far task
 run --tasks addition --adapters dora --methods ce kl mtt --directions forward --lams 1 10 --seeds 0
+# 6. MTT at larger lam: does its curve reach full KL's lower-learning points?
+run --tasks addition --adapters lora --methods mtt --directions forward --lams 100 300 --seeds 0
