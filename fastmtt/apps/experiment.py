@@ -502,15 +502,18 @@ def plot_frontier(rows, path: str):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     groups = {key: points for key, points in grouped(rows).items() if key[1] != ""}
     base = {r["task"]: r for r in rows if r["method"] == "base"}
     fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), squeeze=False)
+    colors: Dict[str, str] = {}  # one color per method across panels
     for ax, ((task, adapter), points) in zip(axes[0], sorted(groups.items())):
         for name, curve in curves_of(points).items():
+            color = colors.setdefault(name, f"C{len(colors)}")
             xs = [s["retention_kl"] for _, s in curve]
             ys = [s["task_ce"] for _, s in curve]
-            ax.errorbar([x[0] for x in xs], [y[0] for y in ys], marker="o", ms=4, capsize=2, label=name,
+            ax.errorbar([x[0] for x in xs], [y[0] for y in ys], marker="o", ms=4, capsize=2, label=name, color=color,
                         xerr=[[x[0] - x[2] for x in xs], [x[3] - x[0] for x in xs]],
                         yerr=[[y[0] - y[2] for y in ys], [y[3] - y[0] for y in ys]])
             for (lam, s) in curve[1:]:
@@ -523,6 +526,7 @@ def plot_frontier(rows, path: str):
         if task in base:
             ax.axhline(base[task]["task_ce"], color="gray", lw=0.8, ls=":", label="base model")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{task}, {adapter} (labels: lam)", fontsize=9)
         ax.set_xlabel("forgetting: KL(base ‖ adapted) on Python prose (nats/token)", fontsize=8)
         ax.set_ylabel("held-out task CE (nats/token, lower = learned)", fontsize=8)
