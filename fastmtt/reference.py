@@ -118,19 +118,8 @@ def linear_logits(hidden, weight, *, bias=None, lora_A=None, lora_B=None, lora_s
     return logits
 
 
-def fused_linear_mtt_loss(
-    hidden: torch.Tensor,
-    base_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    lora_A: Optional[torch.Tensor] = None,
-    lora_B: Optional[torch.Tensor] = None,
-    lora_scaling: float = 1.0,
-    softcap: Optional[float] = None,
-    **mtt_options,
-) -> MTTOutput:
+def fused_linear_mtt_loss(hidden, base_hidden, weight, labels, *, bias=None, lora_A=None, lora_B=None, lora_scaling=1.0,
+                          softcap=None, **mtt_options) -> MTTOutput:
     """mtt_loss on materialized logits: adapted side with the LoRA head, base side (from the frozen
     base pass, detached) without it; both softcapped. `mtt_options` are those of `mtt_loss`."""
     logits = linear_logits(hidden, weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_scaling=lora_scaling,
