@@ -120,7 +120,10 @@ def _experiment(args) -> int:
     cfg = config_for("quick" if args.quick else args.preset, tasks=args.tasks, adapters=args.adapters,
                      methods=args.methods, directions=args.directions, lams=args.lams, seeds=args.seeds,
                      steps=args.steps, temperature=args.temperature, adapted_layers=args.adapted_layers)
-    run_experiment(cfg, out_dir=args.out, cache_dir=args.cache_dir, resume=args.resume)
+    try:
+        run_experiment(cfg, out_dir=args.out, cache_dir=args.cache_dir, resume=args.resume)
+    except ImportError as exc:  # the model package or gguf is missing: say how to install them
+        raise UsageError(str(exc)) from exc
     return 0
 
 
