@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = sub.add_parser("experiment", help="CE, full KL and MTT on SmolLM2-135M (CPU, offline; needs "
                                              "`make experiment-setup`): learning vs forgetting")
-    exp.add_argument("--quick", action="store_true", help="one task, LoRA, 3 lams, 2 seeds (under 10 min, 1 thread)")
+    exp.add_argument("--quick", action="store_true",
+                     help="one task, LoRA, 3 lams, 2 seeds (about 6 min on a quiet CPU core)")
     exp.add_argument("--preset", choices=("tiny", "quick", "full"), default="full", help="run size (default full)")
     exp.add_argument("--out", default="fastmtt-experiment", help="folder for results.csv, summary.md, frontier.png")
     exp.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
