@@ -111,6 +111,22 @@ def _finetune(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    import torch
+
+    from fastmtt.apps.experiment import config_for, run_experiment
+
+    torch.set_num_threads(args.threads)
+    cfg = config_for("quick" if args.quick else args.preset, tasks=args.tasks, adapters=args.adapters,
+                     methods=args.methods, directions=args.directions, lams=args.lams, seeds=args.seeds,
+                     steps=args.steps, temperature=args.temperature, adapted_layers=args.adapted_layers)
+    try:
+        run_experiment(cfg, out_dir=args.out, cache_dir=args.cache_dir, resume=args.resume)
+    except ImportError as exc:  # the model package or gguf is missing: say how to install them
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as one line (plus the usual exit status 2)."""
 
@@ -145,6 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true",
                       help="hide progress bars (they only show when stderr is a terminal)")
     demo.set_defaults(func=_demo)
+
+    exp = sub.add_parser("experiment", help="CE, full KL and MTT on SmolLM2-135M (CPU, offline; needs "
+                                             "`make experiment-setup`): learning vs forgetting")
+    exp.add_argument("--quick", action="store_true",
+                     help="one task, LoRA, 3 lams, 2 seeds (about 6 min on a quiet CPU core)")
+    exp.add_argument("--preset", choices=("tiny", "quick", "full"), default="full", help="run size (default full)")
+    exp.add_argument("--out", default="fastmtt-experiment", help="folder for results.csv, summary.md, frontier.png")
+    exp.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
+    exp.add_argument("--cache-dir", help="folder of the dequantized model (default ~/.cache/fastmtt/smollm2-135m)")
+    exp.add_argument("--tasks", nargs="+", choices=("addition", "license"))
+    exp.add_argument("--adapters", nargs="+", choices=("lora", "dora", "randlora"))
+    exp.add_argument("--methods", nargs="+", choices=("ce", "kl", "mtt"))
+    exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
+    exp.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
+    exp.add_argument("--seeds", type=int, nargs="+")
+    exp.add_argument("--steps", type=positive_int, help="training steps of each run (batch 8)")
+    exp.add_argument("--temperature", type=positive_float, help="KL temperature of full KL and MTT (default 1)")
+    exp.add_argument("--adapted-layers", type=int, help="adapters on the last N of the 30 decoder layers (default 10)")
+    exp.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
+    exp.set_defaults(func=_experiment)
 
     tune = sub.add_parser("finetune", help="LoRA fine-tuning of a local causal LM on a JSONL file with MTT",
                           description="Formats: {\"input_ids\": [...]} (optional \"labels\"), {\"text\": ...}, "
