@@ -58,7 +58,7 @@ def mtt_inputs(n_rows, vocab, dtype, *, base_dtype=None, seed=0, ignore_fraction
     labels[torch.rand(n_rows, generator=gen, device=device) < ignore_fraction] = IGNORE_INDEX
     if n_rows > 2:
         labels[0], labels[1] = 0, real_vocab - 1
-    confident = torch.arange(2, min(n_rows, 2 + confident_rows), device=device)
+    confident = torch.arange(2, max(2, min(n_rows, 2 + confident_rows)), device=device)
     logits[confident, labels[confident].clamp(min=0)] += 40.0
     logits[:, real_vocab:] = float("-inf")
     base[:, real_vocab:] = float("-inf")
