@@ -1,28 +1,17 @@
 """CUDA parity at GPU sizes: every kernel against the fp64 reference, next to same-dtype PyTorch.
 
 Run with real kernels: TRITON_INTERPRET=0 pytest -m cuda (benchmarks/gpu_check.sh does). Skipped
-without a GPU; the fused-linear and LoRA tests also wait for those ops to exist in fastmtt.
+without a GPU.
 """
 import pytest
 import torch
 
 import fastmtt
 from fastmtt import _dispatch, reference
-from tests.conftest import DTYPES, assert_parity
+from tests.utils import DTYPES, assert_parity, fused_linear_inputs, lora_linear_inputs, mtt_inputs
 
 pytestmark = pytest.mark.cuda
 LAM = 1.0
-
-
-def _labels(n_rows, n_cols, generator):
-    labels = torch.randint(0, n_cols, (n_rows,), generator=generator, device="cuda")
-    labels[::17] = -100
-    labels[1], labels[2] = 0, n_cols - 1  # targets at both ends of the vocabulary
-    return labels
-
-
-def _needs(attribute):
-    return pytest.mark.skipif(not hasattr(fastmtt, attribute), reason=f"fastmtt.{attribute} not in this build")
 
 
 def test_real_kernels_not_the_interpreter():
@@ -35,11 +24,8 @@ def test_real_kernels_not_the_interpreter():
 @pytest.mark.parametrize("direction, temperature", [("forward", 1.0), ("reverse", 2.0)])
 def test_mtt_loss_kernel_matches_reference(dtype_name, n_rows, n_cols, direction, temperature):
     dtype = DTYPES[dtype_name]
-    gen = torch.Generator(device="cuda").manual_seed(n_rows + n_cols)
-    logits = (torch.randn(n_rows, n_cols, generator=gen, device="cuda") * 3).to(dtype)
-    base = (logits.float() + torch.randn(n_rows, n_cols, generator=gen, device="cuda")).to(dtype)
-    logits[3, 5] = 40.0  # a confident row
-    labels = _labels(n_rows, n_cols, gen)
+    logits, base, labels = mtt_inputs(n_rows, n_cols, dtype, seed=n_rows + n_cols, ignore_fraction=0.06, spread=3.0,
+                                      confident_rows=1, device="cuda")
     options = dict(lam=LAM, temperature=temperature, direction=direction)
 
     truth_logits = logits.double().requires_grad_()
@@ -57,17 +43,13 @@ def test_mtt_loss_kernel_matches_reference(dtype_name, n_rows, n_cols, direction
     assert_parity("grad", kernel_grad, torch_grad, truth_logits.grad, dtype)
 
 
-@_needs("fused_linear_mtt_loss")
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 @pytest.mark.parametrize("n_rows, hidden, vocab", [(4096, 4096, 32000), (2048, 2048, 128256)])
 def test_fused_linear_mtt_loss_matches_reference(dtype_name, n_rows, hidden, vocab):
     dtype = DTYPES[dtype_name]
-    gen = torch.Generator(device="cuda").manual_seed(hidden + vocab)
-    states = torch.randn(n_rows, hidden, generator=gen, device="cuda").to(dtype)
-    base_states = (states.float() + 0.3 * torch.randn(n_rows, hidden, generator=gen, device="cuda")).to(dtype)
-    weight = (torch.randn(vocab, hidden, generator=gen, device="cuda") * 2 * hidden ** -0.5).to(dtype)
-    labels = _labels(n_rows, vocab, gen)
-
+    inputs, labels, _ = fused_linear_inputs(hidden + vocab, n_rows=n_rows, vocab=vocab, hidden=hidden,
+                                            ignored=n_rows // 17, device="cuda")
+    states, base_states, weight = (inputs[k].to(dtype) for k in ("hidden", "base_hidden", "weight"))
     truth_states = states.double().requires_grad_()
     truth = reference.mtt_loss(truth_states @ weight.double().T, base_states.double() @ weight.double().T,
                                labels, lam=LAM)
@@ -85,17 +67,13 @@ def test_fused_linear_mtt_loss_matches_reference(dtype_name, n_rows, hidden, voc
     assert_parity("grad hidden", kernel_grad, torch_grad, truth_states.grad, dtype)
 
 
-@_needs("lora_linear")
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 def test_lora_linear_matches_reference(dtype_name, n_rows=8192, d_in=4096, d_out=4096, rank=16, scaling=2.0):
     dtype = DTYPES[dtype_name]
-    gen = torch.Generator(device="cuda").manual_seed(rank)
-    x = torch.randn(n_rows, d_in, generator=gen, device="cuda").to(dtype)
-    weight = (torch.randn(d_out, d_in, generator=gen, device="cuda") * d_in ** -0.5).to(dtype)
-    lora_a = (torch.randn(rank, d_in, generator=gen, device="cuda") * d_in ** -0.5).to(dtype)
-    lora_b = (torch.randn(d_out, rank, generator=gen, device="cuda") * rank ** -0.5).to(dtype)
-    upstream = torch.randn(n_rows, d_out, generator=gen, device="cuda").to(dtype)
-
+    inputs = lora_linear_inputs((n_rows,), d_in, d_out, rank, dtype, bias=False, seed=rank, device="cuda")
+    x, weight, lora_a, lora_b = (inputs[k] for k in ("x", "weight", "lora_A", "lora_B"))
+    upstream = torch.randn(n_rows, d_out, generator=torch.Generator(device="cuda").manual_seed(rank + 1),
+                           device="cuda").to(dtype)
     def run(fn, cast):
         leaves = [cast(t).requires_grad_() for t in (x, lora_a, lora_b)]
         out = fn(leaves[0], cast(weight), leaves[1], leaves[2])

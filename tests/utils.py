@@ -90,7 +90,7 @@ def fused_linear_inputs(seed, *, n_rows=37, vocab=97, hidden=24, rank=4, bias=Fa
         inputs["lora_A"] = randn(rank, hidden) / hidden**0.5
         inputs["lora_B"] = randn(vocab, rank)
     labels = torch.randint(0, vocab, (n_rows,), generator=gen, device=device)
-    labels[:2] = torch.tensor([0, vocab - 1])
+    labels[:2] = torch.tensor([0, vocab - 1], device=device)
     labels[2:2 + ignored] = IGNORE_INDEX
     trainable = {"hidden", "bias", "lora_A", "lora_B"} | ({"weight"} if weight_grad else set())
     return inputs, labels, trainable
