@@ -4,7 +4,7 @@ import torch
 
 from fastmtt.objective import MTTObjective
 from fastmtt.trainer import MTTLossMixin, MTTTrainer
-from tests.test_peft_objective import VOCAB, padded_batch, tiny_peft, trainable_grads
+from tests.utils import VOCAB, padded_batch, tiny_peft, trainable_grads
 
 transformers = pytest.importorskip("transformers")
 
