@@ -15,15 +15,10 @@ BATCH, SEQ, RANK = 4, 128, 16
 
 
 def tiny_peft_llama(lora_dropout=0.0):
-    import peft
-    import transformers
+    from tests.utils import LLAMA_TARGETS, tiny_llama, tiny_peft
 
-    config = transformers.LlamaConfig(vocab_size=512, max_position_embeddings=SEQ, **MODEL_SHAPE)
-    torch.manual_seed(0)
-    base = transformers.LlamaForCausalLM(config)
-    lora = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=lora_dropout, init_lora_weights=False,
-                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return peft.get_peft_model(base, lora)
+    base = tiny_llama(vocab_size=512, max_position_embeddings=SEQ, **MODEL_SHAPE)
+    return tiny_peft(LLAMA_TARGETS, base=base, r=RANK, lora_alpha=2 * RANK, lora_dropout=lora_dropout)
 
 
 @pytest.fixture(autouse=True)
