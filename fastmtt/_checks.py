@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import torch
 
-DIRECTIONS = ("forward", "reverse")
-REDUCTIONS = ("mean", "sum", "none")
-
 
 def check_float_tensor(name, tensor, *, shape=None, min_dim=1):
     """A floating tensor with at least `min_dim` dims, of exactly `shape` when given."""
@@ -42,21 +39,15 @@ def check_labels(labels, shape, n_cols, ignore_index):
             raise ValueError(f"labels must lie in [0, {n_cols}) or equal ignore_index={ignore_index}, found {value}")
 
 
-def check_options(*, lam, temperature, direction, reduction, num_items_in_batch):
-    if not lam >= 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if num_items_in_batch is not None:
-        if reduction != "mean":
-            raise ValueError("num_items_in_batch applies to reduction='mean' only")
-        count = num_items_in_batch
-        if isinstance(count, torch.Tensor):
-            if count.numel() != 1 or count.is_floating_point() or count.is_complex():
-                raise ValueError(f"num_items_in_batch must be one integer, got {count!r}")
-        elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise ValueError(f"num_items_in_batch must be a non-negative int, got {count!r}")
+def check_num_items(num_items_in_batch, reduction):
+    """num_items_in_batch: None, or (with reduction 'mean') a non-negative integer or 1-element integer tensor."""
+    if num_items_in_batch is None:
+        return
+    if reduction != "mean":
+        raise ValueError("num_items_in_batch applies to reduction='mean' only")
+    count = num_items_in_batch
+    if isinstance(count, torch.Tensor):
+        if count.numel() != 1 or count.is_floating_point() or count.is_complex():
+            raise ValueError(f"num_items_in_batch must be one integer, got {count!r}")
+    elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"num_items_in_batch must be a non-negative int, got {count!r}")

@@ -11,9 +11,8 @@ from typing import Optional, Union
 
 import torch
 
-from fastmtt._checks import check_options
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss
-from fastmtt.ops.mtt_loss import DEFAULT_LAM
+from fastmtt.options import DEFAULT_LAM, MTTOptions
 from fastmtt.reference import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
@@ -95,8 +94,7 @@ class MTTObjective:
 
     def __init__(self, lam: float = DEFAULT_LAM, temperature: float = 1.0, direction: str = "forward",
                  ignore_index: int = -100, backend: str = "auto"):
-        check_options(lam=lam, temperature=temperature, direction=direction, reduction="mean",
-                      num_items_in_batch=None)
+        MTTOptions(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index)
         self.lam, self.temperature, self.direction = float(lam), float(temperature), direction
         self.ignore_index, self.backend = ignore_index, backend
 

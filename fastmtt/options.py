@@ -66,3 +66,14 @@ class MTTOptions:
 def _check_real(name, value):
     if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {value!r}")
+
+
+def options_from(options, option_kwargs) -> MTTOptions:
+    """The MTTOptions a Module or integration was given: `options` itself, or one built from keywords."""
+    if options is None:
+        return MTTOptions(**option_kwargs)
+    if not isinstance(options, MTTOptions):
+        raise TypeError(f"options must be a fastmtt.MTTOptions, got {type(options).__name__}")
+    if option_kwargs:
+        raise TypeError(f"pass options=MTTOptions(...) or its keywords, not both (got {sorted(option_kwargs)})")
+    return options

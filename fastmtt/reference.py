@@ -19,15 +19,17 @@ class MTTOutput(NamedTuple):
     kl: torch.Tensor
 
 
-def masked_kl_rows(logits, base_logits, labels, *, temperature=1.0, direction="forward", ignore_index=-100):
+def masked_kl_rows(logits, base_logits, labels, *, temperature=1.0, direction="forward", ignore_index=-100,
+                   mask_target=True):
     """Per-row KL between the target-masked, renormalized distributions at temperature T.
 
     logits, base_logits: [N, V]; labels: [N]. Returns [N]; 0 at ignored rows, at rows where the
-    base has no mass outside the target, and at V == 1.
+    base has no mass outside the target, and at V == 1. mask_target=False: the full-vocabulary KL.
     """
     valid = labels != ignore_index
     target_mask = torch.zeros_like(logits, dtype=torch.bool)
-    target_mask[valid, labels[valid]] = True
+    if mask_target:
+        target_mask[valid, labels[valid]] = True
 
     z = (logits / temperature).masked_fill(target_mask, float("-inf"))
     b = (base_logits.to(logits.dtype) / temperature).masked_fill(target_mask, float("-inf"))
@@ -86,6 +88,7 @@ def mtt_loss(
     lam: float,
     temperature: float = 1.0,
     direction: str = "forward",
+    mask_target: bool = True,
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: Optional[int] = None,
@@ -94,7 +97,7 @@ def mtt_loss(
     base_logits = base_logits.detach()
     ce = cross_entropy_rows(logits, labels, ignore_index=ignore_index)
     kl = masked_kl_rows(logits, base_logits, labels, temperature=temperature, direction=direction,
-                        ignore_index=ignore_index)
+                        ignore_index=ignore_index, mask_target=mask_target)
     loss = ce if lam == 0 else ce + lam * temperature**2 * kl  # lam = 0 is plain CE, even where KL is inf
     reduce = dict(labels=labels, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch)
@@ -115,19 +118,8 @@ def linear_logits(hidden, weight, *, bias=None, lora_A=None, lora_B=None, lora_s
     return logits
 
 
-def fused_linear_mtt_loss(
-    hidden: torch.Tensor,
-    base_hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    lora_A: Optional[torch.Tensor] = None,
-    lora_B: Optional[torch.Tensor] = None,
-    lora_scaling: float = 1.0,
-    softcap: Optional[float] = None,
-    **mtt_options,
-) -> MTTOutput:
+def fused_linear_mtt_loss(hidden, base_hidden, weight, labels, *, bias=None, lora_A=None, lora_B=None, lora_scaling=1.0,
+                          softcap=None, **mtt_options) -> MTTOutput:
     """mtt_loss on materialized logits: adapted side with the LoRA head, base side (from the frozen
     base pass, detached) without it; both softcapped. `mtt_options` are those of `mtt_loss`."""
     logits = linear_logits(hidden, weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_scaling=lora_scaling,

@@ -1,15 +1,17 @@
 """Tiled fused-linear MTT kernels (Cut Cross-Entropy style): logits exist only as on-chip tiles.
 
-Forward: one program per block of rows walks the vocabulary in tiles. Each tile of the output head W
-is loaded once per hidden-size step and multiplied with both the adapted and the base hidden rows;
-the tile of logits z (with bias, LoRA term and softcap) and b is merged into fp32 online statistics
-(docs: mtt-math, "One streaming pass"). Only O(N) floats leave the kernel: CE, KL and the three
-log-normalizers LSE(z), Z' and B' per row.
+Forward: one program per (block of rows, vocabulary split) walks its split in tiles. Each tile of the
+output head W is loaded once per hidden-size step and multiplied with both the adapted and the base
+hidden rows; the tiles of logits z (with bias, LoRA term and softcap) and b are merged into fp32 online
+statistics (kernels/mtt_math.py). Each split stores its partial statistics ([splits, N_PARTIALS, N]);
+fastmtt/partials.py merges and finalizes them, so a small batch still fills the GPU with splits, and a
+vocabulary shard (columns [vocab_start, vocab_start + V) of a wider head) is just another range.
 
-Backward: one program per (row block, vocabulary tile) recomputes the two logit tiles, forms
-dL/dz_pre from the saved statistics, skips the tile when every entry is below a threshold (0: exact)
-and accumulates with fp32 atomics dh += g W, dW += g^T h, dbias += sum g, and for a LoRA head
-(g B) and dB += s g^T (h A^T); dh += s (g B) A and dA = s (g B)^T h follow outside (O(N r)).
+Backward: one program per (row block, vocabulary tile) recomputes the two logit tiles, forms dL/dz_pre
+from the finalized statistics and accumulates with fp32 atomics dh += g W, dW += g^T h, dbias += sum g,
+and for a LoRA head (g B) and dB += s g^T (h A^T); dh += s (g B) A and dA = s (g B)^T h follow outside
+(O(N r)). With lam = 0 (plain CE) a tile whose |dL/dz| is below a threshold everywhere may be skipped;
+with lam > 0 nothing is skipped: the divergence's gradient is many small entries that add up.
 """
 from __future__ import annotations
 
@@ -18,28 +20,26 @@ import itertools
 import torch
 import triton
 import triton.language as tl
-from fastmtt.kernels.mtt_loss import kl_gradient, kl_summands, log_normalizer, lse_with_label, masked_kl
+from fastmtt.kernels.mtt_math import (
+    DIVERGENCE_IDS,
+    LOG2E,
+    N_PARTIALS,
+    accumulate_tile,
+    kept_columns,
+    load_statistics,
+    logit_gradient,
+    store_partials,
+)
+from fastmtt.kernels.registry import Launch, compile_specs, meta_tensor
 
+from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
-
-# Rows of the saved [4, N] statistics: LSE(z), Z', B', KL (constexpr so kernels can read them).
-STAT_LSE, STAT_Z, STAT_B, STAT_KL = (tl.constexpr(i) for i in range(4))
 
 
 @triton.jit
 def _tanh(x):
     """tanh through exp, saturating cleanly at +-1."""
     return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _online_rows(m, s, x):
-    """Merge tile x [BLOCK_N, BLOCK_V] into per-row running (max m, sum of exp(. - m) s)."""
-    m_new = tl.maximum(m, tl.max(x, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(x - m_safe[:, None])
-    alpha = tl.exp(m - m_safe)
-    return m_new, s * alpha + tl.sum(e, 1), e, alpha
 
 
 @triton.jit
@@ -93,67 +93,48 @@ def _logit_tiles(
 @triton.jit
 def _linear_mtt_fwd_kernel(
     hidden_ptr, base_ptr, weight_ptr, bias_ptr, lora_h_ptr, lora_b_ptr, labels_ptr,
-    ce_ptr, stats_ptr,
+    partials_ptr,
     stride_h, stride_b, stride_w, stride_lh, stride_lb,
-    n_rows, n_cols, n_hidden, rank, ignore_index,
+    n_rows, n_cols, n_hidden, rank, ignore_index, vocab_start, cols_per_split,
     scaling, softcap, inv_t,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, R_PAD: tl.constexpr,
-    HAS_KL: tl.constexpr, REVERSE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
+    HAS_KL: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr, MASK_TARGET: tl.constexpr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """partials_ptr: [splits, N_PARTIALS, n_rows]; split s covers columns [s, s + 1) * cols_per_split."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    split = tl.program_id(1)
     row_mask = rows < n_rows
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
-    valid = labels != ignore_index
-    label_ok = (labels >= 0) & (labels < n_cols)
+    valid = row_mask & (labels != ignore_index)
+    local = labels - vocab_start
+    split_start = split.to(tl.int64) * cols_per_split
+    split_stop = tl.minimum(split_start + cols_per_split, n_cols)
+    found = valid & (local >= split_start) & (local < split_stop)
 
-    m_z = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # masked adapted z/T
+    scale2 = inv_t * LOG2E
+    m_z = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # kept z/T (base 2)
     s_z = tl.zeros((BLOCK_N,), tl.float32)
-    m_r = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # raw z over all columns (CE at T != 1)
+    m_r = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # all raw z (CE at T != 1)
     s_r = tl.zeros((BLOCK_N,), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # masked base b/T
+    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # kept b/T
     s_b = tl.zeros((BLOCK_N,), tl.float32)
-    w = tl.zeros((BLOCK_N,), tl.float32)  # sum over the weighting side of exp(. - m) * log-ratio
+    w2 = tl.zeros((BLOCK_N,), tl.float32)
     z_label = tl.zeros((BLOCK_N,), tl.float32)
     b_label = tl.zeros((BLOCK_N,), tl.float32)
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        col_mask = cols < n_cols
+    for start in range(split_start, split_stop, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V).to(tl.int64)
+        col_mask = cols < split_stop
         z, b = _logit_tiles(hidden_ptr, base_ptr, weight_ptr, bias_ptr, lora_h_ptr, lora_b_ptr,
                             stride_h, stride_b, stride_w, stride_lh, stride_lb,
                             rows, row_mask, cols, col_mask, n_hidden, rank, scaling, softcap,
                             BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, HAS_KL, HAS_BIAS, LORA, SOFTCAP, UPCAST, PRECISION)
-        is_label = cols[None, :] == labels[:, None]
-        keep = col_mask[None, :] & ~is_label
-        z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
-        if not UNIT_TEMPERATURE:
-            m_r, s_r, _e, _a = _online_rows(m_r, s_r, tl.where(col_mask[None, :], z, float("-inf")))
-        zt = tl.where(keep, z * inv_t, float("-inf"))
-        m_z, s_z, e_z, alpha_z = _online_rows(m_z, s_z, zt)
-        if HAS_KL:
-            b_label += tl.sum(tl.where(is_label, b, 0.0), 1)
-            bt = tl.where(keep, b * inv_t, float("-inf"))
-            m_b, s_b, e_b, alpha_b = _online_rows(m_b, s_b, bt)
-            w = w * (alpha_z if REVERSE else alpha_b) + tl.sum(kl_summands(e_z, e_b, zt, bt, REVERSE), 1)
-
-    z_lse = log_normalizer(m_z, s_z)  # Z'
-    if UNIT_TEMPERATURE:
-        lse = lse_with_label(z_lse, z_label)
-    else:
-        lse = log_normalizer(m_r, s_r)
-    lse = tl.where(label_ok, lse, float("nan"))
-    z_label = tl.where(label_ok, z_label, float("nan"))
-    kl = tl.zeros((BLOCK_N,), tl.float32)
-    b_lse = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # B'
-    if HAS_KL:
-        b_lse = log_normalizer(m_b, s_b)
-        kl = masked_kl(w, s_z, s_b, z_lse, b_lse, b_label, REVERSE)
-    tl.store(ce_ptr + rows, tl.where(valid, lse - z_label, 0.0), mask=row_mask)
-    tl.store(stats_ptr + STAT_LSE * n_rows + rows, lse, mask=row_mask)
-    tl.store(stats_ptr + STAT_Z * n_rows + rows, z_lse, mask=row_mask)
-    tl.store(stats_ptr + STAT_B * n_rows + rows, b_lse, mask=row_mask)
-    tl.store(stats_ptr + STAT_KL * n_rows + rows, tl.where(valid, kl, 0.0), mask=row_mask)
+        m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label = accumulate_tile(
+            z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label,
+            b_label, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
+    store_partials(partials_ptr + split.to(tl.int64) * N_PARTIALS * n_rows, n_rows, rows, row_mask, m_z, s_z, m_r,
+                   s_r, m_b, s_b, w2, z_label, b_label, found)
 
 
 @triton.jit
@@ -162,10 +143,10 @@ def _linear_mtt_bwd_kernel(
     stats_ptr, coef_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, grad_lora_h_ptr, grad_lora_b_ptr,
     stride_h, stride_b, stride_w, stride_lh, stride_lb,
-    n_rows, n_cols, n_hidden, rank, ignore_index,
-    scaling, softcap, inv_t, lam_t2, threshold,
+    n_rows, n_cols, n_hidden, rank, ignore_index, vocab_start,
+    scaling, softcap, inv_t, kl_weight, threshold,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, R_PAD: tl.constexpr,
-    KL_GRAD: tl.constexpr, REVERSE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
+    KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, MASK_TARGET: tl.constexpr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SOFTCAP: tl.constexpr,
     HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
     LORA_H_GRAD: tl.constexpr, LORA_B_GRAD: tl.constexpr, FILTER: tl.constexpr,
@@ -181,22 +162,10 @@ def _linear_mtt_bwd_kernel(
                         stride_h, stride_b, stride_w, stride_lh, stride_lb,
                         rows, row_mask, cols, col_mask, n_hidden, rank, scaling, softcap,
                         BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, KL_GRAD, HAS_BIAS, LORA, SOFTCAP, UPCAST, PRECISION)
-    lse = tl.load(stats_ptr + STAT_LSE * n_rows + rows, mask=live, other=0.0)
-    is_label = cols[None, :] == labels[:, None]
-    keep = col_mask[None, :] & ~is_label
-    grad = tl.exp(z - lse[:, None]) - tl.where(is_label, 1.0, 0.0)
-    if KL_GRAD:
-        z_lse = tl.load(stats_ptr + STAT_Z * n_rows + rows, mask=live, other=0.0)
-        b_lse = tl.load(stats_ptr + STAT_B * n_rows + rows, mask=live, other=0.0)
-        z_empty = z_lse == float("-inf")
-        b_empty = b_lse == float("-inf")
-        zt = tl.where(keep, z * inv_t, float("-inf"))
-        bt = tl.where(keep, b * inv_t, float("-inf"))
-        kl = tl.load(stats_ptr + STAT_KL * n_rows + rows, mask=live, other=0.0)
-        constant = b_empty | z_empty | (kl == float("inf"))
-        grad += lam_t2 * inv_t * kl_gradient(zt - tl.where(z_empty, 0.0, z_lse)[:, None],
-                                             bt - tl.where(b_empty, 0.0, b_lse)[:, None],
-                                             kl[:, None], constant[:, None], REVERSE)
+    lse, z_lse, b_lse, value = load_statistics(stats_ptr, n_rows, rows, live)
+    is_label = cols[None, :] == (labels - vocab_start)[:, None]
+    grad = logit_gradient(z, b, kept_columns(col_mask, is_label, MASK_TARGET), is_label, lse, z_lse, b_lse, value,
+                          inv_t, kl_weight, KL_GRAD, DIVERGENCE)
     if SOFTCAP:  # dz_pre = dz * (1 - tanh^2), tanh = z / c
         t = z / softcap
         grad = grad * (1.0 - t * t)
@@ -223,7 +192,7 @@ def _linear_mtt_bwd_kernel(
                         w = w.to(tl.float32)
                     part = tl.dot(grad_mm, w, input_precision=PRECISION)
                     tl.atomic_add(grad_hidden_ptr + rows[:, None] * n_hidden + ks[None, :], part,
-                                  mask=row_mask[:, None] & k_mask[None, :])
+                                  mask=row_mask[:, None] & k_mask[None, :], sem="relaxed")
                 if WEIGHT_GRAD:
                     h = tl.load(hidden_ptr + rows[:, None] * stride_h + ks[None, :],
                                 mask=row_mask[:, None] & k_mask[None, :], other=0.0)
@@ -231,9 +200,9 @@ def _linear_mtt_bwd_kernel(
                         h = h.to(tl.float32)
                     part = tl.dot(tl.trans(grad_mm), h, input_precision=PRECISION)
                     tl.atomic_add(grad_weight_ptr + cols[:, None] * n_hidden + ks[None, :], part,
-                                  mask=col_mask[:, None] & k_mask[None, :])
+                                  mask=col_mask[:, None] & k_mask[None, :], sem="relaxed")
         if BIAS_GRAD:
-            tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, 0), mask=col_mask)
+            tl.atomic_add(grad_bias_ptr + cols, tl.sum(grad, 0), mask=col_mask, sem="relaxed")
         if LORA_H_GRAD or LORA_B_GRAD:
             rs = tl.arange(0, R_PAD)
             r_mask = rs < rank
@@ -242,13 +211,13 @@ def _linear_mtt_bwd_kernel(
                                  mask=col_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
                 part = tl.dot(grad, lora_b, input_precision="ieee")
                 tl.atomic_add(grad_lora_h_ptr + rows[:, None] * rank + rs[None, :], part,
-                              mask=row_mask[:, None] & r_mask[None, :])
+                              mask=row_mask[:, None] & r_mask[None, :], sem="relaxed")
             if LORA_B_GRAD:  # s g^T (h A^T), [BLOCK_V, r]
                 lora_h = tl.load(lora_h_ptr + rows[:, None] * stride_lh + rs[None, :],
                                  mask=row_mask[:, None] & r_mask[None, :], other=0.0)
                 part = scaling * tl.dot(tl.trans(grad), lora_h, input_precision="ieee")
                 tl.atomic_add(grad_lora_b_ptr + cols[:, None] * rank + rs[None, :], part,
-                              mask=col_mask[:, None] & r_mask[None, :])
+                              mask=col_mask[:, None] & r_mask[None, :], sem="relaxed")
 
 
 # GPU tiles (BLOCK_N, BLOCK_V, BLOCK_H), 8 warps: the smallest stack frames (spills) in compile-check
@@ -274,119 +243,161 @@ def _dummy(device):
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def linear_mtt_forward_triton(hidden, base_hidden, weight, bias, lora_hidden, lora_B, labels, *, scaling, softcap,
-                              lam, temperature, reverse, ignore_index, need_kl):
-    """Per-row CE [N] and statistics [4, N] (LSE(z), Z', B', KL; fp32). hidden, base_hidden [N, H]
-    and weight [V, H] with unit inner stride; lora_hidden = h A^T [N, r] fp32; lora_B [V, r]."""
-    n_rows, n_hidden = hidden.shape
-    n_cols = weight.shape[0]
-    device = hidden.device
-    ce = torch.empty(n_rows, dtype=torch.float32, device=device)
-    stats = torch.empty(4, n_rows, dtype=torch.float32, device=device)
-    if n_rows == 0:
-        return ce, stats
+def _sm_count(device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _head_args(hidden, base_hidden, head, lora_hidden, labels, vocab_start, options):
+    """Arguments both kernels take: inputs, strides, sizes, head scalars."""
     lora = lora_hidden is not None
-    rank = lora_hidden.shape[1] if lora else 1
-    block_n, block_v, block_h, r_pad, num_warps = _config(n_rows, n_cols, n_hidden, rank)
-    dummy = _dummy(device)
-    lora_b = lora_B if lora else dummy
+    dummy = _dummy(hidden.device)
     lora_h = lora_hidden if lora else dummy
-    _linear_mtt_fwd_kernel[(triton.cdiv(n_rows, block_n),)](
-        hidden, base_hidden, weight, dummy if bias is None else bias, lora_h, lora_b, labels,
-        ce, stats,
-        hidden.stride(0), base_hidden.stride(0), weight.stride(0), lora_h.stride(0), lora_b.stride(0),
-        n_rows, n_cols, n_hidden, rank, ignore_index,
-        float(scaling), float(softcap or 1.0), float(1.0 / temperature),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, R_PAD=r_pad,
-        HAS_KL=need_kl or lam > 0, REVERSE=reverse, UNIT_TEMPERATURE=temperature == 1.0,
-        HAS_BIAS=bias is not None, LORA=lora, SOFTCAP=softcap is not None,
-        **_dtype_flags(hidden.dtype), num_warps=num_warps,
-    )
-    return ce, stats
+    lora_b = head.lora_B if lora else dummy
+    return dict(hidden_ptr=hidden, base_ptr=base_hidden, weight_ptr=head.weight,
+                bias_ptr=dummy if head.bias is None else head.bias, lora_h_ptr=lora_h, lora_b_ptr=lora_b,
+                labels_ptr=labels, stride_h=hidden.stride(0), stride_b=base_hidden.stride(0),
+                stride_w=head.weight.stride(0), stride_lh=lora_h.stride(0), stride_lb=lora_b.stride(0),
+                n_rows=hidden.shape[0], n_cols=head.weight.shape[0], n_hidden=hidden.shape[1],
+                rank=lora_hidden.shape[1] if lora else 2, ignore_index=options.ignore_index, vocab_start=vocab_start,
+                scaling=float(head.scaling), softcap=float(head.softcap or 1.0), inv_t=1.0 / options.temperature)
 
 
-def linear_mtt_backward_triton(hidden, base_hidden, weight, bias, lora_hidden, lora_B, labels, stats, coef, *,
-                               scaling, softcap, lam, temperature, reverse, ignore_index, threshold, needs):
-    """fp32 gradients of sum_i coef_i * loss_i: (dh [N, H], dW [V, H], dbias [V], g B [N, r], dB [V, r]),
-    None where `needs` (same order) is False. Tiles whose |dL/dz| is everywhere below `threshold`
-    are skipped (0: exact)."""
+def _head_flags(hidden, head, lora_hidden, options):
+    block_n, block_v, block_h, r_pad, num_warps = _config(hidden.shape[0], head.weight.shape[0], hidden.shape[1],
+                                                          1 if lora_hidden is None else lora_hidden.shape[1])
+    flags = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, R_PAD=r_pad,
+                 DIVERGENCE=DIVERGENCE_IDS[options.direction], MASK_TARGET=options.mask_target,
+                 HAS_BIAS=head.bias is not None, LORA=lora_hidden is not None, SOFTCAP=head.softcap is not None,
+                 **_dtype_flags(hidden.dtype))
+    return flags, num_warps
+
+
+def _forward_launch(hidden, base_hidden, head, lora_hidden, labels, partials, options, *, need_kl, vocab_start,
+                    cols_per_split):
+    flags, num_warps = _head_flags(hidden, head, lora_hidden, options)
+    args = _head_args(hidden, base_hidden, head, lora_hidden, labels, vocab_start, options)
+    args.update(partials_ptr=partials, cols_per_split=cols_per_split)
+    flags.update(HAS_KL=need_kl or options.lam > 0, UNIT_TEMPERATURE=options.temperature == 1.0)
+    grid = (triton.cdiv(hidden.shape[0], flags["BLOCK_N"]), partials.shape[0])
+    return Launch(_linear_mtt_fwd_kernel, grid, args, flags, num_warps)
+
+
+def _split_columns(n_rows, n_cols, block_n, block_v, device, splits):
+    """(splits, columns per split): enough splits for about two programs per SM, whole tiles each."""
+    if splits is None:
+        row_blocks = triton.cdiv(n_rows, block_n)
+        splits = 1 if interpreting() else triton.cdiv(2 * _sm_count(device), row_blocks)
+    tiles = triton.cdiv(n_cols, block_v)
+    splits = max(1, min(splits, tiles))
+    cols_per_split = triton.cdiv(tiles, splits) * block_v
+    return triton.cdiv(n_cols, cols_per_split), cols_per_split
+
+
+def linear_mtt_forward(hidden, base_hidden, head, lora_hidden, labels, options, *, need_kl, vocab_start=0,
+                       splits=None):
+    """Partial statistics [splits, N_PARTIALS, N] (fastmtt/partials.py) of the head's columns, labels global
+    ids (vocab_start: the head's first column in the vocabulary). hidden, base_hidden [N, H] and
+    head.weight [V, H] with unit inner stride; lora_hidden = h A^T [N, r] fp32 or None."""
+    n_rows = hidden.shape[0]
+    flags, _ = _head_flags(hidden, head, lora_hidden, options)
+    splits, cols_per_split = _split_columns(n_rows, head.weight.shape[0], flags["BLOCK_N"], flags["BLOCK_V"],
+                                            hidden.device, splits)
+    partials = torch.empty(splits, P.N_PARTIALS, n_rows, dtype=torch.float32, device=hidden.device)
+    if n_rows:
+        _forward_launch(hidden, base_hidden, head, lora_hidden, labels, partials, options, need_kl=need_kl,
+                        vocab_start=vocab_start, cols_per_split=cols_per_split).run()
+    return partials
+
+
+def _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef, grads, options, *, threshold,
+                     vocab_start):
+    flags, num_warps = _head_flags(hidden, head, lora_hidden, options)
+    args = _head_args(hidden, base_hidden, head, lora_hidden, labels, vocab_start, options)
+    dummy = _dummy(hidden.device)
+    names = ("grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "grad_lora_h_ptr", "grad_lora_b_ptr")
+    args.update({name: dummy if g is None else g for name, g in zip(names, grads)})
+    args.update(stats_ptr=stats, coef_ptr=coef, kl_weight=options.kl_weight, threshold=float(threshold))
+    flags.update(KL_GRAD=options.lam > 0, HIDDEN_GRAD=grads[0] is not None, WEIGHT_GRAD=grads[1] is not None,
+                 BIAS_GRAD=grads[2] is not None, LORA_H_GRAD=grads[3] is not None, LORA_B_GRAD=grads[4] is not None,
+                 FILTER=threshold > 0 and options.lam == 0)
+    grid = (triton.cdiv(hidden.shape[0], flags["BLOCK_N"]), triton.cdiv(head.weight.shape[0], flags["BLOCK_V"]))
+    return Launch(_linear_mtt_bwd_kernel, grid, args, flags, num_warps)
+
+
+def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, coef, options, *, threshold, needs,
+                        vocab_start=0):
+    """fp32 gradients of sum_i coef_i * loss_i: (dh [N, H], dW [V, H], dbias [V], dA [r, H], dB [V, r]), None
+    where `needs` (same order) is False; stats: finalized statistics [N_STATS, N]. The kernel forms g B
+    [N, r] for a LoRA head; dh += s (g B) A and dA = s (g B)^T h follow here (O(N r H)). With lam = 0,
+    tiles whose |dL/dz| is everywhere below `threshold` are skipped (0: exact)."""
+    need_dh, need_dw, need_db, need_da, need_db_lora = needs
     n_rows, n_hidden = hidden.shape
-    n_cols = weight.shape[0]
-    device = hidden.device
-    lora = lora_hidden is not None
-    rank = lora_hidden.shape[1] if lora else 1
+    n_cols = head.weight.shape[0]
+    rank = 1 if lora_hidden is None else lora_hidden.shape[1]
+    kernel_needs = (need_dh, need_dw, need_db, lora_hidden is not None and (need_dh or need_da), need_db_lora)
     shapes = ((n_rows, n_hidden), (n_cols, n_hidden), (n_cols,), (n_rows, rank), (n_cols, rank))
-    grads = [torch.zeros(shape, dtype=torch.float32, device=device) if need else None
-             for shape, need in zip(shapes, needs)]
-    if n_rows == 0 or not any(needs):
-        return tuple(grads)
-    block_n, block_v, block_h, r_pad, num_warps = _config(n_rows, n_cols, n_hidden, rank)
-    dummy = _dummy(device)
-    lora_b = lora_B if lora else dummy
-    lora_h = lora_hidden if lora else dummy
-    _linear_mtt_bwd_kernel[(triton.cdiv(n_rows, block_n), triton.cdiv(n_cols, block_v))](
-        hidden, base_hidden, weight, dummy if bias is None else bias, lora_h, lora_b, labels,
-        stats, coef,
-        *(dummy if g is None else g for g in grads),
-        hidden.stride(0), base_hidden.stride(0), weight.stride(0), lora_h.stride(0), lora_b.stride(0),
-        n_rows, n_cols, n_hidden, rank, ignore_index,
-        float(scaling), float(softcap or 1.0), float(1.0 / temperature), float(lam * temperature * temperature),
-        float(threshold),
-        BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, R_PAD=r_pad,
-        KL_GRAD=lam > 0, REVERSE=reverse, UNIT_TEMPERATURE=temperature == 1.0,
-        HAS_BIAS=bias is not None, LORA=lora, SOFTCAP=softcap is not None,
-        HIDDEN_GRAD=needs[0], WEIGHT_GRAD=needs[1], BIAS_GRAD=needs[2], LORA_H_GRAD=needs[3],
-        LORA_B_GRAD=needs[4], FILTER=threshold > 0,
-        **_dtype_flags(hidden.dtype), num_warps=num_warps,
-    )
-    return tuple(grads)
+    grads = [torch.zeros(shape, dtype=torch.float32, device=hidden.device) if need else None
+             for shape, need in zip(shapes, kernel_needs)]
+    if n_rows and any(kernel_needs):
+        torch._C._alert_not_deterministic("fused_linear_mtt_loss(tiled=True) backward (fp32 atomic sums)")
+        _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef, grads, options,
+                         threshold=threshold, vocab_start=vocab_start).run()
+    dh, dw, db, grad_lora_h, db_lora = grads
+    da = None
+    if grad_lora_h is not None:
+        if need_dh:
+            dh.addmm_(grad_lora_h, head.lora_A.float(), alpha=head.scaling)
+        if need_da:
+            da = (grad_lora_h.T @ hidden.float()).mul_(head.scaling)
+    return dh, dw, db, da, db_lora
 
 
-def compile_specs():
-    """Forward and backward for every input dtype with every feature on, and flag variations on bf16."""
-    from fastmtt.apps.compile_check import KernelSpec
+@compile_specs
+def _specs():
+    """Forward and backward for every input dtype with every feature on, and flag variations on bf16, at
+    N=8192, H=4096, V=128256 (launch-time specialization)."""
+    from fastmtt.head import LinearHead
+    from fastmtt.options import MTTOptions
 
-    common = {"stride_h": "i64", "stride_b": "i64", "stride_w": "i64", "stride_lh": "i64", "stride_lb": "i64",
-              "n_rows": "i32", "n_cols": "i32", "n_hidden": "i32", "rank": "i32", "ignore_index": "i32",
-              "scaling": "fp32", "softcap": "fp32", "inv_t": "fp32"}
+    n_rows, n_hidden, n_cols, rank = 8192, 4096, 128256, 16
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    labels = meta_tensor(n_rows, dtype=torch.int64)
 
-    def inputs(dtype):
-        return {"hidden_ptr": f"*{dtype}", "base_ptr": f"*{dtype}", "weight_ptr": f"*{dtype}",
-                "bias_ptr": f"*{dtype}", "lora_h_ptr": "*fp32", "lora_b_ptr": f"*{dtype}", "labels_ptr": "*i64"}
+    def inputs(dtype, bias, lora, softcap):
+        dt = dtypes[dtype]
+        head = LinearHead(meta_tensor(n_cols, n_hidden, dtype=dt), meta_tensor(n_cols, dtype=dt) if bias else None,
+                          None, meta_tensor(n_cols, rank, dtype=dt) if lora else None, 2.0, 30.0 if softcap else None)
+        lora_hidden = meta_tensor(n_rows, rank, dtype=torch.float32) if lora else None
+        return meta_tensor(n_rows, n_hidden, dtype=dt), meta_tensor(n_rows, n_hidden, dtype=dt), head, lora_hidden
 
-    def flags(dtype, **features):
-        block_n, block_v, block_h = GPU_TILES
-        return dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, R_PAD=16, UPCAST=False,
-                    PRECISION="ieee" if dtype == "fp32" else "tf32", **features)
+    def label(name, launch, dtype):
+        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.constexprs.items()
+                         if not k.startswith(("BLOCK", "R_PAD", "UPCAST", "PRECISION")))
+        return f"{name}[{dtype},{flags}]"
 
-    def forward(dtype, reverse, unit_t, has_kl, bias, lora, softcap):
-        signature = {**inputs(dtype), "ce_ptr": "*fp32", "stats_ptr": "*fp32", **common}
-        constexprs = flags(dtype, HAS_KL=has_kl, REVERSE=reverse, UNIT_TEMPERATURE=unit_t, HAS_BIAS=bias,
-                           LORA=lora, SOFTCAP=softcap)
-        signature.update(dict.fromkeys(constexprs, "constexpr"))
-        label = (f"linear_mtt_fwd[{dtype},{'reverse' if reverse else 'forward'},T{'=1' if unit_t else '!=1'},"
-                 f"kl={int(has_kl)},bias={int(bias)},lora={int(lora)},softcap={int(softcap)}]")
-        return KernelSpec(label, _linear_mtt_fwd_kernel, signature, constexprs, num_warps=8)
+    def forward(dtype, options, has_kl, bias, lora, softcap):
+        hidden, base, head, lora_hidden = inputs(dtype, bias, lora, softcap)
+        partials = meta_tensor(4, P.N_PARTIALS, n_rows, dtype=torch.float32)
+        launch = _forward_launch(hidden, base, head, lora_hidden, labels, partials, options, need_kl=has_kl,
+                                 vocab_start=0, cols_per_split=32064)
+        return launch.spec(label("linear_mtt_fwd", launch, dtype))
 
-    def backward(dtype, reverse, unit_t, kl_grad, bias, lora, softcap, needs, filt):
-        signature = {**inputs(dtype), "stats_ptr": "*fp32", "coef_ptr": "*fp32",
-                     "grad_hidden_ptr": "*fp32", "grad_weight_ptr": "*fp32", "grad_bias_ptr": "*fp32",
-                     "grad_lora_h_ptr": "*fp32", "grad_lora_b_ptr": "*fp32", **common,
-                     "lam_t2": "fp32", "threshold": "fp32"}
-        constexprs = flags(dtype, KL_GRAD=kl_grad, REVERSE=reverse, UNIT_TEMPERATURE=unit_t, HAS_BIAS=bias,
-                           LORA=lora, SOFTCAP=softcap, HIDDEN_GRAD=needs[0], WEIGHT_GRAD=needs[1],
-                           BIAS_GRAD=needs[2], LORA_H_GRAD=needs[3], LORA_B_GRAD=needs[4], FILTER=filt)
-        signature.update(dict.fromkeys(constexprs, "constexpr"))
-        label = (f"linear_mtt_bwd[{dtype},{'reverse' if reverse else 'forward'},T{'=1' if unit_t else '!=1'},"
-                 f"kl_grad={int(kl_grad)},bias={int(bias)},lora={int(lora)},softcap={int(softcap)},"
-                 f"grads={''.join(str(int(n)) for n in needs)},filter={int(filt)}]")
-        return KernelSpec(label, _linear_mtt_bwd_kernel, signature, constexprs, num_warps=8)
+    def backward(dtype, options, bias, lora, softcap, needs, threshold):
+        hidden, base, head, lora_hidden = inputs(dtype, bias, lora, softcap)
+        shapes = ((n_rows, n_hidden), (n_cols, n_hidden), (n_cols,), (n_rows, rank), (n_cols, rank))
+        grads = [meta_tensor(*shape, dtype=torch.float32) if need else None for shape, need in zip(shapes, needs)]
+        launch = _backward_launch(hidden, base, head, lora_hidden, labels, meta_tensor(P.N_STATS, n_rows,
+                                  dtype=torch.float32), meta_tensor(n_rows, dtype=torch.float32), grads, options,
+                                  threshold=threshold, vocab_start=0)
+        return launch.spec(label("linear_mtt_bwd", launch, dtype))
 
     every_grad = (True,) * 5
-    for dtype, reverse in itertools.product(("fp32", "fp16", "bf16"), (False, True)):
-        yield forward(dtype, reverse, False, True, True, True, True)
-        yield backward(dtype, reverse, False, True, True, True, True, every_grad, True)
-    for unit_t, has_kl in itertools.product((True, False), (True, False)):
-        yield forward("bf16", False, unit_t, has_kl, False, False, False)
-        yield backward("bf16", False, unit_t, has_kl, False, False, False, (True, False, False, False, False), False)
-    yield backward("bf16", False, True, True, False, True, False, (True, False, False, True, True), True)
+    for dtype, direction in itertools.product(dtypes, ("forward", "reverse")):
+        options = MTTOptions(lam=1.0, temperature=2.0, direction=direction)
+        yield forward(dtype, options, True, True, True, True)
+        yield backward(dtype, options, True, True, True, every_grad, 0.0)
+    for temperature, lam, mask_target in itertools.product((1.0, 2.0), (0.0, 1.0), (True, False)):
+        options = MTTOptions(lam=lam, temperature=temperature, mask_target=mask_target)
+        yield forward("bf16", options, lam > 0, False, False, False)
+        yield backward("bf16", options, False, False, False, (True, False, False, False, False), 2.0**-12)
+    yield backward("bf16", MTTOptions(lam=1.0), False, True, False, (True, False, False, True, True), 0.0)

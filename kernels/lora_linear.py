@@ -34,8 +34,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from fastmtt.kernels.registry import Launch, compile_specs, meta_tensor
 
-from fastmtt._dispatch import interpreting
+from fastmtt._dispatch import allows_tf32, interpreting
 
 MAX_RANK = 128
 DROPOUT_NONE, DROPOUT_INPUT, DROPOUT_OUTPUT = 0, 1, 2
@@ -181,7 +182,7 @@ def _fp32_precision() -> str:
     accuracy on tensor cores; the FMA "ieee" lowering spills registers at these tile sizes)."""
     if interpreting():
         return "ieee"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    return "tf32" if allows_tf32() else "tf32x3"
 
 
 @functools.cache
@@ -218,69 +219,86 @@ def _weight_grad_blocks(M: int, C: int, R: int, lora_dtype: torch.dtype, device:
     return block_m, block_c, num_warps, splits
 
 
-def _gemm(p, w_mat, a_mat, b_mat, bias, out, side, *, side_scale, lora_scale, dropout, dropout_p, seed, mask_cols):
-    """Launch the fused GEMM: out = p w_mat + bias + lora_scale * D_out (side_scale * (D_in p) a_mat) b_mat."""
+def _gemm_launch(p, w_mat, a_mat, b_mat, bias, out, side, *, side_scale, lora_scale, dropout, dropout_p, seed,
+                 mask_cols, fp32_precision=None) -> Launch:
+    """The fused GEMM: out = p w_mat + bias + lora_scale * D_out (side_scale * (D_in p) a_mat) b_mat."""
     M, L = p.shape
     C = w_mat.shape[1]
     rank = a_mat.shape[1]
     R = _padded_rank(rank)
     block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(M, C, L, R, p.dtype, a_mat.dtype, dropout)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(C, block_c),)
-    _lora_gemm_kernel[grid](
-        p, p.stride(0), p.stride(1),
-        w_mat, w_mat.stride(0), w_mat.stride(1),
-        a_mat, a_mat.stride(0), a_mat.stride(1),
-        b_mat, b_mat.stride(0), b_mat.stride(1),
-        bias if bias is not None else out,
-        out, out.stride(0), out.stride(1),
-        side,
-        M, C, L, rank, mask_cols,
-        float(side_scale), float(lora_scale), float(dropout_p), seed,
-        R=R, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_L=block_l, GROUP_M=8,
-        DROPOUT=dropout, HAS_BIAS=bias is not None,
-        UPCAST=interpreting(), FP32_PRECISION=_fp32_precision(),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    args = dict(p_ptr=p, stride_pm=p.stride(0), stride_pl=p.stride(1),
+                w_ptr=w_mat, stride_wl=w_mat.stride(0), stride_wc=w_mat.stride(1),
+                a_ptr=a_mat, stride_al=a_mat.stride(0), stride_ar=a_mat.stride(1),
+                b_ptr=b_mat, stride_br=b_mat.stride(0), stride_bc=b_mat.stride(1),
+                bias_ptr=bias if bias is not None else out,
+                out_ptr=out, stride_om=out.stride(0), stride_oc=out.stride(1),
+                side_ptr=side, M=M, C=C, L=L, RANK=rank, mask_cols=mask_cols,
+                side_scale=float(side_scale), lora_scale=float(lora_scale), dropout_p=float(dropout_p), seed=seed)
+    constexprs = dict(R=R, BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_L=block_l, GROUP_M=8, DROPOUT=dropout,
+                      HAS_BIAS=bias is not None, UPCAST=interpreting(),
+                      FP32_PRECISION=fp32_precision or _fp32_precision())
+    return Launch(_lora_gemm_kernel, (triton.cdiv(M, block_m) * triton.cdiv(C, block_c),), args, constexprs,
+                  num_warps, num_stages)
+
+
+def _gemm(*args, **kwargs):
+    _gemm_launch(*args, **kwargs).run()
+
+
+def _weight_grad_launch(g, p, partial, rows_per_split, block_m, block_c, num_warps, *, scale, dropout, dropout_p,
+                        seed) -> Launch:
+    M, C = p.shape
+    rank = g.shape[1]
+    args = dict(g_ptr=g, p_ptr=p, stride_pm=p.stride(0), stride_pc=p.stride(1), out_ptr=partial, M=M, C=C,
+                RANK=rank, rows_per_split=rows_per_split, mask_cols=C, scale=float(scale),
+                dropout_p=float(dropout_p), seed=seed)
+    constexprs = dict(R=_padded_rank(rank), BLOCK_M=block_m, BLOCK_C=block_c, DROPOUT=dropout,
+                      UPCAST=interpreting(), FP32_PRECISION=_fp32_precision())
+    return Launch(_lora_weight_grad_kernel, (triton.cdiv(C, block_c), partial.shape[0]), args, constexprs,
+                  num_warps)
 
 
 def _weight_grad(g, p, *, scale, dropout, dropout_p, seed):
     """s * g^T (D p): g [M, r] (adapter dtype), p [M, C] -> [r, C] fp32, summed over row splits."""
     M, C = p.shape
-    rank = g.shape[1]
-    R = _padded_rank(rank)
-    block_m, block_c, num_warps, splits = _weight_grad_blocks(M, C, R, g.dtype, p.device)
+    block_m, block_c, num_warps, splits = _weight_grad_blocks(M, C, _padded_rank(g.shape[1]), g.dtype, p.device)
     rows_per_split = triton.cdiv(triton.cdiv(M, splits), block_m) * block_m
     splits = triton.cdiv(M, rows_per_split)
-    partial = torch.empty(splits, rank, C, dtype=torch.float32, device=p.device)
-    _lora_weight_grad_kernel[(triton.cdiv(C, block_c), splits)](
-        g, p, p.stride(0), p.stride(1), partial,
-        M, C, rank, rows_per_split, C,
-        float(scale), float(dropout_p), seed,
-        R=R, BLOCK_M=block_m, BLOCK_C=block_c, DROPOUT=dropout,
-        UPCAST=interpreting(), FP32_PRECISION=_fp32_precision(), num_warps=num_warps,
-    )
+    partial = torch.empty(splits, g.shape[1], C, dtype=torch.float32, device=p.device)
+    _weight_grad_launch(g, p, partial, rows_per_split, block_m, block_c, num_warps, scale=scale, dropout=dropout,
+                        dropout_p=dropout_p, seed=seed).run()
     return partial[0] if splits == 1 else partial.sum(0)
 
 
-def lora_forward_triton(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+def draw_dropout_seed() -> int:
+    """Seed for the in-kernel dropout mask, drawn from torch's default CPU generator (so
+    torch.manual_seed makes runs reproducible)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def lora_forward_triton(x, weight, lora_A, lora_B, bias, scaling, dropout_p):
     """x [M, K], weight [N, K] (x's dtype), lora_A [r, K], lora_B [N, r] -> (y [M, N] in x's dtype,
-    xa = drop(x) A^T [M, r] in the adapters' dtype)."""
+    saved tensors (x, xa = drop(x) A^T [M, r] in the adapters' dtype), the dropout seed)."""
+    seed = draw_dropout_seed() if dropout_p > 0 else 0
     M, K = x.shape
     y = torch.empty(M, weight.shape[0], dtype=x.dtype, device=x.device)
     xa = torch.empty(M, lora_A.shape[0], dtype=lora_A.dtype, device=x.device)
     _gemm(x, weight.t(), lora_A.t(), lora_B.t(), bias, y, xa,
           side_scale=1.0 / (1.0 - dropout_p), lora_scale=scaling,
           dropout=DROPOUT_INPUT if dropout_p > 0 else DROPOUT_NONE, dropout_p=dropout_p, seed=seed, mask_cols=K)
-    return y, xa
+    return y, (x, xa), seed
 
 
-def lora_backward_triton(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs):
+def lora_backward_triton(dy, saved, seed, weight, lora_A, lora_B, scaling, dropout_p, needs):
     """Gradients (dx, dA, dB) for the outputs flagged in `needs` = (x, lora_A, lora_B); None elsewhere.
+    saved, seed: what lora_forward_triton returned (the mask is regenerated from the seed).
 
     dx = dy W + s D (dy B) A / (1 - p)   (one fused launch, which also yields g = dy B)
     dA = s g^T D x / (1 - p),  dB = s dy^T xa   (one launch each, over row splits).
     """
     need_dx, need_dA, need_dB = needs
+    x, xa = saved
     M, K = x.shape
     keep_scale = 1.0 / (1.0 - dropout_p)
     dropout = dropout_p > 0
@@ -313,63 +331,46 @@ def dropout_mask_triton(shape, dropout_p, seed, device):
     return out.bool()
 
 
-def compile_specs():
+@compile_specs
+def _specs():
     """The GEMM's forward and dx roles with dropout over the dtype pairs (input, adapters), flag and
-    rank variants on bf16, tf32, the weight-gradient kernel per adapter dtype, and the mask kernel.
-    Tiles come from the launch-time choice (_gemm_blocks, _weight_grad_tiles)."""
-    from fastmtt.apps.compile_check import KernelSpec
-
+    rank variants on bf16, tf32, the weight-gradient kernel per adapter dtype, and the mask kernel, at
+    M = K = N = 4096 (tiles as chosen at launch)."""
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    size = 4096
 
-    def gemm(x_dt, a_dt, role, dropout, has_bias, rank_block=64, fp32_precision="tf32x3"):
-        signature = {
-            "p_ptr": f"*{x_dt}", "stride_pm": "i64", "stride_pl": "i64",
-            "w_ptr": f"*{x_dt}", "stride_wl": "i64", "stride_wc": "i64",
-            "a_ptr": f"*{a_dt}", "stride_al": "i64", "stride_ar": "i64",
-            "b_ptr": f"*{a_dt}", "stride_br": "i64", "stride_bc": "i64",
-            "bias_ptr": f"*{x_dt}",
-            "out_ptr": f"*{x_dt}", "stride_om": "i64", "stride_oc": "i64",
-            "side_ptr": f"*{a_dt}",
-            "M": "i32", "C": "i32", "L": "i32", "RANK": "i32", "mask_cols": "i32",
-            "side_scale": "fp32", "lora_scale": "fp32", "dropout_p": "fp32", "seed": "i32",
-            "R": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr", "BLOCK_L": "constexpr",
-            "GROUP_M": "constexpr", "DROPOUT": "constexpr", "HAS_BIAS": "constexpr",
-            "UPCAST": "constexpr", "FP32_PRECISION": "constexpr",
-        }
+    def gemm(x_dt, a_dt, role, dropout, has_bias, rank=64, fp32_precision="tf32x3"):
+        x_dtype, a_dtype = dtypes[x_dt], dtypes[a_dt]
+        p, w_mat = meta_tensor(size, size, dtype=x_dtype), meta_tensor(size, size, dtype=x_dtype)
+        a_mat, b_mat = meta_tensor(size, rank, dtype=a_dtype), meta_tensor(rank, size, dtype=a_dtype)
+        out, side = meta_tensor(size, size, dtype=x_dtype), meta_tensor(size, rank, dtype=a_dtype)
         mode = (DROPOUT_INPUT if role == "forward" else DROPOUT_OUTPUT) if dropout else DROPOUT_NONE
-        block_m, block_c, block_l, num_warps, num_stages = _gemm_blocks(4096, 4096, 4096, rank_block,
-                                                                         dtypes[x_dt], dtypes[a_dt], mode)
-        constexprs = {"R": rank_block, "BLOCK_M": block_m, "BLOCK_C": block_c, "BLOCK_L": block_l, "GROUP_M": 8,
-                      "DROPOUT": mode, "HAS_BIAS": has_bias, "UPCAST": False, "FP32_PRECISION": fp32_precision}
-        label = (f"lora_gemm[{role},x={x_dt},adapter={a_dt},R={rank_block},dropout={int(dropout)},"
-                 f"bias={int(has_bias)},fp32={fp32_precision}]")
-        return KernelSpec(label, _lora_gemm_kernel, signature, constexprs, num_warps, num_stages)
+        launch = _gemm_launch(p, w_mat, a_mat, b_mat, out[0] if has_bias else None, out, side, side_scale=1.1,
+                              lora_scale=2.0, dropout=mode, dropout_p=0.1, seed=1234, mask_cols=size,
+                              fp32_precision=fp32_precision)
+        return launch.spec(f"lora_gemm[{role},x={x_dt},adapter={a_dt},R={launch.constexprs['R']},"
+                           f"dropout={int(dropout)},bias={int(has_bias)},fp32={fp32_precision}]")
 
     def weight_grad(x_dt, a_dt, dropout):
-        signature = {
-            "g_ptr": f"*{a_dt}", "p_ptr": f"*{x_dt}", "stride_pm": "i64", "stride_pc": "i64", "out_ptr": "*fp32",
-            "M": "i32", "C": "i32", "RANK": "i32", "rows_per_split": "i32", "mask_cols": "i32",
-            "scale": "fp32", "dropout_p": "fp32", "seed": "i32",
-            "R": "constexpr", "BLOCK_M": "constexpr", "BLOCK_C": "constexpr", "DROPOUT": "constexpr",
-            "UPCAST": "constexpr", "FP32_PRECISION": "constexpr",
-        }
+        g, p = meta_tensor(size, 64, dtype=dtypes[a_dt]), meta_tensor(size, size, dtype=dtypes[x_dt])
         block_m, block_c, num_warps = _weight_grad_tiles(64, dtypes[a_dt])
-        constexprs = {"R": 64, "BLOCK_M": block_m, "BLOCK_C": block_c, "DROPOUT": dropout, "UPCAST": False,
-                      "FP32_PRECISION": "tf32x3"}
-        label = f"lora_weight_grad[x={x_dt},adapter={a_dt},dropout={int(dropout)}]"
-        return KernelSpec(label, _lora_weight_grad_kernel, signature, constexprs, num_warps=num_warps)
+        partial = meta_tensor(4, 64, size, dtype=torch.float32)
+        launch = _weight_grad_launch(g, p, partial, size // 4, block_m, block_c, num_warps, scale=2.0,
+                                     dropout=dropout, dropout_p=0.1, seed=1234)
+        return launch.spec(f"lora_weight_grad[x={x_dt},adapter={a_dt},dropout={int(dropout)}]")
 
     for x_dt, a_dt in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")):
         yield gemm(x_dt, a_dt, "forward", True, True)
     for x_dt, a_dt in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
         yield gemm(x_dt, a_dt, "dx", True, False)
-    yield gemm("bf16", "bf16", "forward", False, False, rank_block=16)
-    yield gemm("fp16", "fp16", "dx", False, False, rank_block=128)
-    yield gemm("bf16", "fp32", "forward", True, True, rank_block=128)
+    yield gemm("bf16", "bf16", "forward", False, False, rank=16)
+    yield gemm("fp16", "fp16", "dx", False, False, rank=128)
+    yield gemm("bf16", "fp32", "forward", True, True, rank=128)
     yield gemm("fp32", "fp32", "forward", False, True, fp32_precision="tf32")
     yield weight_grad("bf16", "bf16", True)
     yield weight_grad("fp16", "fp16", False)
     yield weight_grad("bf16", "fp32", True)
-    yield KernelSpec("lora_dropout_mask", _dropout_mask_kernel,
-                     {"out_ptr": "*i8", "M": "i32", "K": "i32", "dropout_p": "fp32", "seed": "i32",
-                      "BLOCK_M": "constexpr", "BLOCK_K": "constexpr"}, {"BLOCK_M": 64, "BLOCK_K": 64})
+    mask = Launch(_dropout_mask_kernel, (64, 64), dict(out_ptr=meta_tensor(size, size, dtype=torch.int8), M=size,
+                                                         K=size, dropout_p=0.1, seed=1234),
+                  dict(BLOCK_M=64, BLOCK_K=64))
+    yield mask.spec("lora_dropout_mask")

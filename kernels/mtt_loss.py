@@ -1,9 +1,10 @@
-"""MTT row kernel: per row CE, target-masked KL and, in the same launch, dL/dlogits.
+"""MTT row kernel: per row CE, the divergence and, in the same launch, dL/dlogits.
 
-One program per row. Pass 1 streams the row in blocks and keeps fp32 online statistics (max and
-rescaled sum of exp) for the masked adapted and base distributions at temperature T, the KL
-accumulator and, when T != 1, the raw-logit LSE for CE. Pass 2 rereads the row and writes the
-gradient. See docs/mtt-math ("One streaming pass over the vocabulary").
+One program per BLOCK_N rows (1 on a GPU). Pass 1 streams the rows in [BLOCK_N, BLOCK_V] tiles and keeps
+fp32 online statistics (kernels/mtt_math.py); pass 2 rereads the rows and writes the gradient. The
+same kernel serves a vocabulary range [vocab_start, vocab_start + n_cols) of wider rows (labels are
+global ids): MODE_PARTIALS stores the range's partial statistics, MODE_GRADIENT writes the range's
+gradient from merged statistics (fastmtt/partials.py).
 """
 from __future__ import annotations
 
@@ -12,68 +13,23 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from fastmtt.kernels.mtt_math import (
+    DIVERGENCE_IDS,
+    LOG2E,
+    accumulate_tile,
+    kept_columns,
+    load_statistics,
+    logit_gradient,
+    row_statistics,
+    store_partials,
+    store_statistics,
+)
+from fastmtt.kernels.registry import Launch, compile_specs, meta_tensor
 
+from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
 
-NEG_INF = float("-inf")
-
-
-@triton.jit
-def _online_update(m, s, x):
-    """Merge block `x` into the running (max m, sum of exp(. - m) s); -inf entries count for 0."""
-    m_new = tl.maximum(m, tl.max(x, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp(x - m_safe)
-    alpha = tl.exp(m - m_safe)
-    return m_new, s * alpha + tl.sum(e, 0), e, alpha
-
-
-@triton.jit
-def log_normalizer(m, s):
-    """m + log(s), -inf for an empty (all -inf) row."""
-    return tl.where(s == 0.0, float("-inf"), m + tl.log(s))
-
-
-@triton.jit
-def lse_with_label(masked_lse, z_label):
-    """LSE over all columns at T = 1 from Z' (target masked) and the target logit: logaddexp."""
-    hi = tl.maximum(masked_lse, z_label)
-    return hi + tl.log(tl.exp(masked_lse - hi) + tl.exp(z_label - hi))
-
-
-@triton.jit
-def kl_summands(e_z, e_b, zt, bt, REVERSE: tl.constexpr):
-    """Terms of the KL accumulator w: exp(. - m) of the weighting side times the log-ratio
-    (b - z)/T (forward) or (z - b)/T (reverse); a term of weight 0 is 0, never 0 * inf."""
-    if REVERSE:
-        terms = tl.where(e_z == 0.0, 0.0, e_z * (zt - bt))
-    else:
-        terms = tl.where(e_b == 0.0, 0.0, e_b * (bt - zt))
-    return terms
-
-
-@triton.jit
-def masked_kl(w, s_z, s_b, z_lse, b_lse, b_label, REVERSE: tl.constexpr):
-    """KL from the online statistics (docs: mtt-math): 0 when the base (or, reverse, the adapted side)
-    has no mass outside the target, +inf (forward) when only the adapted side has none; NaN at the
-    base's target logit poisons the row."""
-    if REVERSE:
-        kl = tl.where((s_b == 0.0) | (s_z == 0.0), 0.0, w / s_z - z_lse + b_lse)
-    else:
-        kl = tl.where(s_b == 0.0, 0.0, tl.where(s_z == 0.0, float("inf"), w / s_b - b_lse + z_lse))
-    return tl.where(b_label != b_label, float("nan"), kl)
-
-
-@triton.jit
-def kl_gradient(log_q, log_p, kl, constant, REVERSE: tl.constexpr):
-    """T * dKL/dz off the target: q - p (forward) or q (log q - log p - KL) (reverse); 0 where
-    `constant` (a side without mass outside the target, or KL = +inf: KL is constant there)."""
-    q = tl.exp(log_q)
-    if REVERSE:
-        grad = tl.where(q == 0.0, 0.0, q * (log_q - log_p - kl))
-    else:
-        grad = q - tl.exp(log_p)
-    return tl.where(constant, 0.0, grad)
+MODE_WHOLE, MODE_PARTIALS, MODE_GRADIENT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
@@ -82,176 +38,172 @@ def _mtt_loss_kernel(
     base_ptr, base_stride,
     labels_ptr,
     grad_ptr, grad_stride,
-    ce_ptr, kl_ptr,
+    out_ptr,
     scale_ptr,
-    n_cols, ignore_index,
-    lam_t2, inv_t,
-    BLOCK_V: tl.constexpr,
-    REVERSE: tl.constexpr,
-    UNIT_TEMPERATURE: tl.constexpr,
-    HAS_KL: tl.constexpr,
-    KL_GRAD: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
+    n_rows, n_cols, vocab_start, ignore_index,
+    inv_t, kl_weight,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+    MODE: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr, MASK_TARGET: tl.constexpr,
+    HAS_KL: tl.constexpr, KL_GRAD: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * logits_stride
-    base_row = base_ptr + row * base_stride
-    grad_row = grad_ptr + row * grad_stride
-    label = tl.load(labels_ptr + row).to(tl.int64)
+    """out_ptr: statistics [N_STATS, n_rows] (written in MODE_WHOLE, read in MODE_GRADIENT) or partials
+    [N_PARTIALS, n_rows] (written in MODE_PARTIALS). scale_ptr: 1 element, the gradient's factor."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n_rows
+    labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
+    valid = row_mask & (labels != ignore_index)
+    local = labels - vocab_start  # the label's column in this range; outside [0, n_cols) when elsewhere
+    found = valid & (local >= 0) & (local < n_cols)
+    logits_rows = logits_ptr + rows[:, None] * logits_stride
+    base_rows = base_ptr + rows[:, None] * base_stride
+    grad_rows = grad_ptr + rows[:, None] * grad_stride
     offsets = tl.arange(0, BLOCK_V)
+    any_valid = tl.max(valid.to(tl.int32), 0) > 0
 
-    if label == ignore_index:
-        tl.store(ce_ptr + row, 0.0)
-        tl.store(kl_ptr + row, 0.0)
-        if COMPUTE_GRAD:
+    if MODE == MODE_GRADIENT:
+        lse, z_lse, b_lse, value = load_statistics(out_ptr, n_rows, rows, valid)
+    else:
+        m_z = tl.full([BLOCK_N], float("-inf"), tl.float32)  # kept z/T (base 2)
+        s_z = tl.zeros([BLOCK_N], tl.float32)
+        m_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # all raw z (CE at T != 1)
+        s_r = tl.zeros([BLOCK_N], tl.float32)
+        m_b = tl.full([BLOCK_N], float("-inf"), tl.float32)  # kept b/T
+        s_b = tl.zeros([BLOCK_N], tl.float32)
+        w2 = tl.zeros([BLOCK_N], tl.float32)
+        z_label = tl.zeros([BLOCK_N], tl.float32)
+        b_label = tl.zeros([BLOCK_N], tl.float32)
+        if any_valid:  # a block of ignored rows only stores zeros
+            scale2 = inv_t * LOG2E
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + offsets
-                tl.store(grad_row + cols, tl.zeros([BLOCK_V], tl.float32).to(grad_ptr.dtype.element_ty),
-                         mask=cols < n_cols)
-        return
-
-    # An out-of-range label is never used as an address: its row's loss becomes NaN.
-    label_ok = (label >= 0) & (label < n_cols)
-    z_label = tl.load(logits_row + label, mask=label_ok, other=float("nan")).to(tl.float32)
-
-    m_z = float("-inf")  # masked adapted z/T
-    s_z = 0.0
-    m_r = float("-inf")  # raw z over all columns (CE at T != 1)
-    s_r = 0.0
-    m_b = float("-inf")  # masked base b/T
-    s_b = 0.0
-    w = 0.0  # sum over the weighting side of exp(. - m) * log-ratio
-    for start in range(0, n_cols, BLOCK_V):
-        cols = start + offsets
-        in_row = cols < n_cols
-        keep = in_row & (cols != label)
-        z = tl.load(logits_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-        if UNIT_TEMPERATURE:
-            zt = tl.where(keep, z, float("-inf"))
+                col_mask = cols < n_cols
+                tile_mask = valid[:, None] & col_mask[None, :]
+                z = tl.load(logits_rows + cols[None, :], mask=tile_mask, other=float("-inf")).to(tl.float32)
+                b = z
+                if HAS_KL:
+                    b = tl.load(base_rows + cols[None, :], mask=tile_mask, other=float("-inf")).to(tl.float32)
+                m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label = accumulate_tile(
+                    z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2,
+                    z_label, b_label, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
+        if MODE == MODE_PARTIALS:
+            store_partials(out_ptr, n_rows, rows, row_mask, m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label,
+                           found)
         else:
-            zt = tl.where(keep, z * inv_t, float("-inf"))
-            m_r, s_r, _e, _a = _online_update(m_r, s_r, z)
-        m_z, s_z, e_z, alpha_z = _online_update(m_z, s_z, zt)
-        if HAS_KL:
-            b = tl.load(base_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            bt = tl.where(keep, b * inv_t, float("-inf"))
-            m_b, s_b, e_b, alpha_b = _online_update(m_b, s_b, bt)
-            w = w * (alpha_z if REVERSE else alpha_b) + tl.sum(kl_summands(e_z, e_b, zt, bt, REVERSE), 0)
+            lse, z_lse, b_lse, value, ce = row_statistics(m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label, found,
+                                                          HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
+            store_statistics(out_ptr, n_rows, rows, row_mask, valid, lse, z_lse, b_lse, value, ce)
 
-    lse_masked = log_normalizer(m_z, s_z)  # Z'
-    if UNIT_TEMPERATURE:
-        lse = lse_with_label(lse_masked, z_label)
-    else:
-        lse = log_normalizer(m_r, s_r)
-    lse = tl.where(label_ok, lse, float("nan"))
-    tl.store(ce_ptr + row, lse - z_label)
-
-    kl = 0.0
-    base_lse = float("-inf")  # B'
-    if HAS_KL:
-        base_lse = log_normalizer(m_b, s_b)
-        b_label = tl.load(base_row + label, mask=label_ok, other=0.0).to(tl.float32)
-        kl = masked_kl(w, s_z, s_b, lse_masked, base_lse, b_label, REVERSE)
-    tl.store(kl_ptr + row, kl)
-
-    if COMPUTE_GRAD:
+    if COMPUTE_GRAD and MODE != MODE_PARTIALS:
         scale = tl.load(scale_ptr).to(tl.float32)
-        lse_masked_safe = tl.where(s_z == 0.0, 0.0, lse_masked)
-        base_lse_safe = tl.where(s_b == 0.0, 0.0, base_lse)
         for start in range(0, n_cols, BLOCK_V):
             cols = start + offsets
-            in_row = cols < n_cols
-            keep = in_row & (cols != label)
-            z = tl.load(logits_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-            grad = tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)
-            if KL_GRAD:
-                b = tl.load(base_row + cols, mask=in_row, other=float("-inf")).to(tl.float32)
-                if UNIT_TEMPERATURE:
-                    zt = tl.where(keep, z, float("-inf"))
-                else:
-                    zt = tl.where(keep, z * inv_t, float("-inf"))
-                bt = tl.where(keep, b * inv_t, float("-inf"))
-                constant = (s_b == 0.0) | (s_z == 0.0) | (kl == float("inf"))
-                grad += lam_t2 * inv_t * kl_gradient(zt - lse_masked_safe, bt - base_lse_safe, kl, constant, REVERSE)
-            tl.store(grad_row + cols, (grad * scale).to(grad_ptr.dtype.element_ty), mask=in_row)
+            col_mask = cols < n_cols
+            tile_mask = row_mask[:, None] & col_mask[None, :]
+            live = valid[:, None] & col_mask[None, :]
+            grad = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
+            if any_valid:
+                z = tl.load(logits_rows + cols[None, :], mask=live, other=float("-inf")).to(tl.float32)
+                b = z
+                if KL_GRAD:
+                    b = tl.load(base_rows + cols[None, :], mask=live, other=float("-inf")).to(tl.float32)
+                is_label = cols[None, :] == local[:, None]
+                grad = logit_gradient(z, b, kept_columns(col_mask, is_label, MASK_TARGET), is_label, lse, z_lse,
+                                      b_lse, value, inv_t, kl_weight, KL_GRAD, DIVERGENCE)
+                grad = tl.where(live, grad * scale, 0.0)
+            tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
 
 
-def _launch_config(n_cols: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps). The interpreter's cost grows with block iterations, so it takes whole rows."""
+def _block_sizes(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_V, num_warps). The interpreter's cost grows with tile iterations, so it takes whole
+    rows and several rows per program."""
     if interpreting():
-        return triton.next_power_of_2(max(n_cols, 1)), 1
-    block = min(4096, triton.next_power_of_2(max(n_cols, 16)))
-    return block, 8 if block >= 2048 else 4
+        block_v = triton.next_power_of_2(max(n_cols, 1))
+        return max(1, min(16, 8192 // block_v)), block_v, 1
+    block_v = min(4096, triton.next_power_of_2(max(n_cols, 16)))
+    return 1, block_v, 8 if block_v >= 2048 else 4
 
 
-def mtt_rows_triton(logits, base_logits, labels, *, lam, temperature, reverse, ignore_index,
-                    need_kl, grad_scale=None, grad_out=None):
-    """Per-row (ce, kl) in fp32 for [N, V] logits; writes scale * dL_i/dlogits into `grad_out` if given.
-
-    `grad_scale` is a 1-element tensor on the logits' device (1/divisor for mean). `grad_out` may be
-    `logits` itself (in place). Rows must have unit column stride.
-    """
+def _plan(logits, base_logits, labels, out, grad_out, grad_scale, options, *, mode, vocab_start, need_kl):
     n_rows, n_cols = logits.shape
-    ce = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    kl = torch.empty_like(ce)
-    if n_rows == 0:
-        return ce, kl
+    block_n, block_v, num_warps = _block_sizes(n_cols)
     compute_grad = grad_out is not None
     if not compute_grad:
-        grad_out = ce.view(1, n_rows)  # never written; gives the kernel a valid pointer and dtype
+        grad_out = out[:1]  # never written; gives the kernel a valid pointer and dtype
+    args = dict(logits_ptr=logits, logits_stride=logits.stride(0), base_ptr=base_logits,
+                base_stride=base_logits.stride(0), labels_ptr=labels, grad_ptr=grad_out,
+                grad_stride=grad_out.stride(0), out_ptr=out, scale_ptr=grad_scale, n_rows=n_rows, n_cols=n_cols,
+                vocab_start=vocab_start, ignore_index=options.ignore_index, inv_t=1.0 / options.temperature,
+                kl_weight=options.kl_weight)
+    constexprs = dict(BLOCK_N=block_n, BLOCK_V=block_v, MODE=mode.value, DIVERGENCE=DIVERGENCE_IDS[options.direction],
+                      UNIT_TEMPERATURE=options.temperature == 1.0, MASK_TARGET=options.mask_target,
+                      HAS_KL=need_kl or options.lam > 0 or mode == MODE_GRADIENT, KL_GRAD=options.lam > 0,
+                      COMPUTE_GRAD=compute_grad)
+    return Launch(_mtt_loss_kernel, (triton.cdiv(n_rows, block_n),), args, constexprs, num_warps)
+
+
+def _prepare(logits, grad_scale):
     if grad_scale is None:
         grad_scale = torch.ones(1, dtype=torch.float32, device=logits.device)
-    block, num_warps = _launch_config(n_cols)
-    has_kl = need_kl or lam > 0
-    _mtt_loss_kernel[(n_rows,)](
-        logits, logits.stride(0),
-        base_logits, base_logits.stride(0),
-        labels,
-        grad_out, grad_out.stride(0),
-        ce, kl,
-        grad_scale,
-        n_cols, ignore_index,
-        float(lam * temperature * temperature), float(1.0 / temperature),
-        BLOCK_V=block,
-        REVERSE=reverse,
-        UNIT_TEMPERATURE=temperature == 1.0,
-        HAS_KL=has_kl,
-        KL_GRAD=lam > 0,
-        COMPUTE_GRAD=compute_grad,
-        num_warps=num_warps,
-    )
-    return ce, kl
+    return grad_scale.float()
 
 
-def compile_specs():
-    """Every specialization the dispatch can launch: all dtype pairs with every feature on, and every
-    flag combination on fp32."""
-    from fastmtt.apps.compile_check import KernelSpec
+def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None):
+    """Row statistics [N_STATS, N] fp32 (LSE, Z', B', D, CE; fastmtt.kernels.mtt_math) of [N, V] logits;
+    writes grad_scale * dL_i/dlogits into `grad_out` if given (it may be `logits` itself). Rows must have
+    unit column stride."""
+    stats = torch.empty(P.N_STATS, logits.shape[0], dtype=torch.float32, device=logits.device)
+    if logits.shape[0]:
+        _plan(logits, base_logits, labels, stats, grad_out, _prepare(logits, grad_scale), options,
+              mode=MODE_WHOLE, vocab_start=0, need_kl=need_kl).run()
+    return stats
 
-    dtypes = ("fp32", "fp16", "bf16")
 
-    def spec(z_dtype, b_dtype, reverse, unit_t, has_kl, kl_grad, compute_grad):
-        signature = {
-            "logits_ptr": f"*{z_dtype}", "logits_stride": "i64",
-            "base_ptr": f"*{b_dtype}", "base_stride": "i64",
-            "labels_ptr": "*i64",
-            "grad_ptr": f"*{z_dtype}", "grad_stride": "i64",
-            "ce_ptr": "*fp32", "kl_ptr": "*fp32", "scale_ptr": "*fp32",
-            "n_cols": "i32", "ignore_index": "i32", "lam_t2": "fp32", "inv_t": "fp32",
-            "BLOCK_V": "constexpr", "REVERSE": "constexpr", "UNIT_TEMPERATURE": "constexpr",
-            "HAS_KL": "constexpr", "KL_GRAD": "constexpr", "COMPUTE_GRAD": "constexpr",
-        }
-        constexprs = {"BLOCK_V": 4096, "REVERSE": reverse, "UNIT_TEMPERATURE": unit_t, "HAS_KL": has_kl,
-                      "KL_GRAD": kl_grad, "COMPUTE_GRAD": compute_grad}
-        label = (f"mtt_loss[logits={z_dtype},base={b_dtype},{'reverse' if reverse else 'forward'},"
-                 f"T{'=1' if unit_t else '!=1'},kl={int(has_kl)},kl_grad={int(kl_grad)},grad={int(compute_grad)}]")
-        return KernelSpec(label, _mtt_loss_kernel, signature, constexprs, num_warps=8)
+def mtt_partials(logits, base_logits, labels, options, *, vocab_start, need_kl):
+    """Partial statistics [N_PARTIALS, N] of a vocabulary range: logits [N, n] hold columns
+    [vocab_start, vocab_start + n) of the rows; labels are global ids."""
+    parts = torch.empty(P.N_PARTIALS, logits.shape[0], dtype=torch.float32, device=logits.device)
+    if logits.shape[0]:
+        _plan(logits, base_logits, labels, parts, None, _prepare(logits, None), options, mode=MODE_PARTIALS,
+              vocab_start=vocab_start, need_kl=need_kl).run()
+    return parts
 
+
+def mtt_gradient(logits, base_logits, labels, stats, options, *, vocab_start, grad_scale, grad_out):
+    """grad_scale * dL_i/dlogits of a vocabulary range into grad_out, from merged statistics [N_STATS, N]."""
+    if logits.shape[0]:
+        _plan(logits, base_logits, labels, stats, grad_out, _prepare(logits, grad_scale), options,
+              mode=MODE_GRADIENT, vocab_start=vocab_start, need_kl=True).run()
+    return grad_out
+
+
+@compile_specs
+def _specs():
+    """Every dtype pair with every feature on, and the feature variations on bf16, at N=8192, V=128256."""
+    from fastmtt.options import MTTOptions
+
+    n_rows, n_cols = 8192, 128256
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    labels = meta_tensor(n_rows, dtype=torch.int64)
+    scale = meta_tensor(1, dtype=torch.float32)
+
+    def spec(z_dtype, b_dtype, mode, options, need_kl, grad):
+        logits = meta_tensor(n_rows, n_cols, dtype=dtypes[z_dtype])
+        base = meta_tensor(n_rows, n_cols, dtype=dtypes[b_dtype])
+        out = meta_tensor(P.N_PARTIALS if mode == MODE_PARTIALS else P.N_STATS, n_rows, dtype=torch.float32)
+        launch = _plan(logits, base, labels, out, logits if grad else None, scale, options, mode=mode,
+                       vocab_start=0, need_kl=need_kl)
+        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.constexprs.items()
+                         if k not in ("BLOCK_N", "BLOCK_V"))
+        return launch.spec(f"mtt_loss[logits={z_dtype},base={b_dtype},{flags}]")
+
+    every = MTTOptions(lam=1.0, temperature=2.0)
     for z_dtype, b_dtype in itertools.product(dtypes, dtypes):
-        for reverse in (False, True):
-            yield spec(z_dtype, b_dtype, reverse, False, True, True, True)
-    kl_modes = ((False, False), (True, False), (True, True))
-    for unit_t, (has_kl, kl_grad), compute_grad in itertools.product((True, False), kl_modes, (True, False)):
-        if kl_grad and not compute_grad:
-            continue
-        yield spec("fp32", "fp32", False, unit_t, has_kl, kl_grad, compute_grad)
+        for direction in ("forward", "reverse"):
+            yield spec(z_dtype, b_dtype, MODE_WHOLE, every.replace(direction=direction), True, True)
+    for temperature, lam, mask_target in itertools.product((1.0, 2.0), (0.0, 1.0), (True, False)):
+        options = MTTOptions(lam=lam, temperature=temperature, mask_target=mask_target)
+        for need_kl, grad in ((False, True), (True, True), (True, False)):
+            yield spec("bf16", "bf16", MODE_WHOLE, options, need_kl, grad)
+    for direction in ("forward", "reverse"):
+        yield spec("bf16", "bf16", MODE_PARTIALS, every.replace(direction=direction), True, False)
+        yield spec("bf16", "bf16", MODE_GRADIENT, every.replace(direction=direction), True, True)

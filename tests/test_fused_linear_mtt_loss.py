@@ -8,7 +8,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmtt
 from fastmtt import reference
-from tests.utils import DTYPES, FUSED_LINEAR_GRADS, assert_parity, fused_linear_inputs
+from fastmtt.options import DIRECTIONS
+from tests.utils import (
+    DTYPES,
+    FUSED_LINEAR_GRADS,
+    assert_parity,
+    confident_hidden_states,
+    fused_linear_inputs,
+    kl_part_of_gradient,
+)
 
 N_ROWS, HIDDEN, VOCAB, RANK = 37, 24, 97, 4  # fused_linear_inputs' defaults; 37 rows: never a multiple of a chunk
 
@@ -29,8 +37,8 @@ def evaluate(fn, inputs, labels, trainable, dtype, upstream=None, **options):
 def check_against_reference(inputs, labels, trainable, dtype, *, backend="torch", upstream=None, **options):
     got = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, dtype, upstream,
                    backend=backend, **options)
-    options.pop("chunk_size", None)
-    options.pop("grad_threshold", None)
+    for execution_only in ("chunk_size", "grad_threshold", "tiled"):
+        options.pop(execution_only, None)
     same = evaluate(reference.fused_linear_mtt_loss, inputs, labels, trainable, dtype, upstream, **options)
     truth = evaluate(reference.fused_linear_mtt_loss, inputs, labels, trainable, torch.float64, upstream, **options)
     for what, g, s, t in zip(("loss", "ce", "kl"), got[:3], same[:3], truth[:3]):
@@ -63,7 +71,7 @@ def test_parity_over_dtypes_and_heads(dtype_name, head):
                             temperature=1.5, chunk_size=8, **extra)
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_directions_reductions_and_upstream_weights(direction, reduction, weight_grad):
@@ -131,28 +139,28 @@ def test_never_materializes_tokens_by_vocabulary(reduction):
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_tiled_triton_path_through_the_interpreter(dtype_name, direction):
     inputs, labels, trainable = fused_linear_inputs(16, bias=True, lora=True, weight_grad=True)
-    check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], backend="triton", lora_scaling=0.5,
-                            softcap=4.0, lam=0.8, temperature=1.5, direction=direction, grad_threshold=0.0)
+    check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], backend="triton", tiled=True,
+                            lora_scaling=0.5, softcap=4.0, lam=0.8, temperature=1.5, direction=direction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_tiled_reductions_plain_head_unit_temperature(reduction):
     inputs, labels, trainable = fused_linear_inputs(19)
     upstream = torch.rand(N_ROWS) + 0.5 if reduction == "none" else None
-    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", upstream=upstream,
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", tiled=True, upstream=upstream,
                             lam=0.6, reduction=reduction, **({"num_items_in_batch": 50} if reduction == "mean" else {}))
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_tiled_several_tiles_along_rows_vocabulary_and_hidden(direction):
     # Interpreter tiles are at most 64 rows x 1024 columns x 256 hidden: 2 x 2 x 2 tiles here.
     inputs, labels, trainable = fused_linear_inputs(22, bias=True, lora=True, weight_grad=True, n_rows=70, vocab=1100,
                                             hidden=300)
-    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", lora_scaling=0.5,
-                            softcap=6.0, lam=0.9, direction=direction, grad_threshold=0.0)
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", tiled=True,
+                            lora_scaling=0.5, softcap=6.0, lam=0.9, direction=direction)
 
 
 def test_leading_dimensions_are_flattened():
@@ -170,29 +178,35 @@ def test_leading_dimensions_are_flattened():
 
 def test_tiled_cross_entropy_only_and_all_ignored():
     inputs, labels, trainable = fused_linear_inputs(20, bias=True, weight_grad=True)
-    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", lam=0.0, softcap=3.0)
+    check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", tiled=True, lam=0.0,
+                            softcap=3.0)
     labels[:] = -100
     loss, ce, kl, grads = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32,
-                                   backend="triton")
+                                   backend="triton", tiled=True)
     assert loss.item() == 0.0 and kl.item() == 0.0
     assert all(torch.count_nonzero(g) == 0 for g in grads.values())
 
 
-def test_tiled_gradient_filter_skips_only_negligible_tiles():
+def test_tiled_gradient_filter_skips_only_negligible_tiles_and_only_for_plain_ce():
     # Three vocabulary tiles when interpreting (1024 columns each); the last two are pushed far below
-    # the targets by the bias, so every |dL/dz| there is ~1e-9: the default bf16 filter skips them.
+    # the targets by the bias, so every |dL/dz| there is ~1e-9: the default bf16 filter skips them at
+    # lam = 0. With lam > 0 nothing is skipped: the divergence's gradient is many small entries.
     inputs, labels, trainable = fused_linear_inputs(21, bias=True, vocab=2500)
     inputs["bias"][1024:] -= 20.0
     labels = torch.where(labels == -100, labels, labels % 1024)
-    exact = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.bfloat16, backend="triton",
-                     grad_threshold=0.0)[3]
-    filtered = check_against_reference(inputs, labels, trainable, torch.bfloat16, backend="triton",
-                                       lam=fastmtt.DEFAULT_LAM)[3]
-    assert torch.count_nonzero(exact["bias"][1024:]) > 0
-    assert torch.count_nonzero(filtered["bias"][1024:]) == 0
-    assert torch.equal(filtered["bias"][:1024], exact["bias"][:1024])
+    for lam in (0.0, 1.0):
+        exact = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.bfloat16, backend="triton",
+                         tiled=True, grad_threshold=0.0, lam=lam)[3]
+        default = check_against_reference(inputs, labels, trainable, torch.bfloat16, backend="triton", tiled=True,
+                                          lam=lam)[3]
+        assert torch.count_nonzero(exact["bias"][1024:]) > 0
+        assert torch.equal(default["bias"][:1024], exact["bias"][:1024])
+        if lam == 0.0:
+            assert torch.count_nonzero(default["bias"][1024:]) == 0
+        else:
+            assert torch.equal(default["bias"], exact["bias"])
     dropped = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.bfloat16, backend="triton",
-                       grad_threshold=10.0)[3]  # above every |dL/dz|: every tile skipped
+                       tiled=True, grad_threshold=10.0, lam=0.0)[3]  # above every |dL/dz|: every tile skipped
     assert all(torch.count_nonzero(g) == 0 for g in dropped.values())
 
 
@@ -291,7 +305,7 @@ def fused_linear_problems(draw):
                                                     hidden=hidden, ignored=draw(st.integers(0, n_rows - 2)), **head)
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     options = dict(lam=draw(st.sampled_from([0.0, 0.4, 2.0])), temperature=draw(st.sampled_from([1.0, 2.5])),
-                   direction=draw(st.sampled_from(["forward", "reverse"])), reduction=reduction,
+                   direction=draw(st.sampled_from(DIRECTIONS)), reduction=reduction,
                    softcap=draw(st.sampled_from([None, 3.0])), chunk_size=draw(st.sampled_from([None, 1, 7])))
     if reduction == "none":
         options["upstream"] = torch.randn(n_rows, generator=torch.Generator().manual_seed(n_rows))
@@ -304,3 +318,63 @@ def fused_linear_problems(draw):
 def test_property_matches_reference(backend, problem):
     inputs, labels, trainable, dtype, options = problem  # rows 0 and 1 always hold labels (0 and V-1)
     check_against_reference(inputs, labels, trainable, dtype, backend=backend, **options)
+# --- the chunked path with the Triton row kernel, the full KL, vocabulary splits ---
+
+@pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_chunked_path_with_the_triton_row_kernel(dtype_name, direction):
+    inputs, labels, trainable = fused_linear_inputs(31, bias=True, lora=True, weight_grad=True)
+    check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], backend="triton", chunk_size=16,
+                            lora_scaling=0.5, softcap=4.0, lam=0.8, temperature=1.5, direction=direction)
+
+
+@pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", True)])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_full_vocabulary_kl_matches_reference(backend, tiled, direction):
+    inputs, labels, trainable = fused_linear_inputs(32, bias=True, lora=True)
+    check_against_reference(inputs, labels, trainable, torch.float32, backend=backend, tiled=tiled, lam=0.7,
+                            direction=direction, mask_target=False)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("mask_target", [True, False])
+def test_tiled_vocabulary_splits_merge_to_the_whole_vocabulary(direction, mask_target):
+    """The tiled forward over 1, 2 and 3 vocabulary splits (labels in every split), merged: same loss and
+    gradients."""
+    from fastmtt.head import LinearHead
+    from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
+    from fastmtt.options import MTTOptions
+
+    inputs, labels, _ = fused_linear_inputs(33, bias=True, vocab=2100, n_rows=20)
+    labels[2:5] = torch.tensor([1023, 1024, 2099])
+    options = MTTOptions(lam=0.9, direction=direction, mask_target=mask_target)
+    results = []
+    for splits in (1, 2, 3):
+        hidden = inputs["hidden"].clone().requires_grad_(True)
+        head = LinearHead(inputs["weight"], inputs["bias"])
+        out = fused_linear_mtt_loss_with_options(hidden, inputs["base_hidden"], head, labels, options, backend="triton",
+                                                 tiled=True, splits=splits, return_components=True)
+        out.loss.backward()
+        results.append((out.loss.detach(), out.kl, hidden.grad))
+    for loss, kl, grad in results[1:]:
+        torch.testing.assert_close(loss, results[0][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(kl, results[0][1], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, results[0][2], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, tiled, direction):
+    """dL/dh at lam minus at lam = 0, from bf16 inputs, within 5% (in norm) of fp64 math on the same
+    rounded inputs, for every path (a bf16 logit slab or a gradient filter would lose most of it)."""
+    hidden, base_hidden, weight, labels = (t.bfloat16() if t.is_floating_point() else t
+                                           for t in confident_hidden_states(24, 64, 4096, seed=34))
+
+    def kl_part(fn, dtype, **kw):
+        return kl_part_of_gradient(lambda h, lam: fn(h, base_hidden.to(dtype), weight.to(dtype), labels, lam=lam,
+                                                     direction=direction, **kw), hidden.to(dtype))
+
+    ours = kl_part(fastmtt.fused_linear_mtt_loss, torch.bfloat16, backend=backend, tiled=tiled)
+    truth = kl_part(reference.fused_linear_mtt_loss, torch.float64)
+    assert truth.norm() > 0
+    assert (ours - truth).norm() <= 0.05 * truth.norm()

@@ -257,3 +257,40 @@ def test_torch_compile_matches_eager():
     lora_A.grad = lora_B.grad = None
     torch.testing.assert_close(torch.compile(step)(x), eager)
     torch.testing.assert_close([lora_A.grad, lora_B.grad], grads)
+def test_fp32_precision_is_read_through_the_new_api_where_torch_has_it(monkeypatch):
+    """torch >= 2.9 raises on reading the legacy allow_tf32 flag once fp32_precision was set."""
+    from fastmtt.kernels import lora_linear as kernels
+
+    from fastmtt import _dispatch
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flag")
+    before = matmul.fp32_precision
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
+    try:
+        matmul.fp32_precision = "tf32"
+        assert _dispatch.allows_tf32() and kernels._fp32_precision() == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert not _dispatch.allows_tf32() and kernels._fp32_precision() == "tf32x3"
+    finally:
+        matmul.fp32_precision = before
+    x, weight = torch.randn(5, 8), torch.randn(6, 8)
+    lora_a, lora_b = torch.randn(2, 8), torch.randn(6, 2)
+    torch.testing.assert_close(lora_linear(x, weight, lora_a, lora_b, 2.0),
+                               x @ weight.T + 2.0 * (x @ lora_a.T) @ lora_b.T)
+
+
+def test_auto_runs_the_fused_kernel_only_where_it_was_measured_faster(monkeypatch):
+    from fastmtt.ops import lora_linear as op
+
+    seen = []
+    real = op.implementation
+    monkeypatch.setattr(op, "implementation", lambda name, backend: seen.append(backend) or real(name, backend))
+    monkeypatch.setattr(op, "resolve_backend", lambda backend, *tensors: "triton")  # as for CUDA tensors
+    x, weight = torch.randn(5, 8), torch.randn(6, 8)
+    lora_a, lora_b = torch.randn(2, 8), torch.randn(6, 2)
+    lora_linear(x, weight, lora_a, lora_b, 2.0)
+    monkeypatch.setattr(op, "FUSED_KERNEL_MEASURED_FASTER", frozenset({(8, 6, 2, torch.float32, False)}))
+    lora_linear(x, weight, lora_a, lora_b, 2.0)
+    assert seen == ["torch", "triton"]

@@ -9,7 +9,17 @@ from hypothesis import strategies as st
 
 import fastmtt
 from fastmtt import reference
-from tests.utils import DTYPES, ROW_IMPLEMENTATIONS, assert_parity, mtt_inputs, mtt_rows, spy_on_row_gradients
+from fastmtt.options import DIRECTIONS
+from tests.utils import (
+    DTYPES,
+    ROW_IMPLEMENTATIONS,
+    assert_parity,
+    implementation,
+    kl_part_of_gradient,
+    mtt_inputs,
+    mtt_rows,
+    spy_on_row_gradients,
+)
 
 BACKENDS = ["torch", "triton"]
 
@@ -58,7 +68,7 @@ def check_against_reference(backend, logits, base, labels, upstream=None, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-V{}-lam{}-T{}-{}-{}".format(*c))
 def test_parity(backend, dtype, direction, case):
     n, v, lam, temperature, reduction, num_items = case
@@ -172,7 +182,7 @@ def test_overwrite_logits_stores_the_gradient_in_place(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_work_without_requires_grad(backend, monkeypatch):
-    seen = spy_on_row_gradients(monkeypatch, backend)
+    seen = spy_on_row_gradients(monkeypatch)
     logits, base, labels = mtt_inputs(8, 50, torch.float32, seed=14)
     loss = fastmtt.mtt_loss(logits, base, labels, lam=1.0, backend=backend)
     assert seen == [None] and not loss.requires_grad and loss > 0
@@ -308,7 +318,7 @@ def test_more_than_2_pow_31_elements_are_indexed_with_64_bit_offsets(backend):
     assert ce[:-2].eq(0).all() and kl[:-2].eq(0).all()
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("reduction,temperature", [("mean", 1.0), ("sum", 2.0), ("none", 0.5)])
 def test_gradcheck_float64(direction, reduction, temperature):
     logits, base, labels = mtt_inputs(5, 7, torch.float64, seed=25)
@@ -365,7 +375,7 @@ def mtt_problems(draw):
         confident_rows=draw(st.integers(0, 2)), padded_columns=draw(st.sampled_from([0, 2])) if v > 3 else 0)
     reduction = draw(st.sampled_from(["mean", "sum", "none"]))
     options = dict(lam=draw(st.sampled_from([0.0, 0.3, 2.0])), temperature=draw(st.sampled_from([1.0, 0.7, 3.0])),
-                   direction=draw(st.sampled_from(["forward", "reverse"])), reduction=reduction,
+                   direction=draw(st.sampled_from(DIRECTIONS)), reduction=reduction,
                    num_items_in_batch=draw(st.sampled_from([None, 7])) if reduction == "mean" else None)
     return logits, base, labels, options
 
@@ -376,3 +386,77 @@ def mtt_problems(draw):
 def test_property_matches_reference(backend, problem):
     logits, base, labels, options = problem
     check_against_reference(backend, logits, base, labels, **options)
+# --- mask_target=False (the full-vocabulary KL baseline) and vocabulary ranges ---
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_full_vocabulary_kl_matches_reference(backend, direction, temperature):
+    logits, base, labels = mtt_inputs(29, 301, torch.float32, seed=41)
+    logits[3, :40] = float("-inf")
+    base[3, :40] = float("-inf")
+    check_against_reference(backend, logits, base, labels, lam=0.8, temperature=temperature, direction=direction,
+                            mask_target=False)
+    masked = fastmtt.mtt_loss(logits, base, labels, lam=0.8, return_components=True, backend=backend)
+    full = fastmtt.mtt_loss(logits, base, labels, lam=0.8, mask_target=False, return_components=True,
+                            backend=backend)
+    assert full.kl > masked.kl  # the full KL also counts the target's own probabilities
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("temperature,mask_target", [(1.0, True), (2.0, True), (1.0, False)])
+def test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary(backend, direction, temperature, mask_target):
+    """Partial statistics of [0, cut) and [cut, V), merged and finalized, give the whole row's loss, and each
+    range's gradient from the merged statistics is the whole gradient's slice (labels on both sides)."""
+    from fastmtt.options import MTTOptions
+    from fastmtt.partials import finalize, merge_partials
+
+    logits, base, labels = mtt_inputs(23, 130, torch.float32, seed=42)
+    labels[2], labels[3] = 61, 62  # on both sides of the cut
+    cut = 62
+    options = MTTOptions(lam=0.9, temperature=temperature, direction=direction, mask_target=mask_target)
+    scale = torch.tensor([0.3])
+    whole_grad = torch.empty_like(logits)
+    whole = implementation("mtt_rows", backend)(logits, base, labels, options, need_kl=True, grad_scale=scale,
+                                                 grad_out=whole_grad)
+    ranges = [(0, cut), (cut, logits.shape[1])]
+    parts = torch.stack([implementation("mtt_partials", backend)(
+        logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels, options, vocab_start=a, need_kl=True)
+        for a, b in ranges]).float()
+    merged = finalize(merge_partials(parts, direction), labels, options, need_kl=True)
+    torch.testing.assert_close(merged.float(), whole.float(), rtol=1e-5, atol=1e-5)
+    for a, b in ranges:
+        grad = torch.empty(logits.shape[0], b - a)
+        implementation("mtt_gradient", backend)(logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels,
+                                                merged, options, vocab_start=a, grad_scale=scale, grad_out=grad)
+        torch.testing.assert_close(grad, whole_grad[:, a:b], rtol=1e-5, atol=1e-6)
+
+
+# --- the regularizer's gradient on its own, on realistic rows ---
+
+def confident_rows(n, v, seed):
+    """Targets 20 nats above logits of std 1, drawn from a few frequent tokens (two vocabulary tiles), and a
+    base model close to the adapted one: the rows where a gradient filter or 16-bit logits lose the KL part."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g)
+    base = logits + 0.05 * torch.randn(n, v, generator=g)
+    frequent = torch.cat([torch.arange(0, 8), torch.arange(v - 8, v)])
+    labels = frequent[torch.randint(0, len(frequent), (n,), generator=g)]
+    rows = torch.arange(n)
+    logits[rows, labels] += 20.0
+    base[rows, labels] += 20.0
+    return logits, base, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, direction):
+    logits, base, labels = confident_rows(24, 4096, seed=43)
+    logits, base = logits.bfloat16(), base.bfloat16()
+    ours = kl_part_of_gradient(
+        lambda x, lam: fastmtt.mtt_loss(x, base, labels, lam=lam, direction=direction, backend=backend), logits)
+    truth = kl_part_of_gradient(
+        lambda x, lam: reference.mtt_loss(x, base.double(), labels, lam=lam, direction=direction), logits.double())
+    assert truth.norm() > 0
+    assert (ours - truth).norm() <= 0.05 * truth.norm()

@@ -96,6 +96,19 @@ def fused_linear_inputs(seed, *, n_rows=37, vocab=97, hidden=24, rank=4, bias=Fa
     return inputs, labels, trainable
 
 
+def confident_hidden_states(n_rows, hidden_size, vocab, seed):
+    """Hidden states whose target logits stand ~20 nats above logits of std ~1, targets among a few frequent
+    tokens at both ends of the vocabulary, and a base model close to the adapted one."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5
+    frequent = torch.cat([torch.arange(0, 8), torch.arange(vocab - 8, vocab)])
+    labels = frequent[torch.randint(0, len(frequent), (n_rows,), generator=gen)]
+    direction = weight[labels] / weight[labels].norm(dim=1, keepdim=True) ** 2
+    hidden = 20.0 * direction + torch.randn(n_rows, hidden_size, generator=gen) * 0.5
+    base_hidden = hidden + 0.02 * torch.randn(n_rows, hidden_size, generator=gen)
+    return hidden, base_hidden, weight, labels
+
+
 def lora_linear_inputs(lead, in_features, out_features, rank, dtype, *, lora_dtype=None, bias=True, seed=0,
                        device="cpu"):
     """x [*lead, in], weight [out, in], lora_A [R, in], lora_B [out, R], bias [out] or None; unit-variance
@@ -112,6 +125,20 @@ def lora_linear_inputs(lead, in_features, out_features, rank, dtype, *, lora_dty
         lora_B=randn(out_features, rank, scale=rank**-0.5, to=lora_dtype or dtype),
         bias=randn(out_features) if bias else None,
     )
+
+
+def kl_part_of_gradient(loss_at, x):
+    """The regularizer's share of dL/dx, fp64: the gradient at lam = 1 minus the gradient at lam = 0.
+
+    loss_at(leaf, lam) -> the loss (a tensor or an MTTOutput) at a fresh leaf copy of x.
+    """
+    grads = []
+    for lam in (1.0, 0.0):
+        leaf = x.detach().clone().requires_grad_(True)
+        out = loss_at(leaf, lam)
+        (out if torch.is_tensor(out) else out.loss).backward()
+        grads.append(leaf.grad.double())
+    return grads[0] - grads[1]
 
 
 # --- tiny models -----------------------------------------------------------------------------------------------
@@ -186,43 +213,43 @@ def padded_batch(seed=1, batch=3, length=12):
 ROW_IMPLEMENTATIONS = ("torch", "triton")
 
 
-def row_implementation(backend):
-    """The per-row MTT function of a backend: (logits, base, labels, *, lam, temperature, reverse, ignore_index,
-    need_kl, grad_scale=None, grad_out=None) -> (ce [N], kl [N])."""
-    import fastmtt.ops.mtt_loss as op
+def implementation(op, backend):
+    """fastmtt's function for `op` ("mtt_rows", "mtt_partials", "mtt_gradient", ...) on backend "torch" or
+    "triton", from its dispatch table."""
+    from fastmtt._dispatch import implementation as lookup
 
-    return op._rows_fn(backend)
+    return lookup(op, backend)
 
 
-def mtt_rows(backend, logits, base, labels, *, lam=1.0, temperature=1.0, direction="forward",
-             ignore_index=IGNORE_INDEX, grad_out=None):
+def mtt_rows(backend, logits, base, labels, *, grad_out=None, **options):
     """Per-row (ce, kl) straight from a backend's row implementation, past every argument check (as under
-    torch.compile); writes dL_i/dlogits into grad_out if given."""
-    return row_implementation(backend)(logits, base, labels, lam=lam, temperature=temperature,
-                                       reverse=direction == "reverse", ignore_index=ignore_index, need_kl=True,
-                                       grad_out=grad_out)
+    torch.compile); writes dL_i/dlogits into grad_out if given. options: MTTOptions' fields (lam defaults to 1)."""
+    from fastmtt.options import MTTOptions
+    from fastmtt.partials import CE, KL
+
+    stats = implementation("mtt_rows", backend)(logits, base, labels, MTTOptions(**{"lam": 1.0, **options}),
+                                                need_kl=True, grad_out=grad_out)
+    return stats[CE], stats[KL]
 
 
-def spy_on_row_gradients(monkeypatch, backend):
-    """Records the grad_out argument of every call of the backend's row implementation made by mtt_loss."""
+def spy_on_row_gradients(monkeypatch):
+    """Records the grad_out argument of every call of a row implementation made by mtt_loss."""
     import fastmtt.ops.mtt_loss as op
 
-    seen, real = [], row_implementation(backend)
+    seen = []
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs["grad_out"])
-        return real(*args, **kwargs)
+    def spying(name, backend):
+        rows = implementation(name, backend)
+        return lambda *args, **kwargs: seen.append(kwargs["grad_out"]) or rows(*args, **kwargs)
 
-    monkeypatch.setattr(op, "_rows_fn", lambda _backend: spy)
+    monkeypatch.setattr(op, "implementation", spying)
     return seen
 
 
 def triton_dropout_mask(shape, dropout_p, seed=None, device="cpu"):
     """The keep mask (bool [rows, in_features]) of lora_linear's Triton path for a dropout seed; by default the
     seed that lora_linear draws next under the current torch seed."""
-    from fastmtt.kernels.lora_linear import dropout_mask_triton
-
-    from fastmtt.ops.lora_linear import draw_dropout_seed
+    from fastmtt.kernels.lora_linear import draw_dropout_seed, dropout_mask_triton
 
     return dropout_mask_triton(shape, dropout_p, draw_dropout_seed() if seed is None else seed, device)
 

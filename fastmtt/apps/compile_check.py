@@ -1,38 +1,28 @@
 """Ahead-of-time compilation of every Triton kernel for real GPUs, with no GPU present.
 
-Each kernel module lists its specializations through `compile_specs()`; this module compiles each
-for sm_80 and sm_90 and reports registers and stack bytes (where spills go) read from the cubin
-(cuobjdump).
+Each kernel module registers its specializations, derived from its launcher with the launch-time
+specialization applied (fastmtt/kernels/registry.py); this module imports every module of
+fastmtt.kernels, compiles each spec for sm_80 and sm_90 and reports registers, stack bytes (where
+spills go, from the cubin via cuobjdump) and, on sm_90, whether the kernel uses wgmma.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import os
+import pkgutil
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Iterable
+from typing import Iterable
 
 from fastmtt._dispatch import interpreting
+from fastmtt.kernels.registry import KernelSpec
 
-KERNEL_MODULES = ("fastmtt.kernels.mtt_loss", "fastmtt.kernels.lora_linear", "fastmtt.kernels.fused_linear_mtt_loss")
 ARCHS = (80, 90)
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelSpec:
-    """One specialization of a kernel: argument types (Triton signature strings) and constexprs."""
-
-    label: str
-    fn: Callable
-    signature: dict
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 @dataclasses.dataclass
@@ -42,6 +32,7 @@ class CompileResult:
     ok: bool
     registers: int | None = None
     stack_bytes: int | None = None  # spilled registers live in the stack frame
+    wgmma: bool | None = None  # Hopper's warpgroup MMA in the SASS (sm_90 only)
     seconds: float = 0.0
     error: str = ""
 
@@ -50,14 +41,20 @@ class CompileResult:
             return f"FAIL sm_{self.arch} {self.label}: {self.error}"
         regs = "?" if self.registers is None else self.registers
         stack = "?" if self.stack_bytes is None else self.stack_bytes
-        return f"ok   sm_{self.arch} {self.label}: registers={regs} stack_bytes={stack} ({self.seconds:.1f}s)"
+        wgmma = "" if self.wgmma is None else f" wgmma={'yes' if self.wgmma else 'no'}"
+        return f"ok   sm_{self.arch} {self.label}: registers={regs} stack_bytes={stack}{wgmma} ({self.seconds:.1f}s)"
 
 
 def all_specs() -> Iterable[KernelSpec]:
-    """Every spec of every kernel module, each label once."""
+    """Every registered spec of every module in fastmtt.kernels, each label once."""
+    import fastmtt.kernels
+    from fastmtt.kernels import registry
+
+    for module in pkgutil.iter_modules(fastmtt.kernels.__path__):
+        importlib.import_module(f"fastmtt.kernels.{module.name}")
     seen = set()
-    for name in KERNEL_MODULES:
-        for spec in importlib.import_module(name).compile_specs():
+    for source in registry.SPEC_SOURCES:
+        for spec in source():
             if spec.label not in seen:
                 seen.add(spec.label)
                 yield spec
@@ -90,14 +87,15 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
 
     start = time.perf_counter()
     try:
-        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
+        src = ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs, attrs=spec.attrs)
         compiled = triton.compile(
             src,
             target=GPUTarget("cuda", arch, 32),
             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages},
         )
         regs, stack = _resource_usage(compiled.asm["cubin"])
-        return CompileResult(spec.label, arch, True, regs, stack, time.perf_counter() - start)
+        wgmma = "wgmma" in compiled.asm["ptx"] if arch >= 90 else None
+        return CompileResult(spec.label, arch, True, regs, stack, wgmma, time.perf_counter() - start)
     except Exception as exc:  # report every failure, keep going
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return CompileResult(spec.label, arch, False, seconds=time.perf_counter() - start,

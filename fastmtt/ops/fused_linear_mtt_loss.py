@@ -1,11 +1,14 @@
 """fused_linear_mtt_loss: the MTT objective from final hidden states and the output head, never
 materializing the [N, V] logits (docs: mtt-math, "From hidden states").
 
-PyTorch path (chunked): walk the rows in chunks; per chunk form both logit slabs, run the MTT row
-function with the gradient written in place, and turn the slab gradient into the hidden, weight, bias
-and LoRA gradients right away. Only gradients are saved for backward.
-Triton path (tiled, kernels/fused_linear_mtt.py): logits exist only as on-chip tiles; forward keeps
-O(N) statistics, backward recomputes the tiles.
+Two paths, the same function:
+- chunked (default): per chunk of rows, one product forms both logit slabs in fp32, the MTT row function
+  (the Triton row kernel on CUDA, PyTorch on CPU) writes the slab gradient, and the hidden, weight, bias
+  and LoRA gradients follow at once (fastmtt/pytorch/fused_linear_mtt_loss.py). The floor of the work:
+  adapted logits, base logits and dh, no recompute. Memory: the slabs of one chunk.
+- tiled (tiled=True, Triton only): logits exist only as on-chip tiles (kernels/fused_linear_mtt_loss.py);
+  forward keeps O(N) statistics, backward recomputes the tiles. Least memory, more work.
+Rows with ignore_index never enter a product.
 """
 from __future__ import annotations
 
@@ -14,208 +17,99 @@ from typing import Optional, Union
 
 import torch
 
-from fastmtt._checks import check_float_tensor, check_labels, check_options, check_same_device
-from fastmtt._dispatch import resolve_backend
-from fastmtt.ops.mtt_loss import DEFAULT_LAM, gradient_scale, reduced_outputs, scale_saved_grad
-from fastmtt.pytorch.mtt_loss import accumulator_dtype, mtt_rows_torch
+from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device
+from fastmtt._dispatch import implementation, resolve_backend
+from fastmtt.head import LinearHead
+from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
+from fastmtt.partials import CE, KL, finalize, merge_partials
+from fastmtt.pytorch.fused_linear_mtt_loss import chunked_linear_mtt, default_chunk_size
+from fastmtt.pytorch.mtt_loss import accumulator_dtype
+from fastmtt.reduction import gradient_scale, reduced_outputs, scale_saved_grad
 from fastmtt.reference import MTTOutput
 
-GRAD_INPUTS = ("hidden", "weight", "bias", "lora_A", "lora_B")
+DEFAULT_GRAD_THRESHOLD = 2.0**-12  # tiled path, lam = 0 only: Cut Cross-Entropy's filter for 16-bit inputs
 
 
 @dataclasses.dataclass(frozen=True)
-class LinearHead:
-    """The output head: weight [V, H], optional bias [V], optional LoRA (lora_A [r, H], lora_B [V, r],
-    scaling s) on the adapted side only, optional softcap c."""
+class _Plan:
+    """Everything but the tensors: the head's scalars, the loss options and how to run."""
 
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor] = None
-    lora_A: Optional[torch.Tensor] = None
-    lora_B: Optional[torch.Tensor] = None
-    scaling: float = 1.0
-    softcap: Optional[float] = None
-
-    def logits(self, hidden, base_hidden=None, lora_hidden=None):
-        """Adapted slab softcap(h W^T + bias + s * lora_hidden B^T) [n, V] (lora_hidden = h A^T) and, when
-        base_hidden is given, base slab softcap(h0 W^T + bias) [n, V]: one product, one read of W."""
-        rows = hidden if base_hidden is None else torch.cat((hidden, base_hidden))
-        if self.bias is None:
-            slab = rows @ self.weight.T
-        else:
-            slab = torch.addmm(self.bias, rows, self.weight.T)
-        adapted, base = slab[: hidden.shape[0]], slab[hidden.shape[0]:]
-        if lora_hidden is not None:
-            adapted.addmm_(lora_hidden, self.lora_B.T, alpha=self.scaling)
-        if self.softcap is not None:
-            slab.div_(self.softcap).tanh_().mul_(self.softcap)
-        return adapted, (None if base_hidden is None else base)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Options:
-    lam: float
-    temperature: float
-    reverse: bool
-    ignore_index: int
-    reduction: str
-    need_kl: bool
+    head: LinearHead  # scaling and softcap; its tensors are the Function's inputs
+    options: MTTOptions
     scale: torch.Tensor
+    need_kl: bool
+    backend: str
     chunk_size: int
     grad_threshold: float
+    splits: Optional[int]
 
-    def row_kwargs(self):
-        return dict(lam=self.lam, temperature=self.temperature, reverse=self.reverse,
-                    ignore_index=self.ignore_index, need_kl=self.need_kl)
-
-
-MIN_CHUNK_ROWS = 256
-DEFAULT_GRAD_THRESHOLD = 2.0**-12  # Cut Cross-Entropy's gradient filter for 16-bit inputs
-
-
-def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int) -> int:
-    """Rows per chunk: a [rows, V] logit slab about the size of the hidden states [N, H], rounded up to
-    a multiple of 16 and at least MIN_CHUNK_ROWS (every chunk streams the whole weight once; fewer rows
-    leave the matrix products bound by that read)."""
-    rows = -(-n_rows * hidden_size // max(vocab_size, 1))
-    return max(MIN_CHUNK_ROWS, -(-rows // 16) * 16)
-
-
-def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options: _Options, needs,
-                       row_weights=None):
-    """Per-row (ce, kl) [N] and the gradients flagged in `needs` (hidden, weight, bias, lora_A, lora_B;
-    None where not flagged) of sum_i w_i * scale * loss_i, with scale = options.scale (1/divisor for 'mean', else 1)
-    and w = row_weights (else 1). Parameter gradients accumulate in fp32 (fp64 for fp64 inputs)."""
-    n_rows, hidden_size = hidden.shape
-    vocab_size = head.weight.shape[0]
-    acc = accumulator_dtype(hidden)
-    device = hidden.device
-    ce = torch.empty(n_rows, dtype=acc, device=device)
-    kl = torch.empty_like(ce)
-    need_dh, need_dw, need_db, need_da, need_db_lora = needs
-    lora = head.lora_A is not None
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_dh else None
-    dw = torch.zeros(vocab_size, hidden_size, dtype=acc, device=device) if need_dw else None
-    db = torch.zeros(vocab_size, dtype=acc, device=device) if need_db else None
-    da = torch.zeros(head.lora_A.shape, dtype=acc, device=device) if need_da else None
-    db_lora = torch.zeros(head.lora_B.shape, dtype=acc, device=device) if need_db_lora else None
-    any_grad = any(needs)
-    has_kl = options.lam > 0 or options.need_kl
-
-    for start in range(0, n_rows, options.chunk_size):
-        rows = slice(start, start + options.chunk_size)
-        h = hidden[rows]
-        lora_h = h @ head.lora_A.T if lora else None
-        z, b = head.logits(h, base_hidden[rows] if has_kl else None, lora_h)
-        b = z if b is None else b  # not read without the KL term
-        # The row function writes dL/dz over a slab it has read; z itself is still needed under a softcap.
-        grad = None
-        if any_grad:
-            grad = z if head.softcap is None else (b if has_kl else torch.empty_like(z))
-        ce[rows], kl[rows] = mtt_rows_torch(z, b, labels[rows], **options.row_kwargs(),
-                                             grad_scale=options.scale, grad_out=grad)
-        if grad is None:
-            continue
-        if head.softcap is not None:  # dz_pre = dz * (1 - tanh^2(pre / c)), tanh(pre / c) = z / c
-            grad.mul_(z.div_(head.softcap).square_().neg_().add_(1.0))
-        if row_weights is not None:
-            grad.mul_(row_weights[rows, None].to(grad.dtype))
-        if need_dh:
-            torch.mm(grad, head.weight, out=dh[rows])
-        if lora and (need_dh or need_da):
-            grad_b = grad @ head.lora_B  # [n, r]
-            if need_dh:
-                dh[rows].addmm_(grad_b, head.lora_A, alpha=head.scaling)
-            if need_da:
-                da.addmm_(grad_b.T.to(acc), h.to(acc), alpha=head.scaling)
-        if need_dw or need_db or need_db_lora:
-            grad_acc = grad.to(acc)
-            if need_dw:
-                dw.addmm_(grad_acc.T, h.to(acc))
-            if need_db:
-                db.add_(grad_acc.sum(0))
-            if need_db_lora:
-                db_lora.addmm_(grad_acc.T, lora_h.to(acc), alpha=head.scaling)
-
-    params = (head.weight, head.bias, head.lora_A, head.lora_B)
-    grads = (dh,) + tuple(None if g is None else g.to(p.dtype) for g, p in zip((dw, db, da, db_lora), params))
-    return ce, kl, grads
+    def head_with(self, weight, bias, lora_A, lora_B) -> LinearHead:
+        return self.head.with_tensors(weight, bias, lora_A, lora_B)
 
 
 class FusedLinearMTTFunction(torch.autograd.Function):
-    """Forward walks the chunks and forms the gradients; backward scales them by the upstream gradient.
-    reduction='none' with a parameter gradient needs per-row upstream weights inside the parameter
-    sums, so that case recomputes the walk in backward instead."""
+    """Chunked path: forward walks the chunks and forms the gradients; backward scales them by the upstream
+    gradient. reduction='none' with a parameter gradient needs per-row upstream weights inside the
+    parameter sums, so that case walks the chunks in backward instead."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, head_options, options):
-        head = LinearHead(weight, bias, lora_A, lora_B, **head_options)
+    def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, plan):
         needs = tuple(ctx.needs_input_grad[:5])
-        ctx.deferred = options.reduction == "none" and any(needs[1:])
-        ce, kl, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, options,
-                                           (False,) * 5 if ctx.deferred else needs)
+        ctx.deferred = plan.options.reduction == "none" and any(needs[1:])
+        stats, grads = _walk(hidden, base_hidden, labels, plan.head_with(weight, bias, lora_A, lora_B), plan,
+                             (False,) * 5 if ctx.deferred else needs)
         ctx.in_place = True  # the saved gradients are private buffers: scale them in place
         if ctx.deferred:
             ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels)
-            ctx.head_options, ctx.options, ctx.needs = head_options, options, needs
+            ctx.plan, ctx.needs = plan, needs
         else:
             ctx.save_for_backward(*grads)
-        return reduced_outputs(ctx, ce, kl, lam=options.lam, temperature=options.temperature,
-                               reduction=options.reduction, scale=options.scale)
+        return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         if ctx.deferred:
             hidden, weight, bias, lora_A, lora_B, base_hidden, labels = ctx.saved_tensors
-            head = LinearHead(weight, bias, lora_A, lora_B, **ctx.head_options)
-            _, _, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, ctx.options, ctx.needs,
-                                             row_weights=grad_loss)
+            head = ctx.plan.head_with(weight, bias, lora_A, lora_B)
+            _, grads = _walk(hidden, base_hidden, labels, head, ctx.plan, ctx.needs, row_weights=grad_loss)
         else:
             grads = tuple(None if g is None else scale_saved_grad(ctx, g, grad_loss) for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None)
+
+
+def _walk(hidden, base_hidden, labels, head, plan, needs, row_weights=None):
+    return chunked_linear_mtt(hidden, base_hidden, labels, head, plan.options,
+                              rows_fn=implementation("mtt_rows", plan.backend), need_kl=plan.need_kl,
+                              scale=plan.scale, chunk_size=plan.chunk_size, needs=needs, row_weights=row_weights)
 
 
 class TiledFusedLinearMTTFunction(torch.autograd.Function):
-    """Triton tiles (kernels/fused_linear_mtt.py): forward keeps O(N) statistics, backward recomputes
-    the logit tiles and accumulates the gradients."""
+    """Tiled path: forward keeps O(N) statistics (split partials, merged), backward recomputes the logit
+    tiles and accumulates the gradients."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, head_options, options):
-        from fastmtt.kernels.fused_linear_mtt_loss import STAT_KL, linear_mtt_forward_triton
-
+    def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, plan):
+        head = plan.head_with(weight, bias, lora_A, lora_B)
         lora_hidden = None if lora_A is None else hidden.float() @ lora_A.float().T
-        ce, stats = linear_mtt_forward_triton(hidden, base_hidden, weight, bias, lora_hidden, lora_B, labels,
-                                              **head_options, **options.row_kwargs())
-        kl = stats[STAT_KL.value]
+        partials = implementation("linear_mtt_forward", "triton")(hidden, base_hidden, head, lora_hidden, labels,
+                                                                  plan.options, need_kl=plan.need_kl,
+                                                                  splits=plan.splits)
+        stats = finalize(merge_partials(partials, plan.options.direction), labels, plan.options,
+                         need_kl=plan.need_kl)
         ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats)
-        ctx.head_options, ctx.options = head_options, options
-        return reduced_outputs(ctx, ce, kl, lam=options.lam, temperature=options.temperature,
-                               reduction=options.reduction, scale=options.scale)
+        ctx.plan = plan
+        return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        from fastmtt.kernels.fused_linear_mtt_loss import linear_mtt_backward_triton
-
         hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats = ctx.saved_tensors
-        options, head_options = ctx.options, ctx.head_options
-        need_dh, need_dw, need_db, need_da, need_db_lora = ctx.needs_input_grad[:5]
-        coef = grad_loss.float().expand(labels.shape[0]) * options.scale.float()
-        coef = torch.where(labels != options.ignore_index, coef, 0.0).contiguous()
-        lora = lora_A is not None
-        needs = (need_dh, need_dw, need_db, lora and (need_dh or need_da), need_db_lora)
-        dh, dw, db, grad_lora_h, db_lora = linear_mtt_backward_triton(
-            hidden, base_hidden, weight, bias, lora_hidden, lora_B, labels, stats, coef, **head_options,
-            lam=options.lam, temperature=options.temperature, reverse=options.reverse,
-            ignore_index=options.ignore_index, threshold=options.grad_threshold, needs=needs)
-        scaling = head_options["scaling"]
-        da = None
-        if grad_lora_h is not None:  # dh += s (g B) A,  dA = s (g B)^T h
-            if need_dh:
-                dh.addmm_(grad_lora_h, lora_A.float(), alpha=scaling)
-            if need_da:
-                da = (grad_lora_h.T @ hidden.float()).mul_(scaling)
-        grads = (dh, dw, db, da, db_lora)
+        plan = ctx.plan
+        row_coef = (grad_loss.float().expand(labels.shape[0]) * plan.scale.float()).contiguous()
+        grads = implementation("linear_mtt_backward", "triton")(
+            hidden, base_hidden, plan.head_with(weight, bias, lora_A, lora_B), lora_hidden, labels, stats,
+            row_coef, plan.options, threshold=plan.grad_threshold, needs=tuple(ctx.needs_input_grad[:5]))
         inputs = (hidden, weight, bias, lora_A, lora_B)
-        return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None, None, None, None)
+        return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None, None, None)
 
 
 @torch.compiler.disable
@@ -262,14 +156,11 @@ def fused_linear_mtt_loss(
     lora_B: Optional[torch.Tensor] = None,
     lora_scaling: float = 1.0,
     softcap: Optional[float] = None,
-    lam: float = DEFAULT_LAM,
-    temperature: float = 1.0,
-    direction: str = "forward",
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+    lam: float = DEFAULT_LAM, temperature: float = 1.0, direction: str = "forward", mask_target: bool = True,
+    ignore_index: int = -100, reduction: str = "mean", num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
     return_components: bool = False,
     backend: str = "auto",
+    tiled: bool = False,
     chunk_size: Optional[int] = None,
     grad_threshold: Optional[float] = None,
 ):
@@ -279,82 +170,100 @@ def fused_linear_mtt_loss(
     hidden [..., H] (adapted model, gets the gradient), base_hidden [..., H] (frozen base pass, never
     gets a gradient), weight [V, H], bias [V], lora_A [r, H], lora_B [V, r] (LoRA on the output head,
     adapted side only), labels [...] aligned with the rows. weight, bias, lora_A, lora_B get gradients
-    when they require them. softcap c: logits c * tanh(x / c) on both sides. chunk_size: rows per
-    chunk (default: `default_chunk_size`, a [rows, V] slab about the size of the hidden states, at
-    least 256 rows; PyTorch path). grad_threshold (Triton path): backward skips a tile of logits whose
-    |dL_i/dz| is below it everywhere; 0 is exact, None picks 2**-12 for fp16/bf16 and 0 for fp32.
-    Other arguments as in `mtt_loss`.
+    when they require them. softcap c: logits c * tanh(x / c) on both sides.
+    tiled=False (default): the chunked path; chunk_size rows per chunk (default `default_chunk_size`: on
+    a GPU about 1.5 GiB of fp32 slabs, at least 1024 rows). tiled=True: the tiled Triton kernels (least
+    memory, about 5/3 the matrix work); grad_threshold applies there with lam = 0 only (skips tiles whose
+    |dL/dz| is below it; None: 2**-12 for fp16/bf16, 0 for fp32). Other arguments as in `mtt_loss`.
     """
+    options = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
+                         ignore_index=ignore_index, reduction=reduction)
+    head = LinearHead(weight, bias, lora_A, lora_B, lora_scaling, softcap)
+    return fused_linear_mtt_loss_with_options(hidden, base_hidden, head, labels, options,
+                                              num_items_in_batch=num_items_in_batch,
+                                              return_components=return_components, backend=backend, tiled=tiled,
+                                              chunk_size=chunk_size, grad_threshold=grad_threshold)
+
+
+def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, labels, options: MTTOptions, *,
+                                       num_items_in_batch=None, return_components=False, backend="auto",
+                                       tiled=False, chunk_size=None, grad_threshold=None, splits=None):
+    """`fused_linear_mtt_loss` with the head in one LinearHead and the loss settings in one MTTOptions.
+    splits (tiled path): vocabulary splits of the forward (None: enough to fill the GPU)."""
     check_float_tensor("hidden", hidden, min_dim=2)
     check_float_tensor("base_hidden", base_hidden, shape=hidden.shape)
-    _check_head(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap)
-    check_same_device(hidden=hidden, base_hidden=base_hidden, weight=weight, labels=labels, bias=bias,
-                      lora_A=lora_A, lora_B=lora_B)
-    check_options(lam=lam, temperature=temperature, direction=direction, reduction=reduction,
-                  num_items_in_batch=num_items_in_batch)
-    vocab_size, hidden_size = weight.shape
-    check_labels(labels, hidden.shape[:-1], vocab_size, ignore_index)
+    _check_head(hidden, head.weight, head.bias, head.lora_A, head.lora_B, head.scaling, head.softcap)
+    check_same_device(hidden=hidden, base_hidden=base_hidden, weight=head.weight, labels=labels, bias=head.bias,
+                      lora_A=head.lora_A, lora_B=head.lora_B)
+    check_num_items(num_items_in_batch, options.reduction)
+    vocab_size, hidden_size = head.weight.shape
+    check_labels(labels, hidden.shape[:-1], vocab_size, options.ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if grad_threshold is not None and not grad_threshold >= 0:
         raise ValueError(f"grad_threshold must be None or >= 0, got {grad_threshold!r}")
+    if not isinstance(tiled, bool):
+        raise TypeError(f"tiled must be a bool, got {tiled!r}")
 
-    backend = resolve_backend(backend, hidden, weight)
+    backend = resolve_backend(backend, hidden, head.weight)
+    if tiled and backend != "triton":
+        raise ValueError("tiled=True runs the Triton kernels: use CUDA tensors (or backend='triton' with "
+                         "TRITON_INTERPRET=1 on CPU)")
     flat_hidden = hidden.reshape(-1, hidden_size)
     flat_base = base_hidden.detach().to(hidden.dtype).reshape(-1, hidden_size)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
-    n_rows = flat_hidden.shape[0]
-    if lora_A is not None:  # autograd carries the gradient back through the casts
-        lora_A, lora_B = lora_A.to(hidden.dtype), lora_B.to(hidden.dtype)
+    scale = gradient_scale(options.reduction, flat_labels, options.ignore_index, num_items_in_batch, hidden.device,
+                           accumulator_dtype(hidden))
+    # Only predicted rows enter the products; 'none' puts the ignored rows' zeros back afterwards.
+    kept = (flat_labels != options.ignore_index).nonzero().squeeze(1)
+    compact = kept.numel() < flat_labels.numel()
+    if compact:
+        flat_hidden, flat_base, flat_labels = (t.index_select(0, kept) for t in (flat_hidden, flat_base, flat_labels))
+    if head.has_lora:  # autograd carries the gradient back through the casts
+        head = head.with_tensors(head.weight, head.bias, head.lora_A.to(hidden.dtype), head.lora_B.to(hidden.dtype))
     if grad_threshold is None:
         grad_threshold = DEFAULT_GRAD_THRESHOLD if hidden.dtype in (torch.float16, torch.bfloat16) else 0.0
-    options = _Options(
-        lam=float(lam), temperature=float(temperature),
-        reverse=direction == "reverse", ignore_index=int(ignore_index), reduction=reduction,
-        need_kl=return_components,
-        scale=gradient_scale(reduction, flat_labels, ignore_index, num_items_in_batch, hidden.device,
-                             accumulator_dtype(hidden)),
-        chunk_size=chunk_size or default_chunk_size(n_rows, hidden_size, vocab_size),
-        grad_threshold=float(grad_threshold))
-    head_options = dict(scaling=float(lora_scaling), softcap=None if softcap is None else float(softcap))
-    tensors = (flat_hidden, weight, bias, lora_A, lora_B, flat_base)
-    if backend == "triton":
+    plan = _Plan(head=head.with_tensors(None, None, None, None), options=options, scale=scale,
+                 need_kl=return_components, backend=backend,
+                 chunk_size=chunk_size or default_chunk_size(flat_hidden.shape[0], hidden_size, vocab_size,
+                                                             hidden.device),
+                 grad_threshold=float(grad_threshold), splits=splits)
+    tensors = (flat_hidden, *head.tensors(), flat_base)
+    function = FusedLinearMTTFunction
+    if tiled:
         function = TiledFusedLinearMTTFunction
         tensors = tuple(None if t is None else t.contiguous() for t in tensors)
-    else:
-        function = FusedLinearMTTFunction
-    loss, ce, kl = _apply_eagerly(function, *tensors, flat_labels, head_options, options)
-    if reduction == "none":
+    loss, ce, kl = _apply_eagerly(function, *tensors, flat_labels, plan)
+    if options.reduction == "none":
+        if compact:
+            loss, ce, kl = (t.new_zeros(labels.numel()).index_copy(0, kept, t) for t in (loss, ce, kl))
         loss, ce, kl = (t.reshape(labels.shape) for t in (loss, ce, kl))
     return MTTOutput(loss, ce, kl) if return_components else loss
 
 
 class FusedLinearMTTLoss(torch.nn.Module):
     """Module form of `fused_linear_mtt_loss`:
-    forward(hidden, base_hidden, weight, labels, bias=None, lora_A=None, lora_B=None, num_items_in_batch=None)."""
+    forward(hidden, base_hidden, weight, labels, bias=None, lora_A=None, lora_B=None, num_items_in_batch=None).
+    Takes the keywords of MTTOptions or options=MTTOptions(...), plus lora_scaling, softcap,
+    return_components, backend, tiled and chunk_size."""
 
-    def __init__(self, lam: float = DEFAULT_LAM, temperature: float = 1.0, direction: str = "forward",
-                 ignore_index: int = -100, reduction: str = "mean", lora_scaling: float = 1.0,
+    def __init__(self, options: Optional[MTTOptions] = None, *, lora_scaling: float = 1.0,
                  softcap: Optional[float] = None, return_components: bool = False, backend: str = "auto",
-                 chunk_size: Optional[int] = None):
+                 tiled: bool = False, chunk_size: Optional[int] = None, **option_kwargs):
         super().__init__()
-        check_options(lam=lam, temperature=temperature, direction=direction, reduction=reduction,
-                      num_items_in_batch=None)
-        self.lam, self.temperature, self.direction = lam, temperature, direction
-        self.ignore_index, self.reduction = ignore_index, reduction
+        self.options = options_from(options, option_kwargs)
         self.lora_scaling, self.softcap = lora_scaling, softcap
-        self.return_components, self.backend, self.chunk_size = return_components, backend, chunk_size
+        self.return_components, self.backend = return_components, backend
+        self.tiled, self.chunk_size = tiled, chunk_size
 
     def forward(self, hidden, base_hidden, weight, labels, bias=None, lora_A=None, lora_B=None,
                 num_items_in_batch=None):
-        return fused_linear_mtt_loss(
-            hidden, base_hidden, weight, labels, bias=bias, lora_A=lora_A, lora_B=lora_B,
-            lora_scaling=self.lora_scaling, softcap=self.softcap, lam=self.lam, temperature=self.temperature,
-            direction=self.direction, ignore_index=self.ignore_index, reduction=self.reduction,
-            num_items_in_batch=num_items_in_batch, return_components=self.return_components,
-            backend=self.backend, chunk_size=self.chunk_size)
+        head = LinearHead(weight, bias, lora_A, lora_B, self.lora_scaling, self.softcap)
+        return fused_linear_mtt_loss_with_options(
+            hidden, base_hidden, head, labels, self.options, num_items_in_batch=num_items_in_batch,
+            return_components=self.return_components, backend=self.backend, tiled=self.tiled,
+            chunk_size=self.chunk_size)
 
     def extra_repr(self):
-        return (f"lam={self.lam}, temperature={self.temperature}, direction={self.direction!r}, "
-                f"reduction={self.reduction!r}, softcap={self.softcap}")
+        return f"{self.options!r}, softcap={self.softcap}, tiled={self.tiled}"

@@ -1,9 +1,10 @@
 """lora_linear: y = x W^T + bias + s * (dropout(x) A^T) B^T as one fused op, with its autograd Function.
 
 W is frozen (never gets a gradient); x, A, B and a bias that requires grad do. Dropout applies to
-the LoRA branch only (as in PEFT), and backward reuses the forward's mask: the PyTorch path saves the
-mask and the dropped input (as PEFT's autograd graph does), the Triton path saves neither and
-regenerates the mask in-kernel from a seed (see fastmtt.kernels.lora_linear).
+the LoRA branch only (as in PEFT), and backward reuses the forward's mask: the PyTorch path
+(fastmtt/pytorch/lora_linear.py) saves the mask and the dropped input (as PEFT's autograd graph does),
+the Triton path saves neither and regenerates the mask in-kernel from a seed
+(fastmtt/kernels/lora_linear.py).
 """
 from __future__ import annotations
 
@@ -13,84 +14,36 @@ from typing import Optional
 import torch
 
 from fastmtt._checks import check_float_tensor, check_same_device
-from fastmtt._dispatch import resolve_backend
+from fastmtt._dispatch import implementation, resolve_backend
 
-
-def _torch_forward(x, weight, lora_A, lora_B, bias, scaling, keep):
-    """PyTorch path: base product in x's dtype; LoRA products in the adapters' dtype on x cast to it
-    (as PEFT does) times the rescaled keep mask; summed in the wider dtype. Returns (y, x_lora, xa)."""
-    lora_dtype = lora_A.dtype
-    x_lora = x if x.dtype == lora_dtype else x.to(lora_dtype)
-    if keep is not None:
-        x_lora = x_lora * keep
-    xa = x_lora @ lora_A.t()
-    if lora_dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-        out = torch.nn.functional.linear(x, weight, bias)
-        return out.addmm_(xa, lora_B.t(), alpha=scaling), x_lora, xa
-    wide = torch.promote_types(x.dtype, lora_dtype)
-    out = torch.nn.functional.linear(x, weight).to(wide).addmm_(xa.to(wide), lora_B.t().to(wide), alpha=scaling)
-    if bias is not None:
-        out = out + bias
-    return out.to(x.dtype), x_lora, xa
-
-
-def _torch_backward(dy, x_dtype, weight, lora_A, lora_B, x_lora, xa, scaling, keep, needs):
-    need_dx, need_dA, need_dB = needs
-    dy_lora = dy.to(lora_A.dtype)
-    dx = dA = dB = None
-    if need_dx or need_dA:
-        g = (dy_lora @ lora_B).mul_(scaling)  # s dy B, [M, r]
-    if need_dx:
-        dx_lora = g @ lora_A
-        if keep is not None:
-            dx_lora.mul_(keep)
-        dx = (dy @ weight).add_(dx_lora) if dx_lora.dtype == x_dtype else (dy @ weight + dx_lora).to(x_dtype)
-    if need_dA:
-        dA = g.t() @ x_lora
-    if need_dB:
-        dB = (dy_lora.t() @ xa).mul_(scaling)
-    return dx, dA, dB
-
-
-def draw_dropout_seed() -> int:
-    """Seed for the Triton path's in-kernel dropout mask, drawn from torch's default CPU generator
-    (so torch.manual_seed makes runs reproducible)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+# Shapes (in_features, out_features, rank, x dtype, dropout) where a GPU measurement showed the fused Triton
+# kernel faster than the cuBLAS formulation (x W^T + s (drop(x) A^T) B^T + bias: three GEMMs, no slower than
+# PEFT's layer by construction). backend="auto" runs the kernel only there; none has been measured yet, so
+# "auto" is cuBLAS everywhere and backend="triton" asks for the kernel.
+FUSED_KERNEL_MEASURED_FASTER: frozenset = frozenset()
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Inputs: x [M, K], weight [N, K] (detached), lora_A [r, K], lora_B [N, r], bias [N] or None."""
+    """Inputs: x [M, K], weight [N, K] (detached), lora_A [r, K], lora_B [N, r], bias [N] or None. The
+    backend's forward returns what its backward needs (PyTorch: the mask and dropped input; Triton: x
+    and a seed that regenerates the mask)."""
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend):
-        keep = seed = None
-        if backend == "triton":
-            from fastmtt.kernels.lora_linear import lora_forward_triton
-
-            seed = draw_dropout_seed() if dropout_p > 0 else 0
-            y, xa = lora_forward_triton(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
-            saved = x  # the kernels regenerate the mask from the seed
-        else:
-            if dropout_p > 0:  # the same draw as torch.nn.functional.dropout on x in the adapters' dtype
-                keep = torch.empty(x.shape, dtype=lora_A.dtype, device=x.device).bernoulli_(1 - dropout_p)
-                keep.div_(1 - dropout_p)
-            y, saved, xa = _torch_forward(x, weight, lora_A, lora_B, bias, scaling, keep)
-        ctx.options = (scaling, dropout_p, backend, seed, x.dtype)
+        forward = implementation("lora_linear_forward", backend)
+        y, saved, seed = forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+        ctx.options = (scaling, dropout_p, backend, seed, len(saved))
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(saved, weight, lora_A, lora_B, xa, keep)
+        ctx.save_for_backward(weight, lora_A, lora_B, *saved)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        saved, weight, lora_A, lora_B, xa, keep = ctx.saved_tensors
-        scaling, dropout_p, backend, seed, x_dtype = ctx.options
+        weight, lora_A, lora_B, *saved = ctx.saved_tensors
+        scaling, dropout_p, backend, seed, _ = ctx.options
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
-        if backend == "triton":
-            from fastmtt.kernels.lora_linear import lora_backward_triton
-
-            dx, dA, dB = lora_backward_triton(dy, saved, weight, lora_A, lora_B, xa, scaling, dropout_p, seed, needs)
-        else:
-            dx, dA, dB = _torch_backward(dy, x_dtype, weight, lora_A, lora_B, saved, xa, scaling, keep, needs)
+        backward = implementation("lora_linear_backward", backend)
+        dx, dA, dB = backward(dy, saved, seed, weight, lora_A, lora_B, scaling, dropout_p, needs)
         dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
         return dx, None, dA, dB, dbias, None, None, None
 
@@ -144,7 +97,8 @@ def lora_linear(
 
         if rank > MAX_RANK and requested == "triton":
             raise ValueError(f"backend='triton' supports lora rank up to {MAX_RANK}, got r={rank}")
-        if rank > MAX_RANK or x.numel() == 0:
+        measured_faster = (in_features, out_features, rank, x.dtype, dropout_p > 0) in FUSED_KERNEL_MEASURED_FASTER
+        if rank > MAX_RANK or x.numel() == 0 or (requested == "auto" and not measured_faster):
             backend = "torch"
     x2d = x.reshape(-1, in_features)
     y = LoRALinearFunction.apply(x2d, weight.detach(), lora_A, lora_B, bias, float(scaling), float(dropout_p), backend)

@@ -1,15 +1,17 @@
-"""Pure-PyTorch MTT rows: the same function as the Triton row kernel, vectorized over row chunks.
+"""Pure-PyTorch MTT rows: the same function as the Triton row kernel, vectorized over chunks of rows.
 
-Memory beyond inputs and the gradient stays bounded by the chunk: a few temporaries of about
-CHUNK_ELEMENTS each (large chunks: per-op overhead dominates small ones on CPU). The gradient is assembled from the masked distributions q, p with per-row coefficients, so each
-[rows, V] temporary is touched only a few times.
+Per chunk: the range's partial statistics (fastmtt/partials.py), finalized, then the gradient, so
+memory beyond the inputs and the gradient stays at a few [rows, V] temporaries of about CHUNK_ELEMENTS
+each. float32 math (float64 when an input is float64).
 """
 from __future__ import annotations
 
 import torch
 
+from fastmtt import partials as P
+from fastmtt.pytorch.divergences import DIVERGENCES
+
 CHUNK_ELEMENTS = 1 << 22
-NEG_INF = float("-inf")
 
 
 def accumulator_dtype(*tensors):
@@ -17,114 +19,128 @@ def accumulator_dtype(*tensors):
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _masked_log_probs(x, index, temperature):
-    """log_softmax over k != target of x / T (x is overwritten) and LSE' [rows]. An all -inf row
-    gets -inf log-probs (q = 0) and LSE' = -inf."""
-    x.scatter_(1, index, NEG_INF)
-    if temperature != 1.0:
-        x.div_(temperature)
-    top, argmax = x.max(dim=1)
-    log_probs = torch.log_softmax(x, dim=1)
-    lse = top - log_probs.gather(1, argmax[:, None]).squeeze(1)
-    empty = top == NEG_INF
-    if empty.any():
-        log_probs[empty] = NEG_INF
-        lse[empty] = NEG_INF
-    return log_probs, lse
+class _Rows:
+    """One chunk of rows [r, n] holding columns [vocab_start, vocab_start + n): labels located, logits
+    in the accumulator dtype, kept columns at temperature T (-inf elsewhere)."""
+
+    def __init__(self, z, b, labels, options, vocab_start, need_base):
+        acc = accumulator_dtype(z, b)
+        self.options = options
+        self.valid = labels != options.ignore_index
+        local = labels - vocab_start
+        self.found = self.valid & (local >= 0) & (local < z.shape[1])
+        self.index = torch.where(self.found, local, 0)[:, None]
+        self.z = z.to(acc)
+        self.b = b.to(acc) if need_base else None
+
+    def label_logit(self, x):
+        return torch.where(self.found, x.gather(1, self.index).squeeze(1), 0.0)
+
+    def kept(self, x):
+        """x / T with the target column (where it lies in this range and is masked) at -inf."""
+        xt = x / self.options.temperature if self.options.temperature != 1.0 else x.clone()
+        if self.options.mask_target:
+            target = torch.where(self.found, float("-inf"), xt.gather(1, self.index).squeeze(1))
+            xt.scatter_(1, self.index, target[:, None])
+        return xt
 
 
-def _chunk_rows(z_in, b_in, labels, *, lam, temperature, reverse, ignore_index, need_kl, grad_scale, grad_out):
-    acc = accumulator_dtype(z_in, b_in)
-    valid = labels != ignore_index
-    label_ok = valid & (labels >= 0) & (labels < z_in.shape[1])
-    index = torch.where(label_ok, labels, 0)[:, None]
-    unit_t = temperature == 1.0
-
-    z = z_in.to(acc, copy=True)
-    z_label = z.gather(1, index).squeeze(1)
-    lse = None if unit_t else torch.logsumexp(z, dim=1)
-    log_q, z_lse = _masked_log_probs(z, index, temperature)
-    if unit_t:
-        lse = torch.logaddexp(z_lse, z_label)
-    lse = torch.where(label_ok, lse, float("nan"))
-    ce = torch.where(valid, lse - z_label, 0.0)
-    q = log_q.exp()
-
-    kl = torch.zeros_like(ce)
-    constant_kl = torch.ones_like(valid)
-    if need_kl or lam > 0:
-        b = b_in.to(acc, copy=True)
-        b_label = b.gather(1, index).squeeze(1)
-        log_p, b_lse = _masked_log_probs(b, index, temperature)
-        p = log_p.exp()
-        weight = q if reverse else p
-        log_ratio = (log_q - log_p) if reverse else log_p.sub_(log_q)  # log_p is not needed after this
-        log_ratio.scatter_(1, index, 0.0)  # the target column: -inf - -inf
-        kl = torch.linalg.vecdot(weight, log_ratio)
-        # A term of weight 0 contributes 0, never 0 * inf = NaN. Only rows with -inf logits (or NaN
-        # inputs) can hold such terms, and their KL is NaN: mask those rows and sum again.
-        suspect = kl.isnan().nonzero().squeeze(1)
-        if suspect.numel():
-            log_ratio[suspect] = log_ratio[suspect].masked_fill_(weight[suspect] == 0, 0.0)
-            kl[suspect] = torch.linalg.vecdot(weight[suspect], log_ratio[suspect])
-        base_empty, adapted_empty = b_lse == NEG_INF, z_lse == NEG_INF
-        constant_kl = base_empty | adapted_empty
-        if reverse:
-            kl = torch.where(constant_kl, 0.0, kl)
-        else:
-            kl = torch.where(base_empty, 0.0, torch.where(adapted_empty, float("inf"), kl))
-        kl = torch.where(b_label.isnan(), float("nan"), kl)
-        kl = torch.where(valid, kl, 0.0)
-        constant_kl |= kl == float("inf")
-
-    if grad_out is not None:
-        # grad = softmax(z) - onehot(y) + lam T (q - p)  [forward]  or  + lam T q (log q - log p - KL)  [reverse],
-        # times the scale; the q terms share one coefficient.
-        scale = grad_scale.to(acc).reshape(())
-        q_coef = torch.where(constant_kl | ~valid, 0.0, lam * temperature * scale)[:, None]
-        p_coef = q_coef if lam > 0 and not reverse else None
-        if lam > 0 and reverse:
-            log_ratio[constant_kl] = 0.0
-            q_coef = log_ratio.sub_(torch.where(constant_kl, 0.0, kl)[:, None]).mul_(q_coef)
-        grad = grad_out if grad_out.dtype == acc else torch.empty_like(q)
-        if unit_t:  # softmax(z)_k = q_k exp(Z' - LSE) off the target
-            torch.mul(q, q_coef + ((z_lse - lse).exp() * scale)[:, None], out=grad)
-        else:
-            torch.sub(z_in.to(acc), lse[:, None], out=grad).exp_().mul_(scale)
-            if lam > 0:
-                grad.addcmul_(q, q_coef)
-        if p_coef is not None:
-            grad.addcmul_(p, p_coef, value=-1.0)
-        grad.scatter_(1, index, (((z_label - lse).exp() - 1.0) * scale)[:, None])
-        grad[~valid] = 0.0
-        if grad is not grad_out:
-            grad_out.copy_(grad)
-    return ce, kl
+def _max_and_exp(x):
+    """(row max m, exp(x - m), sum of it); an all -inf row gives m = -inf and zeros."""
+    m = x.amax(1)
+    e = (x - torch.where(m == float("-inf"), 0.0, m)[:, None]).exp()
+    return m, e, e.sum(1)
 
 
-def mtt_rows_torch(logits, base_logits, labels, *, lam, temperature, reverse, ignore_index,
-                   need_kl, grad_scale=None, grad_out=None):
-    """Per-row (ce, kl) for [N, V] logits; writes grad_scale * dL_i/dlogits into `grad_out` if given.
+def _chunk_partials(rows: _Rows, need_kl):
+    options = rows.options
+    parts = torch.zeros(P.N_PARTIALS, rows.z.shape[0], dtype=rows.z.dtype, device=rows.z.device)
+    zt = rows.kept(rows.z)
+    parts[P.M_Z], e_z, parts[P.S_Z] = _max_and_exp(zt)
+    parts[P.M_R] = float("-inf")
+    if options.temperature != 1.0:
+        parts[P.M_R], _, parts[P.S_R] = _max_and_exp(rows.z)
+    parts[P.Z_LABEL] = rows.label_logit(rows.z)
+    parts[P.LABEL_FOUND] = rows.found.to(parts.dtype)
+    if need_kl:
+        bt = rows.kept(rows.b)
+        parts[P.M_B], e_b, parts[P.S_B] = _max_and_exp(bt)
+        parts[P.W] = DIVERGENCES[options.direction].terms(e_z, e_b, zt, bt).sum(1)
+        parts[P.B_LABEL] = rows.label_logit(rows.b)
+    else:
+        parts[P.M_B] = float("-inf")
+    ignored = ~rows.valid
+    parts[:, ignored] = 0.0
+    parts[P.M_Z, ignored] = parts[P.M_R, ignored] = parts[P.M_B, ignored] = float("-inf")
+    return parts
 
-    Same contract as the Triton row kernel; float32 math (float64 when an input is float64).
-    `grad_out` may be `logits` itself.
-    """
-    n_rows, n_cols = logits.shape
-    acc = accumulator_dtype(logits, base_logits)
-    ce = torch.empty(n_rows, dtype=acc, device=logits.device)
-    kl = torch.empty_like(ce)
-    if grad_scale is None:
-        grad_scale = torch.ones(1, dtype=acc, device=logits.device)
+
+def _chunk_gradient(rows: _Rows, stats, grad_scale, out):
+    """out <- grad_scale * dL/dz of the chunk, from its finalized statistics [N_STATS, r]."""
+    options = rows.options
+    scale = grad_scale.to(rows.z.dtype).reshape(())
+    grad = torch.sub(rows.z, stats[P.LSE][:, None]).exp_()
+    grad.scatter_add_(1, rows.index, torch.where(rows.found, -1.0, 0.0).to(grad.dtype)[:, None])
+    if options.lam > 0:
+        z_lse, b_lse, value = stats[P.Z_LSE], stats[P.B_LSE], stats[P.KL]
+        constant = (z_lse == float("-inf")) | (b_lse == float("-inf")) | (value == float("inf"))
+        log_q = rows.kept(rows.z).sub_(torch.where(z_lse == float("-inf"), 0.0, z_lse)[:, None])
+        log_p = rows.kept(rows.b).sub_(torch.where(b_lse == float("-inf"), 0.0, b_lse)[:, None])
+        kl_grad = DIVERGENCES[options.direction].gradient(log_q, log_p, value)
+        kl_grad[constant] = 0.0  # D does not vary there (and inf - inf would be NaN)
+        grad.add_(kl_grad, alpha=options.kl_weight / options.temperature)
+    grad.mul_(torch.where(rows.valid, scale, 0.0)[:, None])
+    grad[~rows.valid] = 0.0  # NaN or inf * 0 is not 0
+    out.copy_(grad)
+
+
+def _chunks(n_rows, n_cols):
     step = max(1, CHUNK_ELEMENTS // max(n_cols, 1))
-    for start in range(0, n_rows, step):
-        rows = slice(start, start + step)
-        if not bool((labels[rows] != ignore_index).any()):  # nothing to compute: padding only
-            ce[rows], kl[rows] = 0.0, 0.0
+    return (slice(start, start + step) for start in range(0, n_rows, step))
+
+
+def _has_kl(options, need_kl):
+    return need_kl or options.lam > 0
+
+
+def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None):
+    """Row statistics [N_STATS, N] (LSE, Z', B', D, CE; fastmtt/partials.py) of [N, V] logits; writes
+    grad_scale * dL_i/dlogits into `grad_out` if given (it may be `logits` itself)."""
+    acc = accumulator_dtype(logits, base_logits)
+    stats = torch.zeros(P.N_STATS, logits.shape[0], dtype=acc, device=logits.device)
+    has_kl = _has_kl(options, need_kl)
+    for rows in _chunks(*logits.shape):
+        if not bool((labels[rows] != options.ignore_index).any()):  # padding only
             if grad_out is not None:
                 grad_out[rows] = 0.0
             continue
-        ce[rows], kl[rows] = _chunk_rows(
-            logits[rows], base_logits[rows], labels[rows], lam=lam, temperature=temperature, reverse=reverse,
-            ignore_index=ignore_index, need_kl=need_kl, grad_scale=grad_scale,
-            grad_out=None if grad_out is None else grad_out[rows])
-    return ce, kl
+        chunk = _Rows(logits[rows], base_logits[rows], labels[rows], options, 0, has_kl)
+        stats[:, rows] = P.finalize(_chunk_partials(chunk, has_kl), labels[rows], options, need_kl=need_kl)
+        if grad_out is not None:
+            _chunk_gradient(chunk, stats[:, rows], _scale(grad_scale, acc, logits.device), grad_out[rows])
+    return stats
+
+
+def mtt_partials(logits, base_logits, labels, options, *, vocab_start, need_kl):
+    """Partial statistics [N_PARTIALS, N] of a vocabulary range: logits [N, n] hold columns
+    [vocab_start, vocab_start + n) of the rows; labels are global ids."""
+    has_kl = _has_kl(options, need_kl)
+    parts = torch.empty(P.N_PARTIALS, logits.shape[0], dtype=accumulator_dtype(logits, base_logits),
+                        device=logits.device)
+    for rows in _chunks(*logits.shape):
+        chunk = _Rows(logits[rows], base_logits[rows], labels[rows], options, vocab_start, has_kl)
+        parts[:, rows] = _chunk_partials(chunk, has_kl)
+    return parts
+
+
+def mtt_gradient(logits, base_logits, labels, stats, options, *, vocab_start, grad_scale, grad_out):
+    """grad_scale * dL_i/dlogits of a vocabulary range into grad_out, from merged statistics [N_STATS, N]."""
+    acc = accumulator_dtype(logits, base_logits)
+    for rows in _chunks(*logits.shape):
+        chunk = _Rows(logits[rows], base_logits[rows], labels[rows], options, vocab_start, options.lam > 0)
+        _chunk_gradient(chunk, stats[:, rows].to(acc), _scale(grad_scale, acc, logits.device), grad_out[rows])
+    return grad_out
+
+
+def _scale(grad_scale, acc, device):
+    return torch.ones(1, dtype=acc, device=device) if grad_scale is None else grad_scale

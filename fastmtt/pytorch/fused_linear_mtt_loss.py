@@ -1,0 +1,89 @@
+"""The chunked fused-linear MTT walk: per chunk of rows, both logit slabs from one product, the MTT row
+function (PyTorch or the Triton row kernel) writing the slab gradient, and the hidden, weight, bias and
+LoRA gradients formed at once (docs: mtt-math, "From hidden states"). Only gradients outlive a chunk.
+
+The slabs are fp32 (fp64 for fp64 inputs) whatever the inputs' dtype: logits of size ~20 in bf16 have a
+resolution of 0.125 nats, far coarser than the difference between the base and the adapted model.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastmtt.head import LinearHead
+from fastmtt.partials import N_STATS
+from fastmtt.pytorch.mtt_loss import accumulator_dtype
+
+MIN_CHUNK_ROWS_CPU = 256
+MIN_CHUNK_ROWS_GPU = 1024
+GPU_SLAB_BYTES = 3 << 29  # 1.5 GiB for both fp32 slabs and the gradient of a chunk
+
+
+def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk, a multiple of 16. GPU: the slabs of a chunk near GPU_SLAB_BYTES, at least
+    MIN_CHUNK_ROWS_GPU rows (the dh product stays large enough to avoid split-K). CPU: a [rows, V] slab
+    about the size of the hidden states [N, H], at least MIN_CHUNK_ROWS_CPU rows."""
+    if device.type == "cuda":
+        rows = max(MIN_CHUNK_ROWS_GPU, GPU_SLAB_BYTES // (10 * max(vocab_size, 1)))
+    else:
+        rows = max(MIN_CHUNK_ROWS_CPU, -(-n_rows * hidden_size // max(vocab_size, 1)))
+    return -(-rows // 16) * 16
+
+
+def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options, *, rows_fn, need_kl, scale,
+                       chunk_size, needs, row_weights=None):
+    """Per-row statistics [N_STATS, N] and the gradients flagged in `needs` (hidden, weight, bias, lora_A,
+    lora_B; None where not flagged) of sum_i w_i * scale * loss_i, w = row_weights (else 1). rows_fn: the
+    MTT row implementation (`mtt_rows` of fastmtt.pytorch.mtt_loss or fastmtt.kernels.mtt_loss). Parameter
+    gradients accumulate in fp32 (fp64 for fp64 inputs)."""
+    n_rows, hidden_size = hidden.shape
+    vocab_size = head.weight.shape[0]
+    acc = accumulator_dtype(hidden)
+    device = hidden.device
+    stats = []
+    need_dh, need_dw, need_db, need_da, need_db_lora = needs
+    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_dh else None
+    dw = torch.zeros(vocab_size, hidden_size, dtype=acc, device=device) if need_dw else None
+    db = torch.zeros(vocab_size, dtype=acc, device=device) if need_db else None
+    da = torch.zeros(head.lora_A.shape, dtype=acc, device=device) if need_da else None
+    db_lora = torch.zeros(head.lora_B.shape, dtype=acc, device=device) if need_db_lora else None
+    any_grad = any(needs)
+    has_kl = options.lam > 0 or need_kl
+
+    for start in range(0, n_rows, chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = hidden[rows]
+        lora_h = h @ head.lora_A.T if head.has_lora else None
+        z, b = head.logits(h, base_hidden[rows] if has_kl else None, lora_h, dtype=acc)
+        b = z if b is None else b  # not read without the KL term
+        grad = None
+        if any_grad:  # written over a slab already read, unless z is needed afterwards (softcap)
+            in_place = head.softcap is None and hidden.dtype == acc
+            grad = z if in_place else torch.empty(z.shape, dtype=hidden.dtype, device=device)
+        stats.append(rows_fn(z, b, labels[rows], options, need_kl=need_kl, grad_scale=scale, grad_out=grad))
+        if grad is None:
+            continue
+        if head.softcap is not None:  # dz_pre = dz * (1 - tanh^2(pre / c)), tanh(pre / c) = z / c
+            grad.mul_(z.div_(head.softcap).square_().neg_().add_(1.0))
+        if row_weights is not None:
+            grad.mul_(row_weights[rows, None].to(grad.dtype))
+        grad_mm = grad.to(head.weight.dtype)
+        if need_dh:
+            torch.mm(grad_mm, head.weight, out=dh[rows])
+        if head.has_lora and (need_dh or need_da):
+            grad_b = grad_mm @ head.lora_B.to(grad_mm.dtype)  # [n, r]
+            if need_dh:
+                dh[rows].addmm_(grad_b.to(dh.dtype), head.lora_A.to(dh.dtype), alpha=head.scaling)
+            if need_da:
+                da.addmm_(grad_b.T.to(acc), h.to(acc), alpha=head.scaling)
+        if need_dw or need_db or need_db_lora:
+            grad_acc = grad.to(acc)
+            if need_dw:
+                dw.addmm_(grad_acc.T, h.to(acc))
+            if need_db:
+                db.add_(grad_acc.sum(0))
+            if need_db_lora:
+                db_lora.addmm_(grad_acc.T, lora_h.to(acc), alpha=head.scaling)
+
+    stats = torch.cat(stats, dim=1) if stats else torch.zeros(N_STATS, 0, dtype=acc, device=device)
+    grads = (dh,) + tuple(None if g is None else g.to(p.dtype) for g, p in zip((dw, db, da, db_lora), head.tensors()))
+    return stats, grads
