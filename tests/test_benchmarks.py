@@ -14,13 +14,7 @@ CPU = torch.device("cpu")
 NO_COMPILE = ["--exclude", "compile"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread, restored afterwards: on a shared 2-core machine a second thread mostly waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fresh(op, impl, config, dtype=torch.float32):

@@ -10,6 +10,7 @@ import torch
 
 from fastmtt.apps.cli import main
 from fastmtt.apps.evaluation import format_kl
+from tests.utils import tiny_llama
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -19,11 +20,7 @@ WORDS = "the a cat dog sat ran on under mat log and then".split()
 
 def save_tiny_model(directory, with_tokenizer=True):
     vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{word: i + 3 for i, word in enumerate(WORDS)}}
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                      pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    tiny_llama(vocab_size=len(vocab), pad_token_id=0, eos_token_id=2, bos_token_id=2).save_pretrained(directory)
     if with_tokenizer:
         core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
         core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()

@@ -1,28 +1,25 @@
 """CUDA parity at GPU sizes: every kernel against the fp64 reference, next to same-dtype PyTorch.
 
 Run with real kernels: TRITON_INTERPRET=0 pytest -m cuda (benchmarks/gpu_check.sh does). Skipped
-without a GPU; the fused-linear and LoRA tests also wait for those ops to exist in fastmtt.
+without a GPU.
 """
 import pytest
 import torch
 
 import fastmtt
 from fastmtt import _dispatch, reference
-from tests.conftest import DTYPES, assert_parity
+from tests.utils import (
+    DTYPES,
+    assert_parity,
+    confident_hidden_states,
+    fused_linear_inputs,
+    kl_part_of_gradient,
+    lora_linear_inputs,
+    mtt_inputs,
+)
 
 pytestmark = pytest.mark.cuda
 LAM = 1.0
-
-
-def _labels(n_rows, n_cols, generator):
-    labels = torch.randint(0, n_cols, (n_rows,), generator=generator, device="cuda")
-    labels[::17] = -100
-    labels[1], labels[2] = 0, n_cols - 1  # targets at both ends of the vocabulary
-    return labels
-
-
-def _needs(attribute):
-    return pytest.mark.skipif(not hasattr(fastmtt, attribute), reason=f"fastmtt.{attribute} not in this build")
 
 
 def test_real_kernels_not_the_interpreter():
@@ -35,11 +32,8 @@ def test_real_kernels_not_the_interpreter():
 @pytest.mark.parametrize("direction, temperature", [("forward", 1.0), ("reverse", 2.0)])
 def test_mtt_loss_kernel_matches_reference(dtype_name, n_rows, n_cols, direction, temperature):
     dtype = DTYPES[dtype_name]
-    gen = torch.Generator(device="cuda").manual_seed(n_rows + n_cols)
-    logits = (torch.randn(n_rows, n_cols, generator=gen, device="cuda") * 3).to(dtype)
-    base = (logits.float() + torch.randn(n_rows, n_cols, generator=gen, device="cuda")).to(dtype)
-    logits[3, 5] = 40.0  # a confident row
-    labels = _labels(n_rows, n_cols, gen)
+    logits, base, labels = mtt_inputs(n_rows, n_cols, dtype, seed=n_rows + n_cols, ignore_fraction=0.06, spread=3.0,
+                                      confident_rows=1, device="cuda")
     options = dict(lam=LAM, temperature=temperature, direction=direction)
 
     truth_logits = logits.double().requires_grad_()
@@ -57,17 +51,13 @@ def test_mtt_loss_kernel_matches_reference(dtype_name, n_rows, n_cols, direction
     assert_parity("grad", kernel_grad, torch_grad, truth_logits.grad, dtype)
 
 
-@_needs("fused_linear_mtt_loss")
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 @pytest.mark.parametrize("n_rows, hidden, vocab", [(4096, 4096, 32000), (2048, 2048, 128256)])
 def test_fused_linear_mtt_loss_matches_reference(dtype_name, n_rows, hidden, vocab):
     dtype = DTYPES[dtype_name]
-    gen = torch.Generator(device="cuda").manual_seed(hidden + vocab)
-    states = torch.randn(n_rows, hidden, generator=gen, device="cuda").to(dtype)
-    base_states = (states.float() + 0.3 * torch.randn(n_rows, hidden, generator=gen, device="cuda")).to(dtype)
-    weight = (torch.randn(vocab, hidden, generator=gen, device="cuda") * 2 * hidden ** -0.5).to(dtype)
-    labels = _labels(n_rows, vocab, gen)
-
+    inputs, labels, _ = fused_linear_inputs(hidden + vocab, n_rows=n_rows, vocab=vocab, hidden=hidden,
+                                            ignored=n_rows // 17, device="cuda")
+    states, base_states, weight = (inputs[k].to(dtype) for k in ("hidden", "base_hidden", "weight"))
     truth_states = states.double().requires_grad_()
     truth = reference.mtt_loss(truth_states @ weight.double().T, base_states.double() @ weight.double().T,
                                labels, lam=LAM)
@@ -85,17 +75,13 @@ def test_fused_linear_mtt_loss_matches_reference(dtype_name, n_rows, hidden, voc
     assert_parity("grad hidden", kernel_grad, torch_grad, truth_states.grad, dtype)
 
 
-@_needs("lora_linear")
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 def test_lora_linear_matches_reference(dtype_name, n_rows=8192, d_in=4096, d_out=4096, rank=16, scaling=2.0):
     dtype = DTYPES[dtype_name]
-    gen = torch.Generator(device="cuda").manual_seed(rank)
-    x = torch.randn(n_rows, d_in, generator=gen, device="cuda").to(dtype)
-    weight = (torch.randn(d_out, d_in, generator=gen, device="cuda") * d_in ** -0.5).to(dtype)
-    lora_a = (torch.randn(rank, d_in, generator=gen, device="cuda") * d_in ** -0.5).to(dtype)
-    lora_b = (torch.randn(d_out, rank, generator=gen, device="cuda") * rank ** -0.5).to(dtype)
-    upstream = torch.randn(n_rows, d_out, generator=gen, device="cuda").to(dtype)
-
+    inputs = lora_linear_inputs((n_rows,), d_in, d_out, rank, dtype, bias=False, seed=rank, device="cuda")
+    x, weight, lora_a, lora_b = (inputs[k] for k in ("x", "weight", "lora_A", "lora_B"))
+    upstream = torch.randn(n_rows, d_out, generator=torch.Generator(device="cuda").manual_seed(rank + 1),
+                           device="cuda").to(dtype)
     def run(fn, cast):
         leaves = [cast(t).requires_grad_() for t in (x, lora_a, lora_b)]
         out = fn(leaves[0], cast(weight), leaves[1], leaves[2])
@@ -117,19 +103,19 @@ def test_lora_linear_matches_reference(dtype_name, n_rows=8192, d_in=4096, d_out
 def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(path, direction):
     """The regularizer's share of dL/dh (gradient at lam minus at lam = 0) from bf16 inputs within 5% of fp64
     math on the same rounded inputs, at a wide vocabulary, on both CUDA paths."""
-    from tests.test_fused_linear_mtt_loss import confident_hidden_states, kl_part_of_dh
-
     hidden, base_hidden, weight, labels = (t.cuda() for t in confident_hidden_states(512, 1024, 128256, seed=35))
-    inputs = (hidden.bfloat16(), base_hidden.bfloat16(), weight.bfloat16(), labels)
-    ours = kl_part_of_dh(fastmtt.fused_linear_mtt_loss, inputs, torch.bfloat16, direction=direction,
-                         tiled=path == "tiled")
-    truth = kl_part_of_dh(reference.fused_linear_mtt_loss, inputs, torch.float64, direction=direction)
+    hidden, base_hidden, weight = hidden.bfloat16(), base_hidden.bfloat16(), weight.bfloat16()
+
+    def kl_part(fn, dtype, **kw):
+        return kl_part_of_gradient(lambda h, lam: fn(h, base_hidden.to(dtype), weight.to(dtype), labels, lam=lam,
+                                                     direction=direction, **kw), hidden.to(dtype))
+
+    ours = kl_part(fastmtt.fused_linear_mtt_loss, torch.bfloat16, tiled=path == "tiled")
+    truth = kl_part(reference.fused_linear_mtt_loss, torch.float64)
     assert (ours - truth).norm() <= 0.05 * truth.norm()
 
 
 def test_tiled_backward_refuses_deterministic_mode():
-    from tests.test_fused_linear_mtt_loss import confident_hidden_states
-
     hidden, base_hidden, weight, labels = (t.cuda() for t in confident_hidden_states(64, 128, 4096, seed=36))
     hidden.requires_grad_(True)
     torch.use_deterministic_algorithms(True)

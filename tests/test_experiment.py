@@ -13,13 +13,7 @@ pytest.importorskip("transformers")
 from fastmtt.apps import experiment
 from fastmtt.reference import masked_kl_rows
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class DigitTokenizer:

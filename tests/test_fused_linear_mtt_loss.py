@@ -1,36 +1,24 @@
-"""fused_linear_mtt_loss against the reference on materialized logits (CCE parity rule, fp64 truth)."""
+"""fused_linear_mtt_loss against the reference on materialized logits (CCE parity rule, fp64 truth), memory,
+the tiled path's gradient filter, bad input, layouts, gradcheck, torch.compile and property tests."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastmtt
 from fastmtt import reference
-from tests.conftest import DTYPES, assert_parity
+from fastmtt.options import DIRECTIONS
+from tests.utils import (
+    DTYPES,
+    FUSED_LINEAR_GRADS,
+    assert_parity,
+    confident_hidden_states,
+    fused_linear_inputs,
+    kl_part_of_gradient,
+)
 
-N_ROWS, HIDDEN, VOCAB, RANK = 37, 24, 97, 4  # 37 rows: never a multiple of the chunk sizes below
-GRAD_NAMES = ("hidden", "weight", "bias", "lora_A", "lora_B")
-
-
-def make_inputs(seed, *, bias=False, lora=False, weight_grad=False, n_rows=N_ROWS, vocab=VOCAB, hidden=HIDDEN,
-                ignored=5):
-    """fp32 inputs with realistic logit sizes; labels include 0, V-1 and `ignored` ignored rows."""
-    gen = torch.Generator().manual_seed(seed)
-    inputs = dict(
-        hidden=torch.randn(n_rows, hidden, generator=gen),
-        base_hidden=torch.randn(n_rows, hidden, generator=gen),
-        weight=torch.randn(vocab, hidden, generator=gen) * (2.0 / hidden**0.5),
-    )
-    inputs["base_hidden"] = 0.7 * inputs["hidden"] + 0.5 * inputs["base_hidden"]  # a related base model
-    if bias:
-        inputs["bias"] = torch.randn(vocab, generator=gen)
-    if lora:
-        inputs["lora_A"] = torch.randn(RANK, hidden, generator=gen) / hidden**0.5
-        inputs["lora_B"] = torch.randn(vocab, RANK, generator=gen)
-    labels = torch.randint(0, vocab, (n_rows,), generator=gen)
-    labels[:2] = torch.tensor([0, vocab - 1])
-    labels[2:2 + ignored] = -100
-    trainable = {"hidden", "bias", "lora_A", "lora_B"} | ({"weight"} if weight_grad else set())
-    return inputs, labels, trainable
+N_ROWS, HIDDEN, VOCAB, RANK = 37, 24, 97, 4  # fused_linear_inputs' defaults; 37 rows: never a multiple of a chunk
 
 
 def evaluate(fn, inputs, labels, trainable, dtype, upstream=None, **options):
@@ -41,7 +29,7 @@ def evaluate(fn, inputs, labels, trainable, dtype, upstream=None, **options):
              **({"return_components": True} if fn is fastmtt.fused_linear_mtt_loss else {}))
     loss = out.loss
     weighted = (loss * upstream.to(loss.dtype)).sum() if upstream is not None else loss * 1.5
-    names = [k for k in GRAD_NAMES if k in trainable and k in leaves]
+    names = [k for k in FUSED_LINEAR_GRADS if k in trainable and k in leaves]
     grads = torch.autograd.grad(weighted, [leaves[k] for k in names])
     return loss, out.ce, out.kl, dict(zip(names, grads))
 
@@ -77,17 +65,17 @@ HEADS = {
 def test_parity_over_dtypes_and_heads(dtype_name, head):
     options = dict(HEADS[head])
     softcap = options.pop("softcap", None)
-    inputs, labels, trainable = make_inputs(10, **options)
+    inputs, labels, trainable = fused_linear_inputs(10, **options)
     extra = dict(lora_scaling=0.5) if "lora_A" in inputs else {}
     check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], softcap=softcap, lam=0.8,
                             temperature=1.5, chunk_size=8, **extra)
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("weight_grad", [False, True])
 def test_directions_reductions_and_upstream_weights(direction, reduction, weight_grad):
-    inputs, labels, trainable = make_inputs(11, bias=True, lora=True, weight_grad=weight_grad)
+    inputs, labels, trainable = fused_linear_inputs(11, bias=True, lora=True, weight_grad=weight_grad)
     upstream = torch.rand(N_ROWS) + 0.5 if reduction == "none" else None
     check_against_reference(inputs, labels, trainable, torch.float32, upstream=upstream, lora_scaling=2.0,
                             softcap=5.0, lam=1.3, temperature=0.7, direction=direction, reduction=reduction,
@@ -95,13 +83,13 @@ def test_directions_reductions_and_upstream_weights(direction, reduction, weight
 
 
 def test_num_items_in_batch_and_default_chunk():
-    inputs, labels, trainable = make_inputs(12, bias=True, weight_grad=True)
+    inputs, labels, trainable = fused_linear_inputs(12, bias=True, weight_grad=True)
     check_against_reference(inputs, labels, trainable, torch.float32, lam=0.5, num_items_in_batch=100)
     check_against_reference(inputs, labels, trainable, torch.float32, lam=0.0)
 
 
 def test_all_rows_ignored_gives_zero_loss_and_zero_gradients():
-    inputs, labels, trainable = make_inputs(13, lora=True, weight_grad=True, ignored=N_ROWS)
+    inputs, labels, trainable = fused_linear_inputs(13, lora=True, weight_grad=True, ignored=N_ROWS)
     labels[:] = -100
     for reduction in ("mean", "sum"):
         loss, ce, kl, grads = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32,
@@ -111,7 +99,7 @@ def test_all_rows_ignored_gives_zero_loss_and_zero_gradients():
 
 
 def test_confident_logits_and_lora_in_another_dtype():
-    inputs, labels, trainable = make_inputs(14, lora=True)
+    inputs, labels, trainable = fused_linear_inputs(14, lora=True)
     inputs["weight"] = inputs["weight"] * 30.0  # near one-hot distributions on both sides
     check_against_reference(inputs, labels, trainable, torch.float32, lam=1.0, chunk_size=5)
     hidden = inputs["hidden"].bfloat16().requires_grad_()
@@ -140,7 +128,8 @@ class _LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_never_materializes_tokens_by_vocabulary(reduction):
     n_rows, vocab, chunk = 256, 301, 32
-    inputs, labels, trainable = make_inputs(15, bias=True, lora=True, weight_grad=True, n_rows=n_rows, vocab=vocab)
+    inputs, labels, trainable = fused_linear_inputs(15, bias=True, lora=True, weight_grad=True, n_rows=n_rows,
+                                                    vocab=vocab)
     leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in inputs.items()}
     with _LargestTensor() as probe:
         loss = fastmtt.fused_linear_mtt_loss(*(leaves.pop(k) for k in ("hidden", "base_hidden", "weight")), labels,
@@ -150,32 +139,32 @@ def test_never_materializes_tokens_by_vocabulary(reduction):
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_tiled_triton_path_through_the_interpreter(dtype_name, direction):
-    inputs, labels, trainable = make_inputs(16, bias=True, lora=True, weight_grad=True)
+    inputs, labels, trainable = fused_linear_inputs(16, bias=True, lora=True, weight_grad=True)
     check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], backend="triton", tiled=True,
                             lora_scaling=0.5, softcap=4.0, lam=0.8, temperature=1.5, direction=direction)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_tiled_reductions_plain_head_unit_temperature(reduction):
-    inputs, labels, trainable = make_inputs(19)
+    inputs, labels, trainable = fused_linear_inputs(19)
     upstream = torch.rand(N_ROWS) + 0.5 if reduction == "none" else None
     check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", tiled=True, upstream=upstream,
                             lam=0.6, reduction=reduction, **({"num_items_in_batch": 50} if reduction == "mean" else {}))
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_tiled_several_tiles_along_rows_vocabulary_and_hidden(direction):
     # Interpreter tiles are at most 64 rows x 1024 columns x 256 hidden: 2 x 2 x 2 tiles here.
-    inputs, labels, trainable = make_inputs(22, bias=True, lora=True, weight_grad=True, n_rows=70, vocab=1100,
+    inputs, labels, trainable = fused_linear_inputs(22, bias=True, lora=True, weight_grad=True, n_rows=70, vocab=1100,
                                             hidden=300)
     check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", tiled=True,
                             lora_scaling=0.5, softcap=6.0, lam=0.9, direction=direction)
 
 
 def test_leading_dimensions_are_flattened():
-    inputs, labels, trainable = make_inputs(23, n_rows=36)
+    inputs, labels, trainable = fused_linear_inputs(23, n_rows=36)
     upstream = torch.rand(36) + 0.5
     flat = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32, upstream,
                     reduction="none")
@@ -188,7 +177,7 @@ def test_leading_dimensions_are_flattened():
 
 
 def test_tiled_cross_entropy_only_and_all_ignored():
-    inputs, labels, trainable = make_inputs(20, bias=True, weight_grad=True)
+    inputs, labels, trainable = fused_linear_inputs(20, bias=True, weight_grad=True)
     check_against_reference(inputs, labels, trainable, torch.float32, backend="triton", tiled=True, lam=0.0,
                             softcap=3.0)
     labels[:] = -100
@@ -202,7 +191,7 @@ def test_tiled_gradient_filter_skips_only_negligible_tiles_and_only_for_plain_ce
     # Three vocabulary tiles when interpreting (1024 columns each); the last two are pushed far below
     # the targets by the bias, so every |dL/dz| there is ~1e-9: the default bf16 filter skips them at
     # lam = 0. With lam > 0 nothing is skipped: the divergence's gradient is many small entries.
-    inputs, labels, trainable = make_inputs(21, bias=True, vocab=2500)
+    inputs, labels, trainable = fused_linear_inputs(21, bias=True, vocab=2500)
     inputs["bias"][1024:] -= 20.0
     labels = torch.where(labels == -100, labels, labels % 1024)
     for lam in (0.0, 1.0):
@@ -222,7 +211,7 @@ def test_tiled_gradient_filter_skips_only_negligible_tiles_and_only_for_plain_ce
 
 
 def test_module_matches_function():
-    inputs, labels, _ = make_inputs(17, bias=True)
+    inputs, labels, _ = fused_linear_inputs(17, bias=True)
     module = fastmtt.FusedLinearMTTLoss(lam=0.3, softcap=4.0, chunk_size=8)
     expected = fastmtt.fused_linear_mtt_loss(inputs["hidden"], inputs["base_hidden"], inputs["weight"], labels,
                                              bias=inputs["bias"], lam=0.3, softcap=4.0)
@@ -242,34 +231,112 @@ def test_module_matches_function():
     (dict(grad_threshold=-1.0), "grad_threshold"),
     (dict(base_hidden=torch.randn(N_ROWS, HIDDEN + 1)), "base_hidden must have shape"),
     (dict(labels=torch.full((N_ROWS,), VOCAB)), "labels must lie in"),
+    (dict(labels=torch.zeros(N_ROWS - 1, dtype=torch.long)), "labels"),
+    (dict(hidden=torch.ones(N_ROWS, HIDDEN, dtype=torch.long)), "hidden"),
+    (dict(base_hidden=torch.randn(N_ROWS - 1, HIDDEN)), "base_hidden"),
+    (dict(lora_A=torch.randn(RANK, HIDDEN - 1), lora_B=torch.randn(VOCAB, RANK)), "lora_A"),
+    (dict(lam=-1.0), "lam"),
 ])
 def test_bad_arguments_are_named(change, message):
-    inputs, labels, _ = make_inputs(18)
+    inputs, labels, _ = fused_linear_inputs(18)
     kwargs = {**inputs, "labels": labels, **change}
     with pytest.raises((ValueError, TypeError), match=message):
         fastmtt.fused_linear_mtt_loss(kwargs.pop("hidden"), kwargs.pop("base_hidden"), kwargs.pop("weight"),
                                       kwargs.pop("labels"), **kwargs)
 
 
+@pytest.mark.parametrize("direction,reduction,softcap", [("forward", "mean", None), ("reverse", "none", 4.0),
+                                                         ("forward", "sum", 2.0)])
+def test_gradcheck_float64(direction, reduction, softcap):
+    """weight and bias also form the base logits, which are constants of the loss (the base is frozen),
+    so a finite difference through them measures another function; their gradients are checked
+    against the reference above."""
+    inputs, labels, _ = fused_linear_inputs(30, n_rows=7, hidden=5, vocab=9, rank=2, bias=True, lora=True, ignored=1)
+    inputs = {k: v.double() for k, v in inputs.items()}
+    leaves = tuple(inputs[k].requires_grad_(True) for k in ("hidden", "lora_A", "lora_B"))
+
+    def fn(hidden, lora_A, lora_B):
+        return fastmtt.fused_linear_mtt_loss(
+            hidden, inputs["base_hidden"], inputs["weight"], labels, bias=inputs["bias"], lora_A=lora_A,
+            lora_B=lora_B, lora_scaling=0.5, softcap=softcap, lam=0.8, temperature=1.5, direction=direction,
+            reduction=reduction, chunk_size=3, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6)
+
+
+def test_torch_compile_training_step_matches_eager():
+    inputs, labels, _ = fused_linear_inputs(31, n_rows=40, hidden=16, vocab=70, bias=True, lora=True)
+    lora_A, lora_B = inputs["lora_A"].requires_grad_(True), inputs["lora_B"].requires_grad_(True)
+
+    def step(hidden):
+        out = fastmtt.fused_linear_mtt_loss(hidden, inputs["base_hidden"], inputs["weight"], labels,
+                                            bias=inputs["bias"], lora_A=lora_A, lora_B=lora_B, lora_scaling=2.0,
+                                            lam=0.5, return_components=True)
+        out.loss.backward()
+        return out.loss.detach(), out.kl
+
+    x = inputs["hidden"].clone().requires_grad_(True)
+    eager = step(x)
+    grads = [x.grad.clone(), lora_A.grad.clone(), lora_B.grad.clone()]
+    x.grad = lora_A.grad = lora_B.grad = None
+    torch.testing.assert_close(torch.compile(step)(x), eager)
+    torch.testing.assert_close([x.grad, lora_A.grad, lora_B.grad], grads)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_contiguous_hidden_and_transposed_weight(backend):
+    inputs, labels, _ = fused_linear_inputs(32, n_rows=12, hidden=16, vocab=40, bias=True)
+    hidden, base_hidden, weight, bias = (inputs[k] for k in ("hidden", "base_hidden", "weight", "bias"))
+    wide = torch.randn(12, 20)
+    wide[:, 2:18] = hidden
+    strided_weight = weight.t().contiguous().t()
+    got = fastmtt.fused_linear_mtt_loss(wide[:, 2:18], base_hidden, strided_weight, labels, bias=bias, lam=0.5,
+                                        reduction="none", backend=backend)
+    want = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, bias=bias, lam=0.5,
+                                         reduction="none", backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@st.composite
+def fused_linear_problems(draw):
+    n_rows, vocab, hidden = draw(st.integers(2, 20)), draw(st.integers(2, 80)), draw(st.integers(1, 24))
+    head = dict(bias=draw(st.booleans()), lora=draw(st.booleans()), weight_grad=draw(st.booleans()))
+    inputs, labels, trainable = fused_linear_inputs(draw(st.integers(0, 2**31 - 1)), n_rows=n_rows, vocab=vocab,
+                                                    hidden=hidden, ignored=draw(st.integers(0, n_rows - 2)), **head)
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    options = dict(lam=draw(st.sampled_from([0.0, 0.4, 2.0])), temperature=draw(st.sampled_from([1.0, 2.5])),
+                   direction=draw(st.sampled_from(DIRECTIONS)), reduction=reduction,
+                   softcap=draw(st.sampled_from([None, 3.0])), chunk_size=draw(st.sampled_from([None, 1, 7])))
+    if reduction == "none":
+        options["upstream"] = torch.randn(n_rows, generator=torch.Generator().manual_seed(n_rows))
+    return inputs, labels, trainable, draw(st.sampled_from(list(DTYPES.values()))), options
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=fused_linear_problems())
+def test_property_matches_reference(backend, problem):
+    inputs, labels, trainable, dtype, options = problem  # rows 0 and 1 always hold labels (0 and V-1)
+    check_against_reference(inputs, labels, trainable, dtype, backend=backend, **options)
 # --- the chunked path with the Triton row kernel, the full KL, vocabulary splits ---
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_chunked_path_with_the_triton_row_kernel(dtype_name, direction):
-    inputs, labels, trainable = make_inputs(31, bias=True, lora=True, weight_grad=True)
+    inputs, labels, trainable = fused_linear_inputs(31, bias=True, lora=True, weight_grad=True)
     check_against_reference(inputs, labels, trainable, DTYPES[dtype_name], backend="triton", chunk_size=16,
                             lora_scaling=0.5, softcap=4.0, lam=0.8, temperature=1.5, direction=direction)
 
 
 @pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", True)])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_full_vocabulary_kl_matches_reference(backend, tiled, direction):
-    inputs, labels, trainable = make_inputs(32, bias=True, lora=True)
+    inputs, labels, trainable = fused_linear_inputs(32, bias=True, lora=True)
     check_against_reference(inputs, labels, trainable, torch.float32, backend=backend, tiled=tiled, lam=0.7,
                             direction=direction, mask_target=False)
 
 
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("mask_target", [True, False])
 def test_tiled_vocabulary_splits_merge_to_the_whole_vocabulary(direction, mask_target):
     """The tiled forward over 1, 2 and 3 vocabulary splits (labels in every split), merged: same loss and
@@ -278,7 +345,7 @@ def test_tiled_vocabulary_splits_merge_to_the_whole_vocabulary(direction, mask_t
     from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
     from fastmtt.options import MTTOptions
 
-    inputs, labels, _ = make_inputs(33, bias=True, vocab=2100, n_rows=20)
+    inputs, labels, _ = fused_linear_inputs(33, bias=True, vocab=2100, n_rows=20)
     labels[2:5] = torch.tensor([1023, 1024, 2099])
     options = MTTOptions(lam=0.9, direction=direction, mask_target=mask_target)
     results = []
@@ -295,49 +362,26 @@ def test_tiled_vocabulary_splits_merge_to_the_whole_vocabulary(direction, mask_t
         torch.testing.assert_close(grad, results[0][2], rtol=1e-5, atol=1e-6)
 
 
-def confident_hidden_states(n_rows, hidden_size, vocab, seed):
-    """Hidden states whose target logits stand ~20 nats above logits of std ~1, targets among a few frequent
-    tokens at both ends of the vocabulary, and a base model close to the adapted one."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5
-    frequent = torch.cat([torch.arange(0, 8), torch.arange(vocab - 8, vocab)])
-    labels = frequent[torch.randint(0, len(frequent), (n_rows,), generator=gen)]
-    direction = weight[labels] / weight[labels].norm(dim=1, keepdim=True) ** 2
-    hidden = 20.0 * direction + torch.randn(n_rows, hidden_size, generator=gen) * 0.5
-    base_hidden = hidden + 0.02 * torch.randn(n_rows, hidden_size, generator=gen)
-    return hidden, base_hidden, weight, labels
-
-
-def kl_part_of_dh(fn, inputs, dtype, **options):
-    """dL/dh at lam = 1 minus at lam = 0 (fp64) of fn on (hidden, base_hidden, weight, labels) cast to dtype."""
-    hidden, base_hidden, weight, labels = inputs
-    grads = []
-    for lam in (1.0, 0.0):
-        h = hidden.detach().to(dtype).requires_grad_(True)
-        out = fn(h, base_hidden.to(dtype), weight.to(dtype), labels, lam=lam, **options)
-        (out if torch.is_tensor(out) else out.loss).backward()
-        grads.append(h.grad.double())
-    return grads[0] - grads[1]
-
-
 @pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", False), ("triton", True)])
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, tiled, direction):
     """dL/dh at lam minus at lam = 0, from bf16 inputs, within 5% (in norm) of fp64 math on the same
     rounded inputs, for every path (a bf16 logit slab or a gradient filter would lose most of it)."""
     hidden, base_hidden, weight, labels = (t.bfloat16() if t.is_floating_point() else t
                                            for t in confident_hidden_states(24, 64, 4096, seed=34))
 
-    inputs = (hidden, base_hidden, weight, labels)
-    ours = kl_part_of_dh(fastmtt.fused_linear_mtt_loss, inputs, torch.bfloat16, direction=direction, backend=backend,
-                         tiled=tiled)
-    truth = kl_part_of_dh(reference.fused_linear_mtt_loss, inputs, torch.float64, direction=direction)
+    def kl_part(fn, dtype, **kw):
+        return kl_part_of_gradient(lambda h, lam: fn(h, base_hidden.to(dtype), weight.to(dtype), labels, lam=lam,
+                                                     direction=direction, **kw), hidden.to(dtype))
+
+    ours = kl_part(fastmtt.fused_linear_mtt_loss, torch.bfloat16, backend=backend, tiled=tiled)
+    truth = kl_part(reference.fused_linear_mtt_loss, torch.float64)
     assert truth.norm() > 0
     assert (ours - truth).norm() <= 0.05 * truth.norm()
 
 
 def test_tiled_backward_refuses_deterministic_mode():
-    inputs, labels, _ = make_inputs(35)
+    inputs, labels, _ = fused_linear_inputs(35)
     hidden = inputs["hidden"].clone().requires_grad_(True)
     torch.use_deterministic_algorithms(True)
     try:

@@ -1,11 +1,19 @@
-"""lora_linear against the plain PyTorch formula: fp64 truth, same-dtype PyTorch, both backends."""
+"""lora_linear against the plain PyTorch formula: fp64 truth, same-dtype PyTorch, both backends; dropout,
+bad input, gradcheck and torch.compile."""
 import pytest
 import torch
 import torch.nn.functional as F
-from fastmtt.kernels.lora_linear import draw_dropout_seed
 
+import fastmtt
 from fastmtt.ops.lora_linear import lora_linear
-from tests.conftest import DTYPES, assert_parity
+from tests.utils import (
+    DTYPES,
+    assert_parity,
+    lora_linear_inputs,
+    lora_max_rank,
+    triton_dropout_mask,
+    use_small_lora_tiles,
+)
 
 BACKENDS = ("triton", "torch")
 
@@ -17,22 +25,6 @@ def plain_lora(x, weight, lora_A, lora_B, scaling, bias=None, keep=None):
         x_lora = x_lora * keep
     out = F.linear(x, weight, bias) if bias is None or bias.dtype == x.dtype else F.linear(x, weight) + bias
     return (out + F.linear(F.linear(x_lora, lora_A), lora_B) * scaling).to(x.dtype)
-
-
-def make_inputs(lead, in_f, out_f, rank, dtype, lora_dtype=None, bias=True, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    lora_dtype = lora_dtype or dtype
-
-    def rand(*shape, scale=1.0, dt=dtype):
-        return (torch.randn(*shape, generator=gen) * scale).to(dt)
-
-    return dict(
-        x=rand(*lead, in_f),
-        weight=rand(out_f, in_f, scale=in_f**-0.5),
-        lora_A=rand(rank, in_f, scale=in_f**-0.5, dt=lora_dtype),
-        lora_B=rand(out_f, rank, scale=rank**-0.5, dt=lora_dtype),
-        bias=rand(out_f) if bias else None,
-    )
 
 
 def run(fn, inputs, scaling, dy, **kwargs):
@@ -60,7 +52,7 @@ NAMES = ("y", "dx", "dA", "dB")
 ])
 def test_parity_with_plain_formula(backend, dtype_name, rank, lead, in_f, out_f, bias):
     dtype = DTYPES[dtype_name]
-    inputs = make_inputs(lead, in_f, out_f, rank, dtype, bias=bias, seed=rank)
+    inputs = lora_linear_inputs(lead, in_f, out_f, rank, dtype, bias=bias, seed=rank)
     dy = torch.randn(*lead, out_f)
     scaling = 1.7
     got = run(lora_linear, inputs, scaling, dy, backend=backend)
@@ -77,7 +69,7 @@ def test_parity_with_plain_formula(backend, dtype_name, rank, lead, in_f, out_f,
 def test_fp32_adapters_on_half_inputs(backend, dtype_name):
     """PEFT keeps adapters in fp32 on a half-precision base: the LoRA branch then runs in fp32."""
     dtype = DTYPES[dtype_name]
-    inputs = make_inputs((2, 9), 40, 24, 8, dtype, lora_dtype=torch.float32)
+    inputs = lora_linear_inputs((2, 9), 40, 24, 8, dtype, lora_dtype=torch.float32)
     inputs["bias"] = inputs["bias"].float()  # a folded lora_B bias is fp32 as well
     dy = torch.randn(2, 9, 24)
     got = run(lora_linear, inputs, 0.5, dy, backend=backend)
@@ -91,7 +83,7 @@ def test_fp32_adapters_on_half_inputs(backend, dtype_name):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_weight_and_input(backend):
     """A transposed weight view (Conv1D's [in, out] storage) and a non-contiguous x, no copies needed."""
-    inputs = make_inputs((21,), 36, 28, 8, torch.float32)
+    inputs = lora_linear_inputs((21,), 36, 28, 8, torch.float32)
     inputs["weight"] = inputs["weight"].t().contiguous().t()
     inputs["x"] = torch.randn(36, 21).t()
     assert not inputs["weight"].is_contiguous() and not inputs["x"].is_contiguous()
@@ -104,11 +96,8 @@ def test_strided_weight_and_input(backend):
 
 def test_triton_tiling_with_small_blocks(monkeypatch):
     """Several row/column tiles, several reduction steps and row splits of the weight gradients."""
-    from fastmtt.kernels import lora_linear as kernels
-
-    monkeypatch.setattr(kernels, "_gemm_blocks", lambda *args: (16, 16, 16, 1, 1))
-    monkeypatch.setattr(kernels, "_weight_grad_blocks", lambda *args: (16, 16, 1, 3))
-    inputs = make_inputs((53,), 40, 50, 8, torch.float32)
+    use_small_lora_tiles(monkeypatch)
+    inputs = lora_linear_inputs((53,), 40, 50, 8, torch.float32)
     dy = torch.randn(53, 50)
     for p in (0.0, 0.25):
         torch.manual_seed(5)
@@ -116,7 +105,7 @@ def test_triton_tiling_with_small_blocks(monkeypatch):
         torch.manual_seed(5)
         keep = None
         if p > 0:
-            keep = kernels.dropout_mask_triton((53, 40), p, draw_dropout_seed(), "cpu").double() / (1 - p)
+            keep = triton_dropout_mask((53, 40), p).double() / (1 - p)
         truth = run(plain_lora, as_fp64(inputs), 0.5, dy.double(), keep=keep)
         for name, g, t in zip(NAMES, got, truth):
             torch.testing.assert_close(g.double(), t, rtol=1e-5, atol=1e-5, msg=f"{name} p={p}")
@@ -124,16 +113,14 @@ def test_triton_tiling_with_small_blocks(monkeypatch):
 
 @pytest.mark.parametrize("dtype_name", ["fp32", "bf16"])
 def test_triton_dropout_uses_one_mask_in_forward_and_backward(dtype_name):
-    from fastmtt.kernels.lora_linear import dropout_mask_triton
-
     dtype = DTYPES[dtype_name]
     p = 0.4
-    inputs = make_inputs((2, 13), 30, 22, 8, dtype)
+    inputs = lora_linear_inputs((2, 13), 30, 22, 8, dtype)
     dy = torch.randn(2, 13, 22)
     torch.manual_seed(11)
     got = run(lora_linear, inputs, 1.5, dy, backend="triton", dropout_p=p)
     torch.manual_seed(11)
-    kept = dropout_mask_triton((26, 30), p, draw_dropout_seed(), "cpu").reshape(2, 13, 30)
+    kept = triton_dropout_mask((26, 30), p).reshape(2, 13, 30)
     assert 0 < kept.sum() < kept.numel()
     same = run(plain_lora, inputs, 1.5, dy, keep=kept.to(dtype) / (1 - p))
     truth = run(plain_lora, as_fp64(inputs), 1.5, dy.double(), keep=kept.double() / (1 - p))
@@ -142,14 +129,12 @@ def test_triton_dropout_uses_one_mask_in_forward_and_backward(dtype_name):
 
 
 def test_triton_dropout_mask_statistics():
-    from fastmtt.kernels.lora_linear import dropout_mask_triton
-
-    first = dropout_mask_triton((64, 500), 0.3, 1234, "cpu")
+    first = triton_dropout_mask((64, 500), 0.3, seed=1234)
     assert abs(first.float().mean().item() - 0.7) < 0.01
-    assert torch.equal(first, dropout_mask_triton((64, 500), 0.3, 1234, "cpu"))
-    assert (first != dropout_mask_triton((64, 500), 0.3, 1235, "cpu")).float().mean() > 0.3
+    assert torch.equal(first, triton_dropout_mask((64, 500), 0.3, seed=1234))
+    assert (first != triton_dropout_mask((64, 500), 0.3, seed=1235)).float().mean() > 0.3
     # consecutive calls draw fresh seeds, hence fresh masks
-    inputs = make_inputs((8,), 16, 16, 4, torch.float32)
+    inputs = lora_linear_inputs((8,), 16, 16, 4, torch.float32)
     ys = [lora_linear(*(inputs[k] for k in ("x", "weight", "lora_A", "lora_B")), 1.0, dropout_p=0.5, backend="triton")
           for _ in range(2)]
     assert not torch.equal(*ys)
@@ -157,7 +142,7 @@ def test_triton_dropout_mask_statistics():
 
 def test_torch_dropout_matches_functional_dropout():
     """The PyTorch path draws the same mask as F.dropout (so it reproduces PEFT under one seed)."""
-    inputs = make_inputs((4, 7), 24, 18, 8, torch.float32)
+    inputs = lora_linear_inputs((4, 7), 24, 18, 8, torch.float32)
     dy = torch.randn(4, 7, 18)
 
     def peft_style(x, weight, lora_A, lora_B, scaling, bias):
@@ -173,7 +158,7 @@ def test_torch_dropout_matches_functional_dropout():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_frozen_and_bias_gradient(backend):
-    inputs = make_inputs((5, 3), 20, 12, 4, torch.float32)
+    inputs = lora_linear_inputs((5, 3), 20, 12, 4, torch.float32)
     weight = inputs["weight"].requires_grad_()
     bias = inputs["bias"].requires_grad_()
     x, lora_A = inputs["x"].requires_grad_(), inputs["lora_A"]
@@ -187,10 +172,10 @@ def test_weight_frozen_and_bias_gradient(backend):
 
 
 def test_no_grad_and_empty_input():
-    inputs = make_inputs((0, 4), 10, 6, 2, torch.float32)
+    inputs = lora_linear_inputs((0, 4), 10, 6, 2, torch.float32)
     y = lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0, backend="triton")
     assert y.shape == (0, 4, 6)
-    inputs = make_inputs((3,), 10, 6, 2, torch.float32)
+    inputs = lora_linear_inputs((3,), 10, 6, 2, torch.float32)
     with torch.no_grad():
         y = lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0, backend="triton")
     torch.testing.assert_close(y, plain_lora(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0))
@@ -217,9 +202,7 @@ def test_bad_arguments_name_the_argument(change, message):
 
 
 def test_triton_rank_limit():
-    from fastmtt.kernels.lora_linear import MAX_RANK
-
-    inputs = make_inputs((3,), 8, 8, MAX_RANK + 1, torch.float32)
+    inputs = lora_linear_inputs((3,), 8, 8, lora_max_rank() + 1, torch.float32)
     args = [inputs[k] for k in ("x", "weight", "lora_A", "lora_B")]
     with pytest.raises(ValueError, match="rank up to"):
         lora_linear(*args, 1.0, backend="triton")
@@ -232,18 +215,15 @@ def test_triton_rank_limit():
 @pytest.mark.parametrize("rank,dropout_p", [(8, 0.0), (64, 0.2), (120, 0.1)])
 def test_cuda_kernels_multi_tile(dtype_name, lora_dtype_name, rank, dropout_p):
     """Compiled kernels on a GPU: many tiles, row splits of the weight gradients, real bf16 dots."""
-    from fastmtt.kernels.lora_linear import dropout_mask_triton
-
     dtype, lora_dtype = DTYPES[dtype_name], DTYPES[lora_dtype_name]
-    inputs = {k: (v.cuda() if v is not None else None)
-              for k, v in make_inputs((3, 170), 520, 390, rank, dtype, lora_dtype=lora_dtype).items()}
+    inputs = lora_linear_inputs((3, 170), 520, 390, rank, dtype, lora_dtype=lora_dtype, device="cuda")
     dy = torch.randn(3, 170, 390, device="cuda")
     torch.manual_seed(4)
     got = run(lora_linear, inputs, 0.5, dy, backend="triton", dropout_p=dropout_p)
     torch.manual_seed(4)
     keep = None
     if dropout_p > 0:
-        kept = dropout_mask_triton((510, 520), dropout_p, draw_dropout_seed(), "cuda").reshape(3, 170, 520)
+        kept = triton_dropout_mask((510, 520), dropout_p, device="cuda").reshape(3, 170, 520)
         keep = kept.to(lora_dtype) / (1 - dropout_p)
     same = run(plain_lora, inputs, 0.5, dy, keep=keep)
     truth = run(plain_lora, as_fp64(inputs), 0.5, dy.double(), keep=None if keep is None else keep.double())
@@ -251,6 +231,32 @@ def test_cuda_kernels_multi_tile(dtype_name, lora_dtype_name, rank, dropout_p):
         assert_parity(name, g, s, t, dtype)
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradcheck_float64(with_bias):
+    inputs = lora_linear_inputs((2, 3), 6, 5, 3, torch.float64, bias=with_bias, seed=28)
+    leaves = tuple(inputs[k].requires_grad_(True) for k in ("x", "lora_A", "lora_B", "bias") if inputs[k] is not None)
+
+    def fn(x, lora_A, lora_B, *bias):
+        return lora_linear(x, inputs["weight"], lora_A, lora_B, 0.5, bias=bias[0] if bias else None, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-7)
+
+
+def test_torch_compile_matches_eager():
+    inputs = lora_linear_inputs((8,), 12, 10, 4, torch.float32, bias=False, seed=29)
+    x, weight = inputs["x"], inputs["weight"]
+    lora_A, lora_B = inputs["lora_A"].requires_grad_(True), inputs["lora_B"].requires_grad_(True)
+
+    def step(x):
+        y = fastmtt.lora_linear(x, weight, lora_A, lora_B, 2.0)
+        y.square().sum().backward()
+        return y.detach()
+
+    eager = step(x)
+    grads = [lora_A.grad.clone(), lora_B.grad.clone()]
+    lora_A.grad = lora_B.grad = None
+    torch.testing.assert_close(torch.compile(step)(x), eager)
+    torch.testing.assert_close([lora_A.grad, lora_B.grad], grads)
 def test_fp32_precision_is_read_through_the_new_api_where_torch_has_it(monkeypatch):
     """torch >= 2.9 raises on reading the legacy allow_tf32 flag once fp32_precision was set."""
     from fastmtt.kernels import lora_linear as kernels

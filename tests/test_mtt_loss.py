@@ -1,12 +1,25 @@
-"""mtt_loss: PyTorch path and Triton kernel (interpreted) against the fp64 reference."""
+"""mtt_loss: PyTorch path and Triton kernel (interpreted) against the fp64 reference, edge semantics, bad input,
+layouts, 64-bit offsets, gradcheck, determinism, torch.compile and property tests."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastmtt
 from fastmtt import reference
-from tests.conftest import DTYPES, assert_parity
+from fastmtt.options import DIRECTIONS
+from tests.utils import (
+    DTYPES,
+    ROW_IMPLEMENTATIONS,
+    assert_parity,
+    implementation,
+    kl_part_of_gradient,
+    mtt_inputs,
+    mtt_rows,
+    spy_on_row_gradients,
+)
 
 BACKENDS = ["torch", "triton"]
 
@@ -21,17 +34,6 @@ CASES = [
     (1, 32017, 3.0, 2.0, "mean", None),
     (37, 32017, 0.5, 1.0, "sum", None),
 ]
-
-
-def make_inputs(n, v, dtype, base_dtype=None, seed=0, ignore_fraction=0.25, spread=4.0):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, v, generator=g) * spread).to(dtype)
-    base = (torch.randn(n, v, generator=g) * spread + logits.float() * 0.5).to(base_dtype or dtype)
-    labels = torch.randint(0, v, (n,), generator=g)
-    labels[torch.rand(n, generator=g) < ignore_fraction] = -100
-    if n > 2:
-        labels[0], labels[1] = 0, v - 1
-    return logits, base, labels
 
 
 def run(fn, logits, base, labels, upstream=None, **kw):
@@ -66,11 +68,11 @@ def check_against_reference(backend, logits, base, labels, upstream=None, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-V{}-lam{}-T{}-{}-{}".format(*c))
 def test_parity(backend, dtype, direction, case):
     n, v, lam, temperature, reduction, num_items = case
-    logits, base, labels = make_inputs(n, v, DTYPES[dtype], seed=n * v)
+    logits, base, labels = mtt_inputs(n, v, DTYPES[dtype], seed=n * v)
     check_against_reference(backend, logits, base, labels, lam=lam, temperature=temperature,
                             direction=direction, reduction=reduction, num_items_in_batch=num_items)
 
@@ -78,13 +80,13 @@ def test_parity(backend, dtype, direction, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("logits_dtype,base_dtype", [("bf16", "fp32"), ("fp32", "fp16"), ("fp16", "bf16")])
 def test_mixed_dtypes(backend, logits_dtype, base_dtype):
-    logits, base, labels = make_inputs(37, 1000, DTYPES[logits_dtype], DTYPES[base_dtype], seed=5)
+    logits, base, labels = mtt_inputs(37, 1000, DTYPES[logits_dtype], base_dtype=DTYPES[base_dtype], seed=5)
     check_against_reference(backend, logits, base, labels, lam=1.0, temperature=2.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_lam_zero_equals_torch_cross_entropy(backend):
-    logits, base, labels = make_inputs(64, 333, torch.float32, seed=6)
+    logits, base, labels = mtt_inputs(64, 333, torch.float32, seed=6)
     x = logits.clone().requires_grad_(True)
     loss = fastmtt.mtt_loss(x, base, labels, lam=0.0, backend=backend)
     loss.backward()
@@ -98,7 +100,7 @@ def test_lam_zero_equals_torch_cross_entropy(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_all_ignored_gives_zero_loss_and_gradient(backend, reduction):
-    logits, base, labels = make_inputs(9, 50, torch.float32, seed=7)
+    logits, base, labels = mtt_inputs(9, 50, torch.float32, seed=7)
     labels[:] = -100
     loss, ce, kl, grad = run(fastmtt_fn(backend), logits, base, labels, lam=1.0, reduction=reduction)
     assert torch.equal(loss, torch.zeros_like(loss)) and not loss.isnan().any()
@@ -111,11 +113,9 @@ def test_all_ignored_gives_zero_loss_and_gradient(backend, reduction):
 def test_edge_rows(backend, direction):
     """Confident rows, padded vocabulary (-inf in both), base without mass outside the target."""
     n, v = 8, 67
-    logits, base, labels = make_inputs(n, v, torch.float32, seed=8, ignore_fraction=0.0)
-    logits[:, 60:] = float("-inf")  # padded vocabulary in both inputs
-    base[:, 60:] = float("-inf")
-    labels = torch.tensor([0, 59, 3, 4, 5, 6, 7, 8])
-    logits[2, 3] += 40.0  # confident adapted row, p_y -> 1
+    logits, base, labels = mtt_inputs(n, v, torch.float32, seed=8, ignore_fraction=0.0, padded_columns=7,
+                                      confident_rows=1)  # columns 60.. padded; row 2 confident, p_y -> 1
+    labels[3:] = torch.tensor([4, 5, 6, 7, 8])
     base[3, 4] += 40.0  # confident base row
     base[4, :] = float("-inf")  # base has no mass outside the target
     base[4, 5] = 1.0
@@ -135,7 +135,7 @@ def test_edge_rows(backend, direction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapted_minus_inf_where_base_has_mass_is_infinite(backend):
-    logits, base, labels = make_inputs(4, 30, torch.float32, seed=9, ignore_fraction=0.0)
+    logits, base, labels = mtt_inputs(4, 30, torch.float32, seed=9, ignore_fraction=0.0)
     logits[1, (labels[1] + 1) % 30] = float("-inf")
     out = fastmtt.mtt_loss(logits, base, labels, lam=1.0, reduction="none", backend=backend)
     assert out[1] == float("inf") and out[[0, 2, 3]].isfinite().all()
@@ -144,7 +144,7 @@ def test_adapted_minus_inf_where_base_has_mass_is_infinite(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["logits", "base", "base_target"])
 def test_nan_propagates_to_its_row_only(backend, where):
-    logits, base, labels = make_inputs(5, 40, torch.float32, seed=10, ignore_fraction=0.0)
+    logits, base, labels = mtt_inputs(5, 40, torch.float32, seed=10, ignore_fraction=0.0)
     tensor = logits if where == "logits" else base
     tensor[2, labels[2] if where == "base_target" else (labels[2] + 3) % 40] = float("nan")
     out = fastmtt.mtt_loss(logits, base, labels, lam=1.0, reduction="none", backend=backend)
@@ -154,7 +154,7 @@ def test_nan_propagates_to_its_row_only(backend, where):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_upstream_gradients_are_honored(backend, reduction):
-    logits, base, labels = make_inputs(37, 129, torch.float32, seed=11)
+    logits, base, labels = mtt_inputs(37, 129, torch.float32, seed=11)
     upstream = torch.randn(37) if reduction == "none" else torch.tensor(-2.5)
     check_against_reference(backend, logits, base, labels, upstream, lam=3.0, temperature=2.0,
                             direction="reverse", reduction=reduction)
@@ -162,7 +162,7 @@ def test_upstream_gradients_are_honored(backend, reduction):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_base_gets_no_gradient_and_inputs_are_untouched(backend):
-    logits, base, labels = make_inputs(16, 100, torch.float32, seed=12)
+    logits, base, labels = mtt_inputs(16, 100, torch.float32, seed=12)
     x, b = logits.clone().requires_grad_(True), base.clone().requires_grad_(True)
     fastmtt.mtt_loss(x, b, labels, lam=1.0, backend=backend).backward()
     assert b.grad is None and x.grad is not None
@@ -171,7 +171,7 @@ def test_base_gets_no_gradient_and_inputs_are_untouched(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overwrite_logits_stores_the_gradient_in_place(backend):
-    logits, base, labels = make_inputs(16, 100, torch.float32, seed=13)
+    logits, base, labels = mtt_inputs(16, 100, torch.float32, seed=13)
     expected = run(fastmtt_fn(backend), logits, base, labels, lam=1.0)[3]
     x = logits.clone().requires_grad_(True)
     loss = fastmtt.mtt_loss(x, base, labels, lam=1.0, backend=backend, overwrite_logits=True)
@@ -182,23 +182,14 @@ def test_overwrite_logits_stores_the_gradient_in_place(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_work_without_requires_grad(backend, monkeypatch):
-    import fastmtt.ops.mtt_loss as loss_module
-
-    seen = []
-    real = loss_module.implementation
-
-    def recording(op, name):
-        rows = real(op, name)
-        return lambda *a, **k: seen.append(k["grad_out"]) or rows(*a, **k)
-
-    monkeypatch.setattr(loss_module, "implementation", recording)
-    logits, base, labels = make_inputs(8, 50, torch.float32, seed=14)
+    seen = spy_on_row_gradients(monkeypatch)
+    logits, base, labels = mtt_inputs(8, 50, torch.float32, seed=14)
     loss = fastmtt.mtt_loss(logits, base, labels, lam=1.0, backend=backend)
     assert seen == [None] and not loss.requires_grad and loss > 0
 
 
 def test_backends_agree_on_leading_batch_dims_and_module():
-    logits, base, labels = make_inputs(24, 77, torch.float32, seed=15)
+    logits, base, labels = mtt_inputs(24, 77, torch.float32, seed=15)
     shaped = [t.reshape(4, 6, *t.shape[1:]) for t in (logits, base, labels)]
     module = fastmtt.MTTLoss(lam=0.5, temperature=2.0, direction="reverse", reduction="none")
     out = module(*shaped)
@@ -212,7 +203,7 @@ def test_backends_agree_on_leading_batch_dims_and_module():
 
 
 def test_retained_graph_allows_repeated_backward():
-    logits, base, labels = make_inputs(6, 10, torch.float32, seed=16)
+    logits, base, labels = mtt_inputs(6, 10, torch.float32, seed=16)
     x = logits.clone().requires_grad_(True)
     loss = fastmtt.mtt_loss(x, base, labels, reduction="none")
     upstream = torch.randn(6)
@@ -223,7 +214,7 @@ def test_retained_graph_allows_repeated_backward():
 
 
 def test_overwrite_logits_refuses_a_second_backward():
-    logits, base, labels = make_inputs(4, 10, torch.float32, seed=17)
+    logits, base, labels = mtt_inputs(4, 10, torch.float32, seed=17)
     x = logits.clone().requires_grad_(True)
     loss = fastmtt.mtt_loss(x, base, labels, overwrite_logits=True)
     (2 * loss).backward(retain_graph=True)
@@ -231,13 +222,177 @@ def test_overwrite_logits_refuses_a_second_backward():
         (2 * loss).backward()
 
 
+@pytest.mark.parametrize("change,error,match", [
+    (lambda a: a.update(logits=a["logits"].long()), TypeError, "logits"),
+    (lambda a: a.update(base_logits=a["base_logits"][:, :-1]), ValueError, "base_logits"),
+    (lambda a: a.update(labels=a["labels"].float()), TypeError, "labels"),
+    (lambda a: a.update(labels=a["labels"][:-1]), ValueError, "labels"),
+    (lambda a: a.update(labels=torch.full_like(a["labels"], 11)), ValueError, "labels"),
+    (lambda a: a.update(labels=torch.full_like(a["labels"], -3)), ValueError, "labels"),
+    (lambda a: a.update(logits=a["logits"][0]), ValueError, "logits"),
+    (lambda a: a.update(base_logits=a["base_logits"].to("meta")), ValueError, "device"),
+    (lambda a: a.update(lam=-0.1), ValueError, "lam"),
+    (lambda a: a.update(lam=float("nan")), ValueError, "lam"),
+    (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
+    (lambda a: a.update(direction="sideways"), ValueError, "direction"),
+    (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
+    (lambda a: a.update(num_items_in_batch=-1), ValueError, "num_items_in_batch"),
+    (lambda a: a.update(num_items_in_batch=2.5), ValueError, "num_items_in_batch"),
+    (lambda a: a.update(num_items_in_batch=4, reduction="sum"), ValueError, "num_items_in_batch"),
+    (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+])
+def test_bad_arguments_name_the_argument(change, error, match):
+    logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
+    args = dict(logits=logits, base_logits=base, labels=labels, lam=1.0)
+    change(args)
+    with pytest.raises(error, match=match):
+        fastmtt.mtt_loss(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_input(backend, reduction):
+    logits = torch.randn(0, 13, requires_grad=True)
+    loss = fastmtt.mtt_loss(logits, torch.randn(0, 13), torch.zeros(0, dtype=torch.long), reduction=reduction,
+                            backend=backend)
+    assert loss.shape == ((0,) if reduction == "none" else ()) and (reduction == "none" or loss.item() == 0.0)
+    loss.sum().backward()
+    assert logits.grad.shape == (0, 13)
+
+
+@pytest.mark.parametrize("backend", ROW_IMPLEMENTATIONS)
+def test_out_of_range_label_poisons_its_row_without_reading_out_of_bounds(backend):
+    """Past validation (as under torch.compile) a bad label is never used as an address."""
+    logits, base, labels = mtt_inputs(4, 9, torch.float32, seed=22, ignore_fraction=0.0)
+    labels[1], labels[2] = 9, -7
+    grad = torch.empty_like(logits)
+    ce, kl = mtt_rows(backend, logits, base, labels, grad_out=grad)
+    assert ce[1:3].isnan().all() and ce[[0, 3]].isfinite().all() and kl[[0, 3]].isfinite().all()
+    assert grad[1:3].isnan().all() and grad[[0, 3]].isfinite().all()
+
+
+def _strided_variants(logits):
+    """Same values, other layouts: column-major, a row-strided slice of a wider tensor, an expanded row."""
+    n, v = logits.shape
+    wide = torch.randn(n, v + 7)
+    wide[:, 3:3 + v] = logits
+    return {
+        "transposed": logits.t().contiguous().t(),
+        "row_stride": wide[:, 3:3 + v],
+        "every_other_row": torch.stack([logits, torch.randn_like(logits)], 1).reshape(2 * n, v)[::2],
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "row_stride", "every_other_row"])
+def test_non_contiguous_inputs_match_contiguous(backend, layout):
+    logits, base, labels = mtt_inputs(12, 70, torch.float32, seed=23)
+    z, b = _strided_variants(logits)[layout], _strided_variants(base)[layout]
+    assert not z.is_contiguous()
+    x, xc = z.requires_grad_(True), logits.clone().requires_grad_(True)
+    got = fastmtt.mtt_loss(x, b, labels, lam=0.7, reduction="none", backend=backend)
+    want = fastmtt.mtt_loss(xc, base, labels, lam=0.7, reduction="none", backend=backend)
+    upstream = torch.randn(12)
+    got.backward(upstream)
+    want.backward(upstream)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, xc.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ROW_IMPLEMENTATIONS)
+def test_more_than_2_pow_31_elements_are_indexed_with_64_bit_offsets(backend):
+    """[N, V] fp16 with N*V > 2^31: only the last rows (past element 2^31) hold labels; the untouched
+    pages of the big allocation are never written, so this costs little real memory."""
+    n, v = 32_770, 65_539
+    assert n * v > 2**31
+    big = torch.empty(n + 1, v, dtype=torch.float16)
+    logits, base = big[:n], big[1:]  # base row i is storage row i + 1
+    labels = torch.full((n,), -100, dtype=torch.long)
+    tail = torch.randn(3, v, generator=torch.Generator().manual_seed(24)).half()
+    big[-3:] = tail
+    labels[-2:] = torch.tensor([5, v - 1])
+    ce, kl = mtt_rows(backend, logits, base, labels)
+    expected = reference.mtt_loss(tail[:2].double(), tail[1:].double(), labels[-2:], lam=1.0, reduction="none")
+    torch.testing.assert_close(ce[-2:].double(), expected.ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl[-2:].double(), expected.kl, rtol=1e-4, atol=1e-5)
+    assert ce[:-2].eq(0).all() and kl[:-2].eq(0).all()
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("reduction,temperature", [("mean", 1.0), ("sum", 2.0), ("none", 0.5)])
+def test_gradcheck_float64(direction, reduction, temperature):
+    logits, base, labels = mtt_inputs(5, 7, torch.float64, seed=25)
+    labels[2] = -100
+    x = logits.clone().requires_grad_(True)
+
+    def fn(x):
+        return fastmtt.mtt_loss(x, base, labels, lam=0.8, temperature=temperature, direction=direction,
+                                reduction=reduction, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-7)
+
+
+def test_cpu_path_is_bitwise_reproducible():
+    logits, base, labels = mtt_inputs(300, 5000, torch.float32, seed=26)
+
+    def once():
+        x = logits.clone().requires_grad_(True)
+        out = fastmtt.mtt_loss(x, base, labels, lam=1.0, return_components=True)
+        out.loss.backward()
+        return out.loss, out.kl, x.grad
+
+    for a, b in zip(once(), once()):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_training_step_matches_eager():
+    torch.manual_seed(27)
+    head = torch.nn.Linear(16, 50)
+    hidden, base = torch.randn(32, 16), torch.randn(32, 50)
+    labels = torch.randint(0, 50, (32,))
+    labels[:4] = -100
+
+    def step(hidden, base, labels):
+        out = fastmtt.mtt_loss(head(hidden), base, labels, lam=0.5, temperature=2.0, return_components=True)
+        out.loss.backward()
+        return out.loss.detach(), out.kl
+
+    eager = step(hidden, base, labels)
+    eager_grad, head.weight.grad = head.weight.grad.clone(), None
+    compiled = torch.compile(step)(hidden, base, labels)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(head.weight.grad, eager_grad)
+
+
+@st.composite
+def mtt_problems(draw):
+    n = draw(st.integers(1, 24))
+    v = draw(st.integers(1, 300))
+    dtype = draw(st.sampled_from(list(DTYPES.values())))
+    logits, base, labels = mtt_inputs(
+        n, v, dtype, base_dtype=draw(st.sampled_from([dtype, torch.float32])), seed=draw(st.integers(0, 2**31 - 1)),
+        ignore_fraction=draw(st.sampled_from([0.0, 0.3, 1.0])), spread=draw(st.sampled_from([0.1, 3.0, 20.0])),
+        confident_rows=draw(st.integers(0, 2)), padded_columns=draw(st.sampled_from([0, 2])) if v > 3 else 0)
+    reduction = draw(st.sampled_from(["mean", "sum", "none"]))
+    options = dict(lam=draw(st.sampled_from([0.0, 0.3, 2.0])), temperature=draw(st.sampled_from([1.0, 0.7, 3.0])),
+                   direction=draw(st.sampled_from(DIRECTIONS)), reduction=reduction,
+                   num_items_in_batch=draw(st.sampled_from([None, 7])) if reduction == "mean" else None)
+    return logits, base, labels, options
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=mtt_problems())
+def test_property_matches_reference(backend, problem):
+    logits, base, labels, options = problem
+    check_against_reference(backend, logits, base, labels, **options)
 # --- mask_target=False (the full-vocabulary KL baseline) and vocabulary ranges ---
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_full_vocabulary_kl_matches_reference(backend, direction, temperature):
-    logits, base, labels = make_inputs(29, 301, torch.float32, seed=41)
+    logits, base, labels = mtt_inputs(29, 301, torch.float32, seed=41)
     logits[3, :40] = float("-inf")
     base[3, :40] = float("-inf")
     check_against_reference(backend, logits, base, labels, lam=0.8, temperature=temperature, direction=direction,
@@ -249,16 +404,15 @@ def test_full_vocabulary_kl_matches_reference(backend, direction, temperature):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("temperature,mask_target", [(1.0, True), (2.0, True), (1.0, False)])
 def test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary(backend, direction, temperature, mask_target):
     """Partial statistics of [0, cut) and [cut, V), merged and finalized, give the whole row's loss, and each
     range's gradient from the merged statistics is the whole gradient's slice (labels on both sides)."""
-    from fastmtt._dispatch import implementation
     from fastmtt.options import MTTOptions
     from fastmtt.partials import finalize, merge_partials
 
-    logits, base, labels = make_inputs(23, 130, torch.float32, seed=42)
+    logits, base, labels = mtt_inputs(23, 130, torch.float32, seed=42)
     labels[2], labels[3] = 61, 62  # on both sides of the cut
     cut = 62
     options = MTTOptions(lam=0.9, temperature=temperature, direction=direction, mask_target=mask_target)
@@ -295,24 +449,14 @@ def confident_rows(n, v, seed):
     return logits, base, labels
 
 
-def kl_part(fn, logits, base, labels, lam):
-    """dL/dlogits at lam minus at lam = 0 (fp64)."""
-    grads = []
-    for weight in (lam, 0.0):
-        x = logits.detach().clone().requires_grad_(True)
-        fn(x, base, labels, lam=weight).backward()
-        grads.append(x.grad.double())
-    return grads[0] - grads[1]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, direction):
     logits, base, labels = confident_rows(24, 4096, seed=43)
     logits, base = logits.bfloat16(), base.bfloat16()
-    ours = kl_part(lambda *a, **k: fastmtt.mtt_loss(*a, **k, direction=direction, backend=backend),
-                   logits, base, labels, lam=1.0)
-    truth = kl_part(lambda *a, **k: reference.mtt_loss(*a, **k, direction=direction).loss,
-                    logits.double(), base.double(), labels, lam=1.0)
+    ours = kl_part_of_gradient(
+        lambda x, lam: fastmtt.mtt_loss(x, base, labels, lam=lam, direction=direction, backend=backend), logits)
+    truth = kl_part_of_gradient(
+        lambda x, lam: reference.mtt_loss(x, base.double(), labels, lam=lam, direction=direction), logits.double())
     assert truth.norm() > 0
     assert (ours - truth).norm() <= 0.05 * truth.norm()

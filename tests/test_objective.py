@@ -8,38 +8,10 @@ import fastmtt
 from fastmtt import reference
 from fastmtt.objective import MTTObjective
 from fastmtt.options import MTTOptions
+from tests.utils import VOCAB, padded_batch, tiny_llama, tiny_peft, trainable_grads
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-VOCAB = 37  # not a power of two
-
-
-def tiny_llama(seed=0, **config):
-    torch.manual_seed(seed)
-    settings = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    settings.update(config)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**settings))
-
-
-def tiny_peft(target_modules=("q_proj", "v_proj", "lm_head"), seed=0, **lora):
-    model = tiny_llama(seed)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(target_modules), init_lora_weights=False, **lora)
-    return peft.get_peft_model(model, config)
-
-
-def padded_batch(seed=1, batch=3, length=12):
-    """Right-padded batch with -100 on padding and on a prompt prefix; target ids include 0 and V-1."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(VOCAB, (batch, length), generator=generator)
-    input_ids[0, 3], input_ids[1, 4] = 0, VOCAB - 1
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, length - 4:] = 0
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    labels[0, :5] = -100
-    return dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
 
 def reference_loss(model, batch, **options):
     """Reference MTT on the full logits of the adapted and the base model (causal shift applied)."""
@@ -48,10 +20,6 @@ def reference_loss(model, batch, **options):
         base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return reference.mtt_loss(logits[:, :-1].reshape(-1, VOCAB), base[:, :-1].reshape(-1, VOCAB),
                               batch["labels"][:, 1:].reshape(-1), **options)
-
-
-def trainable_grads(model):
-    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 @pytest.mark.parametrize("direction,temperature", [("forward", 1.0), ("reverse", 1.0), ("forward", 2.0)])

@@ -7,40 +7,29 @@ from torch import nn
 
 from fastmtt import peft as fastmtt_peft
 from fastmtt.peft import patch_lora, unpatch_lora
-from tests.conftest import assert_parity
+from tests.utils import (
+    LLAMA_TARGETS,
+    TINY_LLAMA,
+    TOLERANCE,
+    assert_parity,
+    randomize_trainable,
+    tiny_gpt2,
+    tiny_llama,
+    tiny_peft,
+)
+from tests.utils import token_ids as tokens
 
 peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+pytest.importorskip("transformers")
 
 
-def tiny_llama(dtype=torch.float32, bias=False):
-    config = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=44, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                      attention_bias=bias, mlp_bias=bias)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(dtype)
+def llama(**config):
+    """Two layers (2 x 7 LoRA modules), grouped-query attention."""
+    return tiny_llama(**{"num_hidden_layers": 2, "num_attention_heads": 4, **config})
 
 
 def lora_model(base, targets=LLAMA_TARGETS, **config):
-    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, **config)
-    model = peft.get_peft_model(base, config)
-    randomize_trainable(model)
-    return model
-
-
-def randomize_trainable(model):
-    """Fresh nonzero values for every trainable tensor (lora_B included, so the LoRA term is live)."""
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
-
-
-def tokens(vocab=61, shape=(2, 9)):
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(2))
+    return tiny_peft(targets, base=base, randomize=True, **config)
 
 
 def outputs_and_grads(model, ids, seed=0):
@@ -79,7 +68,7 @@ def assert_same(got, want, atol=1e-5, rtol=1e-4):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_tiny_llama_parity(backend, fused_calls):
-    model = lora_model(tiny_llama())
+    model = lora_model(llama())
     ids = tokens()
     want = outputs_and_grads(model, ids)
     assert patch_lora(model, backend=backend) == 14
@@ -94,7 +83,7 @@ def test_tiny_llama_parity(backend, fused_calls):
 
 
 def test_base_bias_and_lora_bias(fused_calls):
-    model = lora_model(tiny_llama(bias=True), lora_bias=True, bias="lora_only")
+    model = lora_model(llama(attention_bias=True, mlp_bias=True), lora_bias=True, bias="lora_only")
     trainable_bias = [n for n, p in model.named_parameters() if p.requires_grad and n.endswith("lora_B.default.bias")]
     assert len(trainable_bias) == 14
     ids = tokens()
@@ -106,7 +95,7 @@ def test_base_bias_and_lora_bias(fused_calls):
 
 def test_trainable_base_bias(fused_calls):
     """bias='all' trains the base layers' biases too; the fused path passes their gradient on."""
-    model = lora_model(tiny_llama(bias=True), bias="all")
+    model = lora_model(llama(attention_bias=True, mlp_bias=True), bias="all")
     ids = tokens()
     want = outputs_and_grads(model, ids)
     assert any(n.endswith("base_layer.bias") for n in want[1])
@@ -116,7 +105,7 @@ def test_trainable_base_bias(fused_calls):
 
 
 def test_disabled_adapters_give_the_base_output(fused_calls):
-    model = lora_model(tiny_llama())
+    model = lora_model(llama())
     ids = tokens()
     with model.disable_adapter(), torch.no_grad():
         base_logits = model(input_ids=ids).logits
@@ -131,7 +120,7 @@ def test_disabled_adapters_give_the_base_output(fused_calls):
 
 
 def test_merged_adapters_fall_back(fused_calls):
-    model = lora_model(tiny_llama())
+    model = lora_model(llama())
     ids = tokens()
     with torch.no_grad():
         want = model(input_ids=ids).logits
@@ -148,7 +137,7 @@ def test_merged_adapters_fall_back(fused_calls):
 
 
 def test_several_active_adapters_fall_back(fused_calls):
-    model = lora_model(tiny_llama())
+    model = lora_model(llama())
     model.add_adapter("second", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
                                                 init_lora_weights=False))
     model.base_model.set_adapter(["default", "second"])
@@ -163,7 +152,7 @@ def test_several_active_adapters_fall_back(fused_calls):
 
 
 def test_dora_falls_back(fused_calls):
-    model = lora_model(tiny_llama(), use_dora=True)
+    model = lora_model(llama(), use_dora=True)
     ids = tokens()
     want = outputs_and_grads(model, ids)
     assert patch_lora(model) == 0
@@ -173,7 +162,7 @@ def test_dora_falls_back(fused_calls):
 
 def test_variant_adapter_next_to_vanilla_one(fused_calls):
     """One module, a vanilla and a DoRA adapter: fused while the vanilla one is active, PEFT's otherwise."""
-    model = lora_model(tiny_llama(), targets=["q_proj"])
+    model = lora_model(llama(), targets=["q_proj"])
     model.add_adapter("dora", peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True, init_lora_weights=False))
     assert patch_lora(model) == 2
     ids = tokens()
@@ -190,7 +179,7 @@ def test_variant_adapter_next_to_vanilla_one(fused_calls):
 
 def test_dropout_train_and_eval(fused_calls):
     """Training draws PEFT's own dropout masks (same RNG stream), eval applies none."""
-    model = lora_model(tiny_llama(), lora_dropout=0.3)
+    model = lora_model(llama(), lora_dropout=0.3)
     ids = tokens()
     model.train()
     want_train = outputs_and_grads(model, ids, seed=7)
@@ -209,7 +198,7 @@ def test_dropout_through_the_kernel_keeps_training_semantics(fused_calls):
     """Triton path (in-kernel masks): eval matches PEFT exactly; train differs from eval, and backward
     reuses every forward mask: a central difference along a random direction in all trainable
     parameters, each forward under the same seed, matches the gradient."""
-    model = lora_model(tiny_llama(), lora_dropout=0.5)
+    model = lora_model(llama(), lora_dropout=0.5)
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.no_grad():
         for param in params:
@@ -244,10 +233,7 @@ def test_dropout_through_the_kernel_keeps_training_semantics(fused_calls):
 
 
 def test_gpt2_conv1d_fan_in_fan_out(fused_calls):
-    config = transformers.GPT2Config(vocab_size=61, n_positions=32, n_embd=32, n_layer=2, n_head=4)
-    torch.manual_seed(0)
-    base = transformers.GPT2LMHeadModel(config)
-    model = lora_model(base, targets=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    model = lora_model(tiny_gpt2(), targets=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
     ids = tokens()
     want = outputs_and_grads(model, ids)
     assert patch_lora(model) == 2 * 4
@@ -255,10 +241,24 @@ def test_gpt2_conv1d_fan_in_fan_out(fused_calls):
     assert len(fused_calls) == 2 * 4
 
 
+def assert_model_parity(got, peft_same_dtype, truth, dtype):
+    """The CCE rule for a whole model: logits entry by entry; the gradients of all trainable parameters, two
+    bf16 layers of backward away from the logits, as one vector in norm. Per entry, two correct bf16 runs that
+    round at different points (the fused op rounds base + LoRA once, PEFT twice) differ at random after a
+    layer of attention and RMSNorm: entries where PEFT happens to land nearer the truth than tol are noise,
+    not a defect (measured: the patched model's relative error per parameter is 1-5%, as PEFT's)."""
+    assert_parity("logits", got[0], peft_same_dtype[0], truth[0], dtype)
+    assert got[1].keys() == truth[1].keys()
+    flat = [torch.cat([grads[name].double().flatten() for name in truth[1]]) for grads in (got[1], peft_same_dtype[1],
+                                                                                           truth[1])]
+    err, peft_err, norm = (flat[0] - flat[2]).norm(), (flat[1] - flat[2]).norm(), flat[2].norm()
+    assert err <= peft_err + TOLERANCE[dtype] * norm, f"gradients: error {err:.3g} > PEFT's {peft_err:.3g} + tol"
+
+
 def test_input_dtype_casting_bf16_base_fp32_adapters(fused_calls):
     """PEFT keeps adapters in fp32 on a bf16 base and casts x for them; the fused path does the same.
     Compared with the CCE rule against the fp64 model."""
-    bf16_model = lora_model(tiny_llama(torch.bfloat16))
+    bf16_model = lora_model(llama(dtype=torch.bfloat16))
     lora_weight = bf16_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A.default.weight
     assert lora_weight.dtype == torch.float32
     truth_model = copy.deepcopy(bf16_model).double()
@@ -268,14 +268,12 @@ def test_input_dtype_casting_bf16_base_fp32_adapters(fused_calls):
     patch_lora(bf16_model)
     got = outputs_and_grads(bf16_model, ids)
     assert fused_calls
-    assert_parity("logits", got[0], same[0], truth[0], torch.bfloat16)
-    for name in truth[1]:
-        assert got[1][name].dtype == torch.float32
-        assert_parity(name, got[1][name], same[1][name], truth[1][name], torch.bfloat16)
+    assert all(grad.dtype == torch.float32 for grad in got[1].values())
+    assert_model_parity(got, same, truth, torch.bfloat16)
 
 
 def test_autocast(fused_calls):
-    model = lora_model(tiny_llama())
+    model = lora_model(llama())
     ids = tokens()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = outputs_and_grads(model, ids)
@@ -284,9 +282,7 @@ def test_autocast(fused_calls):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = outputs_and_grads(model, ids)
     assert fused_calls and got[0].dtype == want[0].dtype
-    assert_parity("logits", got[0], want[0], truth[0], torch.bfloat16)
-    for name in truth[1]:
-        assert_parity(name, got[1][name], want[1][name], truth[1][name], torch.bfloat16)
+    assert_model_parity(got, want, truth, torch.bfloat16)
 
 
 class FakeInt8Linear(nn.Linear):
@@ -303,7 +299,7 @@ class FakeInt8Linear(nn.Linear):
 
 
 def test_quantized_base_layers_fall_back(fused_calls):
-    base = tiny_llama()
+    base = llama()
     for layer in base.model.layers:
         layer.self_attn.q_proj = FakeInt8Linear(layer.self_attn.q_proj)
     model = lora_model(base)
@@ -316,10 +312,10 @@ def test_quantized_base_layers_fall_back(fused_calls):
 
 
 def test_extra_forward_arguments_and_hooks_fall_back(fused_calls):
-    model = lora_model(tiny_llama(), targets=["q_proj"])
+    model = lora_model(llama(), targets=["q_proj"])
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert patch_lora(model) == 2
-    x = torch.randn(3, 32)
+    x = torch.randn(3, TINY_LLAMA["hidden_size"])
     want = type(layer).forward(layer, x)
     torch.testing.assert_close(layer(x), want)
     assert len(fused_calls) == 1
@@ -335,7 +331,7 @@ def test_disabled_input_dtype_casting_falls_back(fused_calls):
     """With PEFT's input casting off, bf16 inputs meet fp32 adapters: PEFT's own forward decides (it raises)."""
     from peft.helpers import disable_input_dtype_casting
 
-    model = lora_model(tiny_llama(torch.bfloat16), targets=["q_proj"])
+    model = lora_model(llama(dtype=torch.bfloat16), targets=["q_proj"])
     ids = tokens()
     with disable_input_dtype_casting(model), pytest.raises(RuntimeError) as peft_error:
         model(input_ids=ids)

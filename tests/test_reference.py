@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmtt import reference
+from tests.utils import mtt_inputs
 
 
 def _nckd(logits, base_logits, labels, temperature):
@@ -16,25 +17,19 @@ def _nckd(logits, base_logits, labels, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 0.5])
 def test_forward_kl_equals_dkd_non_target_term(temperature):
-    torch.manual_seed(1)
-    logits, base = torch.randn(2, 64, 50, dtype=torch.float64) * 3
-    labels = torch.randint(0, 50, (64,))
+    logits, base, labels = mtt_inputs(64, 50, torch.float64, seed=1, ignore_fraction=0.0)
     kl = reference.masked_kl_rows(logits, base, labels, temperature=temperature)
     torch.testing.assert_close(kl, _nckd(logits, base, labels, temperature), rtol=1e-9, atol=1e-12)
 
 
 def test_reverse_kl_swaps_the_sides():
-    torch.manual_seed(2)
-    logits, base = torch.randn(2, 16, 33, dtype=torch.float64)
-    labels = torch.randint(0, 33, (16,))
+    logits, base, labels = mtt_inputs(16, 33, torch.float64, seed=2, ignore_fraction=0.0, spread=1.0)
     reverse = reference.masked_kl_rows(logits, base, labels, temperature=1.5, direction="reverse")
     torch.testing.assert_close(reverse, _nckd(base, logits, labels, 1.5), rtol=1e-9, atol=1e-12)
 
 
 def test_lam_zero_is_cross_entropy_and_masked_kl_ignores_the_target_logit():
-    torch.manual_seed(3)
-    logits, base = torch.randn(2, 20, 11, dtype=torch.float64)
-    labels = torch.randint(0, 11, (20,))
+    logits, base, labels = mtt_inputs(20, 11, torch.float64, seed=3, spread=1.0)
     labels[3] = -100
     out = reference.mtt_loss(logits, base, labels, lam=0.0)
     torch.testing.assert_close(out.loss, F.cross_entropy(logits, labels))
@@ -45,9 +40,7 @@ def test_lam_zero_is_cross_entropy_and_masked_kl_ignores_the_target_logit():
 
 
 def test_num_items_in_batch_makes_micro_batches_add_up():
-    torch.manual_seed(4)
-    logits, base = torch.randn(2, 30, 9, dtype=torch.float64)
-    labels = torch.randint(0, 9, (30,))
+    logits, base, labels = mtt_inputs(30, 9, torch.float64, seed=4, ignore_fraction=0.0, spread=1.0)
     labels[:7] = -100
     total = int((labels != -100).sum())
     whole = reference.mtt_loss(logits, base, labels, lam=0.7).loss

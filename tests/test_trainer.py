@@ -5,7 +5,7 @@ import torch
 from fastmtt.objective import MTTObjective
 from fastmtt.options import MTTOptions
 from fastmtt.trainer import MTTLossMixin, MTTTrainer
-from tests.test_objective import VOCAB, padded_batch, tiny_peft, trainable_grads
+from tests.utils import VOCAB, padded_batch, tiny_peft, trainable_grads
 
 transformers = pytest.importorskip("transformers")
 
