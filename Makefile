@@ -12,6 +12,7 @@ setup: $(BIN)/python
 	$(BIN)/pip install -q -r requirements-cpu.txt -e ".[test,demo]"
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 
 demo: setup
