@@ -271,7 +271,7 @@ def test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary(backend, dir
         logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels, options, vocab_start=a, need_kl=True)
         for a, b in ranges]).float()
     merged = finalize(merge_partials(parts, direction), labels, options, need_kl=True)
-    torch.testing.assert_close(merged.float(), whole.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(merged.float(), whole.float(), rtol=1e-5, atol=1e-5, equal_nan=True)  # ignored rows: NaN LSE
     for a, b in ranges:
         grad = torch.empty(logits.shape[0], b - a)
         implementation("mtt_gradient", backend)(logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels,
