@@ -24,6 +24,7 @@ from fastmtt import partials as P
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 FORWARD_KL, REVERSE_KL = tl.constexpr(0), tl.constexpr(1)
 DIVERGENCE_IDS = {"forward": FORWARD_KL.value, "reverse": REVERSE_KL.value}
@@ -64,11 +65,12 @@ def logaddexp(a, b):
 def divergence_terms(e_z, e_b, z, b, DIVERGENCE: tl.constexpr):
     """Accumulator terms per entry in logit units (the caller scales their sum to base 2): exp of the
     weighting side times the logit difference, (b - z) for forward KL (weighted by the base), (z - b) for
-    reverse KL (weighted by the adapted side). A term of weight 0 is 0, never 0 * inf."""
+    reverse KL (weighted by the adapted side). A term of weight 0 is 0, never 0 * inf: its difference is
+    -inf or NaN (-inf - -inf), which the NaN-ignoring max turns finite."""
     if DIVERGENCE == REVERSE_KL:
-        terms = tl.where(e_z == 0.0, 0.0, e_z * (z - b))
+        terms = e_z * tl.maximum(z - b, -FLT_MAX)
     else:
-        terms = tl.where(e_b == 0.0, 0.0, e_b * (b - z))
+        terms = e_b * tl.maximum(b - z, -FLT_MAX)
     return terms
 
 
@@ -185,15 +187,20 @@ def logit_gradient(z, zk, bk, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift, KL
     log p - D) (reverse). At T = 1 q also gives the softmax: two exponentials (forward), one (reverse)."""
     q = tl.exp2(zk * scale2 - zc2[:, None])
     if UNIT_TEMPERATURE:
-        grad = q * soft[:, None]
+        softmax = q * soft[:, None]
     else:
-        grad = tl.exp2(z * LOG2E - lse2[:, None]) * soft[:, None]
-    if KL_GRAD:
-        if DIVERGENCE == REVERSE_KL:
-            qk = q * kl[:, None]
-            grad += tl.where(qk == 0.0, 0.0, qk * ((zk - bk) * inv_t + shift[:, None]))
+        softmax = tl.exp2(z * LOG2E - lse2[:, None]) * soft[:, None]
+    if KL_GRAD and DIVERGENCE == REVERSE_KL:
+        qk = q * kl[:, None]
+        grad = tl.where(qk == 0.0, softmax, softmax + qk * ((zk - bk) * inv_t + shift[:, None]))
+    elif KL_GRAD:
+        p = tl.exp2(bk * scale2 - bc2[:, None])
+        if UNIT_TEMPERATURE:  # q (soft + kl) - p kl: no separate softmax term
+            grad = q * (soft + kl)[:, None] - p * kl[:, None]
         else:
-            grad += (q - tl.exp2(bk * scale2 - bc2[:, None])) * kl[:, None]
+            grad = softmax + (q - p) * kl[:, None]
+    else:
+        grad = softmax
     return grad
 
 
