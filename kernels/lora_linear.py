@@ -220,11 +220,13 @@ def _sm_count(device_index: int) -> int:
 
 def _project_blocks(M: int, L: int, R: int, lora_dtype: torch.dtype):
     """(BLOCK_M, BLOCK_L, num_warps) of the side product. The interpreter takes whole (small) matrices.
-    On a GPU the pass streams P once: 32-row programs (128 of them at M = 4096) with reduction steps of
-    128 entries (64 for fp32 adapters, whose [BLOCK_L, R] tiles are twice as wide in bytes)."""
+    On a GPU the pass streams P once: 32-row programs (128 of them at M = 4096), reduction steps as long
+    as the [BLOCK_L, R] adapter tile allows without spilling (compile-check)."""
     if interpreting():
         return min(128, triton.next_power_of_2(max(M, 16))), triton.next_power_of_2(max(L, 16)), 1
-    return 32, (64 if lora_dtype == torch.float32 or R > 64 else 128), 4
+    if lora_dtype == torch.float32:
+        return 32, (64 if R <= 64 else 32), 4
+    return 32, (128 if R <= 64 else 64), 4
 
 
 def _gemm_blocks(M: int, C: int, L: int, R: int, dtype: torch.dtype, lora_dtype: torch.dtype, dropout: bool):
@@ -234,8 +236,10 @@ def _gemm_blocks(M: int, C: int, L: int, R: int, dtype: torch.dtype, lora_dtype:
     if interpreting():
         return (min(128, triton.next_power_of_2(max(M, 16))), triton.next_power_of_2(max(C, 16)),
                 triton.next_power_of_2(max(L, 16)), 1, 1)
-    if torch.float32 in (dtype, lora_dtype):  # tf32x3 dots hold more registers
-        return 64, 64, 32, 8, 3
+    if dtype == torch.float32 or (lora_dtype == torch.float32 and R > 64):  # tf32x3 dots: 32-row tiles
+        return 32, (128 if R <= 64 else 64), 32, 8, 3
+    if lora_dtype == torch.float32:  # a 16-bit GEMM (64 rows: wgmma on sm_90), a tf32x3 epilogue
+        return 64, 64, 64, 8, 3
     return 128, (64 if dropout or R > 64 else 128), 64, 8, 3
 
 
