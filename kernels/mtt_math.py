@@ -12,8 +12,9 @@ Partial statistics over a vocabulary range and the finalized row statistics are 
 fastmtt/partials.py defines (in nats), which also merges ranges and finalizes them.
 
 A divergence is one id (FORWARD_KL, REVERSE_KL) with branches in `divergence_terms` (accumulate),
-`divergence_value` (finalize) and `gradient_constants`/`logit_gradient`. A new divergence adds a branch to each, its
-torch counterpart in fastmtt/pytorch/divergences.py and its definition in fastmtt/reference.py.
+`divergence_rescale`, `divergence_value` (finalize), `gradient_constants` and `logit_gradient`. A new
+divergence adds a branch to each, its torch counterpart in fastmtt/pytorch/divergences.py and its
+definition in fastmtt/reference.py.
 """
 from __future__ import annotations
 
