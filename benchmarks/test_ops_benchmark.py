@@ -1,4 +1,4 @@
-"""The runner's cases under pytest-benchmark:  pytest benchmarks/ [--benchmark-only]
+"""The registry's cases under pytest-benchmark:  pytest benchmarks/test_ops_benchmark.py [--benchmark-only]
 
 FASTMTT_BENCH_PRESET picks the sizes: tiny (default), cpu or gpu. Runs on CUDA when available.
 Median/spread/memory/roofline side-by-side tables come from `python -m benchmarks` instead.
@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 
-from benchmarks.cases import MODES, OPS, mode_steps, prepare
+from benchmarks.cases import OPS, mode_steps, prepare
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PRESET = os.environ.get("FASTMTT_BENCH_PRESET", "tiny")
-CASES = [pytest.param(op, impl, config, id=f"{op.name}|{impl.name}|{config.label}")
-         for op in OPS.values() for impl in op.impls for config in op.presets[PRESET]]
+CASES = [pytest.param(op, impl, config, mode, id=f"{op.name}|{impl.name}|{config.label}|{mode}")
+         for op in OPS.values() for impl in op.impls for config in op.presets[PRESET] for mode in op.modes]
 
 
 def _synchronize():
@@ -21,10 +21,9 @@ def _synchronize():
         torch.cuda.synchronize()
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op, impl, config", CASES)
+@pytest.mark.parametrize("op, impl, config, mode", CASES)
 def test_op(benchmark, op, impl, config, mode):
-    reason = impl.unavailable(DEVICE)
+    reason = impl.unavailable(DEVICE) or impl.unsupported(config.size_dict)
     if reason is not None:
         pytest.skip(reason)
     _, forward, leaves, upstream = prepare(op, impl, config, DEVICE)

@@ -24,7 +24,8 @@ def check_same_device(**tensors):
 
 
 def check_labels(labels, shape, n_cols, ignore_index):
-    """labels: `shape` integers in [0, n_cols) or ignore_index. The range check reads the values
+    """labels: `shape` integers in [0, n_cols) or ignore_index (n_cols None: a vocabulary split across ranks,
+    only >= 0 is checked here; a label no rank holds makes its row NaN). The range check reads the values
     (a device sync on CUDA) except under torch.compile, where the kernels' NaN poisoning remains."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -33,10 +34,12 @@ def check_labels(labels, shape, n_cols, ignore_index):
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"labels must have shape {tuple(shape)} to match the rows, got {tuple(labels.shape)}")
     if labels.numel() and not torch.compiler.is_compiling():
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_cols))
+        out_of_range = (labels < 0) if n_cols is None else (labels < 0) | (labels >= n_cols)
+        bad = (labels != ignore_index) & out_of_range
         if bool(bad.any()):
             value = int(labels[bad][0])
-            raise ValueError(f"labels must lie in [0, {n_cols}) or equal ignore_index={ignore_index}, found {value}")
+            valid = f"[0, {n_cols})" if n_cols is not None else ">= 0"
+            raise ValueError(f"labels must lie in {valid} or equal ignore_index={ignore_index}, found {value}")
 
 
 def check_num_items(num_items_in_batch, reduction):
@@ -51,3 +54,14 @@ def check_num_items(num_items_in_batch, reduction):
             raise ValueError(f"num_items_in_batch must be one integer, got {count!r}")
     elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"num_items_in_batch must be a non-negative int, got {count!r}")
+
+
+def check_vocab_parallel(vocab_parallel, name, n_cols):
+    """vocab_parallel: None or a fastmtt.VocabParallel covering the n_cols columns of `name`."""
+    if vocab_parallel is None:
+        return
+    from fastmtt.parallel import VocabParallel
+
+    if not isinstance(vocab_parallel, VocabParallel):
+        raise TypeError(f"vocab_parallel must be a fastmtt.VocabParallel, got {type(vocab_parallel).__name__}")
+    vocab_parallel.check_columns(name, n_cols)

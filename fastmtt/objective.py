@@ -1,37 +1,120 @@
-"""MTTObjective: the MTT objective for PEFT causal LMs.
+"""MTTObjective: the MTT objective for PEFT causal LMs, single-process or data-parallel.
 
 It runs the model twice on a batch, once with the adapters disabled (no grad) and once adapted, takes
 the final hidden states of both (full-vocabulary logits of a whole batch are never built), applies the
 causal shift and evaluates CE + lam * T^2 * masked KL through the output head, honoring a LoRA adapter
 on that head.
+
+Both passes and the head loss run inside one ordinary forward of the model the caller holds (the
+PeftModel, or a DDP / FSDP / `Accelerator.prepare` wrapper around it): the objective calls that model
+with the keyword `fastmtt_mtt`, which the causal LM's forward (patched once per model, as fused-loss
+packages patch it for their CE) answers with the loss instead of logits. So the wrapper prepares its
+gradient synchronization as for any forward, and FSDP has the parameters unsharded while the head is read.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss
+from fastmtt.head import LinearHead
+from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
 from fastmtt.options import DEFAULT_LAM, MTTOptions
 from fastmtt.reference import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
 _UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
+# Dropout probabilities transformers' modules keep as plain floats (Llama's attention_dropout, OPT's dropout, ...).
+_DROPOUT_FLOATS = ("attention_dropout", "hidden_dropout", "activation_dropout", "dropout")
 
 
-def _unwrap_causal_lm(model):
-    """The PEFT model's underlying causal LM; a clear error for anything else."""
-    try:
-        from peft import PeftModel
-    except ImportError as error:  # pragma: no cover - peft is a dependency
-        raise ImportError("MTTObjective needs the peft package") from error
-    if not isinstance(model, PeftModel):
-        raise TypeError(
-            f"model must be a peft.PeftModel (e.g. from peft.get_peft_model), got {type(model).__name__}: "
-            "MTT compares the adapted model with its own base, reached by disabling the adapters")
-    if model.active_peft_config.is_prompt_learning:
+def _unwrap(model):
+    """(peft_model, group): the PeftModel inside `model` and, when `model` averages gradients over ranks
+    (DDP, FSDP), the process group of that average (None: the default group); group is False otherwise."""
+    from peft import PeftModel
+
+    averaging, sharded = _data_parallel_types()
+    group, inner = False, model
+    while not isinstance(inner, PeftModel):
+        if isinstance(inner, torch.nn.DataParallel):
+            raise TypeError("torch.nn.DataParallel is not supported: launch one process per device (torchrun, "
+                            "accelerate launch) so the model is wrapped in DistributedDataParallel")
+        if isinstance(inner, averaging):  # DDP averages over its process group, FSDP over the default one
+            group = inner.process_group if isinstance(inner, DistributedDataParallel) else None
+        nested = getattr(inner, "module", None)  # DDP, FSDP1 and other wrappers
+        nested = getattr(inner, "_orig_mod", None) if nested is None else nested  # torch.compile
+        if not isinstance(nested, torch.nn.Module):
+            raise TypeError(
+                f"model must be a peft.PeftModel (e.g. from peft.get_peft_model), or a DDP/FSDP wrapper of one, got "
+                f"{type(inner).__name__}: MTT compares the adapted model with its own base, reached by disabling "
+                "the adapters")
+        inner = nested
+    if isinstance(inner, sharded):  # FSDP2 fully_shard keeps the module and averages over its mesh
+        group = None
+    if inner.active_peft_config.is_prompt_learning:
         raise TypeError("MTTObjective supports adapter methods such as LoRA, not prompt-learning PEFT configs")
-    return model.get_base_model()
+    return inner, group
+
+
+def _data_parallel_types():
+    """(wrapper classes that average gradients over ranks, FSDP2's module class)."""
+    if not dist.is_available():
+        return (), ()
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return (DistributedDataParallel, FullyShardedDataParallel), FSDPModule
+
+
+class _MTTForward:
+    """The causal LM's forward, patched: the original one unless called with fastmtt_mtt (a callable
+    (causal_lm, **forward_kwargs) -> MTTOutput), whose result it returns instead. It keeps the original
+    signature (the Trainer reads it to choose dataset columns) and is an object, not a closure, so copies
+    and pickles of the model stay consistent."""
+
+    def __init__(self, causal_lm):
+        self.causal_lm, self.original = causal_lm, causal_lm.forward
+
+    @property
+    def __signature__(self):
+        return inspect.signature(self.original)
+
+    def __call__(self, *args, fastmtt_mtt=None, **kwargs):
+        if fastmtt_mtt is None:
+            return self.original(*args, **kwargs)
+        if args:
+            raise TypeError("the MTT forward takes keyword arguments only")
+        return fastmtt_mtt(self.causal_lm, **kwargs)
+
+
+def _install_mtt_forward(causal_lm):
+    if not isinstance(vars(causal_lm).get("forward"), _MTTForward):
+        causal_lm.forward = _MTTForward(causal_lm)
+
+
+def disable_model_dropout(peft_model) -> None:
+    """Set every dropout probability of the base model to 0: torch dropout modules and the float
+    probabilities transformers' modules read. The adapters' own dropout (LoRA's lora_dropout) stays."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapter_modules = set()
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for name in module.adapter_layer_names + module.other_param_names:
+                container = getattr(module, name, None)
+                if isinstance(container, torch.nn.Module):
+                    adapter_modules.update(id(m) for m in container.modules())
+    for module in peft_model.modules():
+        if id(module) in adapter_modules:
+            continue
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        for name in _DROPOUT_FLOATS:
+            if isinstance(vars(module).get(name), float):
+                setattr(module, name, 0.0)
 
 
 def _decoder(causal_lm):
@@ -45,42 +128,67 @@ def _decoder(causal_lm):
     return decoder
 
 
-def _head_params(causal_lm):
-    """dict(weight, bias, lora_A, lora_B, lora_scaling, softcap) describing the output head."""
+def _head_lora_problem(head, name):
+    """Why the head's LoRA adapter `name` cannot be served, and the fix; None when it can."""
+    config_fix = ("exclude the head from target_modules (LoraConfig options apply to every targeted module) or "
+                  "set LoraConfig({}) for all")
+    if head.use_dora.get(name, False):
+        return "uses DoRA: " + config_fix.format("use_dora=False")
+    if getattr(head, "lora_bias", {}).get(name, False):
+        return "has a LoRA bias: " + config_fix.format("lora_bias=False")
+    dropout = head.lora_dropout[name]
+    if head.training and not isinstance(dropout, torch.nn.Identity) and dropout.p > 0:
+        return (f"has lora_dropout={dropout.p} (in training mode): LoraConfig(lora_dropout=...) applies to every "
+                "targeted module, so exclude the head from target_modules, or set lora_dropout=0")
+    return None
+
+
+def output_head(causal_lm) -> LinearHead:
+    """The causal LM's output head as a LinearHead: an nn.Linear (weight, bias), optionally with one
+    active LoRA adapter (lora_A, lora_B, scaling) and Gemma-2 style final logit softcapping."""
     config = getattr(causal_lm, "config", None)
     for name in _UNSUPPORTED_LOGIT_SCALING:
         value = getattr(config, name, None)
         if value not in (None, 1, 1.0):
             raise ValueError(f"{type(causal_lm).__name__} scales its logits (config.{name}={value}); "
-                                      "MTTObjective supports heads computing softcap(h W^T + b) only")
+                             "MTTObjective supports heads computing softcap(h W^T + b) only")
     softcap = getattr(config, "final_logit_softcapping", None)
     head = causal_lm.get_output_embeddings()
-    params = dict(weight=None, bias=None, lora_A=None, lora_B=None, lora_scaling=1.0, softcap=softcap)
     if type(head) is torch.nn.Linear:
-        params.update(weight=head.weight, bias=head.bias)
-        return params
+        return _unsharded(LinearHead(head.weight, head.bias, softcap=softcap))
     base_layer = getattr(head, "base_layer", None)
     if not (hasattr(head, "lora_A") and type(base_layer) is torch.nn.Linear):
         raise ValueError(
             f"unsupported output head {type(head).__name__}: MTTObjective serves an nn.Linear head, optionally "
             "with a LoRA adapter (modules_to_save, DoRA and other head wrappers are not supported)")
-    params.update(weight=base_layer.weight, bias=base_layer.bias)
+    plain = LinearHead(base_layer.weight, base_layer.bias, softcap=softcap)
     active = [name for name in head.active_adapters if name in head.lora_A]
     if head.disable_adapters or not active:
-        return params
+        return _unsharded(plain)
     if head.merged:
         raise ValueError("the LoRA adapter on the output head is merged; unmerge it for MTT training")
     if len(active) > 1:
         raise ValueError(f"one active LoRA adapter on the output head is supported, got {active}")
     (name,) = active
-    dropout = head.lora_dropout[name]
-    if head.use_dora.get(name, False) or getattr(head, "lora_bias", {}).get(name, False) or (
-            head.training and not isinstance(dropout, torch.nn.Identity) and dropout.p > 0):
-        raise ValueError("the LoRA adapter on the output head uses DoRA, lora_bias or lora_dropout > 0, "
-                                  "which MTTObjective does not support on the head")
-    params.update(lora_A=head.lora_A[name].weight, lora_B=head.lora_B[name].weight,
-                  lora_scaling=float(head.scaling[name]))
-    return params
+    problem = _head_lora_problem(head, name)
+    if problem is not None:
+        head_name = next(path for path, module in causal_lm.named_modules() if module is head)
+        raise ValueError(f"the LoRA adapter on the output head '{head_name}' {problem}")
+    return _unsharded(LinearHead(plain.weight, plain.bias, head.lora_A[name].weight, head.lora_B[name].weight,
+                                 float(head.scaling[name]), softcap))
+
+
+def _unsharded(head: LinearHead) -> LinearHead:
+    if dist.is_available():
+        from torch.distributed.tensor import DTensor
+
+        for field in ("weight", "bias", "lora_A", "lora_B"):
+            if isinstance(getattr(head, field), DTensor):
+                raise ValueError(
+                    f"the output head's {field} is sharded during the forward (fully_shard applied to the head on "
+                    "its own): MTTObjective reads the head inside the model's forward, so shard it with the root "
+                    "module (fully_shard the decoder layers, then the whole model)")
+    return head
 
 
 class MTTObjective:
@@ -88,40 +196,99 @@ class MTTObjective:
 
     loss = mean over predicted tokens of CE_i + lam * T^2 * KL_i, where KL_i compares the adapted and
     base next-token distributions with the target removed ("forward": KL(base || adapted)). labels
-    follow the Hugging Face convention (same as input_ids, -100 where no loss; shifted here). With
-    num_items_in_batch the mean divides by that count instead (exact gradient accumulation).
+    follow the Hugging Face convention (same as input_ids, -100 where no loss; shifted here).
+    num_items_in_batch: the mean divides by that count instead (exact gradient accumulation: the
+    predicted tokens of all micro-batches of the step).
+
+    model: a peft.PeftModel, or a DDP / FSDP wrapper of one. data_parallel_size (default: the wrapper's
+    world size, 1 without one) > 1: the count is over that many ranks (all-reduced when
+    num_items_in_batch is None; give the global count otherwise) and the outputs are multiplied by it, so
+    the wrapper's gradient average is the gradient of the global batch and the mean of loss, ce, kl over
+    ranks is the global value. 1 under a wrapper: each rank's own mean (the wrapper averages the means).
+
+    Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions), or options= a
+    ready MTTOptions (reduction 'mean'). disable_dropout=True sets the base model's dropout to 0 (on
+    the first call, permanently, as TRL does for reference-model comparisons): otherwise the two passes
+    draw different masks, so KL > 0 for an adapter equal to the base and the regularizer pulls against
+    dropout noise. LoRA's lora_dropout on the adapted side is unaffected.
     """
 
     def __init__(self, lam: float = DEFAULT_LAM, temperature: float = 1.0, direction: str = "forward",
-                 ignore_index: int = -100, backend: str = "auto"):
-        MTTOptions(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index)
-        self.lam, self.temperature, self.direction = float(lam), float(temperature), direction
-        self.ignore_index, self.backend = ignore_index, backend
+                 ignore_index: int = -100, backend: str = "auto", *, mask_target: bool = True,
+                 options: Optional[MTTOptions] = None, disable_dropout: bool = True):
+        keywords = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
+                              ignore_index=ignore_index)
+        if options is None:
+            options = keywords
+        elif not isinstance(options, MTTOptions):
+            raise TypeError(f"options must be a fastmtt.options.MTTOptions, got {type(options).__name__}")
+        elif keywords != MTTOptions():
+            raise TypeError("pass options=MTTOptions(...) or lam/temperature/direction/mask_target/ignore_index, "
+                            "not both")
+        if options.reduction != "mean":
+            raise ValueError(f"MTTObjective averages over predicted tokens: options.reduction must be 'mean', "
+                             f"got {options.reduction!r}")
+        self.options, self.backend, self.disable_dropout = options, backend, bool(disable_dropout)
 
     def __repr__(self):
-        return (f"MTTObjective(lam={self.lam}, temperature={self.temperature}, direction={self.direction!r}, "
-                f"ignore_index={self.ignore_index})")
+        return f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout})"
 
     def hidden_states(self, model, input_ids, attention_mask=None, **model_kwargs):
-        """(adapted, base) final hidden states [B, L, D]; the base pass runs without grad, adapters off."""
-        decoder = _decoder(_unwrap_causal_lm(model))
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-        with torch.no_grad(), model.disable_adapter():
+        """(adapted, base) final hidden states [B, L, D], outside any wrapper's forward (inspection)."""
+        peft_model, _ = _unwrap(model)
+        return self._both_passes(peft_model, peft_model.get_base_model(),
+                                 dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs))
+
+    @staticmethod
+    def _both_passes(peft_model, causal_lm, inputs):
+        """(adapted, base) final hidden states; the base pass runs without grad, adapters off."""
+        decoder = _decoder(causal_lm)
+        inputs = dict(inputs, use_cache=False)
+        with torch.no_grad(), peft_model.disable_adapter():
             base_hidden = decoder(**inputs).last_hidden_state
         return decoder(**inputs).last_hidden_state, base_hidden
 
+    def _loss_in_forward(self, peft_model, causal_lm, *, labels, num_items_in_batch, output_attentions=None,
+                         output_hidden_states=None, return_dict=None, **inputs) -> MTTOutput:
+        """What the patched causal-LM forward returns when asked for the MTT loss."""
+        head = output_head(causal_lm)
+        hidden, base_hidden = self._both_passes(peft_model, causal_lm, inputs)
+        targets = labels[:, 1:]
+        keep = targets != self.options.ignore_index  # only predicted positions reach the head
+        hidden, base_hidden = hidden[:, :-1][keep], base_hidden[:, :-1][keep]
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):  # e.g. Accelerator(mixed_precision=...) around this forward
+            # The head in the autocast dtype, as autocast runs a Linear head, statistics in fp32 by the op itself.
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, base_hidden = hidden.to(dtype), base_hidden.to(dtype)
+            head = head.with_tensors(*(None if t is None else t.to(dtype) for t in head.tensors()))
+        with torch.autocast(device_type, enabled=False):
+            return fused_linear_mtt_loss_with_options(
+                hidden, base_hidden, head, targets[keep], self.options, num_items_in_batch=num_items_in_batch,
+                return_components=True, backend=self.backend)
+
     def __call__(self, model, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,
-                 num_items_in_batch: Optional[Union[int, torch.Tensor]] = None, **model_kwargs) -> MTTOutput:
+                 num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+                 data_parallel_size: Optional[int] = None, **model_kwargs) -> MTTOutput:
         if labels is None or labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {None if labels is None else tuple(labels.shape)}")
-        causal_lm = _unwrap_causal_lm(model)
-        head = _head_params(causal_lm)
-        hidden, base_hidden = self.hidden_states(model, input_ids, attention_mask, **model_kwargs)
-        targets = labels[:, 1:]
-        keep = targets != self.ignore_index  # only predicted positions reach the head
-        return fused_linear_mtt_loss(hidden[:, :-1][keep], base_hidden[:, :-1][keep], labels=targets[keep],
-                          lam=self.lam, temperature=self.temperature, direction=self.direction,
-                          ignore_index=self.ignore_index, reduction="mean", num_items_in_batch=num_items_in_batch,
-                          return_components=True, backend=self.backend, **head)
+        if data_parallel_size is not None and (isinstance(data_parallel_size, bool) or
+                                               not isinstance(data_parallel_size, int) or data_parallel_size < 1):
+            raise ValueError(f"data_parallel_size must be None or a positive int, got {data_parallel_size!r}")
+        peft_model, group = _unwrap(model)
+        _install_mtt_forward(peft_model.get_base_model())
+        if self.disable_dropout:
+            disable_model_dropout(peft_model)
+        if data_parallel_size is None:
+            data_parallel_size = 1 if group is False else dist.get_world_size(group)
+        if data_parallel_size > 1 and num_items_in_batch is None:
+            num_items_in_batch = (labels[:, 1:] != self.options.ignore_index).sum()
+            dist.all_reduce(num_items_in_batch, group=None if group is False else group)
+        loss_in_forward = functools.partial(self._loss_in_forward, peft_model, num_items_in_batch=num_items_in_batch)
+        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                       fastmtt_mtt=loss_in_forward, **model_kwargs)
+        if data_parallel_size > 1:  # the wrapper averages gradients over ranks: undo that average for a global sum
+            output = MTTOutput(*(value * data_parallel_size for value in output))
+        return output

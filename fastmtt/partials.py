@@ -48,7 +48,7 @@ def log_normalizer(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 def finalize(parts: torch.Tensor, labels: torch.Tensor, options, *, need_kl: bool) -> torch.Tensor:
     """[N_PARTIALS, N] partials of the whole vocabulary -> [N_STATS, N] statistics (LSE, Z', B', D, CE).
-    Ignored rows get D = CE = 0; a valid label found in no range makes its row NaN."""
+    Ignored rows get 0 everywhere; a valid label found in no range makes its row NaN."""
     from fastmtt.pytorch.divergences import DIVERGENCES
 
     valid = labels != options.ignore_index
@@ -70,4 +70,5 @@ def finalize(parts: torch.Tensor, labels: torch.Tensor, options, *, need_kl: boo
         stats[KL] = torch.where(valid, torch.where(parts[B_LABEL].isnan(), float("nan"), value), 0.0)
     else:
         stats[B_LSE], stats[KL] = float("-inf"), 0.0
+    stats[:, ~valid] = 0.0
     return stats

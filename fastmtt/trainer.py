@@ -3,42 +3,54 @@
     trainer = MTTTrainer(model=peft_model, args=TrainingArguments(...), train_dataset=..., mtt_lambda=1.0)
 
 `MTTLossMixin` carries the whole integration, so any Trainer subclass gains it the same way, e.g.
-TRL's SFTTrainer: ``class MTTSFTTrainer(MTTLossMixin, SFTTrainer): pass``.
+TRL's SFTTrainer: ``class MTTSFTTrainer(MTTLossMixin, SFTTrainer): pass``. It runs as launched: one
+process, or several with `accelerate launch` / `torchrun` (DDP, FSDP).
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from fastmtt.objective import MTTObjective
-from fastmtt.ops.mtt_loss import DEFAULT_LAM
+
+
+class LogFirstAndLastStep(TrainerCallback):
+    """Log the first and the last optimizer step whatever logging_steps is, so short runs report too."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if args.logging_strategy != "no" and state.global_step in (1, state.max_steps):
+            control.should_log = True
 
 
 class MTTLossMixin:
     """compute_loss = MTTObjective on the batch; logs `ce` and `kl` next to `loss`.
 
-    Exact under gradient accumulation: the Trainer counts the predicted tokens of all micro-batches of
-    an optimizer step (num_items_in_batch, over the shifted labels) and each micro-batch's loss is its
-    sum divided by that count, so the accumulated gradient equals that of one large batch.
-    Keyword arguments: objective (an MTTObjective) or mtt_lambda, mtt_temperature, mtt_direction.
+    Exact under gradient accumulation and data parallelism: the Trainer counts the predicted tokens of
+    all micro-batches of an optimizer step over all processes (num_items_in_batch, over the shifted
+    labels), each micro-batch's loss is its sum divided by that count times the number of processes,
+    and DDP/FSDP average the gradients: the step's gradient is that of one large batch.
+    Keyword arguments: objective (an MTTObjective), or MTTObjective's keywords prefixed with `mtt_`
+    (mtt_lambda for lam, mtt_temperature, mtt_direction, mtt_mask_target, mtt_disable_dropout, ...).
     """
 
-    def __init__(self, *args, objective: Optional[MTTObjective] = None, mtt_lambda: Optional[float] = None,
-                 mtt_temperature: float = 1.0, mtt_direction: str = "forward", **kwargs):
-        if objective is not None and mtt_lambda is not None:
-            raise ValueError("pass either objective or mtt_lambda/mtt_temperature/mtt_direction, not both")
+    def __init__(self, *args, objective: Optional[MTTObjective] = None, **kwargs):
+        keywords = {name: kwargs.pop(name) for name in list(kwargs) if name.startswith("mtt_")}
+        keywords = {name: value for name, value in keywords.items() if value is not None}  # None: the default
+        if objective is not None and keywords:
+            raise ValueError(f"pass either objective or mtt_* keywords, not both (got {sorted(keywords)})")
         if objective is not None and not isinstance(objective, MTTObjective):
-            raise TypeError(f"objective must be a fastmtt.peft.MTTObjective, got {type(objective).__name__}")
-        self.objective = objective or MTTObjective(lam=DEFAULT_LAM if mtt_lambda is None else mtt_lambda,
-                                                   temperature=mtt_temperature, direction=mtt_direction)
+            raise TypeError(f"objective must be a fastmtt.MTTObjective, got {type(objective).__name__}")
+        self.objective = objective or MTTObjective(**_objective_keywords(keywords))
         super().__init__(*args, **kwargs)
         # The objective takes num_items_in_batch and shifts labels: have the Trainer count predicted tokens
         # over labels[..., 1:] and treat the returned loss as already normalized for accumulation.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
-        self._mtt_totals = {"ce": 0.0, "kl": 0.0, "steps": 0.0}
+        self._mtt_totals, self._mtt_steps = None, 0.0  # sum of [ce, kl] and optimizer steps since the last log
+        self.add_callback(LogFirstAndLastStep)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -48,26 +60,40 @@ class MTTLossMixin:
         if torch.is_tensor(num_items_in_batch) and num_items_in_batch.is_floating_point():
             # Trainer divides the token count by the tensor/context/sequence-parallel sizes (1 here): a float.
             num_items_in_batch = num_items_in_batch.round().to(torch.int64)
-        output = self.objective(self.accelerator.unwrap_model(model), labels=labels,
-                                num_items_in_batch=num_items_in_batch, **inputs)
-        loss = output.loss
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: DDP averages the gradients
+        # As Trainer.compute_loss: a count over all processes (average_tokens_across_devices) comes with the loss
+        # multiplied by their number (DDP/FSDP average the gradients; evaluation averages the losses); else
+        # each process's own mean.
+        over_processes = self.args.average_tokens_across_devices and num_items_in_batch is not None
+        output = self.objective(model, labels=labels, num_items_in_batch=num_items_in_batch,
+                                data_parallel_size=self.accelerator.num_processes if over_processes else 1, **inputs)
         if model.training:
             # Same normalization as the logged loss: per optimizer step, averaged over logging steps.
             per_step = 1.0 if num_items_in_batch is not None else 1.0 / self.current_gradient_accumulation_steps
-            self._mtt_totals["ce"] += float(output.ce) * per_step
-            self._mtt_totals["kl"] += float(output.kl) * per_step
-            self._mtt_totals["steps"] += 1.0 / self.current_gradient_accumulation_steps
-        return (loss, {"ce": output.ce, "kl": output.kl}) if return_outputs else loss
+            step = torch.stack((output.ce, output.kl)).double() * per_step
+            self._mtt_totals = step if self._mtt_totals is None else self._mtt_totals + step
+            self._mtt_steps += 1.0 / self.current_gradient_accumulation_steps
+        return (output.loss, {"ce": output.ce, "kl": output.kl}) if return_outputs else output.loss
 
     def log(self, logs, *args, **kwargs):
-        totals = self._mtt_totals
-        if "loss" in logs and totals["steps"] > 0:
-            logs["ce"] = round(totals["ce"] / totals["steps"], 6)
-            logs["kl"] = round(totals["kl"] / totals["steps"], 6)
-            self._mtt_totals = {"ce": 0.0, "kl": 0.0, "steps": 0.0}
+        if "loss" in logs and self._mtt_totals is not None:
+            # Every process logs together (the Trainer gathers the loss the same way): mean over processes.
+            ce, kl = (self.accelerator.reduce(self._mtt_totals, reduction="mean") / self._mtt_steps).tolist()
+            logs["ce"], logs["kl"] = ce, kl  # full precision: a KL of 1e-6 stays visible
+            self._mtt_totals, self._mtt_steps = None, 0.0
         return super().log(logs, *args, **kwargs)
+
+
+def _objective_keywords(keywords):
+    """MTTObjective's keyword arguments from the Trainer's mtt_* ones (mtt_lambda is lam)."""
+    accepted = set(inspect.signature(MTTObjective).parameters)
+    arguments = {}
+    for name, value in keywords.items():
+        argument = "lam" if name == "mtt_lambda" else name.removeprefix("mtt_")
+        if argument not in accepted or argument == "lam" and name != "mtt_lambda":
+            raise TypeError(f"unknown keyword {name}: the MTT keywords are mtt_lambda and "
+                            f"{', '.join('mtt_' + p for p in sorted(accepted - {'lam'}))}")
+        arguments[argument] = value
+    return arguments
 
 
 class MTTTrainer(MTTLossMixin, Trainer):

@@ -16,6 +16,7 @@ with lam > 0 nothing is skipped: the divergence's gradient is many small entries
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import torch
 import triton
@@ -30,7 +31,7 @@ from fastmtt.kernels.mtt_math import (
     store_partials,
     tile_gradient,
 )
-from fastmtt.kernels.registry import Launch, compile_specs, meta_tensor
+from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor
 
 from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
@@ -222,19 +223,24 @@ def _linear_mtt_bwd_kernel(
                               mask=col_mask[:, None] & r_mask[None, :], sem="relaxed")
 
 
-# GPU tiles (BLOCK_N, BLOCK_V, BLOCK_H), 8 warps: the smallest stack frames (spills) in compile-check
-# among the shapes tried (64x128x64 and 32x128x64 spill hundreds of bytes to kilobytes).
-GPU_TILES = (64, 64, 32)
+# GPU tiles (BLOCK_N, BLOCK_V, BLOCK_H), 8 warps, from `fastmtt compile-check` on sm_90 as launched
+# (bf16, N=8192, H=4096, V=128256; registers / stack bytes, forward and backward with the KL term):
+#   64x64x32:   plain head 131/0 and 105/0; bias+LoRA+softcap 230/0 and 179/0
+#   64x128x64:  plain head 232/0 and 173/0; bias+LoRA+softcap 255/592 and 255/64 (spills)
+#   128x128x64: plain head 255/56 (spills) and 255/0
+# so 16-bit plain (or biased) heads take 64x128x64 and everything else the spill-free 64x64x32.
+WIDE_TILES, SMALL_TILES = (64, 128, 64), (64, 64, 32)
 
 
-def _config(n_rows, n_cols, n_hidden, rank):
+def _config(n_rows, n_cols, n_hidden, rank, *, dtype=None, lora=False, softcap=False):
     """(BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, num_warps). The interpreter's cost grows with tile
     iterations, so it takes large tiles."""
     r_pad = max(16, triton.next_power_of_2(max(rank, 1)))
     if interpreting():
         return (min(64, max(16, triton.next_power_of_2(n_rows))), min(1024, max(16, triton.next_power_of_2(n_cols))),
                 min(256, max(16, triton.next_power_of_2(n_hidden))), r_pad, 1)
-    return (*GPU_TILES, r_pad, 8)
+    wide = dtype in (torch.float16, torch.bfloat16) and not lora and not softcap
+    return (*(WIDE_TILES if wide else SMALL_TILES), r_pad, 8)
 
 
 def _dtype_flags(dtype):
@@ -265,8 +271,9 @@ def _head_args(hidden, base_hidden, head, lora_hidden, labels, vocab_start, opti
 
 
 def _head_flags(hidden, head, lora_hidden, options):
-    block_n, block_v, block_h, r_pad, num_warps = _config(hidden.shape[0], head.weight.shape[0], hidden.shape[1],
-                                                          1 if lora_hidden is None else lora_hidden.shape[1])
+    block_n, block_v, block_h, r_pad, num_warps = _config(
+        hidden.shape[0], head.weight.shape[0], hidden.shape[1], 1 if lora_hidden is None else lora_hidden.shape[1],
+        dtype=hidden.dtype, lora=lora_hidden is not None, softcap=head.softcap is not None)
     flags = dict(BLOCK_N=block_n, BLOCK_V=block_v, BLOCK_H=block_h, R_PAD=r_pad,
                  DIVERGENCE=DIVERGENCE_IDS[options.direction], MASK_TARGET=options.mask_target,
                  HAS_BIAS=head.bias is not None, LORA=lora_hidden is not None, SOFTCAP=head.softcap is not None,
@@ -327,6 +334,18 @@ def _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef
     return Launch(_linear_mtt_bwd_kernel, grid, args, flags, num_warps)
 
 
+def _alert_not_deterministic(what):
+    """Refuse (or warn, with warn_only) under torch.use_deterministic_algorithms, as torch's own ops do:
+    the tiled backward sums with fp32 atomics, whose order varies between runs."""
+    if torch.are_deterministic_algorithms_enabled():
+        message = (f"{what} sums with atomic adds and is not deterministic; use the chunked path "
+                   "(tiled=False), which is, or torch.use_deterministic_algorithms(False)")
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message, stacklevel=3)
+        else:
+            raise RuntimeError(message)
+
+
 def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, coef, options, *, threshold, needs,
                         vocab_start=0):
     """fp32 gradients of sum_i coef_i * loss_i: (dh [N, H], dW [V, H], dbias [V], dA [r, H], dB [V, r]), None
@@ -342,7 +361,7 @@ def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, c
     grads = [torch.zeros(shape, dtype=torch.float32, device=hidden.device) if need else None
              for shape, need in zip(shapes, kernel_needs)]
     if n_rows and any(kernel_needs):
-        torch._C._alert_not_deterministic("fused_linear_mtt_loss(tiled=True) backward (fp32 atomic sums)")
+        _alert_not_deterministic("fused_linear_mtt_loss(tiled=True) backward")
         _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef, grads, options,
                          threshold=threshold, vocab_start=vocab_start).run()
     dh, dw, db, grad_lora_h, db_lora = grads
@@ -399,7 +418,7 @@ def _specs():
         options = MTTOptions(lam=1.0, temperature=2.0, direction=direction)
         yield forward(dtype, options, True, True, True, True)
         yield backward(dtype, options, True, True, True, every_grad, 0.0)
-    for temperature, lam, mask_target in itertools.product((1.0, 2.0), (0.0, 1.0), (True, False)):
+    for temperature, lam, mask_target in FEATURE_COVER:
         options = MTTOptions(lam=lam, temperature=temperature, mask_target=mask_target)
         yield forward("bf16", options, lam > 0, False, False, False)
         yield backward("bf16", options, False, False, False, (True, False, False, False, False), 2.0**-12)

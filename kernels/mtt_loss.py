@@ -31,7 +31,7 @@ from fastmtt.kernels.mtt_math import (
     store_statistics,
     tile_gradient,
 )
-from fastmtt.kernels.registry import Launch, compile_specs, meta_tensor
+from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor
 
 from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
@@ -281,7 +281,7 @@ def _specs():
     for z_dtype, b_dtype in itertools.product(dtypes, dtypes):
         for direction in ("forward", "reverse"):
             yield spec(z_dtype, b_dtype, MODE_WHOLE, every.replace(direction=direction), True, True)
-    for temperature, lam, mask_target in itertools.product((1.0, 2.0), (0.0, 1.0), (True, False)):
+    for temperature, lam, mask_target in FEATURE_COVER:
         options = MTTOptions(lam=lam, temperature=temperature, mask_target=mask_target)
         for need_kl, grad in ((False, True), (True, True), (True, False)):
             yield spec("bf16", "bf16", MODE_WHOLE, options, need_kl, grad)

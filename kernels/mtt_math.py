@@ -250,10 +250,10 @@ def store_partials(ptr, n_rows, rows, mask, m_z, s_z, m_r, s_r, m_b, s_b, w2, z_
 
 @triton.jit
 def store_statistics(ptr, n_rows, rows, mask, valid, lse, z_lse, b_lse, value, ce):
-    """Write the row statistics ([N_STATS, n_rows] at ptr); ignored rows get loss terms 0."""
-    tl.store(ptr + S_LSE * n_rows + rows, lse, mask=mask)
-    tl.store(ptr + S_Z * n_rows + rows, z_lse, mask=mask)
-    tl.store(ptr + S_B * n_rows + rows, b_lse, mask=mask)
+    """Write the row statistics ([N_STATS, n_rows] at ptr); ignored rows get 0 everywhere."""
+    tl.store(ptr + S_LSE * n_rows + rows, tl.where(valid, lse, 0.0), mask=mask)
+    tl.store(ptr + S_Z * n_rows + rows, tl.where(valid, z_lse, 0.0), mask=mask)
+    tl.store(ptr + S_B * n_rows + rows, tl.where(valid, b_lse, 0.0), mask=mask)
     tl.store(ptr + S_KL * n_rows + rows, tl.where(valid, value, 0.0), mask=mask)
     tl.store(ptr + S_CE * n_rows + rows, tl.where(valid, ce, 0.0), mask=mask)
 

@@ -14,6 +14,8 @@ from typing import Callable, Iterable
 import torch
 
 SPEC_SOURCES: list[Callable[[], Iterable[KernelSpec]]] = []
+# (temperature, lam, mask_target) combinations that cover each value of each flag twice, for the specs.
+FEATURE_COVER = ((1.0, 0.0, True), (2.0, 1.0, True), (1.0, 1.0, False), (2.0, 0.0, False))
 
 _POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64",
                   torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8"}
@@ -27,7 +29,7 @@ class KernelSpec:
     fn: Callable
     signature: dict
     constexprs: dict
-    attrs: dict
+    attrs: dict = dataclasses.field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
 

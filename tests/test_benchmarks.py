@@ -4,9 +4,8 @@ import time
 import pytest
 import torch
 
-import fastmtt
-from benchmarks import report, run
-from benchmarks.cases import MODES, OPS
+from benchmarks import cases, report, run
+from benchmarks.cases import CHECKS, MODES, OPS
 from benchmarks.measure import DeviceRates, cpu_peak_reset_supported, peak_memory, time_step
 from fastmtt import _dispatch
 
@@ -15,32 +14,47 @@ CPU = torch.device("cpu")
 NO_COMPILE = ["--exclude", "compile"]
 
 
-def _available(op):
-    return [impl for impl in op.impls if impl.unavailable(CPU) is None and impl.role in ("reference", "fastmtt")]
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, restored afterwards: on a shared 2-core machine a second thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("op_name", list(OPS))
-def test_implementations_agree_with_the_reference(op_name):
-    """Every non-floor implementation computes the reference's value and input gradients."""
-    impls = _available(OPS[op_name])
-    if len(impls) < 2:
-        pytest.skip(f"{op_name}: only {[impl.name for impl in impls]} available in this build")
-    _assert_agree(OPS[op_name], impls)
+def _fresh(op, impl, config, dtype=torch.float32):
+    """(output, gradients) of one forward + backward of `impl` on fresh inputs of `config`."""
+    inputs = op.make_inputs(config.size_dict, dtype, CPU)
+    out = impl.build(inputs)()
+    leaves = cases.leaves(inputs)
+    out.backward(torch.ones_like(out))
+    return out.detach(), [leaf.grad for leaf in leaves]
 
 
-def _assert_agree(op, impls):
-    op_name, config = op.name, op.presets["tiny"][0]
-    results = {}
-    for impl in impls:
-        inputs = op.make_inputs(config.size_dict, torch.float64, CPU)
-        out = impl.build(inputs)()
-        out.backward(torch.ones_like(out))
-        results[impl.name] = (out.detach(), [inputs[name].grad for name in op.grad_inputs])
-    (_, (want, want_grads)), *others = results.items()
-    for name, (got, grads) in others:
-        torch.testing.assert_close(got, want, msg=f"{op_name}/{name} value")
+AGREEING = [pytest.param(op, impl, id=f"{op.name}|{impl.name}") for op in OPS.values() for impl in op.impls
+            if impl.agrees_with and impl.role != "compiled"]
+
+
+@pytest.mark.parametrize("op, impl", AGREEING)
+def test_implementations_agree_with_what_they_claim(op, impl):
+    """Value and every gradient equal those of `agrees_with` at each tiny config without dropout, in fp32
+    (what the Triton variants take; they run in Triton's interpreter here)."""
+    other = op.impl(impl.agrees_with)
+    reason = impl.unavailable(CPU) or other.unavailable(CPU)
+    if reason:
+        pytest.skip(reason)
+    configs = [config for config in op.presets["tiny"]
+               if not config.size_dict.get("dropout") and impl.unsupported(config.size_dict) is None]
+    assert configs
+    for config in configs:
+        (got, grads), (want, want_grads) = _fresh(op, impl, config), _fresh(op, other, config)
+        assert len(grads) == len(want_grads) > 0 and want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=2e-4, atol=2e-5, msg=f"{impl.name} value at {config.label}")
         for grad, want_grad in zip(grads, want_grads):
-            torch.testing.assert_close(grad, want_grad, msg=f"{op_name}/{name} gradient")
+            assert want_grad.abs().max() > 0
+            torch.testing.assert_close(grad, want_grad, rtol=2e-4, atol=2e-5,
+                                       msg=f"{impl.name} gradient at {config.label}")
 
 
 def test_peft_layer_computes_lora_and_feeds_the_benchmark_leaves():
@@ -55,6 +69,99 @@ def test_peft_layer_computes_lora_and_feeds_the_benchmark_leaves():
     (want * want.detach()).sum().backward()
     for got, expected in ((x, x_), (lora_a, a_), (lora_b, b_)):
         torch.testing.assert_close(got.grad, expected.grad)
+
+
+def _linear_case():
+    op = OPS["fused_linear_mtt_loss"]
+    inputs = op.make_inputs(op.presets["tiny"][0].size_dict, torch.float64, CPU)
+    hidden, base_hidden, weight, labels = (inputs[k] for k in ("hidden", "base_hidden", "weight", "labels"))
+    logits, base_logits = hidden @ weight.T, base_hidden @ weight.T
+    valid = labels != -100
+    ce = torch.nn.functional.cross_entropy(logits, labels)
+    return op, inputs, logits, base_logits, valid, ce
+
+
+def test_three_gemm_floor_runs_the_three_products():
+    op, inputs, logits, _, _, _ = _linear_case()
+    out = op.impl("3-GEMM floor").build(inputs)()
+    out.backward()
+    torch.testing.assert_close(inputs["hidden"].grad, logits.detach() @ inputs["weight"])
+
+
+def test_liger_distillation_adapter_is_ce_plus_lam_kl_base_to_adapted():
+    """beta=0 and the argument order make Liger's loss CE + LAM * KL(base || adapted), full vocabulary."""
+    pytest.importorskip("liger_kernel")
+    op, inputs, logits, base_logits, valid, ce = _linear_case()
+    log_q, log_p = logits.log_softmax(-1), base_logits.log_softmax(-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)[valid].mean()
+    want = ce + cases.LAM * kl
+    got = op.impl("Liger fused linear distillation (CE + KL)").build(inputs)()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)  # Liger sums in fp32
+    got.backward()
+    want_grad, = torch.autograd.grad(want, inputs["hidden"])
+    torch.testing.assert_close(inputs["hidden"].grad, want_grad)
+
+
+def test_liger_ce_adapter_is_the_cross_entropy():
+    """Liger's fused linear CE is Triton only: it runs here in Triton's interpreter (tests set it)."""
+    pytest.importorskip("liger_kernel")
+    if not _dispatch.interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+    op, inputs, logits, _, _, ce = _linear_case()
+    inputs = {k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}
+    got = op.impl("Liger fused linear CE (CE only)").build(inputs)()
+    torch.testing.assert_close(got.double(), ce, rtol=1e-5, atol=1e-5)
+
+
+def test_cut_cross_entropy_adapter_is_the_cross_entropy(monkeypatch):
+    """CCE's Triton kernels fail in Triton's interpreter, so its own PyTorch path (compile unwrapped)
+    stands in: that checks the adapter's arguments (e=hidden, c=weight, targets=labels)."""
+    cce = pytest.importorskip("cut_cross_entropy")
+    import cut_cross_entropy.torch_compile as cce_torch
+
+    eager = cce_torch.torch_compile_linear_cross_entropy_apply._torchdynamo_orig_callable
+    monkeypatch.setattr(cce_torch, "torch_compile_linear_cross_entropy_apply", eager)
+    original = cce.linear_cross_entropy
+    monkeypatch.setattr(cce, "linear_cross_entropy", lambda *a, **k: original(*a, **k, impl="torch_compile"))
+    op, inputs, _, _, _, ce = _linear_case()
+    got = op.impl("Cut Cross-Entropy (CE only)").build(inputs)()
+    torch.testing.assert_close(got.double(), ce)
+
+
+def test_fastmtt_variants_skip_what_this_build_lacks(monkeypatch):
+    lacking = cases._fastmtt_missing("fused_linear_mtt_loss", "auto", ("no_such_keyword",))
+    assert lacking(CPU) == "fastmtt.fused_linear_mtt_loss has no keyword no_such_keyword in this build"
+    assert cases._fastmtt_missing("fused_linear_mtt_loss", "auto", ("chunk_size",))(CPU) is None
+    tiled = OPS["fused_linear_mtt_loss"].impl("fastmtt (tiled)")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "runs on CUDA (or with TRITON_INTERPRET=1) only" in tiled.unavailable(CPU)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert tiled.unavailable(CPU) is None
+    for op_name, variants in (("fused_linear_mtt_loss", cases.FUSED_LINEAR_VARIANTS),
+                              ("lora_linear", cases.LORA_VARIANTS)):
+        names = [name for name, _, _ in variants]
+        assert [impl.name for impl in OPS[op_name].impls[:len(names)]] == names  # fastmtt first
+
+
+def test_determinism_check_tells_equal_from_different_gradients():
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    assert cases.determinism(lambda: (x * x).sum(), [x], torch.ones(())) == "gradients bitwise equal"
+    noisy = cases.determinism(lambda: (x * torch.rand(50, dtype=torch.float64)).sum(), [x], torch.ones(()))
+    assert noisy.startswith("gradients NOT bitwise equal (max |difference| 0.")
+
+
+def test_gpu_preset_covers_the_issue_sizes():
+    labels = {op: {(c.label, str(c.dtype)) for c in OPS[op].presets["gpu"]} for op in OPS}
+    for n_rows in (8192, 1024):
+        assert (f"N={n_rows} H=4096 V=128256 head=frozen", "torch.bfloat16") in labels["fused_linear_mtt_loss"]
+        for vocab in (32000, 128256):
+            for dtype in ("torch.bfloat16", "torch.float32"):
+                assert (f"N={n_rows} V={vocab}", dtype) in labels["mtt_loss"]
+    lora = {c.label for c in OPS["lora_linear"].presets["gpu"]}
+    assert lora == {f"N=8192 K=4096 M={m} r={r} dropout={p}" for m in (4096, 14336) for r in (16, 64)
+                    for p in (0.0, 0.1)}
+    assert OPS["lora_train_step"].presets["gpu"][0].size_dict["model"] == "1b"
+    assert OPS["mtt_loss"].presets["gpu"][0].label == "N=8192 V=128256"  # the target shape first
 
 
 def test_time_step_times_the_step_not_the_setup():
@@ -72,15 +179,19 @@ def test_peak_memory_counts_what_the_step_allocates():
     assert memory.peak_mb >= memory.extra_mb
 
 
-def test_roofline_fractions_use_the_op_work_model():
+def test_roofline_rates_use_the_op_work_model():
     row = dict(op="mtt_loss", impl="fastmtt", status="ok", mode="forward", N=1000, V=1000, dtype="float32",
                median_ms=1.0)
     rates = DeviceRates(copy_gbps=80.0, matmul_tflops=1.0)
-    assert report.roofline(row, rates) == dict(bw_frac=0.1, flop_frac=None)  # 8 MB in 1 ms = 8 GB/s
+    assert report.roofline(row, rates) == dict(gbps=8.0, bw_frac=0.1)  # 8 MB in 1 ms
     assert report.roofline(dict(row, mode="backward"), rates) == {}
+    assert report.roofline(dict(row, mode="determinism"), rates) == {}
     floor = dict(op="lora_linear", impl="x @ W^T (floor)", status="ok", mode="forward", N=100, K=100, M=100, r=4,
                  dtype="float32", median_ms=1.0)
-    assert report.roofline(floor, rates)["flop_frac"] == pytest.approx(2e6 / 1e-3 / 1e12, rel=1e-3)
+    assert report.roofline(floor, rates)["tflops"] == pytest.approx(2e6 / 1e-3 / 1e12, rel=1e-3)
+    step = dict(op="lora_train_step", impl="CE (PEFT)", status="ok", mode="forward+backward", dtype="float32",
+                median_ms=1.0)
+    assert report.roofline(step, rates) == {}
 
 
 def test_target_summary_reports_time_and_memory_ratios():
@@ -95,61 +206,61 @@ def test_target_summary_reports_time_and_memory_ratios():
     assert report.target_summary([dict(row, status="oom") for row in rows]) is None
 
 
-def test_runner_cpu_workers_write_csv_plot_and_table(tmp_path, capsys):
-    assert run.main(["--device", "cpu", "--preset", "tiny", "--ops", "mtt_loss", *NO_COMPILE, "--budget", "0",
-                     "--threads", "1", "--out", str(tmp_path)]) == 0
-    csv_files = list(tmp_path.glob("cpu-*.csv"))
-    assert len(csv_files) == 1 and list(tmp_path.glob("cpu-*-mtt_loss.png"))
-    rows = report.read_csv(csv_files[0])
-    expected = {(impl.name, config.label, mode) for impl in _available(OPS["mtt_loss"])
-                for config in OPS["mtt_loss"].presets["tiny"] for mode in MODES}
-    assert {(row["impl"], row["shape"], row["mode"]) for row in rows} == expected
-    for row in rows:
-        assert row["status"] == "ok", row
-        assert row["median_ms"] > 0 and row["reps"] >= 3 and row["device"] and row["torch"] == torch.__version__
-        if cpu_peak_reset_supported():
-            assert row["peak_mb"] > 0 and row["extra_mb"] >= 0
-    table = capsys.readouterr().out
-    assert "| N=64 V=256 | float32 | fastmtt |" in table
-    assert csv_files[0].with_suffix(".md").read_text().strip() == table.strip()
-
-
-def test_runner_in_process_covers_every_op_and_notes_skips(tmp_path, capsys):
+def test_tiny_preset_runs_every_op_and_notes_skips(tmp_path, capsys):
+    """What `python -m benchmarks --device cpu --preset tiny` does, in this process, one rep of one timed
+    mode and the check (the worker test below runs every mode)."""
+    modes = ["forward+backward", *CHECKS]
     assert run.main(["--device", "cpu", "--preset", "tiny", "--in-process", *NO_COMPILE, "--budget", "0",
-                     "--modes", "forward+backward", "--no-plot", "--out", str(tmp_path)]) == 0
+                     "--min-reps", "1", "--modes", *modes, "--no-plot", "--out", str(tmp_path)]) == 0
     rows = report.read_csv(next(tmp_path.glob("cpu-*.csv")))
     for op in OPS.values():
         for impl in op.impls:
             if "compile" in impl.name:
                 continue
-            statuses = {row["status"] for row in rows if row["op"] == op.name and row["impl"] == impl.name}
+            mine = [row for row in rows if row["op"] == op.name and row["impl"] == impl.name]
             reason = impl.unavailable(CPU)
-            assert statuses == ({f"skipped: {reason}"} if reason else {"ok"}), (op.name, impl.name, statuses)
-    assert hasattr(fastmtt, "fused_linear_mtt_loss") or "fastmtt.fused_linear_mtt_loss is not in this build" \
-        in capsys.readouterr().out
+            if reason:
+                assert [row["status"] for row in mine] == [f"skipped: {reason}"]
+                continue
+            expected = {(config.label, mode) for config in op.presets["tiny"] for mode in modes}
+            assert {(row["shape"], row["mode"]) for row in mine} == expected, (op.name, impl.name)
+            for row in mine:
+                unsupported = impl.unsupported({k: row[k] for k in op.size_keys if k in row})
+                assert row["status"] == (f"skipped: {unsupported}" if unsupported else "ok"), row
+                if row["status"] == "ok" and row["mode"] in MODES:
+                    assert row["median_ms"] > 0 and row["reps"] >= 1 and row["torch"] == torch.__version__
+    chunked = [row for row in rows if row["impl"] == "fastmtt (chunked, torch)" and row["mode"] == "determinism"]
+    assert chunked and all(row["note"] == "gradients bitwise equal" for row in chunked)
+    table = capsys.readouterr().out
+    assert "| N=64 V=256 | float32 | fastmtt |" in table and "lora_train_step" in table
+    assert "- determinism, fastmtt (chunked, torch), N=64 H=32 V=256 head=frozen float32: gradients bitwise" in table
 
 
-def test_triton_interpret_zero_means_real_kernels(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not _dispatch.interpreting()
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _dispatch.interpreting()
+def test_cpu_workers_write_csv_plot_and_table(tmp_path, capsys):
+    assert run.main(["--device", "cpu", "--preset", "tiny", "--ops", "mtt_loss", "--impls", "fastmtt", "--budget", "0",
+                     "--threads", "1", "--out", str(tmp_path)]) == 0
+    csv_path, = tmp_path.glob("cpu-*.csv")
+    assert list(tmp_path.glob("cpu-*-mtt_loss.png"))
+    rows = report.read_csv(csv_path)
+    assert {(row["shape"], row["mode"]) for row in rows} == {(c.label, m) for c in OPS["mtt_loss"].presets["tiny"]
+                                                             for m in MODES}
+    for row in rows:
+        assert row["status"] == "ok" and row["median_ms"] > 0 and row["reps"] >= 3 and row["device"]
+        if cpu_peak_reset_supported():
+            assert row["peak_mb"] > 0 and row["extra_mb"] >= 0
+    table = capsys.readouterr().out
+    assert csv_path.with_suffix(".md").read_text().strip() == table.strip()
 
 
-def test_ops_join_the_sweep_once_fastmtt_has_them(monkeypatch):
-    """Stand-ins with the announced signatures make the fastmtt rows run (and agree) with no harness edit."""
-    def fused_linear_mtt_loss(hidden, base_hidden, weight, labels, *, lam, backend="auto", **options):
-        return fastmtt.mtt_loss(hidden @ weight.T, base_hidden @ weight.T, labels, lam=lam, backend="torch")
-
-    def lora_linear(x, weight, lora_a, lora_b, scaling, bias=None, dropout_p=0.0, backend="auto"):
-        return x @ weight.T + scaling * (x @ lora_a.T) @ lora_b.T
-
-    monkeypatch.setattr(fastmtt, "fused_linear_mtt_loss", fused_linear_mtt_loss, raising=False)
-    monkeypatch.setattr(fastmtt, "lora_linear", lora_linear, raising=False)
-    for op_name, impl_name in (("fused_linear_mtt_loss", "fastmtt (chunked)"), ("lora_linear", "fastmtt")):
-        op = OPS[op_name]
-        assert op.impl(impl_name).unavailable(CPU) is None
-        rows = run.measure_impl(op, op.impl(impl_name), op.presets["tiny"], CPU, ["forward+backward"], 0.0)
-        assert [row["status"] for row in rows] == ["ok"]
-        _assert_agree(op, _available(op))
-    assert "CUDA only" in OPS["fused_linear_mtt_loss"].impl("fastmtt (tiled)").unavailable(CPU)
+def test_shape_deadline_and_append(tmp_path, capsys):
+    csv_path = tmp_path / "results.csv"
+    common = ["--device", "cpu", "--in-process", "--ops", "lora_linear", "--impls", "x @ W^T (floor)", "--budget", "0",
+              "--modes", "forward", "--no-plot", "--csv", str(csv_path)]
+    assert run.main([*common, "--shape", "N=8", "K=4", "M=6", "r=2", "--dtype", "float64"]) == 0
+    assert run.main([*common, "--shape", "N=16", "K=4", "M=6", "r=2", "--deadline", "0", "--append"]) == 0
+    rows = report.read_csv(csv_path)
+    assert [(row["shape"], row["dtype"], row["status"]) for row in rows] == [
+        ("N=8 K=4 M=6 r=2", "float64", "ok"), ("N=16 K=4 M=6 r=2", "float32", run.OUT_OF_TIME)]
+    assert rows[0]["N"] == 8 and "N=8 K=4 M=6 r=2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="lora_linear takes N, K, M, r, dropout, not V"):
+        run.main([*common, "--shape", "N=8", "V=4"])

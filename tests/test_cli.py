@@ -1,10 +1,15 @@
-"""`fastmtt finetune` end to end on a tiny local model, and `fastmtt demo` at the tiny preset."""
+"""The `fastmtt` command line: finetune end to end on a tiny local model, one-line user errors found before any
+model loads, the demo's arguments, and a quick start-up (no torch for --help) without stray warnings."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fastmtt.apps.cli import main
+from fastmtt.apps.evaluation import format_kl
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -32,8 +37,9 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def test_finetune_text_data_reports_forgetting(tmp_path):
+def test_finetune_text_data_reports_forgetting(tmp_path, capsys):
     model_dir = save_tiny_model(tmp_path / "model")
+    capsys.readouterr()  # saving the model may draw a progress bar
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": "the cat sat on the mat"}, {"text": "a dog ran under a log"},
                                                    {"prompt": "the cat", "completion": "sat on the log"}] * 2)
     retain = write_jsonl(tmp_path / "retain.jsonl", [{"text": "the dog sat and then the cat ran"}] * 3)
@@ -48,9 +54,17 @@ def test_finetune_text_data_reports_forgetting(tmp_path):
     assert after["kl_to_base"] > 1e-5 and after["ppl"] != pytest.approx(before["ppl"])
     assert before["tokens"] == 3 * 8  # 8 words + EOS per line: 9 tokens, the last 8 predicted
     assert all(entry["ce"] > 0 and entry["kl"] >= 0 for entry in metrics["train_log"]) and metrics["train_log"]
+    captured = capsys.readouterr()
+    assert f"KL(base || adapted) {format_kl(after['kl_to_base'])} nats/token" in captured.out
+    assert "\r" not in captured.out + captured.err and "it/s" not in captured.err  # stderr is no terminal: no bars
 
 
-def test_finetune_pretokenized_data_without_tokenizer(tmp_path):
+def test_kl_keeps_significant_digits():
+    assert [format_kl(v) for v in (0.0, 1.05e-6, -2.5e-4, 0.0012345, 0.87204, 12.5)] == [
+        "0", "1.050e-06", "-2.500e-04", "0.001234", "0.872", "12.5"]
+
+
+def test_finetune_pretokenized_data_without_tokenizer(tmp_path, capsys):
     model_dir = save_tiny_model(tmp_path / "model", with_tokenizer=False)
     data = write_jsonl(tmp_path / "train.jsonl", [{"input_ids": [3, 4, 5, 6, 7, 8]},
                                                    {"input_ids": [3, 9, 10], "labels": [-100, 9, 10]}])
@@ -59,12 +73,129 @@ def test_finetune_pretokenized_data_without_tokenizer(tmp_path):
                  "--batch-size", "2", "--device", "cpu", "--target-modules", "q_proj", "v_proj"]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert main(["finetune", "--model", str(model_dir), "--data", data, "--out", str(out), "--device", "cpu",
+                 "--target-modules", "no_such_layer"]) == 2
+    assert "Target modules {'no_such_layer'} not found" in capsys.readouterr().err
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((model_dir / "config.json").read_text())
+    assert main(["finetune", "--model", str(no_weights), "--data", data, "--out", str(out), "--device", "cpu"]) == 2
+    assert f"--model: cannot load a causal LM from {no_weights}" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails a test that loads model weights: user errors must be found before that."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def finetune_error(capsys, *argv):
+    """Run `fastmtt finetune argv`; expect exit status 2 and return its one-line error message."""
+    assert main(["finetune", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    return captured.err
+
+
+def test_finetune_user_errors_are_one_line_before_loading_the_model(tmp_path, capsys, no_model_loading):
+    model = str(save_tiny_model(tmp_path / "model"))
+    bare_model = str(save_tiny_model(tmp_path / "bare", with_tokenizer=False))
+    good = write_jsonl(tmp_path / "good.jsonl", [{"input_ids": [3, 4, 5]}])
+    common = ["--out", str(tmp_path / "out"), "--device", "cpu"]
+    capsys.readouterr()  # saving the models may draw progress bars
+    run = lambda *argv: finetune_error(capsys, *argv, *common)  # noqa: E731
+
+    assert "--model: no such directory: does-not-exist" in run("--model", "does-not-exist", "--data", good)
+    assert "no config.json" in run("--model", str(tmp_path), "--data", good)
+    assert "--data: no such file: nope.jsonl" in run("--model", model, "--data", "nope.jsonl")
+    assert "--retain: no such file" in run("--model", model, "--data", good, "--retain", "gone.jsonl")
+    assert "--lam: lam must be >= 0, got -1.0" in run("--model", model, "--data", good, "--lam", "-1")
+    assert "--temperature: temperature must be > 0" in run("--model", model, "--data", good, "--temperature", "0")
+
+    (tmp_path / "broken.jsonl").write_text('{"input_ids": [3, 4]}\n\n{"input_ids": [3, 4,}\n')
+    error = run("--model", model, "--data", str(tmp_path / "broken.jsonl"))
+    assert f"{tmp_path / 'broken.jsonl'} line 3: not valid JSON" in error
+    outside = write_jsonl(tmp_path / "outside.jsonl", [{"input_ids": [3, 4]}, {"input_ids": [3, 99, 4]}])
+    assert f"{outside} line 2: token id 99 is outside the model's vocabulary [0, 15)" in run(
+        "--model", model, "--data", outside)
+    bad_label = write_jsonl(tmp_path / "label.jsonl", [{"input_ids": [3, 4], "labels": [-100, -5]}])
+    assert "line 1: token id -5 is outside" in run("--model", model, "--data", bad_label)
+    assert "retain.jsonl line 1: expected keys" in run(
+        "--model", model, "--data", good, "--retain", write_jsonl(tmp_path / "retain.jsonl", [{"words": "cat"}]))
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "the cat"}])
-    with pytest.raises(ValueError, match="tokenizer"):
-        main(["finetune", "--model", str(model_dir), "--data", text, "--out", str(out), "--device", "cpu"])
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"words": "the cat"}])
-    with pytest.raises(ValueError, match="line 1"):
-        main(["finetune", "--model", str(model_dir), "--data", bad, "--out", str(out), "--device", "cpu"])
+    assert "line 1: text records need a tokenizer" in run("--model", bare_model, "--data", text)
+    assert "no JSON lines" in run("--model", model, "--data", write_jsonl(tmp_path / "empty.jsonl", []))
+
+
+def test_argument_errors_are_one_line(tmp_path, capsys):
+    for argv in (["finetune", "--model", "m", "--data", "d", "--out", "o", "--lora-r", "0"],
+                 ["finetune", "--model", "m", "--data", "d", "--out", "o", "--lr", "fast"],
+                 ["demo", "--shift", "1.5"], ["demo", "--threads", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error: argument" in err, argv
+    assert main(["demo", "--lams", "1", "nan", "--device", "cpu"]) == 2
+    assert "--lam: lam must be >= 0, got nan" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["demo", "--out", str(tmp_path / "file")]) == 2
+    assert "--out: " in capsys.readouterr().err
+    assert main(["compile-check"]) == 2  # the tests run Triton's interpreter
+    assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda(tmp_path, capsys, no_model_loading):
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4]}])
+    capsys.readouterr()
+    error = finetune_error(capsys, "--model", model, "--data", data, "--out", str(tmp_path / "o"), "--device", "cuda")
+    assert "--device cuda: CUDA is not available on this machine" in error
+    assert main(["demo", "--device", "cuda:0"]) == 2 and "CUDA is not available" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    from fastmtt.apps import UsageError
+
+    argv = ["finetune", "--model", "does-not-exist", "--data", "x", "--out", str(tmp_path)]
+    with pytest.raises(UsageError, match="--data: no such file"):
+        main(["--debug", *argv])
+    monkeypatch.setenv("FASTMTT_DEBUG", "1")
+    with pytest.raises(UsageError):
+        main(argv)
+
+
+def test_command_line_error_in_a_fresh_process(tmp_path):
+    """The installed entry point: exit status 2, one line on stderr, no traceback, no hub lookups."""
+    result = subprocess.run([sys.executable, "-m", "fastmtt", "finetune", "--model", "./does-not-exist", "--data",
+                             write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4]}]), "--out", str(tmp_path / "o"),
+                             "--device", "cpu"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr == "fastmtt finetune: error: --model: no such directory: ./does-not-exist " \
+                            "(give a local Hugging Face model directory)\n"
+
+
+@pytest.mark.parametrize("code", ["import fastmtt.apps.cli", "import fastmtt; fastmtt.MTTOptions(lam=2.0)",
+                                  "from fastmtt.apps.cli import main; main(['--help'])"])
+def test_help_and_package_import_do_not_import_torch(code):
+    probe = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\nassert 'torch' not in sys.modules, 'torch'"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_public_names_load_on_first_use():
+    import fastmtt
+
+    assert fastmtt.mtt_loss.__module__ == "fastmtt.ops.mtt_loss"
+    assert fastmtt.DEFAULT_LAM == fastmtt.MTTOptions().lam
+    assert set(fastmtt.__all__) <= set(dir(fastmtt))
+    assert all(getattr(fastmtt, name) is not None for name in fastmtt.__all__)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        getattr(fastmtt, "no_such_name")  # noqa: B009
 
 
 def test_demo_arguments_reach_run_demo(tmp_path, monkeypatch):
@@ -82,3 +213,18 @@ def test_demo_arguments_reach_run_demo(tmp_path, monkeypatch):
     assert main(["demo", "--preset", "tiny", "--threads", "2"]) == 0
     assert calls[1][0] == fastmtt.apps.demo.config_for("tiny")
     assert threads == [1, 2] and calls[1][1]["progress"] is True and calls[1][1]["out_dir"] == "fastmtt-demo"
+
+
+def test_interpreted_kernels_print_no_numpy_warnings():
+    """Padded vocabulary (-inf) makes the interpreter compute -inf - -inf in discarded lanes: no RuntimeWarning."""
+    probe = """
+import torch, fastmtt
+logits, base = torch.randn(4, 40), torch.randn(4, 40)
+logits[:, -8:] = base[:, -8:] = float("-inf")
+loss = fastmtt.mtt_loss(logits.requires_grad_(), base, torch.randint(32, (4,)), backend="triton")
+loss.backward()
+assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+"""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="default")
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr

@@ -17,6 +17,14 @@ def test_compile_check_cli_compiles_every_kernel():
     assert all("registers=" in line for line in lines)
 
 
+def test_specs_carry_the_launch_time_specialization():
+    """Sizes divisible by 16 and tensor pointers are marked 16-divisible, as Triton does at launch."""
+    spec = next(s for s in compile_check.all_specs() if s.label.startswith("mtt_loss["))
+    divisible = {spec.fn.arg_names[index] for (index,) in spec.attrs}
+    assert {"logits_ptr", "base_ptr", "labels_ptr", "n_cols", "logits_stride"} <= divisible
+    assert spec.signature["n_cols"] == "i32" and spec.signature["logits_ptr"] in ("*fp32", "*fp16", "*bf16")
+
+
 def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects():
     import triton
     import triton.language as tl
@@ -28,3 +36,11 @@ def test_compile_check_reports_a_kernel_the_gpu_compiler_rejects():
                                     {"x_ptr": "*fp32", "BLOCK": "constexpr"}, {"BLOCK": 3})
     result = compile_check.compile_spec(spec, 90)
     assert not result.ok and "FAIL" in result.line()
+
+
+def test_compile_check_prints_no_triton_deprecation_warning():
+    probe = ("from fastmtt.apps import compile_check\n"
+             "assert compile_check.compile_spec(next(iter(compile_check.all_specs())), 80).ok")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
+    proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr[-3000:]

@@ -308,6 +308,18 @@ def confident_hidden_states(n_rows, hidden_size, vocab, seed):
     return hidden, base_hidden, weight, labels
 
 
+def kl_part_of_dh(fn, inputs, dtype, **options):
+    """dL/dh at lam = 1 minus at lam = 0 (fp64) of fn on (hidden, base_hidden, weight, labels) cast to dtype."""
+    hidden, base_hidden, weight, labels = inputs
+    grads = []
+    for lam in (1.0, 0.0):
+        h = hidden.detach().to(dtype).requires_grad_(True)
+        out = fn(h, base_hidden.to(dtype), weight.to(dtype), labels, lam=lam, **options)
+        (out if torch.is_tensor(out) else out.loss).backward()
+        grads.append(h.grad.double())
+    return grads[0] - grads[1]
+
+
 @pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", False), ("triton", True)])
 @pytest.mark.parametrize("direction", ["forward", "reverse"])
 def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, tiled, direction):
@@ -316,16 +328,26 @@ def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, tiled,
     hidden, base_hidden, weight, labels = (t.bfloat16() if t.is_floating_point() else t
                                            for t in confident_hidden_states(24, 64, 4096, seed=34))
 
-    def kl_part(fn, dtype, **kw):
-        grads = []
-        for lam in (1.0, 0.0):
-            h = hidden.to(dtype).requires_grad_(True)
-            out = fn(h, base_hidden.to(dtype), weight.to(dtype), labels, lam=lam, direction=direction, **kw)
-            (out if torch.is_tensor(out) else out.loss).backward()
-            grads.append(h.grad.double())
-        return grads[0] - grads[1]
-
-    ours = kl_part(fastmtt.fused_linear_mtt_loss, torch.bfloat16, backend=backend, tiled=tiled)
-    truth = kl_part(reference.fused_linear_mtt_loss, torch.float64)
+    inputs = (hidden, base_hidden, weight, labels)
+    ours = kl_part_of_dh(fastmtt.fused_linear_mtt_loss, inputs, torch.bfloat16, direction=direction, backend=backend,
+                         tiled=tiled)
+    truth = kl_part_of_dh(reference.fused_linear_mtt_loss, inputs, torch.float64, direction=direction)
     assert truth.norm() > 0
     assert (ours - truth).norm() <= 0.05 * truth.norm()
+
+
+def test_tiled_backward_refuses_deterministic_mode():
+    inputs, labels, _ = make_inputs(35)
+    hidden = inputs["hidden"].clone().requires_grad_(True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        loss = fastmtt.fused_linear_mtt_loss(hidden, inputs["base_hidden"], inputs["weight"], labels,
+                                             backend="triton", tiled=True)
+        with pytest.raises(RuntimeError, match="not deterministic"):
+            loss.backward()
+        chunked = [torch.autograd.grad(fastmtt.fused_linear_mtt_loss(hidden, inputs["base_hidden"], inputs["weight"],
+                                                                     labels, backend="triton"), hidden)[0]
+                   for _ in range(2)]
+        assert torch.equal(*chunked)
+    finally:
+        torch.use_deterministic_algorithms(False)

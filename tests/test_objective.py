@@ -1,10 +1,13 @@
 """MTTObjective on tiny PEFT Llamas, checked against the reference on materialized logits."""
+import re
+
 import pytest
 import torch
 
 import fastmtt
 from fastmtt import reference
 from fastmtt.objective import MTTObjective
+from fastmtt.options import MTTOptions
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -111,16 +114,18 @@ def test_all_ignored_batch_gives_zero_loss():
 def test_head_loss_goes_through_the_fused_linear_loss(monkeypatch):
     calls = []
 
-    def fused(hidden, base_hidden, weight, labels, **kwargs):
-        calls.append(kwargs)
+    def fused(hidden, base_hidden, head, labels, options, **kwargs):
+        calls.append((head, options, kwargs))
         return "fused result"
 
-    monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss", fused)
+    monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss_with_options", fused)
     model, batch = tiny_peft(), padded_batch()
-    assert MTTObjective(lam=0.5)(model, **batch) == "fused result"
-    (kwargs,) = calls
-    assert kwargs["lam"] == 0.5 and kwargs["lora_A"].shape == (4, 16) and kwargs["lora_B"].shape == (VOCAB, 4)
-    assert kwargs["lora_scaling"] == 2.0 and kwargs["softcap"] is None and kwargs["return_components"] is True
+    objective = MTTObjective(lam=0.5, mask_target=False)
+    assert objective(model, **batch) == "fused result"
+    ((head, options, kwargs),) = calls
+    assert options is objective.options and options.lam == 0.5 and options.mask_target is False
+    assert head.lora_A.shape == (4, 16) and head.lora_B.shape == (VOCAB, 4)
+    assert head.scaling == 2.0 and head.softcap is None and kwargs["return_components"] is True
 
 
 def test_errors_name_the_problem():
@@ -135,10 +140,96 @@ def test_errors_name_the_problem():
     scaled.get_base_model().config.logit_scale = 0.5
     with pytest.raises(ValueError, match="logit_scale"):
         MTTObjective()(scaled, **batch)
-    dropout_head = tiny_peft(lora_dropout=0.1)
-    with pytest.raises(ValueError, match="lora_dropout"):
-        MTTObjective()(dropout_head.train(), **batch)
     with pytest.raises(ValueError, match="labels"):
         MTTObjective()(tiny_peft(), input_ids=batch["input_ids"], labels=batch["labels"][:, 1:])
     with pytest.raises(ValueError, match="lam"):
         MTTObjective(lam=-1.0)
+
+
+@pytest.mark.parametrize("lora,cause,fix", [
+    (dict(lora_dropout=0.1), "lora_dropout=0.1", r"LoraConfig\(lora_dropout=...\) applies to every targeted module"),
+    (dict(use_dora=True), "uses DoRA", r"use_dora=False"),
+    (dict(lora_bias=True), "has a LoRA bias", r"lora_bias=False"),
+])
+def test_head_lora_error_names_the_cause_and_the_fix(lora, cause, fix):
+    model = tiny_peft(**lora).train()
+    with pytest.raises(ValueError, match="output head 'lm_head'") as error:
+        MTTObjective()(model, **padded_batch())
+    message = str(error.value)
+    assert cause in message and "exclude the head from target_modules" in message
+    assert len(re.findall(fix, message)) == 1
+    assert sum(name in message for name in ("DoRA", "LoRA bias", "lora_dropout=0.1")) == 1
+
+
+def test_options_object_or_keywords():
+    options = MTTOptions(lam=0.3, temperature=2.0, direction="reverse", ignore_index=-1)
+    assert MTTObjective(options=options).options is options
+    assert MTTObjective(lam=0.3, temperature=2.0, direction="reverse", ignore_index=-1).options == options
+    assert MTTObjective(mask_target=False).options == MTTOptions(mask_target=False)
+    with pytest.raises(TypeError, match=r"options=MTTOptions\(\.\.\.\) or lam"):
+        MTTObjective(lam=0.5, options=options)
+    with pytest.raises(ValueError, match="reduction must be 'mean'"):
+        MTTObjective(options=MTTOptions(reduction="sum"))
+    with pytest.raises(TypeError, match="MTTOptions"):
+        MTTObjective(options=dict(lam=0.3))
+    with pytest.raises(ValueError, match="temperature"):
+        MTTObjective(temperature=0.0)
+
+
+def tiny_gpt2_peft(init_lora_weights, lora_dropout, dropout=0.1):
+    """GPT-2 style model with embedding/attention/residual dropout and LoRA on the attention (not the head)."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                     resid_pdrop=dropout, attn_pdrop=dropout, embd_pdrop=dropout)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], lora_dropout=lora_dropout,
+                           init_lora_weights=init_lora_weights, fan_in_fan_out=True)
+    return peft.get_peft_model(transformers.GPT2LMHeadModel(config), lora)
+
+
+def test_model_dropout_off_in_both_passes_identity_adapter_has_zero_kl():
+    batch = padded_batch()
+    identity = tiny_gpt2_peft(init_lora_weights=True, lora_dropout=0.5).train()  # LoRA B = 0
+    for _ in range(2):
+        out = MTTObjective(lam=1.0)(identity, **batch)
+        assert float(out.kl) == 0.0 and float(out.ce) > 1.0
+    dropouts = {name: module.p for name, module in identity.named_modules() if isinstance(module, torch.nn.Dropout)}
+    assert dropouts and all(p == (0.5 if ".lora_dropout." in name else 0.0) for name, p in dropouts.items())
+
+    kept = tiny_gpt2_peft(init_lora_weights=True, lora_dropout=0.0).train()
+    assert float(MTTObjective(lam=1.0, disable_dropout=False)(kept, **batch).kl) > 1e-4  # the bug it prevents
+
+
+def test_lora_dropout_still_acts_on_the_adapted_side():
+    batch = padded_batch()
+    model = tiny_gpt2_peft(init_lora_weights=False, lora_dropout=0.5)
+    objective = MTTObjective(lam=1.0)
+    model.eval()
+    evaluated = [float(objective(model, **batch).loss.detach()) for _ in range(2)]
+    model.train()
+    trained = [float(objective(model, **batch).loss.detach()) for _ in range(2)]
+    assert evaluated[0] == evaluated[1]
+    assert trained[0] != trained[1] and all(abs(t - evaluated[0]) > 1e-4 for t in trained)
+
+
+def test_autocast_runs_the_head_loss_in_its_dtype_without_autocast(monkeypatch):
+    model, batch = tiny_peft(), padded_batch()
+    outside = MTTObjective(lam=0.7)(model, **batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = MTTObjective(lam=0.7)(model, **batch)
+    inside.loss.backward()
+    grads = trainable_grads(model)
+    assert all(grad.dtype == torch.float32 and grad.abs().max() > 0 for grad in grads.values())
+    torch.testing.assert_close(inside.loss, outside.loss, rtol=2e-2, atol=0)  # bf16 passes, same objective
+
+    seen = []
+    real = fastmtt.objective.fused_linear_mtt_loss_with_options
+
+    def spy(hidden, base_hidden, head, labels, options, **kwargs):
+        seen.append((hidden.dtype, base_hidden.dtype, {t.dtype for t in head.tensors() if t is not None},
+                     torch.is_autocast_enabled("cpu")))
+        return real(hidden, base_hidden, head, labels, options, **kwargs)
+
+    monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss_with_options", spy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        MTTObjective()(model, **batch)
+    assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)]

@@ -58,7 +58,6 @@ def test_empty_input(backend, reduction):
     assert logits.grad.shape == (0, 13)
 
 
-@pytest.mark.parametrize("rows_backend", ["torch", "triton"])
 def _rows(backend, logits, base, labels, grad_out=None):
     """(ce, kl) per row from the backend's MTT row implementation (lam 1, forward KL)."""
     stats = implementation("mtt_rows", backend)(logits, base, labels, MTTOptions(lam=1.0), need_kl=True,
@@ -66,6 +65,7 @@ def _rows(backend, logits, base, labels, grad_out=None):
     return stats[CE], stats[KL]
 
 
+@pytest.mark.parametrize("rows_backend", ["torch", "triton"])
 def test_out_of_range_label_poisons_its_row_without_reading_out_of_bounds(rows_backend):
     """Past validation (as under torch.compile) a bad label is never used as an address."""
     logits, base, labels = make_inputs(4, 9, torch.float32, seed=22, ignore_fraction=0.0)

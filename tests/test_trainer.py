@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from fastmtt.objective import MTTObjective
+from fastmtt.options import MTTOptions
 from fastmtt.trainer import MTTLossMixin, MTTTrainer
 from tests.test_objective import VOCAB, padded_batch, tiny_peft, trainable_grads
 
@@ -62,10 +63,45 @@ def test_objective_and_lambda_arguments(tmp_path):
     objective = MTTObjective(lam=0.2, direction="reverse")
     trainer = MTTTrainer(model=tiny_peft(), args=args, train_dataset=dataset_of(four_examples()), objective=objective)
     assert trainer.objective is objective
-    with pytest.raises(ValueError, match="either objective or mtt_lambda"):
+    with pytest.raises(ValueError, match="either objective or mtt_"):
         MTTTrainer(model=tiny_peft(), args=args, objective=objective, mtt_lambda=1.0)
     with pytest.raises(TypeError, match="MTTObjective"):
         MTTTrainer(model=tiny_peft(), args=args, objective=lambda *a, **k: None)
+    built = MTTTrainer(model=tiny_peft(), args=args, mtt_lambda=0.3, mtt_temperature=2.0, mtt_direction="reverse",
+                       mtt_mask_target=False, mtt_disable_dropout=False).objective
+    assert built.options == MTTOptions(lam=0.3, temperature=2.0, direction="reverse", mask_target=False)
+    assert built.disable_dropout is False
+    assert MTTTrainer(model=tiny_peft(), args=args, mtt_lambda=None).objective.options == MTTOptions()
+    for wrong in ("mtt_lam", "mtt_reduction_mode"):
+        with pytest.raises(TypeError, match=f"unknown keyword {wrong}"):
+            MTTTrainer(model=tiny_peft(), args=args, **{wrong: 1.0})
+
+
+def test_short_run_logs_its_first_and_last_step(tmp_path):
+    batch = padded_batch(seed=3, batch=16, length=10)
+    args = training_args(tmp_path, max_steps=-1, num_train_epochs=3, per_device_train_batch_size=8,
+                         gradient_accumulation_steps=4, logging_steps=10)
+    trainer = MTTTrainer(model=tiny_peft(), args=args, train_dataset=dataset_of(batch), mtt_lambda=0.8)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert trainer.state.max_steps == 3 and [entry["step"] for entry in logged] == [1, 3]
+    assert all(entry["ce"] > 1.0 and entry["kl"] > 1e-4 for entry in logged)
+
+
+def test_small_kl_is_logged_with_its_digits(tmp_path):
+    batch = four_examples()
+    model = tiny_peft()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if "lora_B" in name:
+                weight.mul_(3e-3)  # an adapter barely away from its base: KL ~ 1e-6
+    expected = float(MTTObjective(lam=0.8)(model, **batch).kl)
+    assert 1e-7 < expected < 1e-5
+    trainer = MTTTrainer(model=model, args=training_args(tmp_path, per_device_train_batch_size=4),
+                         train_dataset=dataset_of(batch), mtt_lambda=0.8)
+    trainer.train()
+    (logged,) = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert logged["kl"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_trl_sft_trainer_with_mixin(tmp_path):

@@ -1,0 +1,6 @@
+"""The `fastmtt` command line and its applications (demo, finetune, compile-check)."""
+
+
+class UsageError(ValueError):
+    """A mistake in the user's command or input files: the command line prints its message as one line
+    and exits with status 2 (no traceback unless --debug or FASTMTT_DEBUG=1)."""

@@ -1,11 +1,68 @@
-"""The `fastmtt` command line."""
+"""The `fastmtt` command line.
+
+Kept free of torch imports at module level: `fastmtt --help` answers at once. Every user error is one
+line on stderr and exit status 2; `--debug` (or FASTMTT_DEBUG=1) shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
-from fastmtt.ops.mtt_loss import DEFAULT_LAM
+from fastmtt.apps import UsageError
+from fastmtt.options import DEFAULT_LAM, DIRECTIONS, MTTOptions
+
+
+def check_options(**settings) -> MTTOptions:
+    """MTTOptions(**settings), its errors as a UsageError naming the command-line flag."""
+    try:
+        return MTTOptions(**settings)
+    except (TypeError, ValueError) as exc:
+        flag = next((name for name in settings if str(exc).startswith(name)), None)
+        raise UsageError(f"--{flag}: {exc}" if flag else str(exc)) from exc
+
+
+def check_file(flag: str, path: str) -> str:
+    if not os.path.isfile(path):
+        raise UsageError(f"{flag}: no such file: {path}")
+    return path
+
+
+def resolve_device(name: str) -> str:
+    """'auto' -> 'cuda' when CUDA is present, else 'cpu'; any other name must be a device torch can use here."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UsageError(f"--device: {exc}") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
+    return name
+
+
+def _number(kind, test, requirement):
+    def parse(text):
+        value = kind(text)  # a ValueError here: argparse reports "invalid <kind> value"
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a positive integer")
+positive_float = _number(float, lambda v: v > 0, "> 0")
+probability = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 def _compile_check(args) -> int:
@@ -16,11 +73,16 @@ def _compile_check(args) -> int:
 
 
 def _demo(args) -> int:
+    for lam in args.lams or ():
+        check_options(lam=lam)
+    if os.path.isfile(args.out):
+        raise UsageError(f"--out: {args.out} is a file; give a folder for results.csv and frontier.png")
+    device = resolve_device(args.device)
+
     import torch
 
     from fastmtt.apps.demo import config_for, run_demo
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_num_threads(args.threads)
     preset = "quick" if args.quick else args.preset
     cfg = config_for(preset, seed=args.seed, shift=args.shift, lams=args.lams, directions=args.directions)
@@ -29,62 +91,119 @@ def _demo(args) -> int:
 
 
 def _finetune(args) -> int:
-    from fastmtt.apps.finetune import run_finetune
+    check_options(lam=args.lam, temperature=args.temperature, direction=args.direction)
+    check_file("--data", args.data)
+    if args.retain:
+        check_file("--retain", args.retain)
+    if os.path.isfile(args.out):
+        raise UsageError(f"--out: {args.out} is a file; give a folder for the adapter")
+    device = resolve_device(args.device)
 
+    from fastmtt.apps.finetune import check_model_dir, run_finetune
+
+    check_model_dir(args.model)
     run_finetune(args.model, args.data, args.out, retain=args.retain, lam=args.lam, temperature=args.temperature,
                  direction=args.direction, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                  lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                  epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                  grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, seed=args.seed,
-                 device=args.device)
+                 device=device)
     return 0
 
 
+def _experiment(args) -> int:
+    import torch
+
+    from fastmtt.apps.experiment import config_for, run_experiment
+
+    torch.set_num_threads(args.threads)
+    cfg = config_for("quick" if args.quick else args.preset, tasks=args.tasks, adapters=args.adapters,
+                     methods=args.methods, directions=args.directions, lams=args.lams, seeds=args.seeds,
+                     steps=args.steps, temperature=args.temperature, adapted_layers=args.adapted_layers)
+    try:
+        run_experiment(cfg, out_dir=args.out, cache_dir=args.cache_dir, resume=args.resume)
+    except ImportError as exc:  # the model package or gguf is missing: say how to install them
+        raise UsageError(str(exc)) from exc
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (plus the usual exit status 2)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastmtt", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fastmtt", description="fastmtt: the Mask-the-Target loss (CE + target-masked KL to the "
+                                                  "frozen base) for LoRA fine-tuning. Errors are one line; --debug "
+                                                  "shows the traceback.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or FASTMTT_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("compile-check", help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed)")
     check.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
     check.set_defaults(func=_compile_check)
 
     demo = sub.add_parser("demo", help="toy experiment: learning vs forgetting of CE, full KL and MTT "
-                                           "(CPU, no downloads)")
-    demo.add_argument("--quick", action="store_true", help="small run, about a minute on a laptop CPU")
+                                       "(CPU, no downloads)")
+    demo.add_argument("--quick", action="store_true",
+                      help="small run: about 30 s on one quiet CPU core (the default full run: about 4 min)")
     demo.add_argument("--preset", choices=("tiny", "quick", "full"), default="full",
                       help="run size (default full; --quick is --preset quick)")
     demo.add_argument("--out", default="fastmtt-demo", help="folder for results.csv and frontier.png")
-    demo.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when present)")
+    demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--shift", type=float, help="probability of the target language's new successor")
+    demo.add_argument("--shift", type=probability, help="probability of the target language's new successor")
     demo.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
-    demo.add_argument("--directions", nargs="+", choices=("forward", "reverse"), help="MTT KL directions")
-    demo.add_argument("--threads", type=int, default=1,
+    demo.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
+    demo.add_argument("--threads", type=positive_int, default=1,
                       help="CPU threads (default 1: the models are tiny, more threads mostly add overhead)")
-    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    demo.add_argument("--no-progress", action="store_true",
+                      help="hide progress bars (they only show when stderr is a terminal)")
     demo.set_defaults(func=_demo)
+
+    exp = sub.add_parser("experiment", help="CE, full KL and MTT on SmolLM2-135M (CPU, offline; needs "
+                                             "`make experiment-setup`): learning vs forgetting")
+    exp.add_argument("--quick", action="store_true",
+                     help="one task, LoRA, 3 lams, 2 seeds (about 6 min on a quiet CPU core)")
+    exp.add_argument("--preset", choices=("tiny", "quick", "full"), default="full", help="run size (default full)")
+    exp.add_argument("--out", default="fastmtt-experiment", help="folder for results.csv, summary.md, frontier.png")
+    exp.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
+    exp.add_argument("--cache-dir", help="folder of the dequantized model (default ~/.cache/fastmtt/smollm2-135m)")
+    exp.add_argument("--tasks", nargs="+", choices=("addition", "license"))
+    exp.add_argument("--adapters", nargs="+", choices=("lora", "dora", "randlora"))
+    exp.add_argument("--methods", nargs="+", choices=("ce", "kl", "mtt"))
+    exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
+    exp.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
+    exp.add_argument("--seeds", type=int, nargs="+")
+    exp.add_argument("--steps", type=positive_int, help="training steps of each run (batch 8)")
+    exp.add_argument("--temperature", type=positive_float, help="KL temperature of full KL and MTT (default 1)")
+    exp.add_argument("--adapted-layers", type=int, help="adapters on the last N of the 30 decoder layers (default 10)")
+    exp.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
+    exp.set_defaults(func=_experiment)
 
     tune = sub.add_parser("finetune", help="LoRA fine-tuning of a local causal LM on a JSONL file with MTT",
                           description="Formats: {\"input_ids\": [...]} (optional \"labels\"), {\"text\": ...}, "
                                       "or {\"prompt\": ..., \"completion\": ...} (loss on the completion).")
-    tune.add_argument("--model", required=True, help="local Hugging Face model directory")
+    tune.add_argument("--model", required=True, help="local Hugging Face model directory (nothing is downloaded)")
     tune.add_argument("--data", required=True, help="training JSONL")
     tune.add_argument("--retain", help="held-out JSONL of the base's domain: reports forgetting before/after")
     tune.add_argument("--out", required=True, help="folder for the adapter and metrics.json")
     tune.add_argument("--lam", type=float, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
     tune.add_argument("--temperature", type=float, default=1.0)
-    tune.add_argument("--direction", choices=("forward", "reverse"), default="forward")
-    tune.add_argument("--lora-r", type=int, default=8)
-    tune.add_argument("--lora-alpha", type=int, default=16)
-    tune.add_argument("--lora-dropout", type=float, default=0.0)
+    tune.add_argument("--direction", choices=DIRECTIONS, default="forward")
+    tune.add_argument("--lora-r", type=positive_int, default=8)
+    tune.add_argument("--lora-alpha", type=positive_int, default=16)
+    tune.add_argument("--lora-dropout", type=probability, default=0.0)
     tune.add_argument("--target-modules", nargs="+", help="LoRA target modules (default: all linear layers)")
-    tune.add_argument("--epochs", type=float, default=1.0)
+    tune.add_argument("--epochs", type=positive_float, default=1.0)
     tune.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
-    tune.add_argument("--batch-size", type=int, default=8)
-    tune.add_argument("--grad-accum", type=int, default=1)
-    tune.add_argument("--lr", type=float, default=2e-4)
-    tune.add_argument("--max-length", type=int, default=512)
+    tune.add_argument("--batch-size", type=positive_int, default=8)
+    tune.add_argument("--grad-accum", type=positive_int, default=1)
+    tune.add_argument("--lr", type=positive_float, default=2e-4)
+    tune.add_argument("--max-length", type=_number(int, lambda v: v >= 2, "at least 2"), default=512)
     tune.add_argument("--seed", type=int, default=0)
-    tune.add_argument("--device", default="auto")
+    tune.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
     tune.set_defaults(func=_finetune)
     return parser
 
@@ -93,7 +212,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     # peft calls a transformers 5 method deprecated in favor of another; nothing for a CLI user to act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        if args.debug or os.environ.get("FASTMTT_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"fastmtt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ def evaluate_lm(model, batches: Iterable[Dict[str, torch.Tensor]], device="cpu",
     return metrics
 
 
+def format_kl(value: float) -> str:
+    """A KL (nats) with 4 significant digits, in scientific notation below 1e-3: 0.872, 1.050e-06."""
+    return f"{value:.3e}" if 0 < abs(value) < 1e-3 else f"{value:.4g}"
+
+
 def tensor_batches(tokens: torch.Tensor, batch_size: int):
     """Unpadded [N, L] token rows as evaluate_lm batches (every position after the first is predicted)."""
     return [dict(input_ids=tokens[i:i + batch_size], labels=tokens[i:i + batch_size])

@@ -1,5 +1,9 @@
 """`fastmtt finetune`: LoRA fine-tuning of a local Hugging Face causal LM on a local JSONL file with MTT.
 
+Nothing is downloaded: the model (and its tokenizer, if any) load from the local directory only. The
+arguments and both data files are checked before the model loads; mistakes raise UsageError naming the
+argument, or the file and line of the record.
+
 JSONL formats (one object per line; all lines of a file in one format):
   {"input_ids": [...]}                       pre-tokenized; every token after the first is predicted
   {"input_ids": [...], "labels": [...]}      pre-tokenized with explicit labels (-100 = no loss)
@@ -12,31 +16,51 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+import sys
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from fastmtt.apps.evaluation import evaluate_lm
+from fastmtt.apps import UsageError
+from fastmtt.apps.evaluation import evaluate_lm, format_kl
+from fastmtt.options import DEFAULT_LAM
 
 
-def read_jsonl(path: str) -> List[dict]:
+def read_jsonl(path: str) -> List[Tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file; errors name the file and line."""
+    records = []
     with open(path) as handle:
-        records = [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"{path} line {number}: not valid JSON ({exc.msg}, column {exc.colno})") from exc
+            if not isinstance(record, dict):
+                raise UsageError(f"{path} line {number}: expected a JSON object, got {type(record).__name__}")
+            records.append((number, record))
     if not records:
-        raise ValueError(f"{path}: no JSON lines found")
+        raise UsageError(f"{path}: no JSON lines found")
     return records
 
 
-def encode_records(records: List[dict], tokenizer, max_length: int, source: str = "data") -> List[Dict[str, list]]:
-    """Each record -> dict(input_ids, labels), truncated to max_length (formats: see module docstring)."""
+def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, vocab_size: int,
+                   source: str = "data") -> List[Dict[str, list]]:
+    """Each (line number, record) -> dict(input_ids, labels), truncated to max_length (formats: see module
+    docstring). Token ids must lie in [0, vocab_size), labels too or be -100."""
     examples = []
-    for number, record in enumerate(records, 1):
+    for number, record in records:
+        where = f"{source} line {number}"
         if "input_ids" in record:
-            input_ids = [int(t) for t in record["input_ids"]]
-            labels = [int(t) for t in record.get("labels", input_ids)]
+            try:
+                input_ids = [int(t) for t in record["input_ids"]]
+                labels = [int(t) for t in record.get("labels", input_ids)]
+            except (TypeError, ValueError) as exc:
+                raise UsageError(f"{where}: input_ids and labels must be lists of integers ({exc})") from exc
         elif "text" in record or {"prompt", "completion"} <= record.keys():
             if tokenizer is None:
-                raise ValueError(f"{source} line {number}: text records need a tokenizer in the model directory; "
+                raise UsageError(f"{where}: text records need a tokenizer in the model directory; "
                                  "give pre-tokenized {\"input_ids\": [...]} records instead")
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
             if "text" in record:
@@ -47,10 +71,14 @@ def encode_records(records: List[dict], tokenizer, max_length: int, source: str 
                 completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + eos
                 input_ids, labels = prompt + completion, [-100] * len(prompt) + completion
         else:
-            raise ValueError(f"{source} line {number}: expected keys 'input_ids', 'text' or 'prompt'+'completion', "
+            raise UsageError(f"{where}: expected keys 'input_ids', 'text' or 'prompt'+'completion', "
                              f"got {sorted(record)}")
         if len(labels) != len(input_ids) or len(input_ids) < 2:
-            raise ValueError(f"{source} line {number}: need at least 2 tokens and labels as long as input_ids")
+            raise UsageError(f"{where}: need at least 2 tokens and labels as long as input_ids")
+        outside = [t for t in input_ids if not 0 <= t < vocab_size] + [
+            t for t in labels if t != -100 and not 0 <= t < vocab_size]
+        if outside:
+            raise UsageError(f"{where}: token id {outside[0]} is outside the model's vocabulary [0, {vocab_size})")
         examples.append(dict(input_ids=input_ids[:max_length], labels=labels[:max_length]))
     return examples
 
@@ -69,43 +97,69 @@ class PadCollator:
                     labels=torch.tensor([pad(e["labels"], -100) for e in examples]))
 
 
+def check_model_dir(model_dir: str) -> str:
+    """A local Hugging Face model directory (config.json inside); nothing is looked up on the hub."""
+    if not os.path.isdir(model_dir):
+        raise UsageError(f"--model: no such directory: {model_dir} (give a local Hugging Face model directory)")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UsageError(f"--model: {model_dir} has no config.json: not a Hugging Face model directory")
+    return model_dir
+
+
 def _load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, TypeError):
         return None
 
 
-def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = None, lam: float = 1.0,
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = None, lam: float = DEFAULT_LAM,
                  temperature: float = 1.0, direction: str = "forward", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
                  batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4, max_length: int = 512,
                  seed: int = 0, device: str = "auto", log=print) -> Dict[str, Dict[str, float]]:
     """Train a LoRA adapter with MTTTrainer, save it (and metrics.json) to `out`; returns the metrics."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, TrainingArguments, set_seed
+    from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, set_seed
+    from transformers.utils import logging as transformers_logging
 
+    from fastmtt.apps.cli import check_options, resolve_device
     from fastmtt.objective import MTTObjective
     from fastmtt.trainer import MTTTrainer
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    set_seed(seed)
+    check_options(lam=lam, temperature=temperature, direction=direction)
+    device = resolve_device(device)
+    if not sys.stderr.isatty():  # progress bars (weight loading, training) only on a terminal
+        transformers_logging.disable_progress_bar()
+    config = AutoConfig.from_pretrained(check_model_dir(model_dir), local_files_only=True)
     tokenizer = _load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    train_examples = encode_records(read_jsonl(data), tokenizer, max_length, config.vocab_size, source=data)
+    retain_examples = (encode_records(read_jsonl(retain), tokenizer, max_length, config.vocab_size, source=retain)
+                       if retain else None)
+    set_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--model: cannot load a causal LM from {model_dir}: {_first_line(exc)}") from exc
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                               model.config.pad_token_id, model.config.eos_token_id) if isinstance(i, int)), 0)
-    train_examples = encode_records(read_jsonl(data), tokenizer, max_length, source=data)
+                               config.pad_token_id, config.eos_token_id) if isinstance(i, int)), 0)
     collate = PadCollator(pad_id)
     lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
                       task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora).to(device)
+    try:
+        model = get_peft_model(model, lora).to(device)
+    except ValueError as exc:  # e.g. --target-modules names no module of this model
+        raise UsageError(f"cannot add LoRA to {model_dir}: {_first_line(exc)}") from exc
 
     metrics: Dict[str, Dict[str, float]] = {}
     retain_batches = None
-    if retain:
-        retain_examples = encode_records(read_jsonl(retain), tokenizer, max_length, source=retain)
+    if retain_examples is not None:
         retain_batches = [collate(retain_examples[i:i + batch_size])
                           for i in range(0, len(retain_examples), batch_size)]
         metrics["retain_before"] = evaluate_lm(model, retain_batches, device)
@@ -115,7 +169,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                              per_device_train_batch_size=batch_size, gradient_accumulation_steps=grad_accum,
                              learning_rate=lr, logging_steps=max(1, min(10, max_steps if max_steps > 0 else 10)),
                              save_strategy="no", report_to=[], seed=seed, use_cpu=device == "cpu",
-                             remove_unused_columns=False)
+                             remove_unused_columns=False, disable_tqdm=not sys.stderr.isatty())
     trainer = MTTTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collate,
                          objective=MTTObjective(lam=lam, temperature=temperature, direction=direction))
     trainer.train()
@@ -123,8 +177,8 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     if retain_batches is not None:
         metrics["retain_after"] = evaluate_lm(model, retain_batches, device)
         before, after = metrics["retain_before"], metrics["retain_after"]
-        log(f"retain after: ppl {after['ppl']:.3f} ({after['ppl'] - before['ppl']:+.3f}), "
-            f"KL(base || adapted) {after['kl_to_base']:.5f} nats/token")
+        log(f"retain after: ppl {after['ppl']:.3f} ({after['ppl'] - before['ppl']:+.3g}), "
+            f"KL(base || adapted) {format_kl(after['kl_to_base'])} nats/token")
     model.save_pretrained(out)
     with open(os.path.join(out, "metrics.json"), "w") as handle:
         json.dump(metrics, handle, indent=2)

@@ -13,14 +13,16 @@ Rows with ignore_index never enter a product.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Union
 
 import torch
 
-from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device
+from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
 from fastmtt._dispatch import implementation, resolve_backend
 from fastmtt.head import LinearHead
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
+from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, finalize, merge_partials
 from fastmtt.pytorch.fused_linear_mtt_loss import chunked_linear_mtt, default_chunk_size
 from fastmtt.pytorch.mtt_loss import accumulator_dtype
@@ -42,6 +44,7 @@ class _Plan:
     chunk_size: int
     grad_threshold: float
     splits: Optional[int]
+    vocab_parallel: Optional[VocabParallel]
 
     def head_with(self, weight, bias, lora_A, lora_B) -> LinearHead:
         return self.head.with_tensors(weight, bias, lora_A, lora_B)
@@ -78,9 +81,17 @@ class FusedLinearMTTFunction(torch.autograd.Function):
 
 
 def _walk(hidden, base_hidden, labels, head, plan, needs, row_weights=None):
-    return chunked_linear_mtt(hidden, base_hidden, labels, head, plan.options,
-                              rows_fn=implementation("mtt_rows", plan.backend), need_kl=plan.need_kl,
-                              scale=plan.scale, chunk_size=plan.chunk_size, needs=needs, row_weights=row_weights)
+    """The chunk walk; across a vocabulary split the row function exchanges statistics and the gradients
+    that sum over the vocabulary (dh, dA) are summed across ranks."""
+    vocab_parallel = plan.vocab_parallel
+    rows_fn = implementation("mtt_rows", plan.backend) if vocab_parallel is None else vocab_parallel.rows_fn(
+        plan.backend)
+    stats, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, plan.options, rows_fn=rows_fn,
+                                      need_kl=plan.need_kl, scale=plan.scale, chunk_size=plan.chunk_size, needs=needs,
+                                      row_weights=row_weights)
+    if vocab_parallel is not None:
+        vocab_parallel.sum_across_ranks(grads[0], grads[3])
+    return stats, grads
 
 
 class TiledFusedLinearMTTFunction(torch.autograd.Function):
@@ -91,11 +102,15 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, plan):
         head = plan.head_with(weight, bias, lora_A, lora_B)
         lora_hidden = None if lora_A is None else hidden.float() @ lora_A.float().T
-        partials = implementation("linear_mtt_forward", "triton")(hidden, base_hidden, head, lora_hidden, labels,
-                                                                  plan.options, need_kl=plan.need_kl,
-                                                                  splits=plan.splits)
-        stats = finalize(merge_partials(partials, plan.options.direction), labels, plan.options,
-                         need_kl=plan.need_kl)
+        vocab_parallel = plan.vocab_parallel
+        partials = implementation("linear_mtt_forward", "triton")(
+            hidden, base_hidden, head, lora_hidden, labels, plan.options, need_kl=plan.need_kl, splits=plan.splits,
+            vocab_start=0 if vocab_parallel is None else vocab_parallel.start)
+        if vocab_parallel is None:
+            stats = finalize(merge_partials(partials, plan.options.direction), labels, plan.options,
+                             need_kl=plan.need_kl)
+        else:
+            stats = vocab_parallel.merged_statistics(partials, labels, plan.options, plan.need_kl)
         ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats)
         ctx.plan = plan
         return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale)
@@ -105,18 +120,27 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats = ctx.saved_tensors
         plan = ctx.plan
         row_coef = (grad_loss.float().expand(labels.shape[0]) * plan.scale.float()).contiguous()
+        vocab_parallel = plan.vocab_parallel
         grads = implementation("linear_mtt_backward", "triton")(
             hidden, base_hidden, plan.head_with(weight, bias, lora_A, lora_B), lora_hidden, labels, stats,
-            row_coef, plan.options, threshold=plan.grad_threshold, needs=tuple(ctx.needs_input_grad[:5]))
+            row_coef, plan.options, threshold=plan.grad_threshold, needs=tuple(ctx.needs_input_grad[:5]),
+            vocab_start=0 if vocab_parallel is None else vocab_parallel.start)
+        if vocab_parallel is not None:
+            vocab_parallel.sum_across_ranks(grads[0], grads[3])
         inputs = (hidden, weight, bias, lora_A, lora_B)
         return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None, None, None)
 
 
-@torch.compiler.disable
 def _apply_eagerly(function, *args):
     """function.apply(*args) outside any torch.compile graph: the chunk walk writes gradients into
     private buffers in place, which a traced graph does not reproduce; eagerly it is one fused op."""
-    return function.apply(*args)
+    return _eager_apply()(function, *args)
+
+
+@functools.cache
+def _eager_apply():
+    # torch.compiler.disable imports torch._dynamo (seconds): pay for it on the first call, not on import.
+    return torch.compiler.disable(lambda function, *args: function.apply(*args))
 
 
 def _check_head(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap):
@@ -163,6 +187,7 @@ def fused_linear_mtt_loss(
     tiled: bool = False,
     chunk_size: Optional[int] = None,
     grad_threshold: Optional[float] = None,
+    vocab_parallel: Optional[VocabParallel] = None,
 ):
     """Mask-the-Target loss from final hidden states: mtt_loss(softcap(h W^T + bias + s (h A^T) B^T),
     softcap(h0 W^T + bias), labels), without materializing the [N, V] logits.
@@ -174,7 +199,9 @@ def fused_linear_mtt_loss(
     tiled=False (default): the chunked path; chunk_size rows per chunk (default `default_chunk_size`: on
     a GPU about 1.5 GiB of fp32 slabs, at least 1024 rows). tiled=True: the tiled Triton kernels (least
     memory, about 5/3 the matrix work); grad_threshold applies there with lam = 0 only (skips tiles whose
-    |dL/dz| is below it; None: 2**-12 for fp16/bf16, 0 for fp32). Other arguments as in `mtt_loss`.
+    |dL/dz| is below it; None: 2**-12 for fp16/bf16, 0 for fp32). vocab_parallel=VocabParallel(start, stop):
+    weight, bias and lora_B hold this rank's vocabulary rows [start, stop), labels are global ids; the ranks
+    exchange per-row statistics and sum dh (and dA) unless told not to. Other arguments as in `mtt_loss`.
     """
     options = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
                          ignore_index=ignore_index, reduction=reduction)
@@ -182,12 +209,14 @@ def fused_linear_mtt_loss(
     return fused_linear_mtt_loss_with_options(hidden, base_hidden, head, labels, options,
                                               num_items_in_batch=num_items_in_batch,
                                               return_components=return_components, backend=backend, tiled=tiled,
-                                              chunk_size=chunk_size, grad_threshold=grad_threshold)
+                                              chunk_size=chunk_size, grad_threshold=grad_threshold,
+                                              vocab_parallel=vocab_parallel)
 
 
 def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, labels, options: MTTOptions, *,
                                        num_items_in_batch=None, return_components=False, backend="auto",
-                                       tiled=False, chunk_size=None, grad_threshold=None, splits=None):
+                                       tiled=False, chunk_size=None, grad_threshold=None, splits=None,
+                                       vocab_parallel=None):
     """`fused_linear_mtt_loss` with the head in one LinearHead and the loss settings in one MTTOptions.
     splits (tiled path): vocabulary splits of the forward (None: enough to fill the GPU)."""
     check_float_tensor("hidden", hidden, min_dim=2)
@@ -197,7 +226,8 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
                       lora_A=head.lora_A, lora_B=head.lora_B)
     check_num_items(num_items_in_batch, options.reduction)
     vocab_size, hidden_size = head.weight.shape
-    check_labels(labels, hidden.shape[:-1], vocab_size, options.ignore_index)
+    check_vocab_parallel(vocab_parallel, "weight", vocab_size)
+    check_labels(labels, hidden.shape[:-1], vocab_size if vocab_parallel is None else None, options.ignore_index)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -228,7 +258,7 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
                  need_kl=return_components, backend=backend,
                  chunk_size=chunk_size or default_chunk_size(flat_hidden.shape[0], hidden_size, vocab_size,
                                                              hidden.device),
-                 grad_threshold=float(grad_threshold), splits=splits)
+                 grad_threshold=float(grad_threshold), splits=splits, vocab_parallel=vocab_parallel)
     tensors = (flat_hidden, *head.tensors(), flat_base)
     function = FusedLinearMTTFunction
     if tiled:

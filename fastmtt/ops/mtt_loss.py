@@ -5,9 +5,10 @@ from typing import Optional, Union
 
 import torch
 
-from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device
+from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
 from fastmtt._dispatch import implementation, resolve_backend
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
+from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, N_STATS
 from fastmtt.pytorch.mtt_loss import accumulator_dtype
 from fastmtt.reduction import gradient_scale, reduced_outputs, scale_saved_grad
@@ -38,13 +39,13 @@ class MTTLossFunction(torch.autograd.Function):
     """Forward computes per-row CE and KL and, in the same pass, the gradient; backward scales it."""
 
     @staticmethod
-    def forward(ctx, logits, base_logits, labels, options, scale, need_kl, backend, overwrite_logits):
+    def forward(ctx, logits, base_logits, labels, options, scale, need_kl, backend, overwrite_logits, vocab_parallel):
         compute_grad = ctx.needs_input_grad[0]
         ctx.in_place = compute_grad and overwrite_logits and not torch.compiler.is_compiling()
-        if ctx.in_place:
-            stats = implementation("mtt_rows", backend)(logits, base_logits, labels, options, need_kl=need_kl,
-                                                        grad_scale=scale, grad_out=logits)
-            grad = logits
+        if ctx.in_place or vocab_parallel is not None:
+            rows = implementation("mtt_rows", backend) if vocab_parallel is None else vocab_parallel.rows_fn(backend)
+            grad = logits if ctx.in_place else (torch.empty_like(logits) if compute_grad else None)
+            stats = rows(logits, base_logits, labels, options, need_kl=need_kl, grad_scale=scale, grad_out=grad)
         else:
             stats, grad = mtt_rows(logits, base_logits, labels, scale, options.lam, options.temperature,
                                    options.direction, options.mask_target, options.ignore_index, need_kl,
@@ -55,7 +56,7 @@ class MTTLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         (grad,) = ctx.saved_tensors
-        return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None
+        return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None, None
 
 
 def mtt_loss(
@@ -73,6 +74,7 @@ def mtt_loss(
     return_components: bool = False,
     backend: str = "auto",
     overwrite_logits: bool = False,
+    vocab_parallel: Optional[VocabParallel] = None,
 ):
     """Mask-the-Target loss on logits: mean/sum/none of  CE_i + lam * T^2 * KL_i.
 
@@ -82,24 +84,26 @@ def mtt_loss(
     direction "forward" is KL(base || adapted); mask_target=False gives the full-vocabulary KL instead.
     With return_components=True returns MTTOutput(loss, ce, kl), the last two detached.
     overwrite_logits=True lets the kernel store the gradient into `logits` (saves one [N, V] buffer;
-    their values are gone afterwards).
+    their values are gone afterwards). vocab_parallel=VocabParallel(start, stop): logits [..., stop - start] are
+    this rank's columns of the vocabulary, labels global ids; the ranks exchange per-row statistics only.
     """
     options = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
                          ignore_index=ignore_index, reduction=reduction)
     return mtt_loss_with_options(logits, base_logits, labels, options, num_items_in_batch=num_items_in_batch,
                                  return_components=return_components, backend=backend,
-                                 overwrite_logits=overwrite_logits)
+                                 overwrite_logits=overwrite_logits, vocab_parallel=vocab_parallel)
 
 
 def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, num_items_in_batch=None,
-                          return_components=False, backend="auto", overwrite_logits=False):
+                          return_components=False, backend="auto", overwrite_logits=False, vocab_parallel=None):
     """`mtt_loss` with its loss settings in one MTTOptions."""
     check_float_tensor("logits", logits, min_dim=2)
     n_cols = logits.shape[-1]
     check_float_tensor("base_logits", base_logits, shape=logits.shape)
     check_same_device(logits=logits, base_logits=base_logits, labels=labels)
     check_num_items(num_items_in_batch, options.reduction)
-    check_labels(labels, logits.shape[:-1], n_cols, options.ignore_index)
+    check_vocab_parallel(vocab_parallel, "logits", n_cols)
+    check_labels(labels, logits.shape[:-1], n_cols if vocab_parallel is None else None, options.ignore_index)
 
     backend = resolve_backend(backend, logits, base_logits)
     flat_logits = logits.reshape(-1, n_cols)
@@ -111,7 +115,7 @@ def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, n
     scale = gradient_scale(options.reduction, flat_labels, options.ignore_index, num_items_in_batch, logits.device,
                            accumulator_dtype(logits, base_logits))
     loss, ce, kl = MTTLossFunction.apply(flat_logits, flat_base, flat_labels, options, scale, return_components,
-                                         backend, overwrite_logits)
+                                         backend, overwrite_logits, vocab_parallel)
     if options.reduction == "none":
         loss, ce, kl = (t.reshape(labels.shape) for t in (loss, ce, kl))
     return MTTOutput(loss, ce, kl) if return_components else loss

