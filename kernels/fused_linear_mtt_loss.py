@@ -26,10 +26,10 @@ from fastmtt.kernels.mtt_math import (
     LOG2E,
     N_PARTIALS,
     accumulate_tile,
-    kept_columns,
+    gradient_constants,
     load_statistics,
-    logit_gradient,
     store_partials,
+    tile_gradient,
 )
 from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor
 
@@ -147,7 +147,7 @@ def _linear_mtt_bwd_kernel(
     n_rows, n_cols, n_hidden, rank, ignore_index, vocab_start,
     scaling, softcap, inv_t, kl_weight, threshold,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, R_PAD: tl.constexpr,
-    KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, MASK_TARGET: tl.constexpr,
+    KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr, MASK_TARGET: tl.constexpr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SOFTCAP: tl.constexpr,
     HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
     LORA_H_GRAD: tl.constexpr, LORA_B_GRAD: tl.constexpr, FILTER: tl.constexpr,
@@ -164,9 +164,11 @@ def _linear_mtt_bwd_kernel(
                         rows, row_mask, cols, col_mask, n_hidden, rank, scaling, softcap,
                         BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, KL_GRAD, HAS_BIAS, LORA, SOFTCAP, UPCAST, PRECISION)
     lse, z_lse, b_lse, value = load_statistics(stats_ptr, n_rows, rows, live)
-    is_label = cols[None, :] == (labels - vocab_start)[:, None]
-    grad = logit_gradient(z, b, kept_columns(col_mask, is_label, MASK_TARGET), is_label, lse, z_lse, b_lse, value,
-                          inv_t, kl_weight, KL_GRAD, DIVERGENCE)
+    unit = tl.full((BLOCK_N,), 1.0, tl.float32)  # coef scales the gradient below, after the filter
+    lse2, zc2, bc2, soft, kl, shift = gradient_constants(lse, z_lse, b_lse, value, unit, inv_t, kl_weight, DIVERGENCE,
+                                                         UNIT_TEMPERATURE)
+    grad = tile_gradient(z, b, col_mask, cols[None, :] == (labels - vocab_start)[:, None], unit, inv_t * LOG2E, inv_t,
+                         lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
     if SOFTCAP:  # dz_pre = dz * (1 - tanh^2), tanh = z / c
         t = z / softcap
         grad = grad * (1.0 - t * t)
@@ -324,8 +326,9 @@ def _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef
     names = ("grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "grad_lora_h_ptr", "grad_lora_b_ptr")
     args.update({name: dummy if g is None else g for name, g in zip(names, grads)})
     args.update(stats_ptr=stats, coef_ptr=coef, kl_weight=options.kl_weight, threshold=float(threshold))
-    flags.update(KL_GRAD=options.lam > 0, HIDDEN_GRAD=grads[0] is not None, WEIGHT_GRAD=grads[1] is not None,
-                 BIAS_GRAD=grads[2] is not None, LORA_H_GRAD=grads[3] is not None, LORA_B_GRAD=grads[4] is not None,
+    flags.update(KL_GRAD=options.lam > 0, UNIT_TEMPERATURE=options.temperature == 1.0,
+                 HIDDEN_GRAD=grads[0] is not None, WEIGHT_GRAD=grads[1] is not None, BIAS_GRAD=grads[2] is not None,
+                 LORA_H_GRAD=grads[3] is not None, LORA_B_GRAD=grads[4] is not None,
                  FILTER=threshold > 0 and options.lam == 0)
     grid = (triton.cdiv(hidden.shape[0], flags["BLOCK_N"]), triton.cdiv(head.weight.shape[0], flags["BLOCK_V"]))
     return Launch(_linear_mtt_bwd_kernel, grid, args, flags, num_warps)

@@ -1,8 +1,13 @@
 """MTT row kernel: per row CE, the divergence and, in the same launch, dL/dlogits.
 
-One program per BLOCK_N rows (1 on a GPU). Pass 1 streams the rows in [BLOCK_N, BLOCK_V] tiles and keeps
-fp32 online statistics (kernels/mtt_math.py); pass 2 rereads the rows and writes the gradient. The
-same kernel serves a vocabulary range [vocab_start, vocab_start + n_cols) of wider rows (labels are
+One program per BLOCK_N rows (1 on a GPU for all but small vocabularies). Pass 1 streams the rows in
+[BLOCK_N, BLOCK_V] tiles and keeps fp32 online statistics (kernels/mtt_math.py); pass 2 rereads the rows
+and writes the gradient. Only the tile holding a label and the last, partial tile take the masked path;
+every other tile runs without masks or label tests. Pass 2 walks the tiles last to first, so it starts
+with those pass 1 read last, the likeliest still in L2, and pass 1 asks L2 to keep its lines
+(evict_last) while pass 2's reads and writes go first (evict_first).
+
+The same kernel serves a vocabulary range [vocab_start, vocab_start + n_cols) of wider rows (labels are
 global ids): MODE_PARTIALS stores the range's partial statistics, MODE_GRADIENT writes the range's
 gradient from merged statistics (fastmtt/partials.py).
 """
@@ -16,13 +21,15 @@ import triton.language as tl
 from fastmtt.kernels.mtt_math import (
     DIVERGENCE_IDS,
     LOG2E,
+    accumulate_logits,
     accumulate_tile,
-    kept_columns,
+    gradient_constants,
     load_statistics,
     logit_gradient,
     row_statistics,
     store_partials,
     store_statistics,
+    tile_gradient,
 )
 from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor
 
@@ -30,6 +37,24 @@ from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
 
 MODE_WHOLE, MODE_PARTIALS, MODE_GRADIENT = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def _masked_tile(start, n_cols, local, found, BLOCK_V: tl.constexpr):
+    """Whether the tile at `start` needs the masked path: it is the last, partial tile or holds a label of
+    one of the program's rows."""
+    holds_label = found & (local >= start) & (local < start + BLOCK_V)
+    return (start + BLOCK_V > n_cols) | (tl.max(holds_label.to(tl.int32), 0) > 0)
+
+
+@triton.jit
+def _load_full_tile(ptrs, valid, EVICT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 copy of a tile inside the range; only a multi-row program masks (its ignored rows)."""
+    if BLOCK_N == 1:  # a one-row program loads only when its row is valid
+        x = tl.load(ptrs, eviction_policy=EVICT)
+    else:
+        x = tl.load(ptrs, mask=valid[:, None], other=float("-inf"), eviction_policy=EVICT)
+    return x.to(tl.float32)
 
 
 @triton.jit
@@ -59,6 +84,7 @@ def _mtt_loss_kernel(
     grad_rows = grad_ptr + rows[:, None] * grad_stride
     offsets = tl.arange(0, BLOCK_V)
     any_valid = tl.max(valid.to(tl.int32), 0) > 0
+    scale2 = inv_t * LOG2E
 
     if MODE == MODE_GRADIENT:
         lse, z_lse, b_lse, value = load_statistics(out_ptr, n_rows, rows, valid)
@@ -73,18 +99,27 @@ def _mtt_loss_kernel(
         z_label = tl.zeros([BLOCK_N], tl.float32)
         b_label = tl.zeros([BLOCK_N], tl.float32)
         if any_valid:  # a block of ignored rows only stores zeros
-            scale2 = inv_t * LOG2E
             for start in range(0, n_cols, BLOCK_V):
                 cols = start + offsets
-                col_mask = cols < n_cols
-                tile_mask = valid[:, None] & col_mask[None, :]
-                z = tl.load(logits_rows + cols[None, :], mask=tile_mask, other=float("-inf")).to(tl.float32)
-                b = z
-                if HAS_KL:
-                    b = tl.load(base_rows + cols[None, :], mask=tile_mask, other=float("-inf")).to(tl.float32)
-                m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label = accumulate_tile(
-                    z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2,
-                    z_label, b_label, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
+                if _masked_tile(start, n_cols, local, found, BLOCK_V):
+                    col_mask = cols < n_cols
+                    tile_mask = valid[:, None] & col_mask[None, :]
+                    z = tl.load(logits_rows + cols[None, :], mask=tile_mask, other=float("-inf"),
+                                eviction_policy="evict_last").to(tl.float32)
+                    b = z
+                    if HAS_KL:
+                        b = tl.load(base_rows + cols[None, :], mask=tile_mask, other=float("-inf"),
+                                    eviction_policy="evict_last").to(tl.float32)
+                    m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label = accumulate_tile(
+                        z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2,
+                        z_label, b_label, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
+                else:
+                    z = _load_full_tile(logits_rows + cols[None, :], valid, "evict_last", BLOCK_N)
+                    b = z
+                    if HAS_KL:
+                        b = _load_full_tile(base_rows + cols[None, :], valid, "evict_last", BLOCK_N)
+                    m_z, s_z, m_r, s_r, m_b, s_b, w2 = accumulate_logits(
+                        z, z, b, scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE)
         if MODE == MODE_PARTIALS:
             store_partials(out_ptr, n_rows, rows, row_mask, m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label,
                            found)
@@ -94,23 +129,69 @@ def _mtt_loss_kernel(
             store_statistics(out_ptr, n_rows, rows, row_mask, valid, lse, z_lse, b_lse, value, ce)
 
     if COMPUTE_GRAD and MODE != MODE_PARTIALS:
-        scale = tl.load(scale_ptr).to(tl.float32)
-        for start in range(0, n_cols, BLOCK_V):
-            cols = start + offsets
-            col_mask = cols < n_cols
-            tile_mask = row_mask[:, None] & col_mask[None, :]
-            live = valid[:, None] & col_mask[None, :]
-            grad = tl.zeros([BLOCK_N, BLOCK_V], tl.float32)
-            if any_valid:
-                z = tl.load(logits_rows + cols[None, :], mask=live, other=float("-inf")).to(tl.float32)
-                b = z
-                if KL_GRAD:
-                    b = tl.load(base_rows + cols[None, :], mask=live, other=float("-inf")).to(tl.float32)
-                is_label = cols[None, :] == local[:, None]
-                grad = logit_gradient(z, b, kept_columns(col_mask, is_label, MASK_TARGET), is_label, lse, z_lse,
-                                      b_lse, value, inv_t, kl_weight, KL_GRAD, DIVERGENCE)
-                grad = tl.where(live, grad * scale, 0.0)
-            tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
+        n_tiles = tl.cdiv(n_cols, BLOCK_V)
+        if any_valid:
+            scale = tl.where(valid, tl.load(scale_ptr).to(tl.float32), 0.0)
+            lse2, zc2, bc2, soft, kl, shift = gradient_constants(lse, z_lse, b_lse, value, scale, inv_t, kl_weight,
+                                                                 DIVERGENCE, UNIT_TEMPERATURE)
+            for index in range(0, n_tiles):
+                start = (n_tiles - 1 - index) * BLOCK_V  # last tile first: pass 1 read it most recently
+                cols = start + offsets
+                if _masked_tile(start, n_cols, local, found, BLOCK_V):
+                    col_mask = cols < n_cols
+                    live = valid[:, None] & col_mask[None, :]
+                    z = tl.load(logits_rows + cols[None, :], mask=live, other=float("-inf"),
+                                eviction_policy="evict_first").to(tl.float32)
+                    b = z
+                    if KL_GRAD:
+                        b = tl.load(base_rows + cols[None, :], mask=live, other=float("-inf"),
+                                    eviction_policy="evict_first").to(tl.float32)
+                    grad = tile_gradient(z, b, col_mask, cols[None, :] == local[:, None], scale, scale2, inv_t, lse2,
+                                         zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE,
+                                         MASK_TARGET)
+                    tl.store(grad_rows + cols[None, :], tl.where(live, grad, 0.0).to(grad_ptr.dtype.element_ty),
+                             mask=row_mask[:, None] & col_mask[None, :], eviction_policy="evict_first")
+                else:
+                    z = _load_full_tile(logits_rows + cols[None, :], valid, "evict_first", BLOCK_N)
+                    b = z
+                    if KL_GRAD:
+                        b = _load_full_tile(base_rows + cols[None, :], valid, "evict_first", BLOCK_N)
+                    grad = logit_gradient(z, z, b, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift, KL_GRAD,
+                                          DIVERGENCE, UNIT_TEMPERATURE)
+                    if BLOCK_N == 1:
+                        tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
+                                 eviction_policy="evict_first")
+                    else:
+                        tl.store(grad_rows + cols[None, :],
+                                 tl.where(valid[:, None], grad, 0.0).to(grad_ptr.dtype.element_ty),
+                                 mask=row_mask[:, None], eviction_policy="evict_first")
+        else:
+            for start in range(0, n_cols, BLOCK_V):
+                cols = start + offsets
+                tl.store(grad_rows + cols[None, :], tl.zeros([BLOCK_N, BLOCK_V], grad_ptr.dtype.element_ty),
+                         mask=row_mask[:, None] & (cols < n_cols)[None, :])
+
+
+# Launch configuration on a GPU (unmeasured: chosen from the compiled code, see the notes):
+#   (largest vocabulary, BLOCK_V, rows per program, warps).
+# Each thread holds 16 entries of a tile: two 16-byte loads per 16-bit input in flight, and the tiles
+# of z, b and their exponentials (64 fp32 registers) fit without spilling. Tiles of 4096 columns
+# amortize the per-tile cross-warp reductions (max and sum of both sides, the divergence sum) over 16
+# entries per thread and keep the masked path to 2 of 32 tiles at V = 128256. Below 2048 columns a
+# program takes several rows so that it still holds 2048 entries (a 128-column row alone would leave
+# 7 of 8 warps idle); their tiles all hold labels, so small vocabularies run the masked path.
+# Compiled for sm_90 (bf16 logits and base, forward KL, lam > 0, T = 1, with the gradient), a mask-free
+# tile costs 24 SASS instructions per entry in pass 1 and 13 in pass 2, 4 exponentials in all, at 95
+# registers (two programs per SM); the kernel before the masked/mask-free split took 83 and 5.
+# 8192-column tiles would bring it to 31 but take 164 registers: one program per SM.
+GPU_LAUNCH = (
+    (128, 128, 16, 4),
+    (256, 256, 8, 4),
+    (512, 512, 4, 4),
+    (1024, 1024, 2, 4),
+    (2048, 2048, 1, 4),
+    (float("inf"), 4096, 1, 8),
+)
 
 
 def _block_sizes(n_cols: int) -> tuple[int, int, int]:
@@ -119,8 +200,8 @@ def _block_sizes(n_cols: int) -> tuple[int, int, int]:
     if interpreting():
         block_v = triton.next_power_of_2(max(n_cols, 1))
         return max(1, min(16, 8192 // block_v)), block_v, 1
-    block_v = min(4096, triton.next_power_of_2(max(n_cols, 16)))
-    return 1, block_v, 8 if block_v >= 2048 else 4
+    _, block_v, block_n, num_warps = next(row for row in GPU_LAUNCH if n_cols <= row[0])
+    return block_n, block_v, num_warps
 
 
 def _plan(logits, base_logits, labels, out, grad_out, grad_scale, options, *, mode, vocab_start, need_kl):

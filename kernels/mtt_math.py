@@ -1,15 +1,20 @@
 """The MTT math shared by every kernel: online statistics, the divergences, the partials layout.
 
-Tiles are [BLOCK_N rows, BLOCK_V columns]. Exponentials run in base 2: a kernel scales its logits by
-log2(e) / T once (`x2 = z * scale2`), keeps running maxima and sums in those units and converts the
-log-normalizers back to nats (docs: mtt-math, "One streaming pass").
+Tiles are [BLOCK_N rows, BLOCK_V columns]. Exponentials run in base 2 on logits scaled by scale2 =
+log2(e) / T (one fused multiply-add per exponent); running maxima and sums are kept in those units and
+the log-normalizers converted back to nats (docs: mtt-math, "One streaming pass").
+
+Two kinds of tiles: a tile holding a label or columns past the range goes through the masked helpers
+(`accumulate_tile`, `tile_gradient`); every other tile skips all masks and label tests
+(`accumulate_logits`, `logit_gradient`, with the tile itself as its kept columns).
 
 Partial statistics over a vocabulary range and the finalized row statistics are laid out as
 fastmtt/partials.py defines (in nats), which also merges ranges and finalizes them.
 
-A divergence is one id (FORWARD_KL, REVERSE_KL) with three helpers: `divergence_terms` (accumulate),
-`divergence_value` (finalize) and `divergence_gradient`. A new divergence adds a branch to each, its
-torch counterpart in fastmtt/pytorch/divergences.py and its definition in fastmtt/reference.py.
+A divergence is one id (FORWARD_KL, REVERSE_KL) with branches in `divergence_terms` (accumulate),
+`divergence_rescale`, `divergence_value` (finalize), `gradient_constants` and `logit_gradient`. A new
+divergence adds a branch to each, its torch counterpart in fastmtt/pytorch/divergences.py and its
+definition in fastmtt/reference.py.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from fastmtt import partials as P
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 FORWARD_KL, REVERSE_KL = tl.constexpr(0), tl.constexpr(1)
 DIVERGENCE_IDS = {"forward": FORWARD_KL.value, "reverse": REVERSE_KL.value}
@@ -32,12 +38,13 @@ N_PARTIALS, N_STATS = tl.constexpr(P.N_PARTIALS), tl.constexpr(P.N_STATS)
 
 
 @triton.jit
-def online_update(m, s, x2):
-    """Merge tile x2 [BLOCK_N, BLOCK_V] (base-2 units) into per-row running (max m, sum of exp2(. - m) s);
-    -inf entries count for 0. Returns (m, s, exp2(x2 - m) of the tile, rescale factor of the old sum)."""
-    m_new = tl.maximum(m, tl.max(x2, 1))
+def online_update(m, s, x, scale2):
+    """Merge the tile x * scale2 ([BLOCK_N, BLOCK_V], base-2 units) into per-row running (max m, sum of
+    exp2(. - m) s); -inf entries count for 0. Returns (m, s, exp2(x * scale2 - m) of the tile, rescale
+    factor of the old sum). As scale2 > 0, max(x) * scale2 is the scaled tile's max."""
+    m_new = tl.maximum(m, tl.max(x, 1) * scale2)
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    e = tl.exp2(x2 - m_safe[:, None])
+    e = tl.exp2(x * scale2 - m_safe[:, None])
     alpha = tl.exp2(m - m_safe)
     return m_new, s * alpha + tl.sum(e, 1), e, alpha
 
@@ -56,14 +63,15 @@ def logaddexp(a, b):
 
 
 @triton.jit
-def divergence_terms(e_z, e_b, z2, b2, DIVERGENCE: tl.constexpr):
-    """Accumulator terms per entry (base-2 log-ratio units): exp of the weighting side times the log-ratio,
-    (b - z) for forward KL (weighted by the base), (z - b) for reverse KL (weighted by the adapted side).
-    A term of weight 0 is 0, never 0 * inf."""
+def divergence_terms(e_z, e_b, z, b, DIVERGENCE: tl.constexpr):
+    """Accumulator terms per entry in logit units (the caller scales their sum to base 2): exp of the
+    weighting side times the logit difference, (b - z) for forward KL (weighted by the base), (z - b) for
+    reverse KL (weighted by the adapted side). A term of weight 0 is 0, never 0 * inf: its difference is
+    -inf or NaN (-inf - -inf), which the NaN-ignoring max turns finite."""
     if DIVERGENCE == REVERSE_KL:
-        terms = tl.where(e_z == 0.0, 0.0, e_z * (z2 - b2))
+        terms = e_z * tl.maximum(z - b, -FLT_MAX)
     else:
-        terms = tl.where(e_b == 0.0, 0.0, e_b * (b2 - z2))
+        terms = e_b * tl.maximum(b - z, -FLT_MAX)
     return terms
 
 
@@ -90,18 +98,6 @@ def divergence_value(w2, s_z, s_b, z_lse, b_lse, b_label, DIVERGENCE: tl.constex
 
 
 @triton.jit
-def divergence_gradient(log_q, log_p, value, constant, DIVERGENCE: tl.constexpr):
-    """T * dD/dz on kept columns: q - p (forward KL) or q (log q - log p - KL) (reverse KL); 0 where
-    `constant` (a side without mass, or D = +inf: D does not vary there)."""
-    q = tl.exp(log_q)
-    if DIVERGENCE == REVERSE_KL:
-        grad = tl.where(q == 0.0, 0.0, q * (log_q - log_p - value))
-    else:
-        grad = q - tl.exp(log_p)
-    return tl.where(constant, 0.0, grad)
-
-
-@triton.jit
 def row_statistics(m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label, label_found,
                    HAS_KL: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
                    MASK_TARGET: tl.constexpr):
@@ -125,43 +121,106 @@ def row_statistics(m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label, label_fou
 
 
 @triton.jit
-def logit_gradient(z, b, kept, is_label, lse, z_lse, b_lse, value, inv_t, kl_weight,
-                   KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr):
-    """dL/dz on a tile (fp32, natural units): softmax(z) - onehot(label) + lam T^2 dD/dz. z, b [BN, BV];
-    lse, z_lse, b_lse, value [BN] row statistics; kept: columns in the divergence."""
-    grad = tl.exp(z - lse[:, None]) - tl.where(is_label, 1.0, 0.0)
-    if KL_GRAD:
-        z_empty = z_lse == float("-inf")
-        b_empty = b_lse == float("-inf")
-        constant = z_empty | b_empty | (value == float("inf"))
-        log_q = tl.where(kept, z * inv_t, float("-inf")) - tl.where(z_empty, 0.0, z_lse)[:, None]
-        log_p = tl.where(kept, b * inv_t, float("-inf")) - tl.where(b_empty, 0.0, b_lse)[:, None]
-        grad += (kl_weight * inv_t) * divergence_gradient(log_q, log_p, value[:, None], constant[:, None],
-                                                          DIVERGENCE)
-    return grad
+def accumulate_logits(z, zk, bk, scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2, HAS_KL: tl.constexpr,
+                      DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr):
+    """Merge logit tiles [BLOCK_N, BLOCK_V] (fp32, nats) into the running statistics: z every column of
+    the range (CE at T != 1), zk and bk the kept columns; -inf elsewhere. A tile without labels or columns
+    past the range passes its z, z, b as they are."""
+    if not UNIT_TEMPERATURE:
+        m_r, s_r, _e, _a = online_update(m_r, s_r, z, LOG2E)
+    m_z, s_z, e_z, alpha_z = online_update(m_z, s_z, zk, scale2)
+    if HAS_KL:
+        m_b, s_b, e_b, alpha_b = online_update(m_b, s_b, bk, scale2)
+        w2 = w2 * divergence_rescale(alpha_z, alpha_b, DIVERGENCE) + scale2 * tl.sum(
+            divergence_terms(e_z, e_b, zk, bk, DIVERGENCE), 1)
+    return m_z, s_z, m_r, s_r, m_b, s_b, w2
 
 
 @triton.jit
 def accumulate_tile(z, b, col_mask, is_label, scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label,
                     HAS_KL: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
                     MASK_TARGET: tl.constexpr):
-    """Merge the logit tiles z, b [BLOCK_N, BLOCK_V] (fp32, nats) into the running statistics. col_mask
-    [BLOCK_V]: columns inside the range; is_label [BLOCK_N, BLOCK_V]: the label's column; scale2 =
-    log2(e) / T."""
+    """`accumulate_logits` on a tile that may hold labels or columns past the range (their values may be
+    junk), also summing the label's logits. col_mask [BLOCK_V]: columns inside the range; is_label
+    [BLOCK_N, BLOCK_V]: the label's column; scale2 = log2(e) / T."""
     is_label = is_label & col_mask[None, :]  # a label beyond the range may still fall inside the last tile
     z_label += tl.sum(tl.where(is_label, z, 0.0), 1)
-    kept = kept_columns(col_mask, is_label, MASK_TARGET)
-    if not UNIT_TEMPERATURE:
-        m_r, s_r, _e, _a = online_update(m_r, s_r, tl.where(col_mask[None, :], z * LOG2E, float("-inf")))
-    z2 = tl.where(kept, z * scale2, float("-inf"))
-    m_z, s_z, e_z, alpha_z = online_update(m_z, s_z, z2)
     if HAS_KL:
         b_label += tl.sum(tl.where(is_label, b, 0.0), 1)
-        b2 = tl.where(kept, b * scale2, float("-inf"))
-        m_b, s_b, e_b, alpha_b = online_update(m_b, s_b, b2)
-        w2 = w2 * divergence_rescale(alpha_z, alpha_b, DIVERGENCE) + tl.sum(
-            divergence_terms(e_z, e_b, z2, b2, DIVERGENCE), 1)
+    kept = kept_columns(col_mask, is_label, MASK_TARGET)
+    m_z, s_z, m_r, s_r, m_b, s_b, w2 = accumulate_logits(
+        tl.where(col_mask[None, :], z, float("-inf")), tl.where(kept, z, float("-inf")),
+        tl.where(kept, b, float("-inf")), scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2, HAS_KL, DIVERGENCE,
+        UNIT_TEMPERATURE)
     return m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label
+
+
+@triton.jit
+def gradient_constants(lse, z_lse, b_lse, value, scale, inv_t, kl_weight, DIVERGENCE: tl.constexpr,
+                       UNIT_TEMPERATURE: tl.constexpr):
+    """Per-row constants of `logit_gradient` from the row statistics (nats) and scale [BLOCK_N], the
+    gradient's factor: LSE, Z', B' in base 2 (lse2, zc2, bc2; an empty side's -inf as 0); soft = scale *
+    exp(Z' - LSE) at T = 1 (on kept columns softmax = q * exp(Z' - LSE), so one exponential serves both),
+    scale otherwise; kl = scale * lam T^2 / T, 0 where D does not vary (a side without mass, or D = +inf);
+    shift = B' - Z' - D (reverse KL)."""
+    z_empty = z_lse == float("-inf")
+    b_empty = b_lse == float("-inf")
+    constant = z_empty | b_empty | (value == float("inf"))
+    lse2 = lse * LOG2E
+    zc2 = tl.where(z_empty, 0.0, z_lse * LOG2E)
+    bc2 = tl.where(b_empty, 0.0, b_lse * LOG2E)
+    soft = scale
+    if UNIT_TEMPERATURE:
+        soft = scale * tl.exp2(z_lse * LOG2E - lse2)
+    kl = tl.where(constant, 0.0, scale * (kl_weight * inv_t))
+    shift = tl.zeros_like(kl)
+    if DIVERGENCE == REVERSE_KL:
+        shift = tl.where(constant, 0.0, b_lse - z_lse - value)
+    return lse2, zc2, bc2, soft, kl, shift
+
+
+@triton.jit
+def logit_gradient(z, zk, bk, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift, KL_GRAD: tl.constexpr,
+                   DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr):
+    """scale * (softmax(z) + lam T^2 dD/dz) on a tile, without the label's one-hot (fp32, natural units;
+    per-row constants from `gradient_constants`): z every column, zk and bk the kept columns, -inf
+    elsewhere. With q = exp(z/T - Z') and p = exp(b/T - B'): T dD/dz = q - p (forward KL), q (log q -
+    log p - D) (reverse). At T = 1 q also gives the softmax: two exponentials (forward), one (reverse)."""
+    q = tl.exp2(zk * scale2 - zc2[:, None])
+    if UNIT_TEMPERATURE:
+        softmax = q * soft[:, None]
+    else:
+        softmax = tl.exp2(z * LOG2E - lse2[:, None]) * soft[:, None]
+    if KL_GRAD and DIVERGENCE == REVERSE_KL:
+        qk = q * kl[:, None]
+        grad = tl.where(qk == 0.0, softmax, softmax + qk * ((zk - bk) * inv_t + shift[:, None]))
+    elif KL_GRAD:
+        p = tl.exp2(bk * scale2 - bc2[:, None])
+        if UNIT_TEMPERATURE:  # q (soft + kl) - p kl: no separate softmax term
+            grad = q * (soft + kl)[:, None] - p * kl[:, None]
+        else:
+            grad = softmax + (q - p) * kl[:, None]
+    else:
+        grad = softmax
+    return grad
+
+
+@triton.jit
+def tile_gradient(z, b, col_mask, is_label, scale, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift,
+                  KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
+                  MASK_TARGET: tl.constexpr):
+    """`logit_gradient` with the label's one-hot, on a tile that may hold labels or columns past the range
+    (their values are junk). At T = 1 a masked label is no kept column: its softmax takes an exponential
+    of its own."""
+    is_label = is_label & col_mask[None, :]
+    kept = kept_columns(col_mask, is_label, MASK_TARGET)
+    grad = logit_gradient(z, tl.where(kept, z, float("-inf")), tl.where(kept, b, float("-inf")), scale2, inv_t,
+                          lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE)
+    if UNIT_TEMPERATURE and MASK_TARGET:
+        label_term = scale[:, None] * (tl.exp2(z * LOG2E - lse2[:, None]) - 1.0)
+    else:
+        label_term = tl.zeros_like(grad) - scale[:, None]
+    return tl.where(is_label, grad + label_term, grad)
 
 
 @triton.jit

@@ -133,6 +133,7 @@ def test_triton_dropout_mask_statistics():
     assert abs(first.float().mean().item() - 0.7) < 0.01
     assert torch.equal(first, triton_dropout_mask((64, 500), 0.3, seed=1234))
     assert (first != triton_dropout_mask((64, 500), 0.3, seed=1235)).float().mean() > 0.3
+    assert (first[:, 0::4] != first[:, 1::4]).float().mean() > 0.3  # one Philox call, four distinct draws
     # consecutive calls draw fresh seeds, hence fresh masks
     inputs = lora_linear_inputs((8,), 16, 16, 4, torch.float32)
     ys = [lora_linear(*(inputs[k] for k in ("x", "weight", "lora_A", "lora_B")), 1.0, dropout_p=0.5, backend="triton")

@@ -425,7 +425,8 @@ def test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary(backend, dir
         logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels, options, vocab_start=a, need_kl=True)
         for a, b in ranges]).float()
     merged = finalize(merge_partials(parts, direction), labels, options, need_kl=True)
-    torch.testing.assert_close(merged.float(), whole.float(), rtol=1e-5, atol=1e-5)
+    # equal_nan: ignored rows have no label, hence LSE = NaN in both
+    torch.testing.assert_close(merged.float(), whole.float(), rtol=1e-5, atol=1e-5, equal_nan=True)
     for a, b in ranges:
         grad = torch.empty(logits.shape[0], b - a)
         implementation("mtt_gradient", backend)(logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels,
@@ -460,3 +461,26 @@ def test_kl_part_of_the_gradient_survives_bf16_on_confident_rows(backend, direct
         lambda x, lam: reference.mtt_loss(x, base.double(), labels, lam=lam, direction=direction), logits.double())
     assert truth.norm() > 0
     assert (ours - truth).norm() <= 0.05 * truth.norm()
+
+
+
+
+# --- the row kernel's tiling: several tiles per row, masked and mask-free tiles, several rows per program ---
+
+@pytest.mark.parametrize("direction,temperature,mask_target", [("forward", 1.0, True), ("reverse", 2.0, True),
+                                                               ("reverse", 1.0, False)])
+def test_row_kernel_tiles_with_and_without_the_label(monkeypatch, direction, temperature, mask_target):
+    """32-column tiles: only the label's tile and the partial last one take the masked path. T = 1 (q and
+    the softmax share one exponential) and T = 2, the full-vocabulary KL, edge rows (-inf entries in
+    mask-free tiles); with 4 rows per program lam = 0 on bf16 and vocabulary ranges."""
+    from fastmtt.kernels import mtt_loss as kernel
+
+    logits, base, labels = mtt_inputs(8, 100, torch.float32, seed=44)
+    options = dict(temperature=temperature, direction=direction, mask_target=mask_target, reduction="none")
+    monkeypatch.setattr(kernel, "_block_sizes", lambda n_cols: (1, 32, 1))
+    check_against_reference("triton", logits, base, labels, lam=0.7, **options)
+    if mask_target:
+        test_edge_rows("triton", direction)
+    monkeypatch.setattr(kernel, "_block_sizes", lambda n_cols: (4, 32, 1))
+    check_against_reference("triton", logits.bfloat16(), base.bfloat16(), labels, lam=0.0, **options)
+    test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary("triton", direction, temperature, mask_target)

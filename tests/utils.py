@@ -259,6 +259,7 @@ def use_small_lora_tiles(monkeypatch):
     from fastmtt.kernels import lora_linear as kernels
 
     monkeypatch.setattr(kernels, "_gemm_blocks", lambda *args: (16, 16, 16, 1, 1))
+    monkeypatch.setattr(kernels, "_project_blocks", lambda *args: (16, 16, 1))
     monkeypatch.setattr(kernels, "_weight_grad_blocks", lambda *args: (16, 16, 1, 3))
 
 
