@@ -110,6 +110,7 @@ def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, 
     acc = accumulator_dtype(logits, base_logits)
     stats = torch.zeros(P.N_STATS, logits.shape[0], dtype=acc, device=logits.device)
     has_kl = _has_kl(options, need_kl)
+    scale = _scale(grad_scale, acc, logits.device)
     for rows in _chunks(*logits.shape):
         if not bool((labels[rows] != options.ignore_index).any()):  # padding only
             if grad_out is not None:
@@ -118,7 +119,7 @@ def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, 
         chunk = _Rows(logits[rows], base_logits[rows], labels[rows], options, 0, has_kl)
         stats[:, rows] = P.finalize(_chunk_partials(chunk, has_kl), labels[rows], options, need_kl=need_kl)
         if grad_out is not None:
-            _chunk_gradient(chunk, stats[:, rows], _scale(grad_scale, acc, logits.device), grad_out[rows])
+            _chunk_gradient(chunk, stats[:, rows], scale, grad_out[rows])
     return stats
 
 
@@ -137,9 +138,10 @@ def mtt_partials(logits, base_logits, labels, options, *, vocab_start, need_kl):
 def mtt_gradient(logits, base_logits, labels, stats, options, *, vocab_start, grad_scale, grad_out):
     """grad_scale * dL_i/dlogits of a vocabulary range into grad_out, from merged statistics [N_STATS, N]."""
     acc = accumulator_dtype(logits, base_logits)
+    scale = _scale(grad_scale, acc, logits.device)
     for rows in _chunks(*logits.shape):
         chunk = _Rows(logits[rows], base_logits[rows], labels[rows], options, vocab_start, options.lam > 0)
-        _chunk_gradient(chunk, stats[:, rows].to(acc), _scale(grad_scale, acc, logits.device), grad_out[rows])
+        _chunk_gradient(chunk, stats[:, rows].to(acc), scale, grad_out[rows])
     return grad_out
 
 
