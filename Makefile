@@ -11,7 +11,8 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -q -r requirements-cpu.txt -e ".[test,demo]"
 
-test: setup
+# The tests include a tiny run of the real-model experiment, so they set it up too.
+test: experiment-setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 -q
 

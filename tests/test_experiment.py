@@ -1,8 +1,9 @@
 """`fastmtt experiment`: its pieces on a tiny random Llama (seconds), and a tiny real run on SmolLM2-135M
 (needs `make experiment-setup`; about 30 s the first time the model is dequantized)."""
-import csv
 import importlib.util
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -125,8 +126,13 @@ def test_equal_learning_interpolates_along_each_curve():
 @pytest.mark.skipif(experiment.model_package_folder() is None or importlib.util.find_spec("gguf") is None,
                     reason=f"the real-model run needs {experiment.MISSING_MODEL}")
 def test_tiny_run_on_smollm2(tmp_path):
-    cfg = experiment.config_for("tiny", methods=("ce", "kl", "mtt"), lams=(3.0,), adapted_layers=2)
-    rows = experiment.run_experiment(cfg, out_dir=str(tmp_path), log=lambda *a: None)
+    """The command line end to end, its output going to a pipe (no progress bars there)."""
+    command = [sys.executable, "-m", "fastmtt", "experiment", "--preset", "tiny", "--methods", "ce", "kl", "mtt",
+               "--lams", "3", "--adapted-layers", "2", "--out", str(tmp_path)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stdout + result.stderr and "it/s" not in result.stderr
+    rows = experiment.read_csv(str(tmp_path / "results.csv"))
     by_method = {row["method"]: row for row in rows}
     assert len(rows) == 4 and set(by_method) == {"base", "ce", "kl", "mtt"}
     base, ce = by_method["base"], by_method["ce"]
@@ -134,7 +140,6 @@ def test_tiny_run_on_smollm2(tmp_path):
     assert ce["task_ce"] < base["task_ce"] - 0.3  # two steps of CE already teach the answer format
     for row in rows[1:]:
         assert row["retention_kl"] > 1e-5 and row["seconds"] > 0
-    with open(tmp_path / "results.csv") as handle:
-        assert len(list(csv.DictReader(handle))) == 4
     assert (tmp_path / "frontier.png").stat().st_size > 10_000 and "| CE only | 0 | 1 |" in (
         tmp_path / "summary.md").read_text()
+    assert "| CE only | 0 | 1 |" in result.stdout
