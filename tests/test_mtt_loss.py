@@ -300,22 +300,32 @@ def test_non_contiguous_inputs_match_contiguous(backend, layout):
 
 
 @pytest.mark.parametrize("backend", ROW_IMPLEMENTATIONS)
-def test_more_than_2_pow_31_elements_are_indexed_with_64_bit_offsets(backend):
-    """[N, V] fp16 with N*V > 2^31: only the last rows (past element 2^31) hold labels; the untouched
-    pages of the big allocation are never written, so this costs little real memory."""
-    n, v = 32_770, 65_539
-    assert n * v > 2**31
-    big = torch.empty(n + 1, v, dtype=torch.float16)
-    logits, base = big[:n], big[1:]  # base row i is storage row i + 1
-    labels = torch.full((n,), -100, dtype=torch.long)
+def test_rows_past_element_2_pow_31_are_indexed_with_64_bit_offsets(backend):
+    """fp16 logits, base and gradient whose last rows start past element 2^31 of their storage (a row stride
+    of about 2^31 / 14, so a few programs reach it); only those rows hold labels. Pages never touched cost
+    no real memory."""
+    n, v = 16, 65_539
+    stride = 2**31 // (n - 2) + 8
+    assert (n - 2) * stride > 2**31
+    storage = torch.empty(n * stride + v, dtype=torch.float16)
+    logits = storage.as_strided((n, v), (stride, 1))
+    base = storage.as_strided((n, v), (stride, 1), stride)  # base row i is logits row i + 1
     tail = torch.randn(3, v, generator=torch.Generator().manual_seed(24)).half()
-    big[-3:] = tail
+    for i, row in enumerate(tail):  # storage rows n - 2, n - 1, n: logits rows n - 2, n - 1 and base rows too
+        storage[(n - 2 + i) * stride:][:v] = row
+    assert torch.equal(logits[-2:], tail[:2]) and torch.equal(base[-2:], tail[1:])
+    labels = torch.full((n,), -100, dtype=torch.long)
     labels[-2:] = torch.tensor([5, v - 1])
-    ce, kl = mtt_rows(backend, logits, base, labels)
-    expected = reference.mtt_loss(tail[:2].double(), tail[1:].double(), labels[-2:], lam=1.0, reduction="none")
+    grad = torch.empty(n * stride + v, dtype=torch.float16).as_strided((n, v), (stride, 1))
+    ce, kl = mtt_rows(backend, logits, base, labels, grad_out=grad)
+
+    x = tail[:2].double().requires_grad_(True)
+    expected = reference.mtt_loss(x, tail[1:].double(), labels[-2:], lam=1.0, reduction="none")
+    expected.loss.sum().backward()
     torch.testing.assert_close(ce[-2:].double(), expected.ce, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl[-2:].double(), expected.kl, rtol=1e-4, atol=1e-5)
-    assert ce[:-2].eq(0).all() and kl[:-2].eq(0).all()
+    torch.testing.assert_close(grad[-2:].double(), x.grad, rtol=1e-2, atol=1e-5)
+    assert ce[:-2].eq(0).all() and kl[:-2].eq(0).all() and grad[:-2].eq(0).all()
 
 
 @pytest.mark.parametrize("direction", DIRECTIONS)
