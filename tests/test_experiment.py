@@ -99,11 +99,47 @@ def test_objective_is_ce_plus_lam_times_the_methods_divergence(method, direction
     assert all(p.grad is not None for p in adapted.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("method", ["kl", "mtt"])
+def test_regularizer_at_every_position_keeps_ce_on_the_answer(method):
+    """kl_positions="all": mean CE over the answer rows + lam T^2 * mean D over every predicted, unpadded row,
+    D's target on a prompt row being the next input token."""
+    from peft import get_peft_model
+
+    model = tiny_llama()
+    examples = experiment.addition_examples(DigitTokenizer(), 4, torch.Generator().manual_seed(2))
+    examples[1] = {key: value[:-2] for key, value in examples[1].items()}  # a shorter row: padding to skip
+    batch = experiment._pad(examples, 12)
+    assert not batch["attention_mask"].all()
+    experiment.cache_frozen_states(model, [batch], adapted_layers=2)
+    adapted = get_peft_model(experiment.top_layers(model, 2), experiment.adapter_config("lora", 4))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    lam, temperature = 0.7, 1.5
+    out = experiment.objective(adapted, batch, method, lam, "reverse", temperature, kl_positions="all")
+
+    hidden, weight = experiment.final_hidden(adapted, batch)
+    targets, next_tokens = batch["labels"][:, 1:], batch["input_ids"][:, 1:]
+    answer = targets != -100
+    predicted = batch["attention_mask"][:, 1:].bool()
+    assert (predicted & ~answer).sum() > answer.sum()  # the prompt holds most of the rows
+    logits = (hidden[:, :-1][predicted] @ weight.T).double()
+    base_logits = (batch["base_hidden"][:, :-1][predicted] @ weight.T).double()
+    divergence = masked_kl_rows(logits, base_logits, next_tokens[predicted], temperature=temperature,
+                                direction="reverse" if method == "mtt" else "forward", mask_target=method == "mtt")
+    ce = torch.nn.functional.cross_entropy(logits[answer[predicted]], targets[answer])
+    expected = ce + lam * temperature**2 * divergence.mean()
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.kl.double(), divergence.mean(), rtol=1e-4, atol=1e-6)
+    answer_only = experiment.objective(adapted, batch, method, lam, "reverse", temperature)
+    assert abs(float(answer_only.loss.detach()) - float(out.loss.detach())) > 1e-3
+
+
 def test_equal_learning_interpolates_along_each_curve():
     def row(method, lam, seed, task_ce, kl, ppl):
         return dict(task="addition", adapter="lora", method=method, direction="forward" if method == "mtt" else "",
-                    lam=lam, temperature=1.0, seed=seed, task_ce=task_ce, task_acc=0.5, exact_match=0.1,
-                    retention_ppl=ppl, retention_kl=kl)
+                    kl_positions="answer", lam=lam, temperature=1.0, seed=seed, task_ce=task_ce, task_acc=0.5,
+                    exact_match=0.1, retention_ppl=ppl, retention_kl=kl)
 
     rows = [dict(row("base", 0.0, 0, 3.0, 0.0, 30.0), adapter=""),
             row("ce", 0.0, 0, 1.0, 0.40, 40.0), row("ce", 0.0, 1, 1.2, 0.60, 42.0),

@@ -119,7 +119,8 @@ def _experiment(args) -> int:
     torch.set_num_threads(args.threads)
     cfg = config_for("quick" if args.quick else args.preset, tasks=args.tasks, adapters=args.adapters,
                      methods=args.methods, directions=args.directions, lams=args.lams, seeds=args.seeds,
-                     steps=args.steps, temperature=args.temperature, adapted_layers=args.adapted_layers)
+                     steps=args.steps, temperature=args.temperature, adapted_layers=args.adapted_layers,
+                     kl_positions=args.kl_positions)
     try:
         run_experiment(cfg, out_dir=args.out, cache_dir=args.cache_dir, resume=args.resume)
     except ImportError as exc:  # the model package or gguf is missing: say how to install them
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seeds", type=int, nargs="+")
     exp.add_argument("--steps", type=positive_int, help="training steps of each run (batch 8)")
     exp.add_argument("--temperature", type=positive_float, help="KL temperature of full KL and MTT (default 1)")
+    exp.add_argument("--kl-positions", choices=("answer", "all"),
+                     help="where full KL and MTT apply: the labelled positions (default) or every position")
     exp.add_argument("--adapted-layers", type=int, help="adapters on the last N of the 30 decoder layers (default 10)")
     exp.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
     exp.set_defaults(func=_experiment)

@@ -7,9 +7,11 @@ One adapter is trained per (task, adapter kind, method, lam, seed) on the frozen
             Python-reference prose (CPython's pydoc_data/topics.py, shipped with every Python).
 Methods: "ce" (CE only), "kl" (CE + lam * full-vocabulary KL(base || adapted)) and "mtt" (CE + lam *
 target-masked KL, forward or reverse), all through `fastmtt.fused_linear_mtt_loss` at the predicted
-positions. The frozen base's final hidden states of the training set and of the retention text are
-computed once per task and reused by every run (the base never changes), so a step costs the adapted
-forward and backward only.
+positions. kl_positions="all" also applies the regularizer at the prompt's positions (CE stays on the
+answer; the masked target there is the next prompt token), computed on those rows' logits in PyTorch.
+The frozen base's final hidden states of the training set and of the retention text are computed once
+per task and reused by every run (the base never changes), so a step costs the adapted forward and
+backward only.
 
 Tasks: "addition" (far from the base: "123+456=" -> "579", loss on the answer) and "license" (near the
 base: English legal prose, the PSF license text of the standard library, loss on every token).
@@ -31,11 +33,13 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss
+from fastmtt.reference import masked_kl_rows
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastmtt", "smollm2-135m")
 TASKS = ("addition", "license")
 ADAPTERS = ("lora", "dora", "randlora")
+KL_POSITIONS = ("answer", "all")
 METHODS = ("ce", "kl", "mtt")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -56,6 +60,7 @@ class ExperimentConfig:
     rank: int = 8
     adapted_layers: int = 10          # adapters on the last 10 of SmolLM2's 30 decoder layers
     temperature: float = 1.0
+    kl_positions: str = "answer"      # "all": the regularizer at the prompt's positions too
     prose_length: int = 16            # tokens per window of the license task
     task_eval_examples: int = 64
     retention_tokens: int = 1024      # held-out prose tokens scored for forgetting
@@ -82,6 +87,8 @@ def config_for(preset: str, **overrides) -> ExperimentConfig:
         unknown = sorted(set(getattr(config, name)) - set(allowed))
         if unknown:
             raise ValueError(f"{name} must be among {allowed}, got {unknown}")
+    if config.kl_positions not in KL_POSITIONS:
+        raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {config.kl_positions!r}")
     return config
 
 
@@ -250,16 +257,30 @@ def final_hidden(model, batch):
     return hidden, causal_lm.get_output_embeddings().weight
 
 
-def objective(model, batch, method: str, lam: float, direction: str, temperature: float):
-    """MTTOutput of CE + lam * T^2 * D at the predicted positions through the fused head loss; D is the
-    target-masked KL for "mtt", the full-vocabulary KL(base || adapted) for "kl", and absent for "ce"."""
+def objective(model, batch, method: str, lam: float, direction: str, temperature: float,
+              kl_positions: str = "answer"):
+    """MTTOutput of mean CE + lam * T^2 * mean D through the fused head loss; D is the target-masked KL for
+    "mtt", the full-vocabulary KL(base || adapted) for "kl", and absent for "ce". CE is on the labelled
+    positions; D on the same ones, or with kl_positions="all" on every predicted position (the prompt's
+    rows, whose target is the next input token, go through the reference on their [rows, V] logits)."""
     hidden, weight = final_hidden(model, batch)
     targets = batch["labels"][:, 1:]
     keep = targets != -100
-    return fused_linear_mtt_loss(hidden[:, :-1][keep], batch["base_hidden"][:, :-1][keep], weight, targets[keep],
-                                 lam=0.0 if method == "ce" else lam, temperature=temperature,
-                                 direction=direction if method == "mtt" else "forward",
-                                 mask_target=method != "kl", return_components=True)
+    prompt = ~keep & batch["attention_mask"][:, 1:].bool()
+    if method == "ce" or kl_positions == "answer" or not prompt.any():
+        prompt = torch.zeros_like(keep)
+    share = float(keep.sum()) / float(keep.sum() + prompt.sum())  # D's mean runs over both kinds of rows
+    options = dict(temperature=temperature, direction=direction if method == "mtt" else "forward",
+                   mask_target=method != "kl")
+    out = fused_linear_mtt_loss(hidden[:, :-1][keep], batch["base_hidden"][:, :-1][keep], weight, targets[keep],
+                                lam=0.0 if method == "ce" else lam * share, return_components=True, **options)
+    if not prompt.any():
+        return out
+    divergence = masked_kl_rows(hidden[:, :-1][prompt] @ weight.T, batch["base_hidden"][:, :-1][prompt] @ weight.T,
+                                batch["input_ids"][:, 1:][prompt], **options)
+    extra = lam * temperature**2 * divergence.sum() / float(keep.sum() + prompt.sum())
+    kl = (out.kl * keep.sum() + divergence.detach().sum()) / float(keep.sum() + prompt.sum())
+    return out._replace(loss=out.loss + extra, kl=kl)
 
 
 @torch.no_grad()
@@ -314,7 +335,7 @@ def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: st
     for step in range(cfg.steps):
         rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         batch = {key: value[rows] for key, value in data.train.items()}
-        loss = objective(model, batch, method, lam, direction, cfg.temperature).loss
+        loss = objective(model, batch, method, lam, direction, cfg.temperature, cfg.kl_positions).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -328,9 +349,10 @@ def score(model, data: TaskData) -> Dict[str, float]:
                 retention_ppl=retention["ppl"], retention_kl=retention["kl"])
 
 
-COLUMNS = ("task", "adapter", "method", "direction", "lam", "temperature", "seed", "task_ce", "task_acc", "exact_match",
-           "retention_ppl", "retention_kl", "seconds")
-KEY = ("task", "adapter", "method", "direction", "lam", "temperature", "seed")
+COLUMNS = ("task", "adapter", "method", "direction", "kl_positions", "lam", "temperature", "seed", "task_ce",
+           "task_acc", "exact_match", "retention_ppl", "retention_kl", "seconds")
+KEY = ("task", "adapter", "method", "direction", "kl_positions", "lam", "temperature", "seed")
+TEXT_COLUMNS = ("task", "adapter", "method", "direction", "kl_positions")
 
 
 def _key(row) -> tuple:
@@ -338,8 +360,9 @@ def _key(row) -> tuple:
 
 
 def read_csv(path: str) -> List[dict]:
+    """Rows of results.csv; files written before kl_positions existed regularized the answer only."""
     with open(path, newline="") as handle:
-        return [{k: (v if k in ("task", "adapter", "method", "direction") else float(v)) for k, v in row.items()}
+        return [{"kl_positions": "answer", **{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}}
                 for row in csv.DictReader(handle)]
 
 
@@ -378,13 +401,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
         data = make_task(task, tokenizer, cfg, retention_tokens)
         cache_frozen_states(model, [data.train, *data.task_eval], cfg.adapted_layers)
         cache_frozen_states(model, data.retention, cfg.adapted_layers, log_probs=True)
-        base_row = dict(task=task, adapter="", method="base", direction="", lam=0.0, temperature=1.0, seed=0.0,
-                        seconds=0.0)
+        base_row = dict(task=task, adapter="", method="base", direction="", kl_positions="answer", lam=0.0,
+                        temperature=1.0, seed=0.0, seconds=0.0)
         if _key(base_row) not in done:
             rows.append({**base_row, **score(top, data)})
             log(_run_line(rows[-1]))
         for adapter, method, lam, direction, seed in planned_runs(cfg):
-            row = dict(task=task, adapter=adapter, method=method, direction=direction, lam=lam,
+            row = dict(task=task, adapter=adapter, method=method, direction=direction,
+                       kl_positions="answer" if method == "ce" else cfg.kl_positions, lam=lam,
                        temperature=1.0 if method == "ce" else cfg.temperature, seed=float(seed))
             if _key(row) in done:
                 continue
@@ -416,7 +440,10 @@ def _run_line(row) -> str:
 
 def _curve_name(row) -> str:
     name = {"ce": "CE only", "kl": "full KL", "base": "base model"}.get(row["method"], f"MTT {row['direction']}")
-    return name if row["method"] in ("ce", "base") or row["temperature"] == 1 else f"{name} T={row['temperature']:g}"
+    if row["method"] in ("ce", "base"):
+        return name
+    name += "" if row["temperature"] == 1 else f" T={row['temperature']:g}"
+    return name + (", all positions" if row["kl_positions"] == "all" else "")
 
 
 # ------------------------------------------------------------------------------------------------- summary
