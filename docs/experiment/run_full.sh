@@ -19,3 +19,6 @@ run --tasks license --adapters lora --methods ce kl mtt --directions forward --l
 run --tasks addition --adapters dora --methods ce kl mtt --directions forward --lams 1 10 --seeds 0
 # 6. MTT at larger lam: does its curve reach full KL's lower-learning points?
 run --tasks addition --adapters lora --methods mtt --directions forward --lams 100 300 --seeds 0
+# 7. the regularizer at every position of the sequence (prompt included; CE stays on the answer)
+run --tasks addition --adapters lora --methods kl --kl-positions all --lams 0.3 1 3 --seeds 0 1
+run --tasks addition --adapters lora --methods mtt --directions forward --kl-positions all --lams 1 3 10 30 --seeds 0 1
