@@ -6,6 +6,8 @@ each. float32 math (float64 when an input is float64).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from fastmtt import partials as P
@@ -37,6 +39,15 @@ class _Rows:
     def label_logit(self, x):
         return torch.where(self.found, x.gather(1, self.index).squeeze(1), 0.0)
 
+    @functools.cached_property
+    def zt(self):
+        """kept(z): formed once per chunk for the statistics and the gradient."""
+        return self.kept(self.z)
+
+    @functools.cached_property
+    def bt(self):
+        return self.kept(self.b)
+
     def kept(self, x):
         """x / T with the target column (where it lies in this range and is masked) at -inf."""
         xt = x / self.options.temperature if self.options.temperature != 1.0 else x.clone()
@@ -56,7 +67,7 @@ def _max_and_exp(x):
 def _chunk_partials(rows: _Rows, need_kl):
     options = rows.options
     parts = torch.zeros(P.N_PARTIALS, rows.z.shape[0], dtype=rows.z.dtype, device=rows.z.device)
-    zt = rows.kept(rows.z)
+    zt = rows.zt
     parts[P.M_Z], e_z, parts[P.S_Z] = _max_and_exp(zt)
     parts[P.M_R] = float("-inf")
     if options.temperature != 1.0:
@@ -64,7 +75,7 @@ def _chunk_partials(rows: _Rows, need_kl):
     parts[P.Z_LABEL] = rows.label_logit(rows.z)
     parts[P.LABEL_FOUND] = rows.found.to(parts.dtype)
     if need_kl:
-        bt = rows.kept(rows.b)
+        bt = rows.bt
         parts[P.M_B], e_b, parts[P.S_B] = _max_and_exp(bt)
         parts[P.W] = DIVERGENCES[options.direction].terms(e_z, e_b, zt, bt).sum(1)
         parts[P.B_LABEL] = rows.label_logit(rows.b)
@@ -85,8 +96,9 @@ def _chunk_gradient(rows: _Rows, stats, grad_scale, out):
     if options.lam > 0:
         z_lse, b_lse, value = stats[P.Z_LSE], stats[P.B_LSE], stats[P.KL]
         constant = (z_lse == float("-inf")) | (b_lse == float("-inf")) | (value == float("inf"))
-        log_q = rows.kept(rows.z).sub_(torch.where(z_lse == float("-inf"), 0.0, z_lse)[:, None])
-        log_p = rows.kept(rows.b).sub_(torch.where(b_lse == float("-inf"), 0.0, b_lse)[:, None])
+        # The gradient is the chunk's last use of zt and bt: shifted in place.
+        log_q = rows.zt.sub_(torch.where(z_lse == float("-inf"), 0.0, z_lse)[:, None])
+        log_p = rows.bt.sub_(torch.where(b_lse == float("-inf"), 0.0, b_lse)[:, None])
         kl_grad = DIVERGENCES[options.direction].gradient(log_q, log_p, value)
         kl_grad[constant] = 0.0  # D does not vary there (and inf - inf would be NaN)
         grad.add_(kl_grad, alpha=options.kl_weight / options.temperature)
