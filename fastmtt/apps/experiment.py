@@ -269,7 +269,8 @@ def objective(model, batch, method: str, lam: float, direction: str, temperature
     prompt = ~keep & batch["attention_mask"][:, 1:].bool()
     if method == "ce" or kl_positions == "answer" or not prompt.any():
         prompt = torch.zeros_like(keep)
-    share = float(keep.sum()) / float(keep.sum() + prompt.sum())  # D's mean runs over both kinds of rows
+    rows = max(1, int(keep.sum() + prompt.sum()))  # D's mean runs over both kinds of rows
+    share = float(keep.sum()) / rows
     options = dict(temperature=temperature, direction=direction if method == "mtt" else "forward",
                    mask_target=method != "kl")
     out = fused_linear_mtt_loss(hidden[:, :-1][keep], batch["base_hidden"][:, :-1][keep], weight, targets[keep],
@@ -278,8 +279,8 @@ def objective(model, batch, method: str, lam: float, direction: str, temperature
         return out
     divergence = masked_kl_rows(hidden[:, :-1][prompt] @ weight.T, batch["base_hidden"][:, :-1][prompt] @ weight.T,
                                 batch["input_ids"][:, 1:][prompt], **options)
-    extra = lam * temperature**2 * divergence.sum() / float(keep.sum() + prompt.sum())
-    kl = (out.kl * keep.sum() + divergence.detach().sum()) / float(keep.sum() + prompt.sum())
+    extra = lam * temperature**2 * divergence.sum() / rows
+    kl = (out.kl * keep.sum() + divergence.detach().sum()) / rows
     return out._replace(loss=out.loss + extra, kl=kl)
 
 
