@@ -28,6 +28,7 @@ from fastmtt.reference import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
 _UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
+KL_POSITIONS = ("labels", "all")
 # Dropout probabilities transformers' modules keep as plain floats (Llama's attention_dropout, OPT's dropout, ...).
 _DROPOUT_FLOATS = ("attention_dropout", "hidden_dropout", "activation_dropout", "dropout")
 
@@ -207,15 +208,19 @@ class MTTObjective:
     ranks is the global value. 1 under a wrapper: each rank's own mean (the wrapper averages the means).
 
     Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions), or options= a
-    ready MTTOptions (reduction 'mean'). disable_dropout=True sets the base model's dropout to 0 (on
-    the first call, permanently, as TRL does for reference-model comparisons): otherwise the two passes
-    draw different masks, so KL > 0 for an adapter equal to the base and the regularizer pulls against
-    dropout noise. LoRA's lora_dropout on the adapted side is unaffected.
+    ready MTTOptions (reduction 'mean'). kl_positions: "labels" (default) puts the divergence where CE is;
+    "all" at every position the attention mask keeps, the prompt's too (their target to mask is the next
+    input token): loss = (sum of CE over labelled tokens + lam T^2 * sum of KL over all positions) / the
+    labelled count, so lam weighs one position's KL as one label's CE.
+    disable_dropout=True sets the base model's dropout to 0 (on the first call, permanently, as TRL does
+    for reference-model comparisons): otherwise the two passes draw different masks, so KL > 0 for an
+    adapter equal to the base and the regularizer pulls against dropout noise. LoRA's lora_dropout on the
+    adapted side is unaffected.
     """
 
     def __init__(self, lam: float = DEFAULT_LAM, temperature: float = 1.0, direction: str = "forward",
                  ignore_index: int = -100, backend: str = "auto", *, mask_target: bool = True,
-                 options: Optional[MTTOptions] = None, disable_dropout: bool = True):
+                 options: Optional[MTTOptions] = None, disable_dropout: bool = True, kl_positions: str = "labels"):
         keywords = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
                               ignore_index=ignore_index)
         if options is None:
@@ -228,10 +233,14 @@ class MTTObjective:
         if options.reduction != "mean":
             raise ValueError(f"MTTObjective averages over predicted tokens: options.reduction must be 'mean', "
                              f"got {options.reduction!r}")
+        if kl_positions not in KL_POSITIONS:
+            raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {kl_positions!r}")
         self.options, self.backend, self.disable_dropout = options, backend, bool(disable_dropout)
+        self.kl_positions = kl_positions
 
     def __repr__(self):
-        return f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout})"
+        return (f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout}, "
+                f"kl_positions={self.kl_positions!r})")
 
     def hidden_states(self, model, input_ids, attention_mask=None, **model_kwargs):
         """(adapted, base) final hidden states [B, L, D], outside any wrapper's forward (inspection)."""
@@ -253,9 +262,18 @@ class MTTObjective:
         """What the patched causal-LM forward returns when asked for the MTT loss."""
         head = output_head(causal_lm)
         hidden, base_hidden = self._both_passes(peft_model, causal_lm, inputs)
-        targets = labels[:, 1:]
-        keep = targets != self.options.ignore_index  # only predicted positions reach the head
-        hidden, base_hidden = hidden[:, :-1][keep], base_hidden[:, :-1][keep]
+        hidden, base_hidden, targets = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:]
+        labelled = targets != self.options.ignore_index  # only predicted positions reach the head
+        parts = [(labelled, targets, self.options)]
+        if self.kl_positions == "all" and self.options.lam > 0:
+            if inputs.get("input_ids") is None:
+                raise ValueError("kl_positions='all' needs input_ids: the next input token is the target to mask "
+                                 "at the positions without a label")
+            attention_mask = inputs.get("attention_mask")
+            attended = torch.ones_like(labelled) if attention_mask is None else attention_mask[:, 1:].bool()
+            parts.append((attended & ~labelled, inputs["input_ids"][:, 1:], self.options.replace(ce_weight=0.0)))
+            if num_items_in_batch is None:  # both parts divide by the labelled count
+                num_items_in_batch = labelled.sum()
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):  # e.g. Accelerator(mixed_precision=...) around this forward
             # The head in the autocast dtype, as autocast runs a Linear head, statistics in fp32 by the op itself.
@@ -263,9 +281,11 @@ class MTTObjective:
             hidden, base_hidden = hidden.to(dtype), base_hidden.to(dtype)
             head = head.with_tensors(*(None if t is None else t.to(dtype) for t in head.tensors()))
         with torch.autocast(device_type, enabled=False):
-            return fused_linear_mtt_loss_with_options(
-                hidden, base_hidden, head, targets[keep], self.options, num_items_in_batch=num_items_in_batch,
-                return_components=True, backend=self.backend)
+            outputs = [fused_linear_mtt_loss_with_options(
+                hidden[rows], base_hidden[rows], head, row_targets[rows], options,
+                num_items_in_batch=num_items_in_batch, return_components=True, backend=self.backend)
+                for rows, row_targets, options in parts]
+        return outputs[0] if len(outputs) == 1 else MTTOutput(*(a + b for a, b in zip(*outputs)))
 
     def __call__(self, model, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,

@@ -17,12 +17,14 @@ REDUCTIONS = ("mean", "sum", "none")
 
 @dataclasses.dataclass(frozen=True)
 class MTTOptions:
-    """loss_i = CE_i + lam * T^2 * D_i, reduced over rows.
+    """loss_i = ce_weight * CE_i + lam * T^2 * D_i, reduced over rows.
 
     lam >= 0: regularizer weight. temperature T > 0 (regularizer only; CE uses raw logits).
     direction: the divergence D, one of DIRECTIONS. mask_target: True (MTT) removes the target from
     both distributions and renormalizes; False is the full-vocabulary KL baseline, everything else
     equal. ignore_index: label of rows without loss. reduction: 'mean', 'sum' or 'none'.
+    ce_weight >= 0: CE's weight (1; 0 gives the divergence alone, e.g. on the rows of a prompt, whose
+    label is then only the target to mask).
     """
 
     lam: float = DEFAULT_LAM
@@ -31,9 +33,13 @@ class MTTOptions:
     mask_target: bool = True
     ignore_index: int = -100
     reduction: str = "mean"
+    ce_weight: float = 1.0
 
     def __post_init__(self):
         _check_real("lam", self.lam)
+        _check_real("ce_weight", self.ce_weight)
+        if not 0 <= self.ce_weight < float("inf"):
+            raise ValueError(f"ce_weight must be finite and >= 0, got {self.ce_weight}")
         _check_real("temperature", self.temperature)
         if not self.lam >= 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
@@ -49,6 +55,7 @@ class MTTOptions:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         object.__setattr__(self, "lam", float(self.lam))
         object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "ce_weight", float(self.ce_weight))
 
     @property
     def reverse(self) -> bool:

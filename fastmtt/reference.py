@@ -92,10 +92,12 @@ def mtt_loss(
     ignore_index: int = -100,
     reduction: str = "mean",
     num_items_in_batch: Optional[int] = None,
+    ce_weight: float = 1.0,
 ) -> MTTOutput:
-    """loss_i = CE_i + lam * T^2 * KL_i, reduced; gradient (autograd) flows to `logits` only."""
+    """loss_i = ce_weight * CE_i + lam * T^2 * KL_i, reduced; gradient (autograd) flows to `logits` only.
+    The components are the two terms: ce = ce_weight * CE, kl = KL."""
     base_logits = base_logits.detach()
-    ce = cross_entropy_rows(logits, labels, ignore_index=ignore_index)
+    ce = ce_weight * cross_entropy_rows(logits, labels, ignore_index=ignore_index)
     kl = masked_kl_rows(logits, base_logits, labels, temperature=temperature, direction=direction,
                         ignore_index=ignore_index, mask_target=mask_target)
     loss = ce if lam == 0 else ce + lam * temperature**2 * kl  # lam = 0 is plain CE, even where KL is inf

@@ -145,7 +145,7 @@ def _linear_mtt_bwd_kernel(
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, grad_lora_h_ptr, grad_lora_b_ptr,
     stride_h, stride_b, stride_w, stride_lh, stride_lb,
     n_rows, n_cols, n_hidden, rank, ignore_index, vocab_start,
-    scaling, softcap, inv_t, kl_weight, threshold,
+    scaling, softcap, inv_t, kl_weight, ce_weight, threshold,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, R_PAD: tl.constexpr,
     KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr, MASK_TARGET: tl.constexpr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -165,10 +165,11 @@ def _linear_mtt_bwd_kernel(
                         BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, KL_GRAD, HAS_BIAS, LORA, SOFTCAP, UPCAST, PRECISION)
     lse, z_lse, b_lse, value = load_statistics(stats_ptr, n_rows, rows, live)
     unit = tl.full((BLOCK_N,), 1.0, tl.float32)  # coef scales the gradient below, after the filter
-    lse2, zc2, bc2, soft, kl, shift = gradient_constants(lse, z_lse, b_lse, value, unit, inv_t, kl_weight, DIVERGENCE,
-                                                         UNIT_TEMPERATURE)
-    grad = tile_gradient(z, b, col_mask, cols[None, :] == (labels - vocab_start)[:, None], unit, inv_t * LOG2E, inv_t,
-                         lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
+    lse2, zc2, bc2, soft, kl, shift = gradient_constants(lse, z_lse, b_lse, value, unit, inv_t, kl_weight, ce_weight,
+                                                         DIVERGENCE, UNIT_TEMPERATURE)
+    grad = tile_gradient(z, b, col_mask, cols[None, :] == (labels - vocab_start)[:, None], unit * ce_weight,
+                         inv_t * LOG2E, inv_t, lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE,
+                         MASK_TARGET)
     if SOFTCAP:  # dz_pre = dz * (1 - tanh^2), tanh = z / c
         t = z / softcap
         grad = grad * (1.0 - t * t)
@@ -325,7 +326,8 @@ def _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef
     dummy = _dummy(hidden.device)
     names = ("grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "grad_lora_h_ptr", "grad_lora_b_ptr")
     args.update({name: dummy if g is None else g for name, g in zip(names, grads)})
-    args.update(stats_ptr=stats, coef_ptr=coef, kl_weight=options.kl_weight, threshold=float(threshold))
+    args.update(stats_ptr=stats, coef_ptr=coef, kl_weight=options.kl_weight, ce_weight=options.ce_weight,
+                threshold=float(threshold))
     flags.update(KL_GRAD=options.lam > 0, UNIT_TEMPERATURE=options.temperature == 1.0,
                  HIDDEN_GRAD=grads[0] is not None, WEIGHT_GRAD=grads[1] is not None, BIAS_GRAD=grads[2] is not None,
                  LORA_H_GRAD=grads[3] is not None, LORA_B_GRAD=grads[4] is not None,

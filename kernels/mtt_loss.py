@@ -66,7 +66,7 @@ def _mtt_loss_kernel(
     out_ptr,
     scale_ptr,
     n_rows, n_cols, vocab_start, ignore_index,
-    inv_t, kl_weight,
+    inv_t, kl_weight, ce_weight,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     MODE: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr, MASK_TARGET: tl.constexpr,
     HAS_KL: tl.constexpr, KL_GRAD: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
@@ -133,7 +133,8 @@ def _mtt_loss_kernel(
         if any_valid:
             scale = tl.where(valid, tl.load(scale_ptr).to(tl.float32), 0.0)
             lse2, zc2, bc2, soft, kl, shift = gradient_constants(lse, z_lse, b_lse, value, scale, inv_t, kl_weight,
-                                                                 DIVERGENCE, UNIT_TEMPERATURE)
+                                                                 ce_weight, DIVERGENCE, UNIT_TEMPERATURE)
+            ce_scale = scale * ce_weight
             for index in range(0, n_tiles):
                 start = (n_tiles - 1 - index) * BLOCK_V  # last tile first: pass 1 read it most recently
                 cols = start + offsets
@@ -146,8 +147,8 @@ def _mtt_loss_kernel(
                     if KL_GRAD:
                         b = tl.load(base_rows + cols[None, :], mask=live, other=float("-inf"),
                                     eviction_policy="evict_first").to(tl.float32)
-                    grad = tile_gradient(z, b, col_mask, cols[None, :] == local[:, None], scale, scale2, inv_t, lse2,
-                                         zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE,
+                    grad = tile_gradient(z, b, col_mask, cols[None, :] == local[:, None], ce_scale, scale2, inv_t,
+                                         lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE,
                                          MASK_TARGET)
                     tl.store(grad_rows + cols[None, :], tl.where(live, grad, 0.0).to(grad_ptr.dtype.element_ty),
                              mask=row_mask[:, None] & col_mask[None, :], eviction_policy="evict_first")
@@ -214,7 +215,7 @@ def _plan(logits, base_logits, labels, out, grad_out, grad_scale, options, *, mo
                 base_stride=base_logits.stride(0), labels_ptr=labels, grad_ptr=grad_out,
                 grad_stride=grad_out.stride(0), out_ptr=out, scale_ptr=grad_scale, n_rows=n_rows, n_cols=n_cols,
                 vocab_start=vocab_start, ignore_index=options.ignore_index, inv_t=1.0 / options.temperature,
-                kl_weight=options.kl_weight)
+                kl_weight=options.kl_weight, ce_weight=options.ce_weight)
     constexprs = dict(BLOCK_N=block_n, BLOCK_V=block_v, MODE=mode.value, DIVERGENCE=DIVERGENCE_IDS[options.direction],
                       UNIT_TEMPERATURE=options.temperature == 1.0, MASK_TARGET=options.mask_target,
                       HAS_KL=need_kl or options.lam > 0 or mode == MODE_GRADIENT, KL_GRAD=options.lam > 0,

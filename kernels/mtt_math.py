@@ -156,22 +156,22 @@ def accumulate_tile(z, b, col_mask, is_label, scale2, m_z, s_z, m_r, s_r, m_b, s
 
 
 @triton.jit
-def gradient_constants(lse, z_lse, b_lse, value, scale, inv_t, kl_weight, DIVERGENCE: tl.constexpr,
+def gradient_constants(lse, z_lse, b_lse, value, scale, inv_t, kl_weight, ce_weight, DIVERGENCE: tl.constexpr,
                        UNIT_TEMPERATURE: tl.constexpr):
     """Per-row constants of `logit_gradient` from the row statistics (nats) and scale [BLOCK_N], the
     gradient's factor: LSE, Z', B' in base 2 (lse2, zc2, bc2; an empty side's -inf as 0); soft = scale *
-    exp(Z' - LSE) at T = 1 (on kept columns softmax = q * exp(Z' - LSE), so one exponential serves both),
-    scale otherwise; kl = scale * lam T^2 / T, 0 where D does not vary (a side without mass, or D = +inf);
-    shift = B' - Z' - D (reverse KL)."""
+    ce_weight * exp(Z' - LSE) at T = 1 (on kept columns softmax = q * exp(Z' - LSE), so one exponential
+    serves both), scale * ce_weight otherwise; kl = scale * lam T^2 / T, 0 where D does not vary (a side
+    without mass, or D = +inf); shift = B' - Z' - D (reverse KL)."""
     z_empty = z_lse == float("-inf")
     b_empty = b_lse == float("-inf")
     constant = z_empty | b_empty | (value == float("inf"))
     lse2 = lse * LOG2E
     zc2 = tl.where(z_empty, 0.0, z_lse * LOG2E)
     bc2 = tl.where(b_empty, 0.0, b_lse * LOG2E)
-    soft = scale
+    soft = scale * ce_weight
     if UNIT_TEMPERATURE:
-        soft = scale * tl.exp2(z_lse * LOG2E - lse2)
+        soft = soft * tl.exp2(z_lse * LOG2E - lse2)
     kl = tl.where(constant, 0.0, scale * (kl_weight * inv_t))
     shift = tl.zeros_like(kl)
     if DIVERGENCE == REVERSE_KL:
@@ -206,20 +206,20 @@ def logit_gradient(z, zk, bk, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift, KL
 
 
 @triton.jit
-def tile_gradient(z, b, col_mask, is_label, scale, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift,
+def tile_gradient(z, b, col_mask, is_label, ce_scale, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift,
                   KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
                   MASK_TARGET: tl.constexpr):
-    """`logit_gradient` with the label's one-hot, on a tile that may hold labels or columns past the range
-    (their values are junk). At T = 1 a masked label is no kept column: its softmax takes an exponential
-    of its own."""
+    """`logit_gradient` with the label's one-hot times ce_scale (scale * ce_weight), on a tile that may hold
+    labels or columns past the range (their values are junk). At T = 1 a masked label is no kept column:
+    its softmax takes an exponential of its own."""
     is_label = is_label & col_mask[None, :]
     kept = kept_columns(col_mask, is_label, MASK_TARGET)
     grad = logit_gradient(z, tl.where(kept, z, float("-inf")), tl.where(kept, b, float("-inf")), scale2, inv_t,
                           lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE)
     if UNIT_TEMPERATURE and MASK_TARGET:
-        label_term = scale[:, None] * (tl.exp2(z * LOG2E - lse2[:, None]) - 1.0)
+        label_term = ce_scale[:, None] * (tl.exp2(z * LOG2E - lse2[:, None]) - 1.0)
     else:
-        label_term = tl.zeros_like(grad) - scale[:, None]
+        label_term = tl.zeros_like(grad) - ce_scale[:, None]
     return tl.where(is_label, grad + label_term, grad)
 
 

@@ -34,7 +34,8 @@ def write_jsonl(path, records):
     return str(path)
 
 
-def test_finetune_text_data_reports_forgetting(tmp_path, capsys):
+@pytest.mark.parametrize("kl_positions", ["labels", "all"])
+def test_finetune_text_data_reports_forgetting(tmp_path, capsys, kl_positions):
     model_dir = save_tiny_model(tmp_path / "model")
     capsys.readouterr()  # saving the model may draw a progress bar
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": "the cat sat on the mat"}, {"text": "a dog ran under a log"},
@@ -43,7 +44,7 @@ def test_finetune_text_data_reports_forgetting(tmp_path, capsys):
     out = tmp_path / "adapter"
     assert main(["finetune", "--model", str(model_dir), "--data", data, "--retain", retain, "--out", str(out),
                  "--max-steps", "4", "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--lam", "0.5",
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--kl-positions", kl_positions]) == 0
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     before, after = metrics["retain_before"], metrics["retain_after"]

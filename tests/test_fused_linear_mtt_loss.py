@@ -82,6 +82,19 @@ def test_directions_reductions_and_upstream_weights(direction, reduction, weight
                             chunk_size=16)
 
 
+@pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("ce_weight,reduction", [(0.0, "mean"), (0.0, "none"), (0.4, "sum")])
+def test_ce_weight_on_every_path(backend, tiled, ce_weight, reduction):
+    """ce_weight = 0: the divergence alone (rows of a prompt, the next token being the masked target)."""
+    inputs, labels, trainable = fused_linear_inputs(14, bias=True, lora=True, weight_grad=True)
+    upstream = torch.rand(N_ROWS) + 0.5 if reduction == "none" else None
+    got = check_against_reference(inputs, labels, trainable, torch.float32, backend=backend, tiled=tiled,
+                                  upstream=upstream, lora_scaling=0.5, lam=0.8, temperature=1.5, direction="reverse",
+                                  ce_weight=ce_weight, reduction=reduction, num_items_in_batch=50 if reduction ==
+                                  "mean" else None, **({} if tiled else {"chunk_size": 16}))
+    assert ce_weight > 0 or got[1].abs().max() == 0
+
+
 def test_num_items_in_batch_and_default_chunk():
     inputs, labels, trainable = fused_linear_inputs(12, bias=True, weight_grad=True)
     check_against_reference(inputs, labels, trainable, torch.float32, lam=0.5, num_items_in_batch=100)
@@ -236,6 +249,7 @@ def test_module_matches_function():
     (dict(base_hidden=torch.randn(N_ROWS - 1, HIDDEN)), "base_hidden"),
     (dict(lora_A=torch.randn(RANK, HIDDEN - 1), lora_B=torch.randn(VOCAB, RANK)), "lora_A"),
     (dict(lam=-1.0), "lam"),
+    (dict(ce_weight=-0.5), "ce_weight"),
 ])
 def test_bad_arguments_are_named(change, message):
     inputs, labels, _ = fused_linear_inputs(18)

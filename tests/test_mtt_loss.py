@@ -78,6 +78,24 @@ def test_parity(backend, dtype, direction, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=list(DTYPES))
+@pytest.mark.parametrize("direction,temperature,reduction,ce_weight", [
+    ("forward", 1.0, "mean", 0.0), ("reverse", 1.0, "none", 0.0), ("forward", 2.0, "sum", 0.0),
+    ("reverse", 0.5, "mean", 0.3)])
+def test_ce_weight_scales_only_the_cross_entropy(backend, dtype, direction, temperature, reduction, ce_weight):
+    """ce_weight = 0 leaves the divergence alone: its gradient, many small entries, must survive intact."""
+    logits, base, labels = mtt_inputs(64, 3001, DTYPES[dtype], seed=31, confident_rows=8)
+    upstream = torch.rand(64, generator=torch.Generator().manual_seed(33)) + 0.5 if reduction == "none" else None
+    got, truth = check_against_reference(backend, logits, base, labels, upstream, lam=0.7, temperature=temperature,
+                                         direction=direction, reduction=reduction, ce_weight=ce_weight)
+    full = run(reference.mtt_loss, logits.double(), base.double(), labels,
+               None if upstream is None else upstream.double(), lam=0.7, temperature=temperature,
+               direction=direction, reduction=reduction)
+    torch.testing.assert_close(truth[1], ce_weight * full[1])  # ce reports the weighted term
+    assert (truth[3] - full[3]).abs().max() > 0.3 * full[3].abs().max()  # the CE part of the gradient is gone
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("logits_dtype,base_dtype", [("bf16", "fp32"), ("fp32", "fp16"), ("fp16", "bf16")])
 def test_mixed_dtypes(backend, logits_dtype, base_dtype):
     logits, base, labels = mtt_inputs(37, 1000, DTYPES[logits_dtype], base_dtype=DTYPES[base_dtype], seed=5)
@@ -234,6 +252,9 @@ def test_overwrite_logits_refuses_a_second_backward():
     (lambda a: a.update(lam=-0.1), ValueError, "lam"),
     (lambda a: a.update(lam=float("nan")), ValueError, "lam"),
     (lambda a: a.update(temperature=0.0), ValueError, "temperature"),
+    (lambda a: a.update(ce_weight=-1.0), ValueError, "ce_weight"),
+    (lambda a: a.update(ce_weight=float("inf")), ValueError, "ce_weight"),
+    (lambda a: a.update(ce_weight=True), TypeError, "ce_weight"),
     (lambda a: a.update(direction="sideways"), ValueError, "direction"),
     (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
     (lambda a: a.update(num_items_in_batch=-1), ValueError, "num_items_in_batch"),

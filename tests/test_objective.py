@@ -43,6 +43,42 @@ def test_matches_reference_with_lora_head_and_padding(direction, temperature):
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("mask_target", [True, False])
+def test_kl_at_every_position_keeps_ce_on_the_labels(mask_target):
+    """kl_positions="all": (sum of CE over labelled rows + lam T^2 * sum of KL over every attended row) / the
+    labelled count; a row without a label masks its next input token. Padding takes no part."""
+    model, batch = tiny_peft(), padded_batch(batch=4)
+    batch["labels"][2, :7] = -100  # prompts of different lengths
+    options = dict(lam=0.8, temperature=1.5, direction="reverse", mask_target=mask_target)
+    got = MTTObjective(kl_positions="all", **options)(model, **batch)
+    got.loss.backward()
+    got_grads = trainable_grads(model)
+    model.zero_grad()
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    with torch.no_grad(), model.disable_adapter():
+        base = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels, next_tokens = batch["labels"][:, 1:], batch["input_ids"][:, 1:]
+    attended, labelled = batch["attention_mask"][:, 1:].bool(), labels != -100
+    assert (attended & ~labelled).sum() >= 8 and (~attended).sum() >= 3
+    kl = reference.masked_kl_rows(logits[attended], base[attended], next_tokens[attended], temperature=1.5,
+                                  direction="reverse", mask_target=mask_target)
+    ce = reference.cross_entropy_rows(logits[labelled], labels[labelled])
+    count = labelled.sum()
+    want_loss = (ce.sum() + 0.8 * 1.5**2 * kl.sum()) / count
+    want_loss.backward()
+    torch.testing.assert_close(got.loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.ce, ce.sum().detach() / count, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.kl, kl.sum().detach() / count, rtol=1e-5, atol=1e-6)
+    for name, grad in trainable_grads(model).items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    labels_only = MTTObjective(**options)(model, **batch)
+    assert float(labels_only.kl) < 0.8 * float(got.kl)  # the prompt's rows add to the divergence
+    with pytest.raises(ValueError, match="kl_positions"):
+        MTTObjective(kl_positions="prompt")
+
+
 def test_base_pass_disables_adapters_without_grad():
     model, batch = tiny_peft(), padded_batch()
     adapted, base = MTTObjective().hidden_states(model, batch["input_ids"], batch["attention_mask"])
@@ -54,11 +90,12 @@ def test_base_pass_disables_adapters_without_grad():
     assert (adapted - base).abs().max() > 1e-3  # adapters were back on for the adapted pass
 
 
-def test_gradient_accumulation_matches_one_batch():
+@pytest.mark.parametrize("kl_positions", ["labels", "all"])
+def test_gradient_accumulation_matches_one_batch(kl_positions):
     model = tiny_peft()
     batch = padded_batch(batch=4)
     batch["labels"][2, :9] = -100  # the two halves have different numbers of predicted tokens
-    objective = MTTObjective(lam=1.3)
+    objective = MTTObjective(lam=1.3, kl_positions=kl_positions)
     objective(model, **batch).loss.backward()
     whole = trainable_grads(model)
     model.zero_grad()

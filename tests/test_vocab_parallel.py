@@ -31,6 +31,9 @@ def _inputs():
     return hidden, base_hidden, weight, bias, lora_a, lora_b, labels, upstream
 
 
+CE_WEIGHT = {"mean": 1.0, "sum": 0.0, "none": 0.5}  # 0: the divergence alone, whose statistics cross ranks
+
+
 def _close(what, got, want, failures, tol=2e-5):
     if not torch.allclose(got, want, rtol=tol, atol=tol):
         failures.append(f"{what}: max error {(got - want).abs().max().item():.3g}")
@@ -43,7 +46,8 @@ def _backward(loss, reduction, upstream):
 def _check_logits(rank, vp, backend, direction, reduction, failures):
     hidden, base_hidden, weight, bias, _, _, labels, upstream = _inputs()
     logits, base = hidden @ weight.T + bias, base_hidden @ weight.T + bias
-    options = dict(lam=0.7, direction=direction, reduction=reduction, return_components=True, backend=backend)
+    options = dict(lam=0.7, direction=direction, reduction=reduction, return_components=True, backend=backend,
+                   ce_weight=CE_WEIGHT[reduction])
     whole = logits.clone().requires_grad_(True)
     want = fastmtt.mtt_loss(whole, base, labels, **options)
     _backward(want.loss, reduction, upstream)
@@ -60,7 +64,7 @@ def _check_logits(rank, vp, backend, direction, reduction, failures):
 def _check_fused_linear(rank, vp, backend, tiled, direction, reduction, failures):
     hidden, base_hidden, weight, bias, lora_a, lora_b, labels, upstream = _inputs()
     options = dict(lam=0.7, direction=direction, reduction=reduction, return_components=True, backend=backend,
-                   tiled=tiled, chunk_size=8, softcap=5.0, lora_scaling=2.0)
+                   ce_weight=CE_WEIGHT[reduction], tiled=tiled, chunk_size=8, softcap=5.0, lora_scaling=2.0)
 
     def run(rows, vocab_parallel):
         leaves = [t.clone().requires_grad_(True) for t in (hidden, weight[rows], bias[rows], lora_a, lora_b[rows])]

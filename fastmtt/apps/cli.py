@@ -107,7 +107,7 @@ def _finetune(args) -> int:
                  lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                  epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                  grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, seed=args.seed,
-                 device=device)
+                 device=device, kl_positions=args.kl_positions)
     return 0
 
 
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lam", type=float, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
     tune.add_argument("--temperature", type=float, default=1.0)
     tune.add_argument("--direction", choices=DIRECTIONS, default="forward")
+    tune.add_argument("--kl-positions", choices=("labels", "all"), default="labels",
+                      help="where the KL applies: the labelled tokens (default) or every token, the prompt's too")
     tune.add_argument("--lora-r", type=positive_int, default=8)
     tune.add_argument("--lora-alpha", type=positive_int, default=16)
     tune.add_argument("--lora-dropout", type=probability, default=0.0)

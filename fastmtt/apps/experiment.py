@@ -8,7 +8,7 @@ One adapter is trained per (task, adapter kind, method, lam, seed) on the frozen
 Methods: "ce" (CE only), "kl" (CE + lam * full-vocabulary KL(base || adapted)) and "mtt" (CE + lam *
 target-masked KL, forward or reverse), all through `fastmtt.fused_linear_mtt_loss` at the predicted
 positions. kl_positions="all" also applies the regularizer at the prompt's positions (CE stays on the
-answer; the masked target there is the next prompt token), computed on those rows' logits in PyTorch.
+answer; the masked target there is the next prompt token; the fused loss with ce_weight=0).
 The frozen base's final hidden states of the training set and of the retention text are computed once
 per task and reused by every run (the base never changes), so a step costs the adapted forward and
 backward only.
@@ -33,7 +33,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss
-from fastmtt.reference import masked_kl_rows
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastmtt", "smollm2-135m")
@@ -261,8 +260,8 @@ def objective(model, batch, method: str, lam: float, direction: str, temperature
               kl_positions: str = "answer"):
     """MTTOutput of mean CE + lam * T^2 * mean D through the fused head loss; D is the target-masked KL for
     "mtt", the full-vocabulary KL(base || adapted) for "kl", and absent for "ce". CE is on the labelled
-    positions; D on the same ones, or with kl_positions="all" on every predicted position (the prompt's
-    rows, whose target is the next input token, go through the reference on their [rows, V] logits)."""
+    positions; D on the same ones, or with kl_positions="all" on every predicted position (on the prompt's
+    rows with ce_weight=0, the next input token being the target), its mean then over all of them."""
     hidden, weight = final_hidden(model, batch)
     targets = batch["labels"][:, 1:]
     keep = targets != -100
@@ -277,11 +276,10 @@ def objective(model, batch, method: str, lam: float, direction: str, temperature
                                 lam=0.0 if method == "ce" else lam * share, return_components=True, **options)
     if not prompt.any():
         return out
-    divergence = masked_kl_rows(hidden[:, :-1][prompt] @ weight.T, batch["base_hidden"][:, :-1][prompt] @ weight.T,
-                                batch["input_ids"][:, 1:][prompt], **options)
-    extra = lam * temperature**2 * divergence.sum() / rows
-    kl = (out.kl * keep.sum() + divergence.detach().sum()) / rows
-    return out._replace(loss=out.loss + extra, kl=kl)
+    extra = fused_linear_mtt_loss(hidden[:, :-1][prompt], batch["base_hidden"][:, :-1][prompt], weight,
+                                  batch["input_ids"][:, 1:][prompt], lam=lam * share, ce_weight=0.0,
+                                  num_items_in_batch=keep.sum(), return_components=True, **options)
+    return out._replace(loss=out.loss + extra.loss, kl=(out.kl + extra.kl) * share)
 
 
 @torch.no_grad()

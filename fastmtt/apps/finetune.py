@@ -123,7 +123,8 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                  temperature: float = 1.0, direction: str = "forward", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
                  batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4, max_length: int = 512,
-                 seed: int = 0, device: str = "auto", log=print) -> Dict[str, Dict[str, float]]:
+                 seed: int = 0, device: str = "auto", kl_positions: str = "labels",
+                 log=print) -> Dict[str, Dict[str, float]]:
     """Train a LoRA adapter with MTTTrainer, save it (and metrics.json) to `out`; returns the metrics."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, set_seed
@@ -171,7 +172,8 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                              save_strategy="no", report_to=[], seed=seed, use_cpu=device == "cpu",
                              remove_unused_columns=False, disable_tqdm=not sys.stderr.isatty())
     trainer = MTTTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collate,
-                         objective=MTTObjective(lam=lam, temperature=temperature, direction=direction))
+                         objective=MTTObjective(lam=lam, temperature=temperature, direction=direction,
+                                                kl_positions=kl_positions))
     trainer.train()
     metrics["train_log"] = [entry for entry in trainer.state.log_history if "ce" in entry]
     if retain_batches is not None:

@@ -188,6 +188,7 @@ def fused_linear_mtt_loss(
     chunk_size: Optional[int] = None,
     grad_threshold: Optional[float] = None,
     vocab_parallel: Optional[VocabParallel] = None,
+    ce_weight: float = 1.0,
 ):
     """Mask-the-Target loss from final hidden states: mtt_loss(softcap(h W^T + bias + s (h A^T) B^T),
     softcap(h0 W^T + bias), labels), without materializing the [N, V] logits.
@@ -204,7 +205,7 @@ def fused_linear_mtt_loss(
     exchange per-row statistics and sum dh (and dA) unless told not to. Other arguments as in `mtt_loss`.
     """
     options = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
-                         ignore_index=ignore_index, reduction=reduction)
+                         ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight)
     head = LinearHead(weight, bias, lora_A, lora_B, lora_scaling, softcap)
     return fused_linear_mtt_loss_with_options(hidden, base_hidden, head, labels, options,
                                               num_items_in_batch=num_items_in_batch,

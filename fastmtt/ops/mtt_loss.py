@@ -17,11 +17,11 @@ from fastmtt.reference import MTTOutput
 
 @torch.library.custom_op("fastmtt::mtt_rows", mutates_args=())
 def mtt_rows(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor,
-             lam: float, temperature: float, direction: str, mask_target: bool, ignore_index: int, need_kl: bool,
-             compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+             lam: float, temperature: float, direction: str, mask_target: bool, ignore_index: int, ce_weight: float,
+             need_kl: bool, compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Row statistics [N_STATS, N] (fastmtt/partials.py) and grad_scale * dL/dlogits ([N, V], or empty when
     not compute_grad), as one opaque op so that torch.compile treats the kernel as a single call."""
-    options = MTTOptions(lam, temperature, direction, mask_target, ignore_index)
+    options = MTTOptions(lam, temperature, direction, mask_target, ignore_index, ce_weight=ce_weight)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     stats = implementation("mtt_rows", backend)(logits, base_logits, labels, options, need_kl=need_kl,
                                                 grad_scale=grad_scale, grad_out=grad if compute_grad else None)
@@ -30,7 +30,7 @@ def mtt_rows(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tens
 
 @mtt_rows.register_fake
 def _mtt_rows_fake(logits, base_logits, labels, grad_scale, lam, temperature, direction, mask_target, ignore_index,
-                   need_kl, compute_grad, backend):
+                   ce_weight, need_kl, compute_grad, backend):
     stats = logits.new_empty(N_STATS, logits.shape[0], dtype=accumulator_dtype(logits, base_logits))
     return stats, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
 
@@ -48,7 +48,8 @@ class MTTLossFunction(torch.autograd.Function):
             stats = rows(logits, base_logits, labels, options, need_kl=need_kl, grad_scale=scale, grad_out=grad)
         else:
             stats, grad = mtt_rows(logits, base_logits, labels, scale, options.lam, options.temperature,
-                                   options.direction, options.mask_target, options.ignore_index, need_kl,
+                                   options.direction, options.mask_target, options.ignore_index, options.ce_weight,
+                                   need_kl,
                                    compute_grad, backend)
         ctx.save_for_backward(grad)
         return reduced_outputs(ctx, stats[CE], stats[KL], options, scale)
@@ -75,20 +76,22 @@ def mtt_loss(
     backend: str = "auto",
     overwrite_logits: bool = False,
     vocab_parallel: Optional[VocabParallel] = None,
+    ce_weight: float = 1.0,
 ):
-    """Mask-the-Target loss on logits: mean/sum/none of  CE_i + lam * T^2 * KL_i.
+    """Mask-the-Target loss on logits: mean/sum/none of  ce_weight * CE_i + lam * T^2 * KL_i.
 
     logits [..., V] (adapted model, gets the gradient), base_logits [..., V] (frozen base, never gets
     a gradient), labels [...] int, aligned with the logit rows (no shifting). KL_i is between the two
     next-token distributions with the target removed and the rest renormalized, at temperature T;
     direction "forward" is KL(base || adapted); mask_target=False gives the full-vocabulary KL instead.
-    With return_components=True returns MTTOutput(loss, ce, kl), the last two detached.
+    ce_weight=0 gives the divergence alone (rows whose label is only the target to mask).
+    With return_components=True returns MTTOutput(loss, ce, kl), the last two detached (ce weighted).
     overwrite_logits=True lets the kernel store the gradient into `logits` (saves one [N, V] buffer;
     their values are gone afterwards). vocab_parallel=VocabParallel(start, stop): logits [..., stop - start] are
     this rank's columns of the vocabulary, labels global ids; the ranks exchange per-row statistics only.
     """
     options = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
-                         ignore_index=ignore_index, reduction=reduction)
+                         ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight)
     return mtt_loss_with_options(logits, base_logits, labels, options, num_items_in_batch=num_items_in_batch,
                                  return_components=return_components, backend=backend,
                                  overwrite_logits=overwrite_logits, vocab_parallel=vocab_parallel)

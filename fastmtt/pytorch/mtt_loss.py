@@ -93,6 +93,8 @@ def _chunk_gradient(rows: _Rows, stats, grad_scale, out):
     scale = grad_scale.to(rows.z.dtype).reshape(())
     grad = torch.sub(rows.z, stats[P.LSE][:, None]).exp_()
     grad.scatter_add_(1, rows.index, torch.where(rows.found, -1.0, 0.0).to(grad.dtype)[:, None])
+    if options.ce_weight != 1:
+        grad.mul_(options.ce_weight)
     if options.lam > 0:
         z_lse, b_lse, value = stats[P.Z_LSE], stats[P.B_LSE], stats[P.KL]
         constant = (z_lse == float("-inf")) | (b_lse == float("-inf")) | (value == float("inf"))
