@@ -275,14 +275,14 @@ class MTTObjective:
             if num_items_in_batch is None:  # both parts divide by the labelled count
                 num_items_in_batch = labelled.sum()
         device_type = hidden.device.type
+        dtype = hidden.dtype
         if torch.is_autocast_enabled(device_type):  # e.g. Accelerator(mixed_precision=...) around this forward
             # The head in the autocast dtype, as autocast runs a Linear head, statistics in fp32 by the op itself.
             dtype = torch.get_autocast_dtype(device_type)
-            hidden, base_hidden = hidden.to(dtype), base_hidden.to(dtype)
             head = head.with_tensors(*(None if t is None else t.to(dtype) for t in head.tensors()))
         with torch.autocast(device_type, enabled=False):
             outputs = [fused_linear_mtt_loss_with_options(
-                hidden[rows], base_hidden[rows], head, row_targets[rows], options,
+                hidden[rows].to(dtype), base_hidden[rows].to(dtype), head, row_targets[rows], options,
                 num_items_in_batch=num_items_in_batch, return_components=True, backend=self.backend)
                 for rows, row_targets, options in parts]
         return outputs[0] if len(outputs) == 1 else MTTOutput(*(a + b for a, b in zip(*outputs)))
