@@ -28,9 +28,11 @@ def reduce_loss(rows, reduction, scale):
 
 def reduced_outputs(ctx, ce, kl, options, scale):
     """(loss, ce, kl) of an autograd Function's forward, reduced from the per-row terms with
-    loss_i = ce_weight * ce_i + lam * T^2 * kl_i (CE alone when lam == 0, even where KL is inf); the ce
-    output is the weighted term. ce and kl are marked non-differentiable, so loss must be a distinct tensor."""
-    ce = ce * options.ce_weight if options.ce_weight != 1 else ce
+    loss_i = ce_weight * ce_i + lam * T^2 * kl_i (CE alone when lam == 0, even where KL is inf; KL alone when
+    ce_weight == 0, even where CE is inf); the ce output is the weighted term. ce and kl are marked
+    non-differentiable, so loss must be a distinct tensor."""
+    if options.ce_weight != 1:
+        ce = torch.zeros_like(ce) if options.ce_weight == 0 else ce * options.ce_weight
     loss_rows = ce.clone() if options.lam == 0 else ce + options.kl_weight * kl
     ce_out, kl_out = reduce_loss(ce, options.reduction, scale), reduce_loss(kl, options.reduction, scale)
     ctx.mark_non_differentiable(ce_out, kl_out)

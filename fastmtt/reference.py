@@ -97,7 +97,8 @@ def mtt_loss(
     """loss_i = ce_weight * CE_i + lam * T^2 * KL_i, reduced; gradient (autograd) flows to `logits` only.
     The components are the two terms: ce = ce_weight * CE, kl = KL."""
     base_logits = base_logits.detach()
-    ce = ce_weight * cross_entropy_rows(logits, labels, ignore_index=ignore_index)
+    ce = cross_entropy_rows(logits, labels, ignore_index=ignore_index)
+    ce = torch.zeros_like(ce) if ce_weight == 0 else ce_weight * ce  # the KL alone, even where CE is inf
     kl = masked_kl_rows(logits, base_logits, labels, temperature=temperature, direction=direction,
                         ignore_index=ignore_index, mask_target=mask_target)
     loss = ce if lam == 0 else ce + lam * temperature**2 * kl  # lam = 0 is plain CE, even where KL is inf

@@ -96,6 +96,15 @@ def test_ce_weight_scales_only_the_cross_entropy(backend, dtype, direction, temp
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_ce_weight_zero_leaves_out_an_infinite_cross_entropy(backend):
+    """A target at -inf has CE = inf; with ce_weight = 0 its row is the (finite) masked KL alone."""
+    logits, base, labels = mtt_inputs(5, 40, torch.float32, seed=34, ignore_fraction=0.0)
+    logits[1, labels[1]] = float("-inf")
+    got, truth = check_against_reference(backend, logits, base, labels, lam=0.9, reduction="none", ce_weight=0.0)
+    assert got[0].isfinite().all() and got[3].isfinite().all() and truth[2][1] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("logits_dtype,base_dtype", [("bf16", "fp32"), ("fp32", "fp16"), ("fp16", "bf16")])
 def test_mixed_dtypes(backend, logits_dtype, base_dtype):
     logits, base, labels = mtt_inputs(37, 1000, DTYPES[logits_dtype], base_dtype=DTYPES[base_dtype], seed=5)
