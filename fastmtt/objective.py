@@ -23,12 +23,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmtt.head import LinearHead
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
-from fastmtt.options import DEFAULT_LAM, MTTOptions
+from fastmtt.options import DEFAULT_LAM, KL_POSITIONS, MTTOptions
 from fastmtt.reference import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
 _UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")
-KL_POSITIONS = ("labels", "all")
 # Dropout probabilities transformers' modules keep as plain floats (Llama's attention_dropout, OPT's dropout, ...).
 _DROPOUT_FLOATS = ("attention_dropout", "hidden_dropout", "activation_dropout", "dropout")
 
@@ -192,6 +191,33 @@ def _unsharded(head: LinearHead) -> LinearHead:
     return head
 
 
+def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTTOptions, *, input_ids=None,
+                     attention_mask=None, kl_positions="labels", num_items_in_batch=None, backend="auto",
+                     dtype=None) -> MTTOutput:
+    """MTTOutput of the fused head loss on final hidden states [B, L, H] (adapted, base), the causal shift
+    applied: CE + lam T^2 D at the labelled positions (labels [B, L], ignore_index where none) and, with
+    kl_positions="all", D alone (ce_weight=0) at the other positions attention_mask [B, L] keeps, their next
+    input token (input_ids [B, L]) being the target to mask. Both parts divide by num_items_in_batch
+    (default: the labelled count). dtype: the rows' dtype in the head loss (default theirs)."""
+    hidden, base_hidden, targets = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:]
+    labelled = targets != options.ignore_index  # only predicted positions reach the head
+    parts = [(labelled, targets, options)]
+    if kl_positions == "all" and options.lam > 0:
+        if input_ids is None:
+            raise ValueError("kl_positions='all' needs input_ids: the next input token is the target to mask at "
+                             "the positions without a label")
+        attended = torch.ones_like(labelled) if attention_mask is None else attention_mask[:, 1:].bool()
+        parts.append((attended & ~labelled, input_ids[:, 1:], options.replace(ce_weight=0.0)))
+        if num_items_in_batch is None:
+            num_items_in_batch = labelled.sum()
+    dtype = dtype or hidden.dtype
+    outputs = [fused_linear_mtt_loss_with_options(
+        hidden[rows].to(dtype), base_hidden[rows].to(dtype), head, row_targets[rows], row_options,
+        num_items_in_batch=num_items_in_batch, return_components=True, backend=backend)
+        for rows, row_targets, row_options in parts]
+    return outputs[0] if len(outputs) == 1 else MTTOutput(*(a + b for a, b in zip(*outputs)))
+
+
 class MTTObjective:
     """objective(model, input_ids=, attention_mask=, labels=, num_items_in_batch=None) -> MTTOutput.
 
@@ -262,30 +288,17 @@ class MTTObjective:
         """What the patched causal-LM forward returns when asked for the MTT loss."""
         head = output_head(causal_lm)
         hidden, base_hidden = self._both_passes(peft_model, causal_lm, inputs)
-        hidden, base_hidden, targets = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:]
-        labelled = targets != self.options.ignore_index  # only predicted positions reach the head
-        parts = [(labelled, targets, self.options)]
-        if self.kl_positions == "all" and self.options.lam > 0:
-            if inputs.get("input_ids") is None:
-                raise ValueError("kl_positions='all' needs input_ids: the next input token is the target to mask "
-                                 "at the positions without a label")
-            attention_mask = inputs.get("attention_mask")
-            attended = torch.ones_like(labelled) if attention_mask is None else attention_mask[:, 1:].bool()
-            parts.append((attended & ~labelled, inputs["input_ids"][:, 1:], self.options.replace(ce_weight=0.0)))
-            if num_items_in_batch is None:  # both parts divide by the labelled count
-                num_items_in_batch = labelled.sum()
         device_type = hidden.device.type
-        dtype = hidden.dtype
+        dtype = None
         if torch.is_autocast_enabled(device_type):  # e.g. Accelerator(mixed_precision=...) around this forward
             # The head in the autocast dtype, as autocast runs a Linear head, statistics in fp32 by the op itself.
             dtype = torch.get_autocast_dtype(device_type)
             head = head.with_tensors(*(None if t is None else t.to(dtype) for t in head.tensors()))
         with torch.autocast(device_type, enabled=False):
-            outputs = [fused_linear_mtt_loss_with_options(
-                hidden[rows].to(dtype), base_hidden[rows].to(dtype), head, row_targets[rows], options,
-                num_items_in_batch=num_items_in_batch, return_components=True, backend=self.backend)
-                for rows, row_targets, options in parts]
-        return outputs[0] if len(outputs) == 1 else MTTOutput(*(a + b for a, b in zip(*outputs)))
+            return causal_head_loss(hidden, base_hidden, head, labels, self.options,
+                                    input_ids=inputs.get("input_ids"), attention_mask=inputs.get("attention_mask"),
+                                    kl_positions=self.kl_positions, num_items_in_batch=num_items_in_batch,
+                                    backend=self.backend, dtype=dtype)
 
     def __call__(self, model, input_ids: torch.Tensor, labels: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None,

@@ -13,6 +13,8 @@ DEFAULT_LAM = 1.0
 # "reverse" is KL(adapted || base). Adding one: kernels/mtt_math.py, fastmtt/pytorch/divergences.py, reference.
 DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("mean", "sum", "none")
+# Where MTTObjective applies the divergence: with CE at the labelled positions, or at every attended one.
+KL_POSITIONS = ("labels", "all")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -138,7 +138,7 @@ def test_regularizer_at_every_position_keeps_ce_on_the_answer(method):
 def test_equal_learning_interpolates_along_each_curve():
     def row(method, lam, seed, task_ce, kl, ppl):
         return dict(task="addition", adapter="lora", method=method, direction="forward" if method == "mtt" else "",
-                    kl_positions="answer", lam=lam, temperature=1.0, seed=seed, task_ce=task_ce, task_acc=0.5,
+                    kl_positions="labels", lam=lam, temperature=1.0, seed=seed, task_ce=task_ce, task_acc=0.5,
                     exact_match=0.1, retention_ppl=ppl, retention_kl=kl)
 
     rows = [dict(row("base", 0.0, 0, 3.0, 0.0, 30.0), adapter=""),

@@ -11,7 +11,7 @@ import sys
 import warnings
 
 from fastmtt.apps import UsageError
-from fastmtt.options import DEFAULT_LAM, DIRECTIONS, MTTOptions
+from fastmtt.options import DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
 
 
 def check_options(**settings) -> MTTOptions:
@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seeds", type=int, nargs="+")
     exp.add_argument("--steps", type=positive_int, help="training steps of each run (batch 8)")
     exp.add_argument("--temperature", type=positive_float, help="KL temperature of full KL and MTT (default 1)")
-    exp.add_argument("--kl-positions", choices=("answer", "all"),
+    exp.add_argument("--kl-positions", choices=KL_POSITIONS,
                      help="where full KL and MTT apply: the labelled positions (default) or every position")
     exp.add_argument("--adapted-layers", type=int, help="adapters on the last N of the 30 decoder layers (default 10)")
     exp.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lam", type=float, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
     tune.add_argument("--temperature", type=float, default=1.0)
     tune.add_argument("--direction", choices=DIRECTIONS, default="forward")
-    tune.add_argument("--kl-positions", choices=("labels", "all"), default="labels",
+    tune.add_argument("--kl-positions", choices=KL_POSITIONS, default="labels",
                       help="where the KL applies: the labelled tokens (default) or every token, the prompt's too")
     tune.add_argument("--lora-r", type=positive_int, default=8)
     tune.add_argument("--lora-alpha", type=positive_int, default=16)

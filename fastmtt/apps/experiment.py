@@ -8,7 +8,7 @@ One adapter is trained per (task, adapter kind, method, lam, seed) on the frozen
 Methods: "ce" (CE only), "kl" (CE + lam * full-vocabulary KL(base || adapted)) and "mtt" (CE + lam *
 target-masked KL, forward or reverse), all through `fastmtt.fused_linear_mtt_loss` at the predicted
 positions. kl_positions="all" also applies the regularizer at the prompt's positions (CE stays on the
-answer; the masked target there is the next prompt token; the fused loss with ce_weight=0).
+answer; the masked target there is the next prompt token), as MTTObjective(kl_positions="all") does.
 The frozen base's final hidden states of the training set and of the retention text are computed once
 per task and reused by every run (the base never changes), so a step costs the adapted forward and
 backward only.
@@ -32,13 +32,14 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss
+from fastmtt.head import LinearHead
+from fastmtt.objective import causal_head_loss
+from fastmtt.options import KL_POSITIONS, MTTOptions
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastmtt", "smollm2-135m")
 TASKS = ("addition", "license")
 ADAPTERS = ("lora", "dora", "randlora")
-KL_POSITIONS = ("answer", "all")
 METHODS = ("ce", "kl", "mtt")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,7 +60,7 @@ class ExperimentConfig:
     rank: int = 8
     adapted_layers: int = 10          # adapters on the last 10 of SmolLM2's 30 decoder layers
     temperature: float = 1.0
-    kl_positions: str = "answer"      # "all": the regularizer at the prompt's positions too
+    kl_positions: str = "labels"      # "all": the regularizer at the prompt's positions too
     prose_length: int = 16            # tokens per window of the license task
     task_eval_examples: int = 64
     retention_tokens: int = 1024      # held-out prose tokens scored for forgetting
@@ -257,29 +258,21 @@ def final_hidden(model, batch):
 
 
 def objective(model, batch, method: str, lam: float, direction: str, temperature: float,
-              kl_positions: str = "answer"):
-    """MTTOutput of mean CE + lam * T^2 * mean D through the fused head loss; D is the target-masked KL for
-    "mtt", the full-vocabulary KL(base || adapted) for "kl", and absent for "ce". CE is on the labelled
-    positions; D on the same ones, or with kl_positions="all" on every predicted position (on the prompt's
-    rows with ce_weight=0, the next input token being the target), its mean then over all of them."""
+              kl_positions: str = "labels"):
+    """MTTOutput of mean CE + lam * T^2 * mean D through the fused head loss (`causal_head_loss`); D is the
+    target-masked KL for "mtt", the full-vocabulary KL(base || adapted) for "kl", and absent for "ce". CE is
+    on the labelled positions; D on the same ones, or with kl_positions="all" on every predicted position,
+    its mean then over all of them (MTTObjective divides its sum by the labelled count instead)."""
     hidden, weight = final_hidden(model, batch)
-    targets = batch["labels"][:, 1:]
-    keep = targets != -100
-    prompt = ~keep & batch["attention_mask"][:, 1:].bool()
-    if method == "ce" or kl_positions == "answer" or not prompt.any():
-        prompt = torch.zeros_like(keep)
-    rows = max(1, int(keep.sum() + prompt.sum()))  # D's mean runs over both kinds of rows
-    share = float(keep.sum()) / rows
-    options = dict(temperature=temperature, direction=direction if method == "mtt" else "forward",
-                   mask_target=method != "kl")
-    out = fused_linear_mtt_loss(hidden[:, :-1][keep], batch["base_hidden"][:, :-1][keep], weight, targets[keep],
-                                lam=0.0 if method == "ce" else lam * share, return_components=True, **options)
-    if not prompt.any():
-        return out
-    extra = fused_linear_mtt_loss(hidden[:, :-1][prompt], batch["base_hidden"][:, :-1][prompt], weight,
-                                  batch["input_ids"][:, 1:][prompt], lam=lam * share, ce_weight=0.0,
-                                  num_items_in_batch=keep.sum(), return_components=True, **options)
-    return out._replace(loss=out.loss + extra.loss, kl=(out.kl + extra.kl) * share)
+    labelled = batch["labels"][:, 1:] != -100
+    regularized = batch["attention_mask"][:, 1:].bool() if kl_positions == "all" and method != "ce" else labelled
+    share = float(labelled.sum()) / max(1, int(regularized.sum()))  # D's mean runs over the regularized rows
+    options = MTTOptions(lam=0.0 if method == "ce" else lam * share, temperature=temperature,
+                         direction=direction if method == "mtt" else "forward", mask_target=method != "kl")
+    out = causal_head_loss(hidden, batch["base_hidden"], LinearHead(weight), batch["labels"], options,
+                           input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           kl_positions=kl_positions, num_items_in_batch=labelled.sum())
+    return out._replace(kl=out.kl * share)
 
 
 @torch.no_grad()
@@ -359,9 +352,9 @@ def _key(row) -> tuple:
 
 
 def read_csv(path: str) -> List[dict]:
-    """Rows of results.csv; files written before kl_positions existed regularized the answer only."""
+    """Rows of results.csv; files written before kl_positions existed regularized the labels only."""
     with open(path, newline="") as handle:
-        return [{"kl_positions": "answer", **{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}}
+        return [{"kl_positions": "labels", **{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}}
                 for row in csv.DictReader(handle)]
 
 
@@ -400,14 +393,14 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
         data = make_task(task, tokenizer, cfg, retention_tokens)
         cache_frozen_states(model, [data.train, *data.task_eval], cfg.adapted_layers)
         cache_frozen_states(model, data.retention, cfg.adapted_layers, log_probs=True)
-        base_row = dict(task=task, adapter="", method="base", direction="", kl_positions="answer", lam=0.0,
+        base_row = dict(task=task, adapter="", method="base", direction="", kl_positions="labels", lam=0.0,
                         temperature=1.0, seed=0.0, seconds=0.0)
         if _key(base_row) not in done:
             rows.append({**base_row, **score(top, data)})
             log(_run_line(rows[-1]))
         for adapter, method, lam, direction, seed in planned_runs(cfg):
             row = dict(task=task, adapter=adapter, method=method, direction=direction,
-                       kl_positions="answer" if method == "ce" else cfg.kl_positions, lam=lam,
+                       kl_positions="labels" if method == "ce" else cfg.kl_positions, lam=lam,
                        temperature=1.0 if method == "ce" else cfg.temperature, seed=float(seed))
             if _key(row) in done:
                 continue
