@@ -58,6 +58,24 @@ def _load_full_tile(ptrs, valid, EVICT: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _load_tiles(z_ptrs, b_ptrs, valid, mask, MASKED: tl.constexpr, EVICT: tl.constexpr, WITH_BASE: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """fp32 (z, b) tiles: MASKED under `mask` (-inf outside), else a tile inside the range
+    (`_load_full_tile`); b is read only WITH_BASE (otherwise z stands in, unread)."""
+    if MASKED:
+        z = tl.load(z_ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+    else:
+        z = _load_full_tile(z_ptrs, valid, EVICT, BLOCK_N)
+    b = z
+    if WITH_BASE:
+        if MASKED:
+            b = tl.load(b_ptrs, mask=mask, other=float("-inf"), eviction_policy=EVICT).to(tl.float32)
+        else:
+            b = _load_full_tile(b_ptrs, valid, EVICT, BLOCK_N)
+    return z, b
+
+
+@triton.jit
 def _mtt_loss_kernel(
     logits_ptr, logits_stride,
     base_ptr, base_stride,
@@ -103,21 +121,14 @@ def _mtt_loss_kernel(
                 cols = start + offsets
                 if _masked_tile(start, n_cols, local, found, BLOCK_V):
                     col_mask = cols < n_cols
-                    tile_mask = valid[:, None] & col_mask[None, :]
-                    z = tl.load(logits_rows + cols[None, :], mask=tile_mask, other=float("-inf"),
-                                eviction_policy="evict_last").to(tl.float32)
-                    b = z
-                    if HAS_KL:
-                        b = tl.load(base_rows + cols[None, :], mask=tile_mask, other=float("-inf"),
-                                    eviction_policy="evict_last").to(tl.float32)
+                    z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid,
+                                       valid[:, None] & col_mask[None, :], True, "evict_last", HAS_KL, BLOCK_N)
                     m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label = accumulate_tile(
                         z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2,
                         z_label, b_label, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
                 else:
-                    z = _load_full_tile(logits_rows + cols[None, :], valid, "evict_last", BLOCK_N)
-                    b = z
-                    if HAS_KL:
-                        b = _load_full_tile(base_rows + cols[None, :], valid, "evict_last", BLOCK_N)
+                    z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid, valid,
+                                       False, "evict_last", HAS_KL, BLOCK_N)
                     m_z, s_z, m_r, s_r, m_b, s_b, w2 = accumulate_logits(
                         z, z, b, scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE)
         if MODE == MODE_PARTIALS:
@@ -141,22 +152,16 @@ def _mtt_loss_kernel(
                 if _masked_tile(start, n_cols, local, found, BLOCK_V):
                     col_mask = cols < n_cols
                     live = valid[:, None] & col_mask[None, :]
-                    z = tl.load(logits_rows + cols[None, :], mask=live, other=float("-inf"),
-                                eviction_policy="evict_first").to(tl.float32)
-                    b = z
-                    if KL_GRAD:
-                        b = tl.load(base_rows + cols[None, :], mask=live, other=float("-inf"),
-                                    eviction_policy="evict_first").to(tl.float32)
+                    z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid, live, True,
+                                       "evict_first", KL_GRAD, BLOCK_N)
                     grad = tile_gradient(z, b, col_mask, cols[None, :] == local[:, None], ce_scale, scale2, inv_t,
                                          lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE,
                                          MASK_TARGET)
                     tl.store(grad_rows + cols[None, :], tl.where(live, grad, 0.0).to(grad_ptr.dtype.element_ty),
                              mask=row_mask[:, None] & col_mask[None, :], eviction_policy="evict_first")
                 else:
-                    z = _load_full_tile(logits_rows + cols[None, :], valid, "evict_first", BLOCK_N)
-                    b = z
-                    if KL_GRAD:
-                        b = _load_full_tile(base_rows + cols[None, :], valid, "evict_first", BLOCK_N)
+                    z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid, valid,
+                                       False, "evict_first", KL_GRAD, BLOCK_N)
                     grad = logit_gradient(z, z, b, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift, KL_GRAD,
                                           DIVERGENCE, UNIT_TEMPERATURE)
                     if BLOCK_N == 1:
