@@ -49,8 +49,7 @@ class MTTLossFunction(torch.autograd.Function):
         else:
             stats, grad = mtt_rows(logits, base_logits, labels, scale, options.lam, options.temperature,
                                    options.direction, options.mask_target, options.ignore_index, options.ce_weight,
-                                   need_kl,
-                                   compute_grad, backend)
+                                   need_kl, compute_grad, backend)
         ctx.save_for_backward(grad)
         return reduced_outputs(ctx, stats[CE], stats[KL], options, scale)
 
