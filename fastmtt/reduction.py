@@ -1,7 +1,11 @@
-"""Reductions shared by the ops: the per-row gradient scale, reduced outputs, the saved-gradient rescale."""
+"""Shared by the ops' autograd Functions: the per-row gradient scale, reduced outputs, gradients formed in
+forward and handed to backward, and backward formed by kernels (once differentiable)."""
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch._C import _functions
 
 
 def gradient_scale(reduction, labels, ignore_index, num_items_in_batch, device, dtype=torch.float32):
@@ -39,13 +43,63 @@ def reduced_outputs(ctx, ce, kl, options, scale):
     return reduce_loss(loss_rows, options.reduction, scale), ce_out, kl_out
 
 
-def scale_saved_grad(ctx, grad, grad_output):
-    """The saved gradient times the upstream gradient (a scalar for mean/sum, one value per row for
-    'none'). An upstream of exactly 1 returns the saved buffer itself. With ctx.in_place (the caller
-    opted into overwriting, or the buffer is private) it is scaled in place, so autograd refuses a
-    second backward."""
-    if grad_output.dim() > 0:
-        grad_output = grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1)))
-    elif not torch.compiler.is_compiling() and not bool(grad_output != 1):
+def keep_gradients(ctx, *grads):
+    """Hold the gradients formed in forward (None entries allowed) until backward: eagerly as plain
+    attributes, which `take_gradients` hands over once; under torch.compile as saved tensors."""
+    if torch.compiler.is_compiling():
+        ctx.save_for_backward(*grads)
+        ctx.kept_gradients = None
+    else:
+        ctx.kept_gradients = grads
+
+
+def take_gradients(ctx, grad_output):
+    """The kept gradients times the upstream gradient (a scalar for mean/sum, one value per row for
+    'none'), or None when an earlier backward through the same graph took them.
+
+    Eagerly each buffer is handed over and forgotten, scaled in place (an upstream of exactly 1 leaves it
+    as it is): a buffer still held here could not be handed out, since AccumulateGrad adopts a tensor (or a
+    view of it) that nothing else references as a leaf's .grad, which later accumulation or .zero_()
+    changes. Under torch.compile: new tensors on every backward."""
+    if ctx.kept_gradients is None:
+        return tuple(None if g is None else g * _per_row(grad_output, g) for g in ctx.saved_tensors)
+    grads, ctx.kept_gradients = ctx.kept_gradients, ()
+    if not grads:
+        return None
+    return tuple(None if g is None else take_gradients_of(g, grad_output) for g in grads)
+
+
+def take_gradients_of(grad, grad_output):
+    """A gradient buffer this backward owns, scaled in place by the upstream gradient (left as it is for
+    an upstream of exactly 1)."""
+    if grad_output.dim() == 0 and not torch.compiler.is_compiling() and not bool(grad_output != 1):
         return grad
-    return grad.mul_(grad_output) if ctx.in_place else grad * grad_output
+    return grad.mul_(_per_row(grad_output, grad))
+
+
+def _per_row(grad_output, grad):
+    """The upstream gradient broadcast over a gradient's rows ('none': one value per row)."""
+    if grad_output.dim() == 0:
+        return grad_output
+    return grad_output.reshape(grad.shape[0], *([1] * (grad.dim() - 1)))
+
+
+def once_differentiable(op_name):
+    """Decorator for a backward formed by kernels rather than differentiable ops: runs it without recording
+    and, under create_graph=True, returns gradients that raise an error naming `op_name` when
+    differentiated again (torch's own once_differentiable does so only when an upstream gradient requires
+    grad, and is silent otherwise)."""
+    message = (f"{op_name}: double backward (differentiating its gradient, create_graph=True) is not "
+               "supported; its backward is formed by kernels").encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grad_outputs):
+            with torch.no_grad():
+                grads = backward(ctx, *grad_outputs)
+            if not torch.is_grad_enabled():
+                return grads
+            error = _functions.DelayedError(message, len(grads))
+            return error(*(None if g is None else g.detach().requires_grad_() for g in grads))
+        return wrapper
+    return decorate

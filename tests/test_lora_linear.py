@@ -172,6 +172,16 @@ def test_weight_frozen_and_bias_gradient(backend):
     assert x.grad is not None and lora_B.grad is not None
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises_naming_the_op(backend):
+    inputs = lora_linear_inputs((5,), 20, 12, 4, torch.float32)
+    x = inputs["x"].requires_grad_()
+    y = lora_linear(x, inputs["weight"], inputs["lora_A"], inputs["lora_B"], 0.5, inputs["bias"], backend=backend)
+    (grad,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="lora_linear: double backward"):
+        grad.sum().backward()
+
+
 def test_no_grad_and_empty_input():
     inputs = lora_linear_inputs((0, 4), 10, 6, 2, torch.float32)
     y = lora_linear(inputs["x"], inputs["weight"], inputs["lora_A"], inputs["lora_B"], 1.0, backend="triton")

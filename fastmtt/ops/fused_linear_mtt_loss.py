@@ -26,7 +26,7 @@ from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, finalize, merge_partials
 from fastmtt.pytorch.fused_linear_mtt_loss import chunked_linear_mtt, default_chunk_size
 from fastmtt.pytorch.mtt_loss import accumulator_dtype
-from fastmtt.reduction import gradient_scale, reduced_outputs, scale_saved_grad
+from fastmtt.reduction import gradient_scale, keep_gradients, once_differentiable, reduced_outputs, take_gradients
 from fastmtt.reference import MTTOutput
 
 DEFAULT_GRAD_THRESHOLD = 2.0**-12  # tiled path, lam = 0 only: Cut Cross-Entropy's filter for 16-bit inputs
@@ -51,32 +51,31 @@ class _Plan:
 
 
 class FusedLinearMTTFunction(torch.autograd.Function):
-    """Chunked path: forward walks the chunks and forms the gradients; backward scales them by the upstream
-    gradient. reduction='none' with a parameter gradient needs per-row upstream weights inside the
-    parameter sums, so that case walks the chunks in backward instead."""
+    """Chunked path: forward walks the chunks and forms the gradients; backward hands them over, scaled by
+    the upstream gradient (`take_gradients`). reduction='none' with a parameter gradient needs per-row
+    upstream weights inside the parameter sums, so that case walks the chunks in backward instead, as
+    does a second backward through a retained graph. Once differentiable."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, plan):
         needs = tuple(ctx.needs_input_grad[:5])
-        ctx.deferred = plan.options.reduction == "none" and any(needs[1:])
+        deferred = plan.options.reduction == "none" and any(needs[1:])
         stats, grads = _walk(hidden, base_hidden, labels, plan.head_with(weight, bias, lora_A, lora_B), plan,
-                             (False,) * 5 if ctx.deferred else needs)
-        ctx.in_place = True  # the saved gradients are private buffers: scale them in place
-        if ctx.deferred:
-            ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels)
-            ctx.plan, ctx.needs = plan, needs
-        else:
-            ctx.save_for_backward(*grads)
+                             (False,) * 5 if deferred else needs)
+        ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels)
+        ctx.plan, ctx.needs = plan, needs
+        keep_gradients(ctx, *(() if deferred else grads))
         return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale)
 
     @staticmethod
+    @once_differentiable("fused_linear_mtt_loss")
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        if ctx.deferred:
+        grads = take_gradients(ctx, grad_loss)
+        if not grads:  # deferred, or taken by an earlier backward
             hidden, weight, bias, lora_A, lora_B, base_hidden, labels = ctx.saved_tensors
             head = ctx.plan.head_with(weight, bias, lora_A, lora_B)
-            _, grads = _walk(hidden, base_hidden, labels, head, ctx.plan, ctx.needs, row_weights=grad_loss)
-        else:
-            grads = tuple(None if g is None else scale_saved_grad(ctx, g, grad_loss) for g in ctx.saved_tensors)
+            _, grads = _walk(hidden, base_hidden, labels, head, ctx.plan, ctx.needs,
+                             row_weights=grad_loss.expand(labels.shape[0]))
         return (*grads, None, None, None)
 
 
@@ -107,7 +106,7 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
             hidden, base_hidden, head, lora_hidden, labels, plan.options, need_kl=plan.need_kl, splits=plan.splits,
             vocab_start=0 if vocab_parallel is None else vocab_parallel.start)
         if vocab_parallel is None:
-            stats = finalize(merge_partials(partials, plan.options.direction), labels, plan.options,
+            stats = finalize(merge_partials(partials, plan.options), labels, plan.options,
                              need_kl=plan.need_kl)
         else:
             stats = vocab_parallel.merged_statistics(partials, labels, plan.options, plan.need_kl)
@@ -116,6 +115,7 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale)
 
     @staticmethod
+    @once_differentiable("fused_linear_mtt_loss")
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
         hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats = ctx.saved_tensors
         plan = ctx.plan

@@ -15,6 +15,7 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_same_device
 from fastmtt._dispatch import implementation, resolve_backend
+from fastmtt.reduction import once_differentiable
 
 # Shapes (in_features, out_features, rank, x dtype, dropout) where a GPU measurement showed the fused Triton
 # kernel faster than the cuBLAS formulation (x W^T + s (drop(x) A^T) B^T + bias: three GEMMs, no slower than
@@ -38,6 +39,7 @@ class LoRALinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable("lora_linear")
     def backward(ctx, dy):
         weight, lora_A, lora_B, *saved = ctx.saved_tensors
         scaling, dropout_p, backend, seed, _ = ctx.options

@@ -1,6 +1,7 @@
 """mtt_loss: the MTT objective on materialized logits, with its autograd Function and nn.Module."""
 from __future__ import annotations
 
+import weakref
 from typing import Optional, Union
 
 import torch
@@ -11,7 +12,14 @@ from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, N_STATS
 from fastmtt.pytorch.mtt_loss import accumulator_dtype
-from fastmtt.reduction import gradient_scale, reduced_outputs, scale_saved_grad
+from fastmtt.reduction import (
+    gradient_scale,
+    keep_gradients,
+    once_differentiable,
+    reduced_outputs,
+    take_gradients,
+    take_gradients_of,
+)
 from fastmtt.reference import MTTOutput
 
 
@@ -36,27 +44,91 @@ def _mtt_rows_fake(logits, base_logits, labels, grad_scale, lam, temperature, di
 
 
 class MTTLossFunction(torch.autograd.Function):
-    """Forward computes per-row CE and KL and, in the same pass, the gradient; backward scales it."""
+    """Forward computes per-row CE and KL and, in the same pass, the gradient; backward hands it over,
+    scaled by the upstream gradient (`take_gradients`). A second backward through a retained graph
+    recomputes it from the caller's logits (`_Sources`: weak references, nothing kept alive here), or
+    raises where they are gone, changed or overwritten. Double backward raises (kernels form the
+    gradient)."""
 
     @staticmethod
-    def forward(ctx, logits, base_logits, labels, options, scale, need_kl, backend, overwrite_logits, vocab_parallel):
+    def forward(ctx, logits, base_logits, labels, options, scale, need_kl, backend, overwrite_logits, vocab_parallel,
+                sources):
         compute_grad = ctx.needs_input_grad[0]
-        ctx.in_place = compute_grad and overwrite_logits and not torch.compiler.is_compiling()
-        if ctx.in_place or vocab_parallel is not None:
-            rows = implementation("mtt_rows", backend) if vocab_parallel is None else vocab_parallel.rows_fn(backend)
-            grad = logits if ctx.in_place else (torch.empty_like(logits) if compute_grad else None)
-            stats = rows(logits, base_logits, labels, options, need_kl=need_kl, grad_scale=scale, grad_out=grad)
+        in_place = compute_grad and overwrite_logits and not torch.compiler.is_compiling()
+        if in_place or vocab_parallel is not None:
+            grad = logits if in_place else (torch.empty_like(logits) if compute_grad else None)
+            stats = _rows_with_gradient(logits, base_logits, labels, options, scale, need_kl, backend, vocab_parallel,
+                                        grad)
+            if in_place:  # a kernel's write does not count as one: autograd must see that logits changed
+                torch.autograd.graph.increment_version(logits)
         else:
             stats, grad = mtt_rows(logits, base_logits, labels, scale, options.lam, options.temperature,
                                    options.direction, options.mask_target, options.ignore_index, options.ce_weight,
                                    need_kl, compute_grad, backend)
-        ctx.save_for_backward(grad)
+        keep_gradients(ctx, grad)
+        ctx.recompute = None if in_place or sources is None else (sources, labels, options, scale, backend,
+                                                                   vocab_parallel)
         return reduced_outputs(ctx, stats[CE], stats[KL], options, scale)
 
     @staticmethod
+    @once_differentiable("mtt_loss")
     def backward(ctx, grad_loss, _grad_ce, _grad_kl):
-        (grad,) = ctx.saved_tensors
-        return scale_saved_grad(ctx, grad, grad_loss), None, None, None, None, None, None, None, None
+        grads = take_gradients(ctx, grad_loss)
+        if grads is None:
+            grads = (_recompute_gradient(ctx.recompute, grad_loss),)
+        return grads[0], None, None, None, None, None, None, None, None, None
+
+
+def _rows_with_gradient(logits, base_logits, labels, options, scale, need_kl, backend, vocab_parallel, grad_out):
+    """The row statistics, writing the gradient into grad_out (None: no gradient)."""
+    rows = implementation("mtt_rows", backend) if vocab_parallel is None else vocab_parallel.rows_fn(backend)
+    return rows(logits, base_logits, labels, options, need_kl=need_kl, grad_scale=scale, grad_out=grad_out)
+
+
+def _recompute_gradient(recompute, grad_loss):
+    """The gradient again, for a second backward through a retained graph."""
+    inputs = None if recompute is None else recompute[0].flat()
+    if inputs is None:
+        raise RuntimeError(
+            "mtt_loss: a second backward through the same graph (retain_graph=True) needs the logits again, "
+            "and they were overwritten (overwrite_logits=True), changed in place or freed since the forward: "
+            "keep them, or compute the loss again")
+    (logits, base_logits), (_, labels, options, scale, backend, vocab_parallel) = inputs, recompute
+    grad = torch.empty_like(logits)
+    _rows_with_gradient(logits, base_logits, labels, options, scale, False, backend, vocab_parallel, grad)
+    return take_gradients_of(grad, grad_loss)
+
+
+class _Sources:
+    """Weak references to the caller's logits and base logits (to the tensor a view was taken of, with the
+    view's layout, so that an inline .view() still counts) and their versions at the forward: the inputs of
+    a recomputed gradient while the caller still holds them unchanged."""
+
+    def __init__(self, logits, base_logits, backend):
+        self.layouts = tuple((weakref.ref(t if t._base is None else t._base), t._version,
+                              None if t._base is None else (t.shape, t.stride(), t.storage_offset()))
+                             for t in (logits, base_logits))
+        self.backend = backend
+
+    def flat(self):
+        tensors = []
+        for ref, version, view in self.layouts:
+            tensor = ref()
+            if tensor is None or tensor._version != version:
+                return None
+            tensors.append(tensor.detach() if view is None else tensor.detach().as_strided(*view))
+        return _flat_rows(*tensors, self.backend)
+
+
+def _flat_rows(logits, base_logits, backend):
+    """[N, V] views (or copies) of the logits as the row implementations take them."""
+    n_cols = logits.shape[-1]
+    flat_logits = logits.reshape(-1, n_cols)
+    flat_base = base_logits.detach().reshape(-1, n_cols)
+    if backend == "triton":  # unit column stride
+        flat_logits = flat_logits if flat_logits.stride(-1) == 1 else flat_logits.contiguous()
+        flat_base = flat_base if flat_base.stride(-1) == 1 else flat_base.contiguous()
+    return flat_logits, flat_base
 
 
 def mtt_loss(
@@ -106,21 +178,32 @@ def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, n
     check_num_items(num_items_in_batch, options.reduction)
     check_vocab_parallel(vocab_parallel, "logits", n_cols)
     check_labels(labels, logits.shape[:-1], n_cols if vocab_parallel is None else None, options.ignore_index)
+    if not isinstance(overwrite_logits, bool):
+        raise TypeError(f"overwrite_logits must be a bool, got {overwrite_logits!r}")
 
     backend = resolve_backend(backend, logits, base_logits)
-    flat_logits = logits.reshape(-1, n_cols)
-    flat_base = base_logits.detach().reshape(-1, n_cols)
-    if backend == "triton":
-        flat_logits = flat_logits if flat_logits.stride(-1) == 1 else flat_logits.contiguous()
-        flat_base = flat_base if flat_base.stride(-1) == 1 else flat_base.contiguous()
+    flat_logits, flat_base = _flat_rows(logits, base_logits, backend)
+    if overwrite_logits and _rows_overlap(flat_logits):
+        raise ValueError(f"overwrite_logits=True needs logits whose entries do not share memory, got strides "
+                         f"{logits.stride()} (expanded?); pass a copy or overwrite_logits=False")
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     scale = gradient_scale(options.reduction, flat_labels, options.ignore_index, num_items_in_batch, logits.device,
                            accumulator_dtype(logits, base_logits))
+    sources = None if overwrite_logits or torch.compiler.is_compiling() else _Sources(logits, base_logits, backend)
     loss, ce, kl = MTTLossFunction.apply(flat_logits, flat_base, flat_labels, options, scale, return_components,
-                                         backend, overwrite_logits, vocab_parallel)
+                                         backend, overwrite_logits, vocab_parallel, sources)
     if options.reduction == "none":
         loss, ce, kl = (t.reshape(labels.shape) for t in (loss, ce, kl))
     return MTTOutput(loss, ce, kl) if return_components else loss
+
+
+def _rows_overlap(matrix):
+    """Whether two entries of an [N, V] matrix share memory (a stride-0 or otherwise overlapping layout)."""
+    (n_rows, n_cols), (row_stride, col_stride) = matrix.shape, matrix.stride()
+    if n_rows <= 1 or n_cols <= 1:
+        return (n_cols > 1 and col_stride == 0) or (n_rows > 1 and row_stride == 0)
+    (small, small_size), (large, _) = sorted(((col_stride, n_cols), (row_stride, n_rows)))
+    return small == 0 or large < small * (small_size - 1) + 1
 
 
 class MTTLoss(torch.nn.Module):
