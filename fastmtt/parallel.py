@@ -69,7 +69,7 @@ class VocabParallel:
         N] or [N_PARTIALS, N]), identical on every rank."""
         parts = parts if parts.dim() == 3 else parts[None]
         gathered = self.all_gather(parts).flatten(0, 1)
-        return finalize(merge_partials(gathered, options.direction), labels, options, need_kl=need_kl)
+        return finalize(merge_partials(gathered, options), labels, options, need_kl=need_kl)
 
     def rows_fn(self, backend: str):
         """An MTT row function with the signature of `mtt_rows` (fastmtt/_dispatch.py) for this rank's columns:

@@ -1,74 +1,103 @@
 """Mergeable per-row statistics: what a vocabulary range contributes, and how ranges combine.
 
-Layout (rows of a [N_PARTIALS, N] block, nats; the Triton kernels write the same layout):
-    M_Z, S_Z   max of the adapted z/T over kept columns and sum of exp(z/T - M_Z)
-    M_R, S_R   the same for raw z over all columns (CE at T != 1)
-    M_B, S_B   the same for the base b/T
-    W          divergence accumulator, relative to the max of its weighting side
+Every sum is relative to a reference, the row's maximum of the raw logits it covers (0 for an empty
+range: `reference`), so that no statistic is formed from absolute logits: logits offset by -100 lose
+nothing (docs: mtt-math, "Relative to the row maxima").
+
+Layout (rows of a [N_PARTIALS, N] block; the Triton kernels write the same layout):
+    M_Z, S_Z   max of the adapted z over kept columns and sum of exp((z - M_Z) / T)
+    M_R, S_R   the same for all raw z at T = 1 (CE at T != 1)
+    M_B, S_B   the same for the base b
+    W          divergence accumulator: sum over kept columns of the weighting side's exp(. / T) terms times
+               (w - M_w) - (o - M_o), w the weighting side's logit and o the other's (raw units)
+    S_DIFF     S_o - S_w as one sum of per-column differences (forward: S_Z - S_B), so that ln(S_o / S_w) =
+               log1p(S_DIFF / S_w) keeps its digits when the two sides are close
     Z_LABEL, B_LABEL, LABEL_FOUND   the label's logits and 1 where the label lies in the range, else 0
 Kept columns: all but the target when the target is masked, all otherwise. Finalized statistics (rows
-of a [N_STATS, N] block): LSE (all columns, T = 1), Z' and B' (kept columns at T), the divergence D, CE.
-Ranges of one row may come from one kernel split, several launches or several ranks: merging rescales
-each sum to the largest max.
+of a [N_STATS, N] block): REF and LSE (all columns at T = 1: LSE = ln sum exp(z - REF)), Z_REF and Z_LSE,
+B_REF and B_LSE (kept columns at T: Z_LSE = ln sum exp((z - Z_REF) / T), -inf when empty), the
+divergence D and CE. Ranges of one row may come from one kernel split, several launches or several
+ranks: merging moves every sum to the largest reference.
 """
 from __future__ import annotations
 
 import torch
 
-M_Z, S_Z, M_R, S_R, M_B, S_B, W, Z_LABEL, B_LABEL, LABEL_FOUND = range(10)
-N_PARTIALS = 10
-LSE, Z_LSE, B_LSE, KL, CE = range(5)
-N_STATS = 5
+M_Z, S_Z, M_R, S_R, M_B, S_B, W, S_DIFF, Z_LABEL, B_LABEL, LABEL_FOUND = range(11)
+N_PARTIALS = 11
+REF, LSE, Z_REF, Z_LSE, B_REF, B_LSE, KL, CE = range(8)
+N_STATS = 8
 _SUMS = ((M_Z, S_Z), (M_R, S_R), (M_B, S_B))
+_SUM_OF = dict(_SUMS)
 
 
-def _rescale(maxima: torch.Tensor, merged_max: torch.Tensor) -> torch.Tensor:
-    """exp(maxima - merged_max), 0 for an empty range (max -inf)."""
-    safe = torch.where(merged_max == float("-inf"), 0.0, merged_max)
-    return torch.where(maxima == float("-inf"), 0.0, (maxima - safe).exp())
+def reference(maxima: torch.Tensor) -> torch.Tensor:
+    """The reference of a sum: its max, or 0 where the range is empty (max -inf)."""
+    return torch.where(maxima == float("-inf"), 0.0, maxima)
 
 
-def merge_partials(parts: torch.Tensor, direction: str) -> torch.Tensor:
+def _rescale(maxima, merged_max, inv_t):
+    """exp((maxima - merged_max) / T): moves a range's sum to the merged reference; 0 for an empty range."""
+    return torch.where(maxima == float("-inf"), 0.0, ((maxima - reference(merged_max)) * inv_t).exp())
+
+
+def exp_difference(a_o, a_w, log_ratio):
+    """a_o - a_w of two positive factors given also t = ln(a_o / a_w): a_w expm1(t) when |t| < 1/2 (no
+    cancellation), a_o - a_w otherwise."""
+    small = log_ratio.abs() < 0.5
+    return torch.where(small, a_w * torch.where(small, log_ratio, 0.0).expm1(), a_o - a_w)
+
+
+def merge_partials(parts: torch.Tensor, options) -> torch.Tensor:
     """[K, N_PARTIALS, N] partials of K disjoint ranges of the same rows -> [N_PARTIALS, N]."""
     from fastmtt.pytorch.divergences import DIVERGENCES
 
+    inv_t = 1.0 / options.temperature
     merged = parts.sum(0)  # Z_LABEL, B_LABEL, LABEL_FOUND: the range holding the label contributes
     for m, s in _SUMS:
         merged[m] = parts[:, m].amax(0)
-        merged[s] = (parts[:, s] * _rescale(parts[:, m], merged[m])).sum(0)
-    weighting = DIVERGENCES[direction].weighting_max
-    merged[W] = (parts[:, W] * _rescale(parts[:, weighting], merged[weighting])).sum(0)
+        merged[s] = (parts[:, s] * _rescale(parts[:, m], merged[m], 1.0 if m == M_R else inv_t)).sum(0)
+    weighting, other = DIVERGENCES[options.direction].sides
+    m_w, s_w, m_o = parts[:, weighting], parts[:, _SUM_OF[weighting]], parts[:, other]
+    move_w = reference(merged[weighting]) - reference(m_w)  # >= 0: how far each range's reference moves
+    move_o = reference(merged[other]) - reference(m_o)
+    a_w, a_o = _rescale(m_w, merged[weighting], inv_t), _rescale(m_o, merged[other], inv_t)
+    # Each range's terms (w - M_w) - (o - M_o) gain move_o - move_w; its S_o - S_w becomes S_o a_o - S_w a_w.
+    merged[W] = ((parts[:, W] + s_w * (move_o - move_w)) * a_w).sum(0)
+    s_w_moved = torch.where(s_w == 0, 0.0, s_w * exp_difference(a_o, a_w, (move_w - move_o) * inv_t))
+    merged[S_DIFF] = torch.where(m_o == float("-inf"), -s_w * a_w, parts[:, S_DIFF] * a_o + s_w_moved).sum(0)
     return merged
 
 
-def log_normalizer(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """m + log s, -inf for an empty row (s == 0)."""
-    return torch.where(s == 0, float("-inf"), m + s.log())
+def log_sum(s: torch.Tensor) -> torch.Tensor:
+    """ln s, -inf for an empty row (s == 0)."""
+    return torch.where(s == 0, float("-inf"), s.log())
 
 
 def finalize(parts: torch.Tensor, labels: torch.Tensor, options, *, need_kl: bool) -> torch.Tensor:
-    """[N_PARTIALS, N] partials of the whole vocabulary -> [N_STATS, N] statistics (LSE, Z', B', D, CE).
-    Ignored rows get 0 everywhere; a valid label found in no range makes its row NaN."""
+    """[N_PARTIALS, N] partials of the whole vocabulary -> [N_STATS, N] statistics. Ignored rows get 0
+    everywhere; a valid label found in no range makes its row NaN."""
     from fastmtt.pytorch.divergences import DIVERGENCES
 
     valid = labels != options.ignore_index
-    z_lse = log_normalizer(parts[M_Z], parts[S_Z])
+    z_ref, z_lse = reference(parts[M_Z]), log_sum(parts[S_Z])
     if options.temperature != 1.0:
-        lse = log_normalizer(parts[M_R], parts[S_R])
-    elif options.mask_target:
-        lse = torch.logaddexp(z_lse, parts[Z_LABEL])
+        ref, lse = reference(parts[M_R]), log_sum(parts[S_R])
+    elif options.mask_target:  # all columns: the kept ones and the label
+        ref = reference(torch.maximum(parts[M_Z], parts[Z_LABEL]))
+        kept = torch.where(parts[S_Z] == 0, 0.0, parts[S_Z] * (z_ref - ref).exp())
+        lse = log_sum(kept + (parts[Z_LABEL] - ref).exp())
     else:
-        lse = z_lse
+        ref, lse = z_ref, z_lse
     lse = torch.where(parts[LABEL_FOUND] > 0, lse, float("nan"))
     stats = torch.empty(N_STATS, labels.shape[0], dtype=parts.dtype, device=parts.device)
-    stats[LSE], stats[Z_LSE] = lse, z_lse
-    stats[CE] = torch.where(valid, lse - parts[Z_LABEL], 0.0)
+    stats[REF], stats[LSE], stats[Z_REF], stats[Z_LSE] = ref, lse, z_ref, z_lse
+    stats[CE] = (ref - parts[Z_LABEL]) + lse
+    stats[B_REF], stats[B_LSE], stats[KL] = 0.0, float("-inf"), 0.0
     if need_kl or options.lam > 0:
-        b_lse = log_normalizer(parts[M_B], parts[S_B])
-        value = DIVERGENCES[options.direction].value(parts[W], parts[S_Z], parts[S_B], z_lse, b_lse)
-        stats[B_LSE] = b_lse
-        stats[KL] = torch.where(valid, torch.where(parts[B_LABEL].isnan(), float("nan"), value), 0.0)
-    else:
-        stats[B_LSE], stats[KL] = float("-inf"), 0.0
+        value = DIVERGENCES[options.direction].value(parts[W], parts[S_DIFF], parts[S_Z], parts[S_B],
+                                                     1.0 / options.temperature)
+        stats[B_REF], stats[B_LSE] = reference(parts[M_B]), log_sum(parts[S_B])
+        stats[KL] = torch.where(parts[B_LABEL].isnan(), float("nan"), value)
     stats[:, ~valid] = 0.0
     return stats

@@ -115,13 +115,14 @@ def _linear_mtt_fwd_kernel(
     found = valid & (local >= split_start) & (local < split_stop)
 
     scale2 = inv_t * LOG2E
-    m_z = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # kept z/T (base 2)
+    m_z = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # kept z
     s_z = tl.zeros((BLOCK_N,), tl.float32)
-    m_r = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # all raw z (CE at T != 1)
+    m_r = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # all z (CE at T != 1)
     s_r = tl.zeros((BLOCK_N,), tl.float32)
-    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # kept b/T
+    m_b = tl.full((BLOCK_N,), float("-inf"), tl.float32)  # kept b
     s_b = tl.zeros((BLOCK_N,), tl.float32)
-    w2 = tl.zeros((BLOCK_N,), tl.float32)
+    w = tl.zeros((BLOCK_N,), tl.float32)
+    d = tl.zeros((BLOCK_N,), tl.float32)
     z_label = tl.zeros((BLOCK_N,), tl.float32)
     b_label = tl.zeros((BLOCK_N,), tl.float32)
     for start in range(split_start, split_stop, BLOCK_V):
@@ -131,11 +132,11 @@ def _linear_mtt_fwd_kernel(
                             stride_h, stride_b, stride_w, stride_lh, stride_lb,
                             rows, row_mask, cols, col_mask, n_hidden, rank, scaling, softcap,
                             BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, HAS_KL, HAS_BIAS, LORA, SOFTCAP, UPCAST, PRECISION)
-        m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label = accumulate_tile(
-            z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label,
+        m_z, s_z, m_r, s_r, m_b, s_b, w, d, z_label, b_label = accumulate_tile(
+            z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w, d, z_label,
             b_label, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
     store_partials(partials_ptr + split.to(tl.int64) * N_PARTIALS * n_rows, n_rows, rows, row_mask, m_z, s_z, m_r,
-                   s_r, m_b, s_b, w2, z_label, b_label, found)
+                   s_r, m_b, s_b, w, d, z_label, b_label, found)
 
 
 @triton.jit
@@ -163,13 +164,13 @@ def _linear_mtt_bwd_kernel(
                         stride_h, stride_b, stride_w, stride_lh, stride_lb,
                         rows, row_mask, cols, col_mask, n_hidden, rank, scaling, softcap,
                         BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, KL_GRAD, HAS_BIAS, LORA, SOFTCAP, UPCAST, PRECISION)
-    lse, z_lse, b_lse, value = load_statistics(stats_ptr, n_rows, rows, live)
+    ref, lse, z_ref, z_lse, b_ref, b_lse, value = load_statistics(stats_ptr, n_rows, rows, live)
     unit = tl.full((BLOCK_N,), 1.0, tl.float32)  # coef scales the gradient below, after the filter
-    lse2, zc2, bc2, soft, kl, shift = gradient_constants(lse, z_lse, b_lse, value, unit, inv_t, kl_weight, ce_weight,
-                                                         DIVERGENCE, UNIT_TEMPERATURE)
+    lse2, zc2, bc2, soft, kl, shift = gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, unit, inv_t, kl_weight,
+                                                         ce_weight, DIVERGENCE, UNIT_TEMPERATURE)
     grad = tile_gradient(z, b, col_mask, cols[None, :] == (labels - vocab_start)[:, None], unit * ce_weight,
-                         inv_t * LOG2E, inv_t, lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE,
-                         MASK_TARGET)
+                         inv_t * LOG2E, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE,
+                         UNIT_TEMPERATURE, MASK_TARGET)
     if SOFTCAP:  # dz_pre = dz * (1 - tanh^2), tanh = z / c
         t = z / softcap
         grad = grad * (1.0 - t * t)

@@ -105,15 +105,16 @@ def _mtt_loss_kernel(
     scale2 = inv_t * LOG2E
 
     if MODE == MODE_GRADIENT:
-        lse, z_lse, b_lse, value = load_statistics(out_ptr, n_rows, rows, valid)
+        ref, lse, z_ref, z_lse, b_ref, b_lse, value = load_statistics(out_ptr, n_rows, rows, valid)
     else:
-        m_z = tl.full([BLOCK_N], float("-inf"), tl.float32)  # kept z/T (base 2)
+        m_z = tl.full([BLOCK_N], float("-inf"), tl.float32)  # kept z
         s_z = tl.zeros([BLOCK_N], tl.float32)
-        m_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # all raw z (CE at T != 1)
+        m_r = tl.full([BLOCK_N], float("-inf"), tl.float32)  # all z (CE at T != 1)
         s_r = tl.zeros([BLOCK_N], tl.float32)
-        m_b = tl.full([BLOCK_N], float("-inf"), tl.float32)  # kept b/T
+        m_b = tl.full([BLOCK_N], float("-inf"), tl.float32)  # kept b
         s_b = tl.zeros([BLOCK_N], tl.float32)
-        w2 = tl.zeros([BLOCK_N], tl.float32)
+        w = tl.zeros([BLOCK_N], tl.float32)
+        d = tl.zeros([BLOCK_N], tl.float32)
         z_label = tl.zeros([BLOCK_N], tl.float32)
         b_label = tl.zeros([BLOCK_N], tl.float32)
         if any_valid:  # a block of ignored rows only stores zeros
@@ -123,28 +124,29 @@ def _mtt_loss_kernel(
                     col_mask = cols < n_cols
                     z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid,
                                        valid[:, None] & col_mask[None, :], True, "evict_last", HAS_KL, BLOCK_N)
-                    m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label = accumulate_tile(
-                        z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2,
+                    m_z, s_z, m_r, s_r, m_b, s_b, w, d, z_label, b_label = accumulate_tile(
+                        z, b, col_mask, cols[None, :] == local[:, None], scale2, m_z, s_z, m_r, s_r, m_b, s_b, w, d,
                         z_label, b_label, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
                 else:
                     z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid, valid,
                                        False, "evict_last", HAS_KL, BLOCK_N)
-                    m_z, s_z, m_r, s_r, m_b, s_b, w2 = accumulate_logits(
-                        z, z, b, scale2, m_z, s_z, m_r, s_r, m_b, s_b, w2, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE)
+                    m_z, s_z, m_r, s_r, m_b, s_b, w, d = accumulate_logits(
+                        z, z, b, scale2, m_z, s_z, m_r, s_r, m_b, s_b, w, d, HAS_KL, DIVERGENCE, UNIT_TEMPERATURE)
         if MODE == MODE_PARTIALS:
-            store_partials(out_ptr, n_rows, rows, row_mask, m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label,
+            store_partials(out_ptr, n_rows, rows, row_mask, m_z, s_z, m_r, s_r, m_b, s_b, w, d, z_label, b_label,
                            found)
         else:
-            lse, z_lse, b_lse, value, ce = row_statistics(m_z, s_z, m_r, s_r, m_b, s_b, w2, z_label, b_label, found,
-                                                          HAS_KL, DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
-            store_statistics(out_ptr, n_rows, rows, row_mask, valid, lse, z_lse, b_lse, value, ce)
+            ref, lse, z_ref, z_lse, b_ref, b_lse, value, ce = row_statistics(
+                m_z, s_z, m_r, s_r, m_b, s_b, w, d, z_label, b_label, found, inv_t, HAS_KL, DIVERGENCE,
+                UNIT_TEMPERATURE, MASK_TARGET)
+            store_statistics(out_ptr, n_rows, rows, row_mask, valid, ref, lse, z_ref, z_lse, b_ref, b_lse, value, ce)
 
     if COMPUTE_GRAD and MODE != MODE_PARTIALS:
         n_tiles = tl.cdiv(n_cols, BLOCK_V)
         if any_valid:
             scale = tl.where(valid, tl.load(scale_ptr).to(tl.float32), 0.0)
-            lse2, zc2, bc2, soft, kl, shift = gradient_constants(lse, z_lse, b_lse, value, scale, inv_t, kl_weight,
-                                                                 ce_weight, DIVERGENCE, UNIT_TEMPERATURE)
+            lse2, zc2, bc2, soft, kl, shift = gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, scale, inv_t,
+                                                                 kl_weight, ce_weight, DIVERGENCE, UNIT_TEMPERATURE)
             ce_scale = scale * ce_weight
             for index in range(0, n_tiles):
                 start = (n_tiles - 1 - index) * BLOCK_V  # last tile first: pass 1 read it most recently
@@ -155,15 +157,15 @@ def _mtt_loss_kernel(
                     z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid, live, True,
                                        "evict_first", KL_GRAD, BLOCK_N)
                     grad = tile_gradient(z, b, col_mask, cols[None, :] == local[:, None], ce_scale, scale2, inv_t,
-                                         lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE,
-                                         MASK_TARGET)
+                                         ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE,
+                                         UNIT_TEMPERATURE, MASK_TARGET)
                     tl.store(grad_rows + cols[None, :], tl.where(live, grad, 0.0).to(grad_ptr.dtype.element_ty),
                              mask=row_mask[:, None] & col_mask[None, :], eviction_policy="evict_first")
                 else:
                     z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid, valid,
                                        False, "evict_first", KL_GRAD, BLOCK_N)
-                    grad = logit_gradient(z, z, b, scale2, inv_t, lse2, zc2, bc2, soft, kl, shift, KL_GRAD,
-                                          DIVERGENCE, UNIT_TEMPERATURE)
+                    grad = logit_gradient(z, z, b, scale2, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl, shift,
+                                          KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE)
                     if BLOCK_N == 1:
                         tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
                                  eviction_policy="evict_first")

@@ -12,6 +12,7 @@ from fastmtt.options import DIRECTIONS
 from tests.utils import (
     DTYPES,
     FUSED_LINEAR_GRADS,
+    assert_kl_at_least_as_accurate,
     assert_parity,
     confident_hidden_states,
     fused_linear_inputs,
@@ -428,3 +429,69 @@ def test_tiled_backward_refuses_deterministic_mode():
         assert torch.equal(*chunked)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def close_offset_head(n_rows=24, hidden_size=16, vocab=515, seed=5):
+    """Inputs whose logits are 2 randn - 100 (a bias of -100) and whose base pass differs by ~1e-3 nats:
+    the KL (~5e-7) cancels unless formed relative to the row maxima."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(vocab, hidden_size, generator=gen) * (2.0 / hidden_size**0.5)
+    hidden = torch.randn(n_rows, hidden_size, generator=gen)
+    base_hidden = hidden + 1e-3 * torch.randn(n_rows, hidden_size, generator=gen)
+    labels = torch.randint(0, vocab, (n_rows,), generator=gen)
+    return dict(hidden=hidden, base_hidden=base_hidden, weight=weight, bias=torch.full((vocab,), -100.0)), labels
+
+
+@pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_kl_of_close_rows_with_offset_logits_keeps_its_digits(backend, tiled, direction):
+    """Every path: the per-row KL at least as accurate as naive fp32 on the same logits, never negative."""
+    inputs, labels = close_offset_head()
+    options = dict(lam=1.0, direction=direction, reduction="none", ce_weight=0.0)
+    rows = torch.ones(labels.shape[0])
+    got = evaluate(fastmtt.fused_linear_mtt_loss, inputs, labels, {"hidden"}, torch.float32, rows, backend=backend,
+                   tiled=tiled, **options)
+    naive = evaluate(reference.fused_linear_mtt_loss, inputs, labels, {"hidden"}, torch.float32, rows, **options)
+    truth = evaluate(reference.fused_linear_mtt_loss, inputs, labels, {"hidden"}, torch.float64, rows, **options)
+    assert_kl_at_least_as_accurate(got[2], naive[2], truth[2])
+
+
+@pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", False), ("triton", True)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_retained_graph_on_leaf_inputs_gives_the_same_gradients_every_backward(backend, tiled, reduction):
+    """Three backwards through one graph, .grad zeroed in between: the same gradients each time (the
+    forward's gradient buffers go to the first backward, later ones walk the chunks again)."""
+    inputs, labels, trainable = fused_linear_inputs(31, lora=True, bias=True)
+    leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in inputs.items()}
+    rows = (1, N_ROWS, -1)
+    hidden, base_hidden = leaves["hidden"].view(rows), inputs["base_hidden"].view(rows)
+    loss = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, leaves["weight"], labels.view(1, N_ROWS),
+                                         bias=leaves["bias"], lora_A=leaves["lora_A"], lora_B=leaves["lora_B"],
+                                         backend=backend, tiled=tiled, reduction=reduction)
+    upstream = torch.ones_like(loss) if reduction == "mean" else torch.randn(1, N_ROWS)
+    names = sorted(trainable)
+    expected = None
+    for _ in range(3):
+        loss.backward(upstream, retain_graph=True)
+        grads = {k: leaves[k].grad.clone() for k in names}
+        expected = expected or grads
+        for k in names:
+            torch.testing.assert_close(grads[k], expected[k])
+            leaves[k].grad.data.zero_()
+    reference_grads = evaluate(reference.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32,
+                               upstream.reshape(-1) if reduction == "none" else None, lam=1.0,
+                               reduction=reduction)[3]
+    scale = 1.0 if reduction == "none" else 1 / 1.5  # evaluate's mean upstream is 1.5
+    for k in names:
+        torch.testing.assert_close(expected[k], reference_grads[k] * scale, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", True)])
+def test_double_backward_raises_naming_the_op(backend, tiled):
+    inputs, labels, _ = fused_linear_inputs(32)
+    hidden = inputs["hidden"].clone().requires_grad_(True)
+    loss = fastmtt.fused_linear_mtt_loss(hidden, inputs["base_hidden"], inputs["weight"], labels, backend=backend,
+                                         tiled=tiled)
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="fused_linear_mtt_loss: double backward"):
+        grad.square().sum().backward()

@@ -13,11 +13,14 @@ from fastmtt.options import DIRECTIONS
 from tests.utils import (
     DTYPES,
     ROW_IMPLEMENTATIONS,
+    assert_kl_at_least_as_accurate,
     assert_parity,
+    assert_parity_relative_to_scale,
     implementation,
     kl_part_of_gradient,
     mtt_inputs,
     mtt_rows,
+    offset_close_rows,
     spy_on_row_gradients,
 )
 
@@ -229,24 +232,89 @@ def test_backends_agree_on_leading_batch_dims_and_module():
             reference.mtt_loss(logits.double(), base.double(), labels, lam=0.5).kl.float())
 
 
-def test_retained_graph_allows_repeated_backward():
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_retained_graph_on_leaf_logits_gives_the_same_gradient_every_backward(backend, reduction):
+    """The gradient formed in forward goes to the first backward, never a buffer kept here (autograd adopts
+    it, or a view of it, as a leaf's .grad); later backwards recompute it from the caller's logits."""
     logits, base, labels = mtt_inputs(6, 10, torch.float32, seed=16)
     x = logits.clone().requires_grad_(True)
-    loss = fastmtt.mtt_loss(x, base, labels, reduction="none")
-    upstream = torch.randn(6)
-    loss.backward(upstream, retain_graph=True)
-    first = x.grad.clone()
-    loss.backward(upstream * 3)
-    torch.testing.assert_close(x.grad, 4 * first)
+    loss = fastmtt.mtt_loss(x.view(2, 3, 10), base.view(2, 3, 10), labels.view(2, 3), backend=backend,
+                            reduction=reduction)
+    upstream = torch.ones_like(loss) if reduction == "mean" else torch.randn(2, 3)
+    expected = run(fastmtt_fn(backend), logits, base, labels, upstream.reshape(-1) if upstream.dim() else None,
+                   reduction=reduction)[3]
+    for _ in range(3):
+        loss.backward(upstream, retain_graph=True)
+        torch.testing.assert_close(x.grad, expected)
+        x.grad.data.zero_()  # the caller owns .grad: zeroing it changes nothing inside the loss
 
 
-def test_overwrite_logits_refuses_a_second_backward():
-    logits, base, labels = mtt_inputs(4, 10, torch.float32, seed=17)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lost", ["overwritten", "freed", "changed"])
+def test_a_second_backward_without_the_logits_raises(backend, lost):
+    logits, base, labels = mtt_inputs(6, 10, torch.float32, seed=17)
     x = logits.clone().requires_grad_(True)
-    loss = fastmtt.mtt_loss(x, base, labels, overwrite_logits=True)
+    produced = x * 1.0
+    loss = fastmtt.mtt_loss(produced, base, labels, backend=backend, overwrite_logits=lost == "overwritten")
+    if lost == "freed":
+        del produced
+    elif lost == "changed":
+        produced.data.add_(1.0)
+        torch.autograd.graph.increment_version(produced)
     (2 * loss).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_logits_counts_as_an_in_place_write(backend):
+    """The kernel's store into logits bumps their version: a producer that saved its output refuses to
+    backpropagate through overwritten values instead of using them."""
+    logits, base, labels = mtt_inputs(6, 10, torch.float32, seed=18)
+    x = logits.clone().requires_grad_(True)
+    produced = torch.exp(x / 10)
+    version = produced._version
+    loss = fastmtt.mtt_loss(produced, base, labels, backend=backend, overwrite_logits=True)
+    assert produced._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        (2 * loss).backward()
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overwrite_logits_refuses_logits_whose_rows_share_memory(backend):
+    logits, base, labels = mtt_inputs(6, 10, torch.float32, seed=19)
+    shared = logits[:1].clone().requires_grad_(True).expand(6, 10)
+    with pytest.raises(ValueError, match="overwrite_logits"):
+        fastmtt.mtt_loss(shared, base, labels, backend=backend, overwrite_logits=True)
+    loss = fastmtt.mtt_loss(shared, base, labels, backend=backend)  # without overwriting: fine
+    assert loss.isfinite()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises_naming_the_op(backend):
+    """A gradient penalty differentiates the gradient: the kernels' backward cannot, and says so."""
+    logits, base, labels = mtt_inputs(6, 10, torch.float32, seed=20)
+    x = logits.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(fastmtt.mtt_loss(x, base, labels, backend=backend), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="mtt_loss: double backward"):
+        grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_of_close_rows_with_offset_logits_keeps_its_digits(backend, direction, temperature):
+    """Logits 2 randn - 100, adapted = base + 1e-3 noise: the KL (~5e-7) from row-relative statistics is at
+    least as accurate as naive fp32 log_softmax in every row, never negative; with ce_weight = 0 so is
+    the gradient."""
+    logits, base, labels = offset_close_rows(48, 2053, seed=23)
+    options = dict(lam=1.0, temperature=temperature, direction=direction, reduction="none", ce_weight=0.0)
+    got = run(fastmtt_fn(backend), logits, base, labels, **options)
+    naive = run(reference.mtt_loss, logits, base, labels, **options)
+    truth = run(reference.mtt_loss, logits.double(), base.double(), labels, **options)
+    assert_kl_at_least_as_accurate(got[2], naive[2], truth[2])
+    assert_parity_relative_to_scale("grad", got[3], naive[3], truth[3])
 
 
 @pytest.mark.parametrize("change,error,match", [
@@ -464,7 +532,7 @@ def test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary(backend, dir
     parts = torch.stack([implementation("mtt_partials", backend)(
         logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels, options, vocab_start=a, need_kl=True)
         for a, b in ranges]).float()
-    merged = finalize(merge_partials(parts, direction), labels, options, need_kl=True)
+    merged = finalize(merge_partials(parts, options), labels, options, need_kl=True)
     # equal_nan: ignored rows have no label, hence LSE = NaN in both
     torch.testing.assert_close(merged.float(), whole.float(), rtol=1e-5, atol=1e-5, equal_nan=True)
     for a, b in ranges:

@@ -1,9 +1,11 @@
 """The divergences between the kept (target-masked, renormalized) distributions, in PyTorch.
 
 Each is the torch counterpart of one branch of the jit helpers in kernels/mtt_math.py: the accumulator
-terms over a range (`terms`, relative to the max of its weighting side `weighting_max`), the value from
-the merged statistics (`value`) and T * dD/dz on kept columns (`gradient`). q, p: adapted and base kept
-distributions at temperature T; zt = z/T, bt = b/T on kept columns (-inf elsewhere).
+terms over a range (`terms`: the weighting side's exp times (w - M_w) - (o - M_o), and the per-column
+differences of S_o - S_w; `sides` names the weighting side's max first), the value from the merged
+statistics (`value`) and T * dD/dz on kept columns (`gradient`). q, p: adapted and base kept
+distributions at temperature T; zr = z - M_Z and br = b - M_B on kept columns (-inf elsewhere),
+relative to the row maxima (fastmtt/partials.py).
 """
 from __future__ import annotations
 
@@ -12,24 +14,25 @@ import torch
 from fastmtt.partials import M_B, M_Z
 
 
-def _weighted(weight, log_ratio):
-    """weight * log_ratio, 0 where the weight is 0 (never 0 * inf)."""
-    return torch.where(weight == 0, 0.0, weight * log_ratio)
+def _weighted(weight, difference):
+    """weight * difference, 0 where the weight is 0 (never 0 * inf or 0 * NaN)."""
+    return torch.where(weight == 0, 0.0, weight * difference)
 
 
 class ForwardKL:
-    """KL(base || adapted) = sum_k p_k (log p_k - log q_k)."""
+    """KL(base || adapted) = sum_k p_k (log p_k - log q_k) = W / (T S_B) + log1p(S_DIFF / S_B)."""
 
-    weighting_max = M_B
-
-    @staticmethod
-    def terms(e_z, e_b, zt, bt):
-        return _weighted(e_b, bt - zt)
+    sides = (M_B, M_Z)
 
     @staticmethod
-    def value(w, s_z, s_b, z_lse, b_lse):
+    def terms(e_z, e_b, zr, br):
+        return _weighted(e_b, br - zr), e_z - e_b
+
+    @staticmethod
+    def value(w, s_diff, s_z, s_b, inv_t):
         """0 when the base has no kept mass, +inf when only the adapted side has none."""
-        return torch.where(s_b == 0, 0.0, torch.where(s_z == 0, float("inf"), w / s_b - b_lse + z_lse))
+        kl = w * inv_t / s_b + (s_diff / s_b).clamp(min=-1.0).log1p()
+        return torch.where(s_b == 0, 0.0, torch.where(s_z == 0, float("inf"), kl.clamp(min=0.0)))
 
     @staticmethod
     def gradient(log_q, log_p, value):
@@ -37,18 +40,19 @@ class ForwardKL:
 
 
 class ReverseKL:
-    """KL(adapted || base) = sum_k q_k (log q_k - log p_k)."""
+    """KL(adapted || base) = sum_k q_k (log q_k - log p_k) = W / (T S_Z) + log1p(S_DIFF / S_Z)."""
 
-    weighting_max = M_Z
-
-    @staticmethod
-    def terms(e_z, e_b, zt, bt):
-        return _weighted(e_z, zt - bt)
+    sides = (M_Z, M_B)
 
     @staticmethod
-    def value(w, s_z, s_b, z_lse, b_lse):
+    def terms(e_z, e_b, zr, br):
+        return _weighted(e_z, zr - br), e_b - e_z
+
+    @staticmethod
+    def value(w, s_diff, s_z, s_b, inv_t):
         """0 when either side has no kept mass."""
-        return torch.where((s_b == 0) | (s_z == 0), 0.0, w / s_z - z_lse + b_lse)
+        kl = w * inv_t / s_z + (s_diff / s_z).clamp(min=-1.0).log1p()
+        return torch.where((s_b == 0) | (s_z == 0), 0.0, kl.clamp(min=0.0))
 
     @staticmethod
     def gradient(log_q, log_p, value):

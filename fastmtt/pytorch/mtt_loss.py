@@ -23,11 +23,12 @@ def accumulator_dtype(*tensors):
 
 class _Rows:
     """One chunk of rows [r, n] holding columns [vocab_start, vocab_start + n): labels located, logits
-    in the accumulator dtype, kept columns at temperature T (-inf elsewhere)."""
+    in the accumulator dtype, kept columns (-inf elsewhere)."""
 
     def __init__(self, z, b, labels, options, vocab_start, need_base):
         acc = accumulator_dtype(z, b)
         self.options = options
+        self.inv_t = 1.0 / options.temperature
         self.valid = labels != options.ignore_index
         local = labels - vocab_start
         self.found = self.valid & (local >= 0) & (local < z.shape[1])
@@ -40,44 +41,45 @@ class _Rows:
         return torch.where(self.found, x.gather(1, self.index).squeeze(1), 0.0)
 
     @functools.cached_property
-    def zt(self):
+    def zk(self):
         """kept(z): formed once per chunk for the statistics and the gradient."""
         return self.kept(self.z)
 
     @functools.cached_property
-    def bt(self):
+    def bk(self):
         return self.kept(self.b)
 
     def kept(self, x):
-        """x / T with the target column (where it lies in this range and is masked) at -inf."""
-        xt = x / self.options.temperature if self.options.temperature != 1.0 else x.clone()
+        """A copy of x with the target column (where it lies in this range and is masked) at -inf."""
+        xk = x.clone()
         if self.options.mask_target:
-            target = torch.where(self.found, float("-inf"), xt.gather(1, self.index).squeeze(1))
-            xt.scatter_(1, self.index, target[:, None])
-        return xt
+            target = torch.where(self.found, float("-inf"), xk.gather(1, self.index).squeeze(1))
+            xk.scatter_(1, self.index, target[:, None])
+        return xk
 
 
-def _max_and_exp(x):
-    """(row max m, exp(x - m), sum of it); an all -inf row gives m = -inf and zeros."""
+def _relative_sum(x, inv_t):
+    """(row max m, x - R, exp((x - R) / T), sum of it) with the reference R = m (0 for an all -inf row,
+    whose terms are then 0)."""
     m = x.amax(1)
-    e = (x - torch.where(m == float("-inf"), 0.0, m)[:, None]).exp()
-    return m, e, e.sum(1)
+    relative = x - P.reference(m)[:, None]
+    e = (relative * inv_t if inv_t != 1.0 else relative).exp()
+    return m, relative, e, e.sum(1)
 
 
 def _chunk_partials(rows: _Rows, need_kl):
     options = rows.options
     parts = torch.zeros(P.N_PARTIALS, rows.z.shape[0], dtype=rows.z.dtype, device=rows.z.device)
-    zt = rows.zt
-    parts[P.M_Z], e_z, parts[P.S_Z] = _max_and_exp(zt)
+    parts[P.M_Z], zr, e_z, parts[P.S_Z] = _relative_sum(rows.zk, rows.inv_t)
     parts[P.M_R] = float("-inf")
     if options.temperature != 1.0:
-        parts[P.M_R], _, parts[P.S_R] = _max_and_exp(rows.z)
+        parts[P.M_R], _, _, parts[P.S_R] = _relative_sum(rows.z, 1.0)
     parts[P.Z_LABEL] = rows.label_logit(rows.z)
     parts[P.LABEL_FOUND] = rows.found.to(parts.dtype)
     if need_kl:
-        bt = rows.bt
-        parts[P.M_B], e_b, parts[P.S_B] = _max_and_exp(bt)
-        parts[P.W] = DIVERGENCES[options.direction].terms(e_z, e_b, zt, bt).sum(1)
+        parts[P.M_B], br, e_b, parts[P.S_B] = _relative_sum(rows.bk, rows.inv_t)
+        terms, differences = DIVERGENCES[options.direction].terms(e_z, e_b, zr, br)
+        parts[P.W], parts[P.S_DIFF] = terms.sum(1), differences.sum(1)
         parts[P.B_LABEL] = rows.label_logit(rows.b)
     else:
         parts[P.M_B] = float("-inf")
@@ -87,23 +89,31 @@ def _chunk_partials(rows: _Rows, need_kl):
     return parts
 
 
+def _log_kept(xk, x_ref, x_lse, inv_t):
+    """In place: xk -> (xk - ref) / T - lse, the log of the kept distribution (lse -inf: an empty side)."""
+    xk.sub_(x_ref[:, None])
+    if inv_t != 1.0:
+        xk.mul_(inv_t)
+    return xk.sub_(torch.where(x_lse == float("-inf"), 0.0, x_lse)[:, None])
+
+
 def _chunk_gradient(rows: _Rows, stats, grad_scale, out):
     """out <- grad_scale * dL/dz of the chunk, from its finalized statistics [N_STATS, r]."""
     options = rows.options
     scale = grad_scale.to(rows.z.dtype).reshape(())
-    grad = torch.sub(rows.z, stats[P.LSE][:, None]).exp_()
+    grad = torch.sub(rows.z, stats[P.REF][:, None]).sub_(stats[P.LSE][:, None]).exp_()
     grad.scatter_add_(1, rows.index, torch.where(rows.found, -1.0, 0.0).to(grad.dtype)[:, None])
     if options.ce_weight != 1:
         grad.mul_(options.ce_weight)
     if options.lam > 0:
         z_lse, b_lse, value = stats[P.Z_LSE], stats[P.B_LSE], stats[P.KL]
         constant = (z_lse == float("-inf")) | (b_lse == float("-inf")) | (value == float("inf"))
-        # The gradient is the chunk's last use of zt and bt: shifted in place.
-        log_q = rows.zt.sub_(torch.where(z_lse == float("-inf"), 0.0, z_lse)[:, None])
-        log_p = rows.bt.sub_(torch.where(b_lse == float("-inf"), 0.0, b_lse)[:, None])
+        # The gradient is the chunk's last use of zk and bk: shifted in place.
+        log_q = _log_kept(rows.zk, stats[P.Z_REF], z_lse, rows.inv_t)
+        log_p = _log_kept(rows.bk, stats[P.B_REF], b_lse, rows.inv_t)
         kl_grad = DIVERGENCES[options.direction].gradient(log_q, log_p, value)
         kl_grad[constant] = 0.0  # D does not vary there (and inf - inf would be NaN)
-        grad.add_(kl_grad, alpha=options.kl_weight / options.temperature)
+        grad.add_(kl_grad, alpha=options.kl_weight * rows.inv_t)
     grad.mul_(torch.where(rows.valid, scale, 0.0)[:, None])
     grad[~rows.valid] = 0.0  # NaN or inf * 0 is not 0
     out.copy_(grad)
@@ -119,7 +129,7 @@ def _has_kl(options, need_kl):
 
 
 def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None):
-    """Row statistics [N_STATS, N] (LSE, Z', B', D, CE; fastmtt/partials.py) of [N, V] logits; writes
+    """Row statistics [N_STATS, N] (fastmtt/partials.py) of [N, V] logits; writes
     grad_scale * dL_i/dlogits into `grad_out` if given (it may be `logits` itself)."""
     acc = accumulator_dtype(logits, base_logits)
     stats = torch.zeros(P.N_STATS, logits.shape[0], dtype=acc, device=logits.device)
