@@ -90,12 +90,22 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
-def finetune_error(capsys, *argv):
-    """Run `fastmtt finetune argv`; expect exit status 2 and return its one-line error message."""
-    assert main(["finetune", *argv]) == 2
+def cli_error(capsys, *argv):
+    """Run `fastmtt argv`; expect exit status 2 (returned, or argparse's SystemExit), nothing on stdout, and
+    return the one-line error message."""
+    try:
+        status = main(list(argv))
+    except SystemExit as exit_info:
+        status = exit_info.code
     captured = capsys.readouterr()
+    assert status == 2, captured.err
     assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
     return captured.err
+
+
+def finetune_error(capsys, *argv):
+    """Run `fastmtt finetune argv`; expect exit status 2 and return its one-line error message."""
+    return cli_error(capsys, "finetune", *argv)
 
 
 def test_finetune_user_errors_are_one_line_before_loading_the_model(tmp_path, capsys, no_model_loading):
@@ -144,6 +154,32 @@ def test_argument_errors_are_one_line(tmp_path, capsys):
     assert "--out: " in capsys.readouterr().err
     assert main(["compile-check"]) == 2  # the tests run Triton's interpreter
     assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+
+
+BAD_RECORDS = [  # (JSONL line, expected message): each once silently accepted or a traceback
+    ('{"input_ids": "567"}', '"input_ids" must be a list of integer token ids, got "567"'),  # became [5, 6, 7]
+    ('{"input_ids": [3.7, 4.2, 5]}', '"input_ids" must be a list of integer token ids, got [3.7, 4.2, 5]'),
+    ('{"input_ids": [true, false, 3]}', '"input_ids" must be a list of integer token ids, got [true, false, 3]'),
+    ('{"input_ids": [3, 4], "labels": [-100, 4.0]}', '"labels" must be a list of integer token ids'),
+    ('{"input_ids": [3, 4, 5], "labels": [-100, -100, -100]}', "no token to predict: every label is -100"),
+    ('{"text": 123}', '"text" must be a string, got 123'),
+    ('{"text": null}', '"text" must be a string, got null'),
+    ('{"prompt": ["the"], "completion": "cat"}', '"prompt" must be a string, got ["the"]'),
+    ('{"prompt": "the cat sat on the", "completion": "mat"}', "or lies past --max-length 4"),
+    (b'{"input_ids": [3, 4]}\n{"text": "caf\xe9"}', "line 2: not UTF-8 text (byte 0xe9 at column 14)"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_RECORDS, ids=range(len(BAD_RECORDS)))
+def test_bad_records_are_one_line_errors(tmp_path, capsys, no_model_loading, line, message):
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(line if isinstance(line, bytes) else line.encode() + b"\n")
+    capsys.readouterr()
+    error = finetune_error(capsys, "--model", model, "--data", str(data), "--out", str(tmp_path / "out"), "--device",
+                           "cpu", "--max-length", "4")
+    assert f"{data}" in error and message in error
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

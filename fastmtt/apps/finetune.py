@@ -29,8 +29,17 @@ from fastmtt.options import DEFAULT_LAM
 def read_jsonl(path: str) -> List[Tuple[int, dict]]:
     """(line number, record) for every non-blank line of a JSONL file; errors name the file and line."""
     records = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from exc
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{path} line {number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                 f"{exc.start + 1})") from exc
             if not line.strip():
                 continue
             try:
@@ -45,30 +54,41 @@ def read_jsonl(path: str) -> List[Tuple[int, dict]]:
     return records
 
 
+def _field(where: str, record: dict, key: str, kind: str, default=None):
+    """record[key] (or default), a string (kind "text") or a list of JSON integers (kind "ids"), else a UsageError."""
+    value = record.get(key, default)
+    if isinstance(value, str) if kind == "text" else isinstance(value, list) and all(
+            type(t) is int for t in value):  # not bool, not float
+        return value
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    wanted = "a string" if kind == "text" else "a list of integer token ids"
+    raise UsageError(f"{where}: \"{key}\" must be {wanted}, got {shown}")
+
+
 def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, vocab_size: int,
                    source: str = "data") -> List[Dict[str, list]]:
     """Each (line number, record) -> dict(input_ids, labels), truncated to max_length (formats: see module
-    docstring). Token ids must lie in [0, vocab_size), labels too or be -100."""
+    docstring). Token ids must lie in [0, vocab_size), labels too or be -100; some label after
+    the first position must remain to predict."""
     examples = []
     for number, record in records:
         where = f"{source} line {number}"
         if "input_ids" in record:
-            try:
-                input_ids = [int(t) for t in record["input_ids"]]
-                labels = [int(t) for t in record.get("labels", input_ids)]
-            except (TypeError, ValueError) as exc:
-                raise UsageError(f"{where}: input_ids and labels must be lists of integers ({exc})") from exc
+            input_ids = _field(where, record, "input_ids", "ids")
+            labels = _field(where, record, "labels", "ids", default=input_ids)
         elif "text" in record or {"prompt", "completion"} <= record.keys():
             if tokenizer is None:
                 raise UsageError(f"{where}: text records need a tokenizer in the model directory; "
                                  "give pre-tokenized {\"input_ids\": [...]} records instead")
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
             if "text" in record:
-                input_ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"] + eos
+                input_ids = tokenizer(_field(where, record, "text", "text"), add_special_tokens=True)["input_ids"] + eos
                 labels = list(input_ids)
             else:
-                prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-                completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + eos
+                prompt = tokenizer(_field(where, record, "prompt", "text"), add_special_tokens=True)["input_ids"]
+                completion = tokenizer(_field(where, record, "completion", "text"),
+                                       add_special_tokens=False)["input_ids"] + eos
                 input_ids, labels = prompt + completion, [-100] * len(prompt) + completion
         else:
             raise UsageError(f"{where}: expected keys 'input_ids', 'text' or 'prompt'+'completion', "
@@ -80,6 +100,8 @@ def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, 
         if outside:
             raise UsageError(f"{where}: token id {outside[0]} is outside the model's vocabulary [0, {vocab_size})")
         examples.append(dict(input_ids=input_ids[:max_length], labels=labels[:max_length]))
+    if all(label == -100 for e in examples for label in e["labels"][1:]):  # the first label is never predicted
+        raise UsageError(f"{source}: no token to predict: every label is -100, or lies past --max-length {max_length}")
     return examples
 
 
