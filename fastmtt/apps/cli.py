@@ -6,6 +6,7 @@ line on stderr and exit status 2; `--debug` (or FASTMTT_DEBUG=1) shows the trace
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
@@ -39,6 +40,8 @@ def resolve_device(name: str) -> str:
         device = torch.device(name)
     except RuntimeError as exc:
         raise UsageError(f"--device: {exc}") from exc
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: not a device to run on (use cpu, cuda, cuda:N or mps)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
@@ -46,13 +49,14 @@ def resolve_device(name: str) -> str:
             raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
-    return name
+    return "cpu" if device.type == "cpu" else name
 
 
 def _number(kind, test, requirement):
+    """argparse type: a finite `kind` passing `test`; the error says `requirement`."""
     def parse(text):
         value = kind(text)  # a ValueError here: argparse reports "invalid <kind> value"
-        if not test(value):
+        if not ((kind is int or math.isfinite(value)) and test(value)):
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
 
@@ -60,9 +64,19 @@ def _number(kind, test, requirement):
     return parse
 
 
+def _count(high):
+    """argparse type: an integer in [1, high]."""
+    return _number(int, lambda v: 1 <= v <= high, f"an integer in [1, {high}]")
+
+
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
-positive_float = _number(float, lambda v: v > 0, "> 0")
 probability = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+lam_value = _number(float, lambda v: 0 <= v <= 1e6, "in [0, 1e6]")
+temperature_value = _number(float, lambda v: 0.01 <= v <= 100, "in [0.01, 100]")
+learning_rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+epoch_count = _number(float, lambda v: 0 < v <= 1e6, "in (0, 1e6]")
+seed_value = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")  # numpy's seed range
+thread_count = _count(1024)
 
 
 def _compile_check(args) -> int:
@@ -73,8 +87,6 @@ def _compile_check(args) -> int:
 
 
 def _demo(args) -> int:
-    for lam in args.lams or ():
-        check_options(lam=lam)
     if os.path.isfile(args.out):
         raise UsageError(f"--out: {args.out} is a file; give a folder for results.csv and frontier.png")
     device = resolve_device(args.device)
@@ -91,7 +103,6 @@ def _demo(args) -> int:
 
 
 def _finetune(args) -> int:
-    check_options(lam=args.lam, temperature=args.temperature, direction=args.direction)
     check_file("--data", args.data)
     if args.retain:
         check_file("--retain", args.retain)
@@ -153,11 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run size (default full; --quick is --preset quick)")
     demo.add_argument("--out", default="fastmtt-demo", help="folder for results.csv and frontier.png")
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=seed_value, default=0)
     demo.add_argument("--shift", type=probability, help="probability of the target language's new successor")
-    demo.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
+    demo.add_argument("--lams", type=lam_value, nargs="+", help="lam values swept for full KL and MTT")
     demo.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
-    demo.add_argument("--threads", type=positive_int, default=1,
+    demo.add_argument("--threads", type=thread_count, default=1,
                       help="CPU threads (default 1: the models are tiny, more threads mostly add overhead)")
     demo.add_argument("--no-progress", action="store_true",
                       help="hide progress bars (they only show when stderr is a terminal)")
@@ -175,14 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--adapters", nargs="+", choices=("lora", "dora", "randlora"))
     exp.add_argument("--methods", nargs="+", choices=("ce", "kl", "mtt"))
     exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
-    exp.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
-    exp.add_argument("--seeds", type=int, nargs="+")
+    exp.add_argument("--lams", type=lam_value, nargs="+", help="lam values swept for full KL and MTT")
+    exp.add_argument("--seeds", type=seed_value, nargs="+")
     exp.add_argument("--steps", type=positive_int, help="training steps of each run (batch 8)")
-    exp.add_argument("--temperature", type=positive_float, help="KL temperature of full KL and MTT (default 1)")
+    exp.add_argument("--temperature", type=temperature_value, help="KL temperature of full KL and MTT (default 1)")
     exp.add_argument("--kl-positions", choices=KL_POSITIONS,
                      help="where full KL and MTT apply: the labelled positions (default) or every position")
     exp.add_argument("--adapted-layers", type=int, help="adapters on the last N of the 30 decoder layers (default 10)")
-    exp.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
+    exp.add_argument("--threads", type=thread_count, default=1, help="CPU threads (default 1)")
     exp.set_defaults(func=_experiment)
 
     tune = sub.add_parser("finetune", help="LoRA fine-tuning of a local causal LM on a JSONL file with MTT",
@@ -192,22 +203,23 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", required=True, help="training JSONL")
     tune.add_argument("--retain", help="held-out JSONL of the base's domain: reports forgetting before/after")
     tune.add_argument("--out", required=True, help="folder for the adapter and metrics.json")
-    tune.add_argument("--lam", type=float, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
-    tune.add_argument("--temperature", type=float, default=1.0)
+    tune.add_argument("--lam", type=lam_value, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
+    tune.add_argument("--temperature", type=temperature_value, default=1.0)
     tune.add_argument("--direction", choices=DIRECTIONS, default="forward")
     tune.add_argument("--kl-positions", choices=KL_POSITIONS, default="labels",
                       help="where the KL applies: the labelled tokens (default) or every token, the prompt's too")
-    tune.add_argument("--lora-r", type=positive_int, default=8)
-    tune.add_argument("--lora-alpha", type=positive_int, default=16)
+    tune.add_argument("--lora-r", type=_count(65536), default=8, help="LoRA rank (at most the model's hidden size)")
+    tune.add_argument("--lora-alpha", type=_count(65536), default=16)
     tune.add_argument("--lora-dropout", type=probability, default=0.0)
     tune.add_argument("--target-modules", nargs="+", help="LoRA target modules (default: all linear layers)")
-    tune.add_argument("--epochs", type=positive_float, default=1.0)
-    tune.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    tune.add_argument("--epochs", type=epoch_count, default=1.0)
+    tune.add_argument("--max-steps", type=_number(int, lambda v: v == -1 or v > 0, "-1 or a positive integer"),
+                      default=-1, help="overrides --epochs when > 0")
     tune.add_argument("--batch-size", type=positive_int, default=8)
     tune.add_argument("--grad-accum", type=positive_int, default=1)
-    tune.add_argument("--lr", type=positive_float, default=2e-4)
+    tune.add_argument("--lr", type=learning_rate, default=2e-4)
     tune.add_argument("--max-length", type=_number(int, lambda v: v >= 2, "at least 2"), default=512)
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--seed", type=seed_value, default=0)
     tune.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
     tune.set_defaults(func=_finetune)
     return parser

@@ -20,7 +20,7 @@ import time
 from typing import Iterable
 
 from fastmtt._dispatch import interpreting
-from fastmtt.apps import UsageError
+from fastmtt.apps import UsageError, first_line
 from fastmtt.kernels.registry import KernelSpec
 
 ARCHS = (80, 90)
@@ -99,9 +99,8 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
         wgmma = "wgmma" in compiled.asm["ptx"] if arch >= 90 else None
         return CompileResult(spec.label, arch, True, regs, stack, wgmma, time.perf_counter() - start)
     except Exception as exc:  # report every failure, keep going
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return CompileResult(spec.label, arch, False, seconds=time.perf_counter() - start,
-                             error=f"{type(exc).__name__}: {first_line}")
+                             error=f"{type(exc).__name__}: {first_line(exc)}")
 
 
 def run(archs: Iterable[int] = ARCHS, out=sys.stdout) -> list[CompileResult]:

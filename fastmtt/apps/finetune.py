@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from fastmtt.apps import UsageError
+from fastmtt.apps import UsageError, first_line
 from fastmtt.apps.evaluation import evaluate_lm, format_kl
 from fastmtt.options import DEFAULT_LAM
 
@@ -66,11 +66,11 @@ def _field(where: str, record: dict, key: str, kind: str, default=None):
     raise UsageError(f"{where}: \"{key}\" must be {wanted}, got {shown}")
 
 
-def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, vocab_size: int,
+def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, vocab_size: Optional[int],
                    source: str = "data") -> List[Dict[str, list]]:
     """Each (line number, record) -> dict(input_ids, labels), truncated to max_length (formats: see module
-    docstring). Token ids must lie in [0, vocab_size), labels too or be -100; some label after
-    the first position must remain to predict."""
+    docstring). Token ids must lie in [0, vocab_size) (vocab_size None: >= 0), labels too or be -100; some
+    label after the first position must remain to predict."""
     examples = []
     for number, record in records:
         where = f"{source} line {number}"
@@ -95,10 +95,11 @@ def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, 
                              f"got {sorted(record)}")
         if len(labels) != len(input_ids) or len(input_ids) < 2:
             raise UsageError(f"{where}: need at least 2 tokens and labels as long as input_ids")
-        outside = [t for t in input_ids if not 0 <= t < vocab_size] + [
-            t for t in labels if t != -100 and not 0 <= t < vocab_size]
+        limit = float("inf") if vocab_size is None else vocab_size
+        outside = [t for t in input_ids if not 0 <= t < limit] + [t for t in labels if t != -100 and not 0 <= t < limit]
         if outside:
-            raise UsageError(f"{where}: token id {outside[0]} is outside the model's vocabulary [0, {vocab_size})")
+            reason = "is negative" if vocab_size is None else f"is outside the model's vocabulary [0, {vocab_size})"
+            raise UsageError(f"{where}: token id {outside[0]} {reason}")
         examples.append(dict(input_ids=input_ids[:max_length], labels=labels[:max_length]))
     if all(label == -100 for e in examples for label in e["labels"][1:]):  # the first label is never predicted
         raise UsageError(f"{source}: no token to predict: every label is -100, or lies past --max-length {max_length}")
@@ -137,10 +138,6 @@ def _load_tokenizer(model_dir: str):
         return None
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = None, lam: float = DEFAULT_LAM,
                  temperature: float = 1.0, direction: str = "forward", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
@@ -160,16 +157,24 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     device = resolve_device(device)
     if not sys.stderr.isatty():  # progress bars (weight loading, training) only on a terminal
         transformers_logging.disable_progress_bar()
-    config = AutoConfig.from_pretrained(check_model_dir(model_dir), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(check_model_dir(model_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # config.json malformed, or of an unknown model
+        raise UsageError(f"--model: cannot read {os.path.join(model_dir, 'config.json')}: {first_line(exc)}") from exc
+    text_config = config.get_text_config()
+    hidden_size = getattr(text_config, "hidden_size", None)
+    if isinstance(hidden_size, int) and lora_r > hidden_size:
+        raise UsageError(f"--lora-r: {lora_r} exceeds the model's hidden size {hidden_size}")
+    vocab_size = getattr(text_config, "vocab_size", None)
     tokenizer = _load_tokenizer(model_dir)
-    train_examples = encode_records(read_jsonl(data), tokenizer, max_length, config.vocab_size, source=data)
-    retain_examples = (encode_records(read_jsonl(retain), tokenizer, max_length, config.vocab_size, source=retain)
+    train_examples = encode_records(read_jsonl(data), tokenizer, max_length, vocab_size, source=data)
+    retain_examples = (encode_records(read_jsonl(retain), tokenizer, max_length, vocab_size, source=retain)
                        if retain else None)
     set_seed(seed)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--model: cannot load a causal LM from {model_dir}: {_first_line(exc)}") from exc
+        raise UsageError(f"--model: cannot load a causal LM from {model_dir}: {first_line(exc)}") from exc
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
                                config.pad_token_id, config.eos_token_id) if isinstance(i, int)), 0)
     collate = PadCollator(pad_id)
@@ -178,7 +183,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     try:
         model = get_peft_model(model, lora).to(device)
     except ValueError as exc:  # e.g. --target-modules names no module of this model
-        raise UsageError(f"cannot add LoRA to {model_dir}: {_first_line(exc)}") from exc
+        raise UsageError(f"cannot add LoRA to {model_dir}: {first_line(exc)}") from exc
 
     metrics: Dict[str, Dict[str, float]] = {}
     retain_batches = None
