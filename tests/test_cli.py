@@ -219,12 +219,23 @@ def test_a_bad_config_json_is_a_one_line_error(tmp_path, capsys, no_model_loadin
     assert not (tmp_path / "out").exists()
 
 
+def test_an_out_folder_that_cannot_be_made_is_found_first(tmp_path, capsys, no_model_loading):
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "adapter"
+    capsys.readouterr()
+    assert f"--out: cannot write the adapter to {out} ({tmp_path / 'file'}: not a folder)" in finetune_error(
+        capsys, "--model", model, "--data", data, "--out", str(out), "--device", "cpu")
+
+
 DEMO_ERRORS = [
     (["--lams", "inf"], "argument --lams: must be in [0, 1e6], got inf"),
     (["--lams", "1", "1e300"], "argument --lams: must be in [0, 1e6], got 1e300"),
     (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**32 - 1], got -1"),
     (["--threads", str(2**40)], f"argument --threads: must be an integer in [1, 1024], got {2**40}"),
     (["--device", "meta"], "--device meta: not a device to run on"),
+    (["--out", "{file}/demo"], "--out: cannot write results.csv and frontier.png to {file}/demo"),
 ]
 
 

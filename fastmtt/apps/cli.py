@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from fastmtt.apps import UsageError
+from fastmtt.apps import UsageError, check_out_dir
 from fastmtt.options import DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
 
 
@@ -87,8 +87,7 @@ def _compile_check(args) -> int:
 
 
 def _demo(args) -> int:
-    if os.path.isfile(args.out):
-        raise UsageError(f"--out: {args.out} is a file; give a folder for results.csv and frontier.png")
+    check_out_dir("--out", args.out, "results.csv and frontier.png")
     device = resolve_device(args.device)
 
     import torch
@@ -106,8 +105,7 @@ def _finetune(args) -> int:
     check_file("--data", args.data)
     if args.retain:
         check_file("--retain", args.retain)
-    if os.path.isfile(args.out):
-        raise UsageError(f"--out: {args.out} is a file; give a folder for the adapter")
+    check_out_dir("--out", args.out, "the adapter")
     device = resolve_device(args.device)
 
     from fastmtt.apps.finetune import check_model_dir, run_finetune

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from fastmtt.apps import UsageError, first_line
+from fastmtt.apps import UsageError, check_out_dir, first_line
 from fastmtt.apps.evaluation import evaluate_lm, format_kl
 from fastmtt.options import DEFAULT_LAM
 
@@ -170,6 +170,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     train_examples = encode_records(read_jsonl(data), tokenizer, max_length, vocab_size, source=data)
     retain_examples = (encode_records(read_jsonl(retain), tokenizer, max_length, vocab_size, source=retain)
                        if retain else None)
+    check_out_dir("--out", out, "the adapter", create=True)
     set_seed(seed)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
