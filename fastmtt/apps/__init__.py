@@ -2,6 +2,9 @@
 import os
 import tempfile
 
+# Constants the command line checks its arguments against (kept here: this module imports no torch).
+SMOLLM2_LAYERS = 30  # decoder layers of SmolLM2-135M, the model of `fastmtt experiment`
+
 
 class UsageError(ValueError):
     """A mistake in the user's command or input files: the command line prints its message as one line

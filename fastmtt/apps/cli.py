@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from fastmtt.apps import UsageError, check_out_dir
+from fastmtt.apps import SMOLLM2_LAYERS, UsageError, check_out_dir
 from fastmtt.options import DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
 
 
@@ -121,6 +121,10 @@ def _finetune(args) -> int:
 
 
 def _experiment(args) -> int:
+    check_out_dir("--out", args.out, "results.csv, summary.md and frontier.png")
+    if args.cache_dir:
+        check_out_dir("--cache-dir", args.cache_dir, "the dequantized model")
+
     import torch
 
     from fastmtt.apps.experiment import config_for, run_experiment
@@ -186,11 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
     exp.add_argument("--lams", type=lam_value, nargs="+", help="lam values swept for full KL and MTT")
     exp.add_argument("--seeds", type=seed_value, nargs="+")
-    exp.add_argument("--steps", type=positive_int, help="training steps of each run (batch 8)")
+    exp.add_argument("--steps", type=_count(10000), help="training steps of each run (batch 8)")
     exp.add_argument("--temperature", type=temperature_value, help="KL temperature of full KL and MTT (default 1)")
     exp.add_argument("--kl-positions", choices=KL_POSITIONS,
                      help="where full KL and MTT apply: the labelled positions (default) or every position")
-    exp.add_argument("--adapted-layers", type=int, help="adapters on the last N of the 30 decoder layers (default 10)")
+    exp.add_argument("--adapted-layers", type=_count(SMOLLM2_LAYERS),
+                     help=f"adapters on the last N of the {SMOLLM2_LAYERS} decoder layers (default 10)")
     exp.add_argument("--threads", type=thread_count, default=1, help="CPU threads (default 1)")
     exp.set_defaults(func=_experiment)
 
