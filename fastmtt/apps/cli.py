@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from fastmtt.apps import SMOLLM2_LAYERS, UsageError, check_out_dir
+from fastmtt.apps import KNOWN_ARCHS, SMOLLM2_LAYERS, UsageError, check_out_dir
 from fastmtt.options import DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
 
 
@@ -77,6 +77,8 @@ learning_rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 epoch_count = _number(float, lambda v: 0 < v <= 1e6, "in (0, 1e6]")
 seed_value = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")  # numpy's seed range
 thread_count = _count(1024)
+cuda_arch = _number(int, lambda v: v in KNOWN_ARCHS, "a CUDA compute capability Triton compiles for: "
+                    + " ".join(map(str, KNOWN_ARCHS)))
 
 
 def _compile_check(args) -> int:
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or FASTMTT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("compile-check", help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed)")
-    check.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    check.add_argument("--arch", type=cuda_arch, nargs="+", default=[80, 90], help="compute capabilities (80 is sm_80)")
     check.set_defaults(func=_compile_check)
 
     demo = sub.add_parser("demo", help="toy experiment: learning vs forgetting of CE, full KL and MTT "
