@@ -229,6 +229,23 @@ def test_an_out_folder_that_cannot_be_made_is_found_first(tmp_path, capsys, no_m
         capsys, "--model", model, "--data", data, "--out", str(out), "--device", "cpu")
 
 
+def test_a_diverged_run_saves_no_adapter(tmp_path, capsys, monkeypatch):
+    from fastmtt.trainer import MTTTrainer
+
+    def diverge(trainer, *args, **kwargs):
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data.fill_(float("nan"))
+
+    monkeypatch.setattr(MTTTrainer, "train", diverge)
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    capsys.readouterr()
+    assert "training diverged: the adapter has NaN or infinite weights, nothing saved" in finetune_error(
+        capsys, "--model", model, "--data", data, "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 DEMO_ERRORS = [
     (["--lams", "inf"], "argument --lams: must be in [0, 1e6], got inf"),
     (["--lams", "1", "1e300"], "argument --lams: must be in [0, 1e6], got 1e300"),

@@ -203,6 +203,9 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                          objective=MTTObjective(lam=lam, temperature=temperature, direction=direction,
                                                 kl_positions=kl_positions))
     trainer.train()
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+        raise UsageError("training diverged: the adapter has NaN or infinite weights, nothing saved "
+                         "(lower --lr, --lam or --lora-alpha)")
     metrics["train_log"] = [entry for entry in trainer.state.log_history if "ce" in entry]
     if retain_batches is not None:
         metrics["retain_after"] = evaluate_lm(model, retain_batches, device)
