@@ -90,12 +90,22 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
-def finetune_error(capsys, *argv):
-    """Run `fastmtt finetune argv`; expect exit status 2 and return its one-line error message."""
-    assert main(["finetune", *argv]) == 2
+def cli_error(capsys, *argv):
+    """Run `fastmtt argv`; expect exit status 2 (returned, or argparse's SystemExit), nothing on stdout, and
+    return the one-line error message."""
+    try:
+        status = main(list(argv))
+    except SystemExit as exit_info:
+        status = exit_info.code
     captured = capsys.readouterr()
+    assert status == 2, captured.err
     assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err
     return captured.err
+
+
+def finetune_error(capsys, *argv):
+    """Run `fastmtt finetune argv`; expect exit status 2 and return its one-line error message."""
+    return cli_error(capsys, "finetune", *argv)
 
 
 def test_finetune_user_errors_are_one_line_before_loading_the_model(tmp_path, capsys, no_model_loading):
@@ -110,8 +120,9 @@ def test_finetune_user_errors_are_one_line_before_loading_the_model(tmp_path, ca
     assert "no config.json" in run("--model", str(tmp_path), "--data", good)
     assert "--data: no such file: nope.jsonl" in run("--model", model, "--data", "nope.jsonl")
     assert "--retain: no such file" in run("--model", model, "--data", good, "--retain", "gone.jsonl")
-    assert "--lam: lam must be >= 0, got -1.0" in run("--model", model, "--data", good, "--lam", "-1")
-    assert "--temperature: temperature must be > 0" in run("--model", model, "--data", good, "--temperature", "0")
+    assert "argument --lam: must be in [0, 1e6], got -1" in run("--model", model, "--data", good, "--lam", "-1")
+    assert "argument --temperature: must be in [0.01, 100], got 0" in run(
+        "--model", model, "--data", good, "--temperature", "0")
 
     (tmp_path / "broken.jsonl").write_text('{"input_ids": [3, 4]}\n\n{"input_ids": [3, 4,}\n')
     error = run("--model", model, "--data", str(tmp_path / "broken.jsonl"))
@@ -137,13 +148,122 @@ def test_argument_errors_are_one_line(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "error: argument" in err, argv
-    assert main(["demo", "--lams", "1", "nan", "--device", "cpu"]) == 2
-    assert "--lam: lam must be >= 0, got nan" in capsys.readouterr().err
+    assert "argument --lams: must be in [0, 1e6], got nan" in cli_error(capsys, "demo", "--lams", "1", "nan")
     (tmp_path / "file").write_text("")
     assert main(["demo", "--out", str(tmp_path / "file")]) == 2
     assert "--out: " in capsys.readouterr().err
     assert main(["compile-check"]) == 2  # the tests run Triton's interpreter
     assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+
+
+BAD_RECORDS = [  # (JSONL line, expected message): each once silently accepted or a traceback
+    ('{"input_ids": "567"}', '"input_ids" must be a list of integer token ids, got "567"'),  # became [5, 6, 7]
+    ('{"input_ids": [3.7, 4.2, 5]}', '"input_ids" must be a list of integer token ids, got [3.7, 4.2, 5]'),
+    ('{"input_ids": [true, false, 3]}', '"input_ids" must be a list of integer token ids, got [true, false, 3]'),
+    ('{"input_ids": [3, 4], "labels": [-100, 4.0]}', '"labels" must be a list of integer token ids'),
+    ('{"input_ids": [3, 4, 5], "labels": [-100, -100, -100]}', "no token to predict: every label is -100"),
+    ('{"text": 123}', '"text" must be a string, got 123'),
+    ('{"text": null}', '"text" must be a string, got null'),
+    ('{"prompt": ["the"], "completion": "cat"}', '"prompt" must be a string, got ["the"]'),
+    ('{"prompt": "the cat sat on the", "completion": "mat"}', "or lies past --max-length 4"),
+    (b'{"input_ids": [3, 4]}\n{"text": "caf\xe9"}', "line 2: not UTF-8 text (byte 0xe9 at column 14)"),
+]
+
+
+@pytest.mark.parametrize("line, message", BAD_RECORDS, ids=range(len(BAD_RECORDS)))
+def test_bad_records_are_one_line_errors(tmp_path, capsys, no_model_loading, line, message):
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = tmp_path / "data.jsonl"
+    data.write_bytes(line if isinstance(line, bytes) else line.encode() + b"\n")
+    capsys.readouterr()
+    error = finetune_error(capsys, "--model", model, "--data", str(data), "--out", str(tmp_path / "out"), "--device",
+                           "cpu", "--max-length", "4")
+    assert f"{data}" in error and message in error
+    assert not (tmp_path / "out").exists()
+
+
+BAD_FLAGS = [  # (flags, expected message): each once a NaN adapter, a traceback, or a silent success
+    (["--lam", "inf"], "argument --lam: must be in [0, 1e6], got inf"),
+    (["--lam", "1e300"], "argument --lam: must be in [0, 1e6], got 1e300"),
+    (["--lr", "inf"], "argument --lr: must be in (0, 1], got inf"),
+    (["--temperature", "inf"], "argument --temperature: must be in [0.01, 100], got inf"),
+    (["--epochs", "inf"], "argument --epochs: must be in (0, 1e6], got inf"),
+    (["--lora-dropout", "nan"], "argument --lora-dropout: must be in [0, 1), got nan"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**32 - 1], got -1"),
+    (["--seed", str(2**40)], f"argument --seed: must be an integer in [0, 2**32 - 1], got {2**40}"),
+    (["--lora-r", "1000000000"], "argument --lora-r: must be an integer in [1, 65536], got 1000000000"),
+    (["--lora-r", "17"], "--lora-r: 17 exceeds the model's hidden size 16"),
+    (["--lora-alpha", str(10**12)], "argument --lora-alpha: must be an integer in [1, 65536]"),
+    (["--max-steps", "0"], "argument --max-steps: must be -1 or a positive integer, got 0"),
+    (["--device", "meta"], "--device meta: not a device to run on"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
+def test_bad_numbers_and_devices_are_one_line_errors(tmp_path, capsys, no_model_loading, flags, message):
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    capsys.readouterr()
+    assert message in finetune_error(capsys, "--model", model, "--data", data, "--out", str(tmp_path / "out"),
+                                     "--device", "cpu", *flags)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_config_json_is_a_one_line_error(tmp_path, capsys, no_model_loading):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    for name, config in [("malformed", "{not json"), ("unknown", '{"model_type": "no-such-model"}'), ("empty", "{}")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+        assert f"--model: cannot read {tmp_path / name / 'config.json'}: " in finetune_error(
+            capsys, "--model", str(tmp_path / name), "--data", data, "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_found_first(tmp_path, capsys, no_model_loading):
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "adapter"
+    capsys.readouterr()
+    assert f"--out: cannot write the adapter to {out} ({tmp_path / 'file'}: not a folder)" in finetune_error(
+        capsys, "--model", model, "--data", data, "--out", str(out), "--device", "cpu")
+
+
+def test_a_diverged_run_saves_no_adapter(tmp_path, capsys, monkeypatch):
+    from fastmtt.trainer import MTTTrainer
+
+    def diverge(trainer, *args, **kwargs):
+        for param in trainer.model.parameters():
+            if param.requires_grad:
+                param.data.fill_(float("nan"))
+
+    monkeypatch.setattr(MTTTrainer, "train", diverge)
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    capsys.readouterr()
+    assert "training diverged: the adapter has NaN or infinite weights, nothing saved" in finetune_error(
+        capsys, "--model", model, "--data", data, "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+DEMO_ERRORS = [
+    (["--lams", "inf"], "argument --lams: must be in [0, 1e6], got inf"),
+    (["--lams", "1", "1e300"], "argument --lams: must be in [0, 1e6], got 1e300"),
+    (["--seed", "-1"], "argument --seed: must be an integer in [0, 2**32 - 1], got -1"),
+    (["--threads", str(2**40)], f"argument --threads: must be an integer in [1, 1024], got {2**40}"),
+    (["--device", "meta"], "--device meta: not a device to run on"),
+    (["--out", "{file}/demo"], "--out: cannot write results.csv and frontier.png to {file}/demo"),
+]
+
+
+@pytest.mark.parametrize("flags, message", DEMO_ERRORS, ids=[" ".join(flags) for flags, _ in DEMO_ERRORS])
+def test_demo_argument_errors(tmp_path, capsys, monkeypatch, flags, message):
+    import fastmtt.apps.demo
+
+    monkeypatch.setattr(fastmtt.apps.demo, "run_demo", lambda *args, **kwargs: pytest.fail("the demo ran"))
+    (tmp_path / "file").write_text("")
+    flags = [flag.format(file=tmp_path / "file") for flag in flags]
+    assert message.format(file=tmp_path / "file") in cli_error(capsys, "demo", "--device", "cpu", *flags)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

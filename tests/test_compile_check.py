@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fastmtt.apps import compile_check
 
 
@@ -44,3 +46,16 @@ def test_compile_check_prints_no_triton_deprecation_warning():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_DEFAULT_FP_FUSION")}
     proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "Warning" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_an_unknown_arch_is_a_one_line_error_before_compiling():
+    """--arch 0 once aborted inside LLVM (exit status 134); 101 too (a capability LLVM's NVPTX lacks)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for arch in ("0", "101"):
+        proc = subprocess.run([sys.executable, "-m", "fastmtt", "compile-check", "--arch", "80", arch], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
+        assert proc.stderr.count("\n") == 1 and "argument --arch: must be a CUDA compute capability" in proc.stderr
+        assert proc.stderr.rstrip().endswith(f"got {arch} (see fastmtt compile-check --help)")
+    with pytest.raises(compile_check.UsageError, match="--arch 0: not a compute capability"):
+        compile_check.run(archs=[80, 0])

@@ -159,6 +159,77 @@ def test_equal_learning_interpolates_along_each_curve():
     assert "| 2.050 (50%) | - | - |" in summary and "| 1.575 (75%) | - | 0.2889 / 35.72 |" in summary
 
 
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fails a test that loads SmolLM2: argument errors must be found before that."""
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: pytest.fail("the model was loaded"))
+
+
+ARGUMENT_ERRORS = [  # each once found only after the model loaded (or hidden behind the missing-model message)
+    (["--lams", "-1"], "argument --lams: must be in [0, 1e6], got -1"),
+    (["--lams", "1", "nan"], "argument --lams: must be in [0, 1e6], got nan"),
+    (["--lams", "inf"], "argument --lams: must be in [0, 1e6], got inf"),
+    (["--adapted-layers", "0"], "argument --adapted-layers: must be an integer in [1, 30], got 0"),
+    (["--adapted-layers", "99"], "argument --adapted-layers: must be an integer in [1, 30], got 99"),
+    (["--seeds", "0", "-1"], "argument --seeds: must be an integer in [0, 2**32 - 1], got -1"),
+    (["--steps", "1000000000"], "argument --steps: must be an integer in [1, 10000], got 1000000000"),
+    (["--temperature", "inf"], "argument --temperature: must be in [0.01, 100], got inf"),
+    (["--threads", str(2**40)], "argument --threads: must be an integer in [1, 1024]"),
+    (["--out", "{file}"], "--out: {file} is a file; give a folder for results.csv, summary.md and frontier.png"),
+    (["--out", "{file}/out"], "--out: cannot write results.csv, summary.md and frontier.png to {file}/out"),
+    (["--cache-dir", "{file}"], "--cache-dir: {file} is a file; give a folder for the dequantized model"),
+]
+
+
+@pytest.mark.parametrize("flags, message", ARGUMENT_ERRORS, ids=[" ".join(f) for f, _ in ARGUMENT_ERRORS])
+def test_argument_errors_come_before_the_model_loads(tmp_path, capsys, no_model, flags, message):
+    from tests.test_cli import cli_error
+
+    (tmp_path / "file").write_text("")
+    flags = [flag.format(file=tmp_path / "file") for flag in flags]
+    argv = ["experiment", "--preset", "tiny", "--out", str(tmp_path / "out"), *flags]
+    assert message.format(file=tmp_path / "file") in cli_error(capsys, *argv)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("csv_text, message", [("task,lam\naddition,1\n", "no column 'adapter'"),
+                                               (None, "could not convert string to float: 'x'"),
+                                               (b"\xff\xfe", "codec can't decode byte 0xff")])
+def test_a_bad_results_csv_to_resume_is_a_one_line_error(tmp_path, capsys, no_model, csv_text, message):
+    from tests.test_cli import cli_error
+
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / "results.csv"
+    if csv_text is None:  # the right columns, a seed that is no number
+        columns = experiment.COLUMNS
+        csv_text = ",".join(columns) + "\n" + ",".join("x" if c == "seed" else "1" for c in columns)
+    path.write_bytes(csv_text if isinstance(csv_text, bytes) else csv_text.encode())
+    error = cli_error(capsys, "experiment", "--preset", "tiny", "--out", str(tmp_path / "out"), "--resume")
+    assert f"--resume: {path} is not a results.csv of this experiment" in error and message in error
+
+
+def test_a_damaged_model_cache_is_a_one_line_error(tmp_path, capsys):
+    from tests.test_cli import cli_error
+
+    (tmp_path / "cache").mkdir()
+    tiny_llama().config.save_pretrained(tmp_path / "cache")
+    (tmp_path / "cache" / "model.safetensors").write_text("cut short")
+    error = cli_error(capsys, "experiment", "--preset", "tiny", "--cache-dir", str(tmp_path / "cache"), "--out",
+                      str(tmp_path / "out"))
+    assert f"--cache-dir: cannot load the model cached in {tmp_path / 'cache'} (" in error
+    assert error.rstrip().endswith("delete that folder to rebuild it")
+
+
+def test_adapted_layers_beyond_the_loaded_model_stop_before_training(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import cli_error
+
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(layers=3), DigitTokenizer()))
+    monkeypatch.setattr(experiment, "train_adapter", lambda *args: pytest.fail("training started"))
+    error = cli_error(capsys, "experiment", "--preset", "tiny", "--adapted-layers", "4", "--out", str(tmp_path))
+    assert "--adapted-layers: adapted_layers must be in [1, 3], got 4" in error
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(experiment.model_package_folder() is None or importlib.util.find_spec("gguf") is None,
                     reason=f"the real-model run needs {experiment.MISSING_MODEL}")
 def test_tiny_run_on_smollm2(tmp_path):

@@ -6,11 +6,12 @@ line on stderr and exit status 2; `--debug` (or FASTMTT_DEBUG=1) shows the trace
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
 
-from fastmtt.apps import UsageError
+from fastmtt.apps import KNOWN_ARCHS, SMOLLM2_LAYERS, UsageError, check_out_dir
 from fastmtt.options import DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
 
 
@@ -39,6 +40,8 @@ def resolve_device(name: str) -> str:
         device = torch.device(name)
     except RuntimeError as exc:
         raise UsageError(f"--device: {exc}") from exc
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: not a device to run on (use cpu, cuda, cuda:N or mps)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
@@ -46,13 +49,14 @@ def resolve_device(name: str) -> str:
             raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
-    return name
+    return "cpu" if device.type == "cpu" else name
 
 
 def _number(kind, test, requirement):
+    """argparse type: a finite `kind` passing `test`; the error says `requirement`."""
     def parse(text):
         value = kind(text)  # a ValueError here: argparse reports "invalid <kind> value"
-        if not test(value):
+        if not ((kind is int or math.isfinite(value)) and test(value)):
             raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
 
@@ -60,9 +64,21 @@ def _number(kind, test, requirement):
     return parse
 
 
+def _count(high):
+    """argparse type: an integer in [1, high]."""
+    return _number(int, lambda v: 1 <= v <= high, f"an integer in [1, {high}]")
+
+
 positive_int = _number(int, lambda v: v > 0, "a positive integer")
-positive_float = _number(float, lambda v: v > 0, "> 0")
 probability = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+lam_value = _number(float, lambda v: 0 <= v <= 1e6, "in [0, 1e6]")
+temperature_value = _number(float, lambda v: 0.01 <= v <= 100, "in [0.01, 100]")
+learning_rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
+epoch_count = _number(float, lambda v: 0 < v <= 1e6, "in (0, 1e6]")
+seed_value = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")  # numpy's seed range
+thread_count = _count(1024)
+cuda_arch = _number(int, lambda v: v in KNOWN_ARCHS, "a CUDA compute capability Triton compiles for: "
+                    + " ".join(map(str, KNOWN_ARCHS)))
 
 
 def _compile_check(args) -> int:
@@ -73,10 +89,7 @@ def _compile_check(args) -> int:
 
 
 def _demo(args) -> int:
-    for lam in args.lams or ():
-        check_options(lam=lam)
-    if os.path.isfile(args.out):
-        raise UsageError(f"--out: {args.out} is a file; give a folder for results.csv and frontier.png")
+    check_out_dir("--out", args.out, "results.csv and frontier.png")
     device = resolve_device(args.device)
 
     import torch
@@ -91,12 +104,10 @@ def _demo(args) -> int:
 
 
 def _finetune(args) -> int:
-    check_options(lam=args.lam, temperature=args.temperature, direction=args.direction)
     check_file("--data", args.data)
     if args.retain:
         check_file("--retain", args.retain)
-    if os.path.isfile(args.out):
-        raise UsageError(f"--out: {args.out} is a file; give a folder for the adapter")
+    check_out_dir("--out", args.out, "the adapter")
     device = resolve_device(args.device)
 
     from fastmtt.apps.finetune import check_model_dir, run_finetune
@@ -112,6 +123,10 @@ def _finetune(args) -> int:
 
 
 def _experiment(args) -> int:
+    check_out_dir("--out", args.out, "results.csv, summary.md and frontier.png")
+    if args.cache_dir:
+        check_out_dir("--cache-dir", args.cache_dir, "the dequantized model")
+
     import torch
 
     from fastmtt.apps.experiment import config_for, run_experiment
@@ -142,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (or FASTMTT_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     check = sub.add_parser("compile-check", help="compile every Triton kernel for sm_80 and sm_90 (no GPU needed)")
-    check.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="compute capabilities")
+    check.add_argument("--arch", type=cuda_arch, nargs="+", default=[80, 90], help="compute capabilities (80 is sm_80)")
     check.set_defaults(func=_compile_check)
 
     demo = sub.add_parser("demo", help="toy experiment: learning vs forgetting of CE, full KL and MTT "
@@ -153,11 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run size (default full; --quick is --preset quick)")
     demo.add_argument("--out", default="fastmtt-demo", help="folder for results.csv and frontier.png")
     demo.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=seed_value, default=0)
     demo.add_argument("--shift", type=probability, help="probability of the target language's new successor")
-    demo.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
+    demo.add_argument("--lams", type=lam_value, nargs="+", help="lam values swept for full KL and MTT")
     demo.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
-    demo.add_argument("--threads", type=positive_int, default=1,
+    demo.add_argument("--threads", type=thread_count, default=1,
                       help="CPU threads (default 1: the models are tiny, more threads mostly add overhead)")
     demo.add_argument("--no-progress", action="store_true",
                       help="hide progress bars (they only show when stderr is a terminal)")
@@ -175,14 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--adapters", nargs="+", choices=("lora", "dora", "randlora"))
     exp.add_argument("--methods", nargs="+", choices=("ce", "kl", "mtt"))
     exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
-    exp.add_argument("--lams", type=float, nargs="+", help="lam values swept for full KL and MTT")
-    exp.add_argument("--seeds", type=int, nargs="+")
-    exp.add_argument("--steps", type=positive_int, help="training steps of each run (batch 8)")
-    exp.add_argument("--temperature", type=positive_float, help="KL temperature of full KL and MTT (default 1)")
+    exp.add_argument("--lams", type=lam_value, nargs="+", help="lam values swept for full KL and MTT")
+    exp.add_argument("--seeds", type=seed_value, nargs="+")
+    exp.add_argument("--steps", type=_count(10000), help="training steps of each run (batch 8)")
+    exp.add_argument("--temperature", type=temperature_value, help="KL temperature of full KL and MTT (default 1)")
     exp.add_argument("--kl-positions", choices=KL_POSITIONS,
                      help="where full KL and MTT apply: the labelled positions (default) or every position")
-    exp.add_argument("--adapted-layers", type=int, help="adapters on the last N of the 30 decoder layers (default 10)")
-    exp.add_argument("--threads", type=positive_int, default=1, help="CPU threads (default 1)")
+    exp.add_argument("--adapted-layers", type=_count(SMOLLM2_LAYERS),
+                     help=f"adapters on the last N of the {SMOLLM2_LAYERS} decoder layers (default 10)")
+    exp.add_argument("--threads", type=thread_count, default=1, help="CPU threads (default 1)")
     exp.set_defaults(func=_experiment)
 
     tune = sub.add_parser("finetune", help="LoRA fine-tuning of a local causal LM on a JSONL file with MTT",
@@ -192,22 +208,23 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--data", required=True, help="training JSONL")
     tune.add_argument("--retain", help="held-out JSONL of the base's domain: reports forgetting before/after")
     tune.add_argument("--out", required=True, help="folder for the adapter and metrics.json")
-    tune.add_argument("--lam", type=float, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
-    tune.add_argument("--temperature", type=float, default=1.0)
+    tune.add_argument("--lam", type=lam_value, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
+    tune.add_argument("--temperature", type=temperature_value, default=1.0)
     tune.add_argument("--direction", choices=DIRECTIONS, default="forward")
     tune.add_argument("--kl-positions", choices=KL_POSITIONS, default="labels",
                       help="where the KL applies: the labelled tokens (default) or every token, the prompt's too")
-    tune.add_argument("--lora-r", type=positive_int, default=8)
-    tune.add_argument("--lora-alpha", type=positive_int, default=16)
+    tune.add_argument("--lora-r", type=_count(65536), default=8, help="LoRA rank (at most the model's hidden size)")
+    tune.add_argument("--lora-alpha", type=_count(65536), default=16)
     tune.add_argument("--lora-dropout", type=probability, default=0.0)
     tune.add_argument("--target-modules", nargs="+", help="LoRA target modules (default: all linear layers)")
-    tune.add_argument("--epochs", type=positive_float, default=1.0)
-    tune.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    tune.add_argument("--epochs", type=epoch_count, default=1.0)
+    tune.add_argument("--max-steps", type=_number(int, lambda v: v == -1 or v > 0, "-1 or a positive integer"),
+                      default=-1, help="overrides --epochs when > 0")
     tune.add_argument("--batch-size", type=positive_int, default=8)
     tune.add_argument("--grad-accum", type=positive_int, default=1)
-    tune.add_argument("--lr", type=positive_float, default=2e-4)
+    tune.add_argument("--lr", type=learning_rate, default=2e-4)
     tune.add_argument("--max-length", type=_number(int, lambda v: v >= 2, "at least 2"), default=512)
-    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--seed", type=seed_value, default=0)
     tune.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
     tune.set_defaults(func=_finetune)
     return parser

