@@ -346,3 +346,19 @@ assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="default")
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+
+
+def test_perplexity_of_a_diverged_model_is_infinite_not_an_overflow():
+    from types import SimpleNamespace
+
+    from fastmtt.apps.evaluation import evaluate_lm
+
+    class Diverged(torch.nn.Module):
+        def forward(self, input_ids, **_):  # the target logit 1000 nats below the others
+            logits = torch.zeros(*input_ids.shape, 5)
+            logits.scatter_(-1, input_ids.roll(-1, 1)[..., None], -1000.0)
+            return SimpleNamespace(logits=logits)
+
+    ids = torch.tensor([[1, 2, 3, 4]])
+    metrics = evaluate_lm(Diverged(), [dict(input_ids=ids, labels=ids)], with_kl=False)
+    assert metrics["ce"] > 709 and metrics["ppl"] == float("inf")

@@ -36,7 +36,7 @@ def evaluate_lm(model, batches: Iterable[Dict[str, torch.Tensor]], device="cpu",
     model.train(was_training)
     count = max(totals["tokens"], 1)
     metrics = {key: totals[key] / count for key in ("ce", "acc", "kl_to_base")}
-    metrics["ppl"] = math.exp(metrics["ce"])
+    metrics["ppl"] = math.exp(metrics["ce"]) if metrics["ce"] < 709.0 else float("inf")  # exp overflows past 709
     metrics["tokens"] = totals["tokens"]
     if not with_kl:
         del metrics["kl_to_base"]
