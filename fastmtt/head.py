@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -62,9 +63,15 @@ def matmul_to(a, b, dtype):
 
 @functools.cache
 def _mm_out_dtype_supported(in_dtype, out_dtype) -> bool:
+    """Whether torch.mm(..., out_dtype=out_dtype) runs on this GPU for in_dtype inputs; warns once (per
+    dtype pair) with the reason when not, since the fallback is a GEMM on widened copies, several
+    times slower (no 16-bit tensor cores)."""
+    ones = torch.ones(16, 16, dtype=in_dtype, device="cuda")
     try:
-        torch.mm(torch.ones(16, 16, dtype=in_dtype, device="cuda"), torch.ones(16, 16, dtype=in_dtype, device="cuda"),
-                 out_dtype=out_dtype)
-    except (TypeError, RuntimeError):
+        torch.mm(ones, ones, out_dtype=out_dtype)
+    except (TypeError, RuntimeError) as error:
+        warnings.warn(f"fastmtt: torch.mm(out_dtype={out_dtype}) is unavailable for {in_dtype} inputs "
+                      f"({str(error).splitlines()[0]}); the fused linear loss widens its inputs to {out_dtype} "
+                      "for every chunk instead, a slower GEMM", RuntimeWarning, stacklevel=2)
         return False
     return True

@@ -495,3 +495,27 @@ def test_double_backward_raises_naming_the_op(backend, tiled):
     (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
     with pytest.raises(RuntimeError, match="fused_linear_mtt_loss: double backward"):
         grad.square().sum().backward()
+
+
+def test_gemm_fallback_without_out_dtype_warns_once(monkeypatch):
+    """No silent slow path: a GPU whose torch.mm lacks out_dtype makes the chunked path widen its inputs
+    (a slower GEMM); the probe says so once, with the reason."""
+    import warnings
+
+    from fastmtt import head
+
+    def mm_without_out_dtype(*args, out_dtype=None):
+        raise RuntimeError("out_dtype is not supported here\nsecond line")
+
+    ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda *shape, device=None, **kw: ones(*shape, **kw))
+    monkeypatch.setattr(torch, "mm", mm_without_out_dtype)
+    head._mm_out_dtype_supported.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"out_dtype is not supported here\); the fused linear loss widens"):
+            assert not head._mm_out_dtype_supported(torch.bfloat16, torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not head._mm_out_dtype_supported(torch.bfloat16, torch.float32)
+    finally:
+        head._mm_out_dtype_supported.cache_clear()
