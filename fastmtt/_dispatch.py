@@ -2,6 +2,7 @@
 table from (op, backend) to the function that implements it."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import warnings
@@ -64,6 +65,13 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache
+def _warn_no_triton():
+    warnings.warn("fastmtt: triton is not installed, so backend='auto' runs the PyTorch path on CUDA tensors "
+                  "(correct, but slower and with more memory than the kernels); pip install triton",
+                  RuntimeWarning, stacklevel=3)
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     """Map `backend` ("auto", "triton" or "torch") to the path that runs: "triton" or "torch".
 
@@ -77,6 +85,8 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     if backend == "torch":
         return "torch"
     if backend == "auto":
+        if on_cuda and kernel_dtypes and not triton_available():
+            _warn_no_triton()
         return "triton" if on_cuda and kernel_dtypes and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")

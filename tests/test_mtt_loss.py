@@ -592,3 +592,23 @@ def test_row_kernel_tiles_with_and_without_the_label(monkeypatch, direction, tem
     monkeypatch.setattr(kernel, "_block_sizes", lambda n_cols: (4, 32, 1))
     check_against_reference("triton", logits.bfloat16(), base.bfloat16(), labels, lam=0.0, **options)
     test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary("triton", direction, temperature, mask_target)
+
+
+def test_auto_on_cuda_without_triton_warns_once_and_runs_pytorch(monkeypatch):
+    """No silent slow path: CUDA tensors without the triton package take the PyTorch rows, and say so once."""
+    import warnings
+    from types import SimpleNamespace
+
+    from fastmtt import _dispatch
+
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
+    _dispatch._warn_no_triton.cache_clear()
+    cuda_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16, is_floating_point=lambda: True)
+    try:
+        with pytest.warns(RuntimeWarning, match="triton is not installed"):
+            assert _dispatch.resolve_backend("auto", cuda_bf16) == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _dispatch.resolve_backend("auto", cuda_bf16) == "torch"
+    finally:
+        _dispatch._warn_no_triton.cache_clear()
