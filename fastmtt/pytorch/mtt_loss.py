@@ -13,7 +13,9 @@ import torch
 from fastmtt import partials as P
 from fastmtt.pytorch.divergences import DIVERGENCES
 
-CHUNK_ELEMENTS = 1 << 22
+# Temporaries of 512 KiB (fp32) stay in a core's L2: about 1.5x faster on a CPU than 16 MiB ones, whose ~40
+# elementwise passes each go to memory (fused MTT at N=1024, H=384, V=49152, one thread).
+CHUNK_ELEMENTS = 1 << 17
 
 
 def accumulator_dtype(*tensors):
