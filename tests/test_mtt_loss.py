@@ -524,3 +524,23 @@ def test_row_kernel_tiles_with_and_without_the_label(monkeypatch, direction, tem
     monkeypatch.setattr(kernel, "_block_sizes", lambda n_cols: (4, 32, 1))
     check_against_reference("triton", logits.bfloat16(), base.bfloat16(), labels, lam=0.0, **options)
     test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary("triton", direction, temperature, mask_target)
+
+
+# --- argument checks of the options and counts (issue #19, items 6 and 7): every entry point, one rule ---------
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(lam=float("inf")), "lam must be finite"),
+    (dict(temperature=float("inf")), "temperature must be finite"),
+    (dict(lam=float("-inf")), "lam must be >= 0, got -inf"),
+    (dict(lam=1e300), r"lam \* temperature\*\*2 must be <= 3.403e\+38 \(float32\), got lam=1e\+300"),
+    (dict(lam=1.0, temperature=1e20), r"lam \* temperature\*\*2 .* temperature=1e\+20"),
+    (dict(temperature=1e-39), r"temperature must be >= 2.939e-39 \(1/temperature overflows float32\)"),
+])
+def test_non_finite_or_overflowing_settings_are_refused_up_front(settings, match):
+    logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
+    for build in (fastmtt.MTTOptions, lambda **kw: fastmtt.mtt_loss(logits, base, labels, **kw),
+                  lambda **kw: fastmtt.MTTLoss(**kw)):
+        with pytest.raises(ValueError, match=match):
+            build(**settings)
+    assert fastmtt.MTTOptions(lam=0.0, temperature=1e20).kl_weight == 0.0  # no divergence term: nothing overflows
+
