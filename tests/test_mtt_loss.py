@@ -544,3 +544,25 @@ def test_non_finite_or_overflowing_settings_are_refused_up_front(settings, match
             build(**settings)
     assert fastmtt.MTTOptions(lam=0.0, temperature=1e20).kl_weight == 0.0  # no divergence term: nothing overflows
 
+
+def test_counts_and_ignore_index_as_numpy_integers_and_integer_tensors():
+    np = pytest.importorskip("numpy")
+    logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
+    want = fastmtt.mtt_loss(logits, base, labels, num_items_in_batch=5)
+    for count in (np.int64(5), torch.tensor(5), torch.tensor([5], dtype=torch.int32)):
+        torch.testing.assert_close(fastmtt.mtt_loss(logits, base, labels, num_items_in_batch=count), want)
+    options = fastmtt.MTTOptions(ignore_index=np.int64(-1))
+    assert options.ignore_index == -1 and type(options.ignore_index) is int
+    torch.testing.assert_close(fastmtt.mtt_loss(logits, base, labels.masked_fill(labels == -100, -1),
+                                                ignore_index=np.int32(-1)), fastmtt.mtt_loss(logits, base, labels))
+    for count, match in ((torch.tensor(-3), "num_items_in_batch must be >= 0, got tensor"),
+                         (np.int64(-3), "num_items_in_batch must be >= 0"),
+                         (3.0, "num_items_in_batch must be a non-negative integer, got 3.0"),
+                         (torch.tensor(3.0), "num_items_in_batch must be one integer"),
+                         (True, "num_items_in_batch must be a non-negative integer"),
+                         (torch.tensor(True), "num_items_in_batch must be one integer")):
+        with pytest.raises(ValueError, match=match):
+            fastmtt.mtt_loss(logits, base, labels, num_items_in_batch=count)
+    for index in (True, 2.0, np.float64(-1.0)):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            fastmtt.MTTOptions(ignore_index=index)
