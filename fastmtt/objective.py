@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmtt.head import LinearHead
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
-from fastmtt.options import DEFAULT_LAM, KL_POSITIONS, MTTOptions
+from fastmtt.options import KL_POSITIONS, MTTOptions, options_from
 from fastmtt.reference import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
@@ -233,29 +233,24 @@ class MTTObjective:
     the wrapper's gradient average is the gradient of the global batch and the mean of loss, ce, kl over
     ranks is the global value. 1 under a wrapper: each rank's own mean (the wrapper averages the means).
 
-    Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions), or options= a
-    ready MTTOptions (reduction 'mean'). kl_positions: "labels" (default) puts the divergence where CE is;
-    "all" at every position the attention mask keeps, the prompt's too (their target to mask is the next
-    input token): loss = (sum of CE over labelled tokens + lam T^2 * sum of KL over all positions) / the
-    labelled count, so lam weighs one position's KL as one label's CE.
+    Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions; None: its default), or
+    options= a ready MTTOptions (reduction 'mean'), not both. kl_positions: "labels" (default) puts the
+    divergence where CE is; "all" at every position the attention mask keeps, the prompt's too (their target to
+    mask is the next input token): loss = (sum of CE over labelled tokens + lam T^2 * sum of KL over all
+    positions) / the labelled count, so lam weighs one position's KL as one label's CE.
     disable_dropout=True sets the base model's dropout to 0 (on the first call, permanently, as TRL does
     for reference-model comparisons): otherwise the two passes draw different masks, so KL > 0 for an
     adapter equal to the base and the regularizer pulls against dropout noise. LoRA's lora_dropout on the
     adapted side is unaffected.
     """
 
-    def __init__(self, lam: float = DEFAULT_LAM, temperature: float = 1.0, direction: str = "forward",
-                 ignore_index: int = -100, backend: str = "auto", *, mask_target: bool = True,
-                 options: Optional[MTTOptions] = None, disable_dropout: bool = True, kl_positions: str = "labels"):
-        keywords = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
-                              ignore_index=ignore_index)
-        if options is None:
-            options = keywords
-        elif not isinstance(options, MTTOptions):
-            raise TypeError(f"options must be a fastmtt.options.MTTOptions, got {type(options).__name__}")
-        elif keywords != MTTOptions():
-            raise TypeError("pass options=MTTOptions(...) or lam/temperature/direction/mask_target/ignore_index, "
-                            "not both")
+    def __init__(self, lam: Optional[float] = None, temperature: Optional[float] = None,
+                 direction: Optional[str] = None, ignore_index: Optional[int] = None, backend: str = "auto", *,
+                 mask_target: Optional[bool] = None, options: Optional[MTTOptions] = None,
+                 disable_dropout: bool = True, kl_positions: str = "labels"):
+        keywords = dict(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index,
+                        mask_target=mask_target)
+        options = options_from(options, {name: value for name, value in keywords.items() if value is not None})
         if options.reduction != "mean":
             raise ValueError(f"MTTObjective averages over predicted tokens: options.reduction must be 'mean', "
                              f"got {options.reduction!r}")

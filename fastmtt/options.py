@@ -91,11 +91,12 @@ def _check_real(name, value):
 
 
 def options_from(options, option_kwargs) -> MTTOptions:
-    """The MTTOptions a Module or integration was given: `options` itself, or one built from keywords."""
+    """The MTTOptions an entry point was given: `options` itself, or one built from the keywords
+    `option_kwargs` (a dict of those passed); both at once is an error naming them."""
     if options is None:
         return MTTOptions(**option_kwargs)
     if not isinstance(options, MTTOptions):
         raise TypeError(f"options must be a fastmtt.MTTOptions, got {type(options).__name__}")
     if option_kwargs:
-        raise TypeError(f"pass options=MTTOptions(...) or its keywords, not both (got {sorted(option_kwargs)})")
+        raise TypeError(f"pass options=MTTOptions(...) or {', '.join(sorted(option_kwargs))}, not both")
     return options

@@ -545,6 +545,25 @@ def test_non_finite_or_overflowing_settings_are_refused_up_front(settings, match
     assert fastmtt.MTTOptions(lam=0.0, temperature=1e20).kl_weight == 0.0  # no divergence term: nothing overflows
 
 
+def test_options_with_keywords_is_refused_by_every_entry_point():
+    from fastmtt.head import LinearHead
+    from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
+    from fastmtt.ops.mtt_loss import mtt_loss_with_options
+
+    options = fastmtt.MTTOptions(lam=2.0)
+    for module in (fastmtt.MTTLoss, fastmtt.FusedLinearMTTLoss):
+        with pytest.raises(TypeError, match=r"pass options=MTTOptions\(\.\.\.\) or lam, temperature, not both"):
+            module(options, lam=1.0, temperature=1.0)  # even at their default values
+        with pytest.raises(TypeError, match="options must be a fastmtt.MTTOptions"):
+            module(dict(lam=2.0))
+    logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
+    with pytest.raises(TypeError, match="options must be a fastmtt.MTTOptions"):
+        mtt_loss_with_options(logits, base, labels, dict(lam=2.0))
+    head = LinearHead(torch.randn(11, 4))
+    with pytest.raises(TypeError, match="options must be a fastmtt.MTTOptions"):
+        fused_linear_mtt_loss_with_options(torch.randn(6, 4), torch.randn(6, 4), head, labels, dict(lam=2.0))
+
+
 def test_counts_and_ignore_index_as_numpy_integers_and_integer_tensors():
     np = pytest.importorskip("numpy")
     logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)

@@ -171,14 +171,20 @@ def test_options_object_or_keywords():
     assert MTTObjective(options=options).options is options
     assert MTTObjective(lam=0.3, temperature=2.0, direction="reverse", ignore_index=-1).options == options
     assert MTTObjective(mask_target=False).options == MTTOptions(mask_target=False)
-    with pytest.raises(TypeError, match=r"options=MTTOptions\(\.\.\.\) or lam"):
-        MTTObjective(lam=0.5, options=options)
+    for keywords in (dict(lam=0.5), dict(lam=1.0), dict(ignore_index=-100), dict(mask_target=True)):  # defaults too
+        name = next(iter(keywords))
+        with pytest.raises(TypeError, match=rf"pass options=MTTOptions\(\.\.\.\) or {name}, not both"):
+            MTTObjective(**keywords, options=options)
+    with pytest.raises(TypeError, match=r"or lam, temperature, not both"):
+        MTTObjective(1.0, 1.0, options=options)
     with pytest.raises(ValueError, match="reduction must be 'mean'"):
         MTTObjective(options=MTTOptions(reduction="sum"))
     with pytest.raises(TypeError, match="MTTOptions"):
         MTTObjective(options=dict(lam=0.3))
     with pytest.raises(ValueError, match="temperature"):
         MTTObjective(temperature=0.0)
+    with pytest.raises(ValueError, match="lam must be finite"):
+        MTTObjective(lam=float("inf"))
 
 
 def tiny_gpt2_peft(init_lora_weights, lora_dropout, dropout=0.1):
@@ -238,3 +244,4 @@ def test_autocast_runs_the_head_loss_in_its_dtype_without_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         MTTObjective()(model, **batch)
     assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)]
+
