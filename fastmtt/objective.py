@@ -196,17 +196,17 @@ def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTT
                      dtype=None) -> MTTOutput:
     """MTTOutput of the fused head loss on final hidden states [B, L, H] (adapted, base), the causal shift
     applied: CE + lam T^2 D at the labelled positions (labels [B, L], ignore_index where none) and, with
-    kl_positions="all", D alone (ce_weight=0) at the other positions attention_mask [B, L] keeps, their next
-    input token (input_ids [B, L]) being the target to mask. Both parts divide by num_items_in_batch
-    (default: the labelled count). dtype: the rows' dtype in the head loss (default theirs)."""
+    kl_positions="all", D alone (ce_weight=0) at the other attended positions, their next input token
+    (input_ids [B, L]) being the target to mask; see `predicted_positions` for attention_mask [B, L]. Both
+    parts divide by num_items_in_batch (default: the labelled count). dtype: the rows' dtype in the head
+    loss (default theirs)."""
     hidden, base_hidden, targets = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:]
-    labelled = targets != options.ignore_index  # only predicted positions reach the head
+    labelled, attended = predicted_positions(labels, attention_mask, options.ignore_index)  # rows of the head
     parts = [(labelled, targets, options)]
     if kl_positions == "all" and options.lam > 0:
         if input_ids is None:
             raise ValueError("kl_positions='all' needs input_ids: the next input token is the target to mask at "
                              "the positions without a label")
-        attended = torch.ones_like(labelled) if attention_mask is None else attention_mask[:, 1:].bool()
         parts.append((attended & ~labelled, input_ids[:, 1:], options.replace(ce_weight=0.0)))
         if num_items_in_batch is None:
             num_items_in_batch = labelled.sum()
@@ -218,6 +218,21 @@ def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTT
     return outputs[0] if len(outputs) == 1 else MTTOutput(*(a + b for a, b in zip(*outputs)))
 
 
+def predicted_positions(labels, attention_mask, ignore_index):
+    """(labelled, attended): [B, L - 1] masks over the positions t, each predicting token t + 1: attended
+    where attention_mask [B, L] keeps both t and t + 1 (everywhere when it is None), labelled where moreover
+    labels[:, t + 1] is not ignore_index. So padding, left or right, takes no part."""
+    if attention_mask is None:
+        attended = torch.ones_like(labels[:, 1:], dtype=torch.bool)
+    elif tuple(attention_mask.shape) != tuple(labels.shape):
+        raise ValueError(f"attention_mask must have the shape of labels {tuple(labels.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    else:
+        mask = attention_mask.bool()
+        attended = mask[:, :-1] & mask[:, 1:]
+    return attended & (labels[:, 1:] != ignore_index), attended
+
+
 class MTTObjective:
     """objective(model, input_ids=, attention_mask=, labels=, num_items_in_batch=None) -> MTTOutput.
 
@@ -225,7 +240,9 @@ class MTTObjective:
     base next-token distributions with the target removed ("forward": KL(base || adapted)). labels
     follow the Hugging Face convention (same as input_ids, -100 where no loss; shifted here).
     num_items_in_batch: the mean divides by that count instead (exact gradient accumulation: the
-    predicted tokens of all micro-batches of the step).
+    predicted tokens of all micro-batches of the step): an int, numpy integer or one-element integer
+    tensor, >= 0 (floats are refused). A position counts only where it and the token it predicts are both
+    attended, so padding on either side never changes the loss.
 
     model: a peft.PeftModel, or a DDP / FSDP wrapper of one. data_parallel_size (default: the wrapper's
     world size, 1 without one) > 1: the count is over that many ranks (all-reduced when
@@ -235,9 +252,9 @@ class MTTObjective:
 
     Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions; None: its default), or
     options= a ready MTTOptions (reduction 'mean'), not both. kl_positions: "labels" (default) puts the
-    divergence where CE is; "all" at every position the attention mask keeps, the prompt's too (their target to
-    mask is the next input token): loss = (sum of CE over labelled tokens + lam T^2 * sum of KL over all
-    positions) / the labelled count, so lam weighs one position's KL as one label's CE.
+    divergence where CE is; "all" at every attended position, the prompt's too (their target to mask is the next
+    input token): loss = (sum of CE over labelled tokens + lam T^2 * sum of KL over all positions) / the
+    labelled count, so lam weighs one position's KL as one label's CE.
     disable_dropout=True sets the base model's dropout to 0 (on the first call, permanently, as TRL does
     for reference-model comparisons): otherwise the two passes draw different masks, so KL > 0 for an
     adapter equal to the base and the regularizer pulls against dropout noise. LoRA's lora_dropout on the
@@ -312,7 +329,7 @@ class MTTObjective:
         if data_parallel_size is None:
             data_parallel_size = 1 if group is False else dist.get_world_size(group)
         if data_parallel_size > 1 and num_items_in_batch is None:
-            num_items_in_batch = (labels[:, 1:] != self.options.ignore_index).sum()
+            num_items_in_batch = predicted_positions(labels, attention_mask, self.options.ignore_index)[0].sum()
             dist.all_reduce(num_items_in_batch, group=None if group is False else group)
         loss_in_forward = functools.partial(self._loss_in_forward, peft_model, num_items_in_batch=num_items_in_batch)
         output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,

@@ -8,7 +8,7 @@ import fastmtt
 from fastmtt import reference
 from fastmtt.objective import MTTObjective
 from fastmtt.options import MTTOptions
-from tests.utils import VOCAB, padded_batch, tiny_llama, tiny_peft, trainable_grads
+from tests.utils import VOCAB, padded_batch, tiny_llama, tiny_peft, token_ids, trainable_grads
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -244,4 +244,40 @@ def test_autocast_runs_the_head_loss_in_its_dtype_without_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         MTTObjective()(model, **batch)
     assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)]
+
+
+def padded(batch, left, right):
+    """`batch` (one unpadded row) with `left` and `right` pad positions: token 0, label -100, mask 0."""
+    def pad(tensor, fill):
+        return torch.cat([tensor.new_full((1, left), fill), tensor, tensor.new_full((1, right), fill)], 1)
+
+    return dict(input_ids=pad(batch["input_ids"], 0), labels=pad(batch["labels"], -100),
+                attention_mask=pad(batch["attention_mask"], 0))
+
+
+@pytest.mark.parametrize("kl_positions", ["labels", "all"])
+def test_padding_on_either_side_never_changes_the_loss(kl_positions):
+    """A position takes part only where it and the token it predicts are both attended: the last left pad
+    (which predicts the first real token, labelled here) is neither a CE nor a KL row."""
+    model = tiny_peft()
+    input_ids = token_ids((1, 10))
+    labels = input_ids.clone()
+    labels[:, 1:4] = -100  # a prompt: KL alone there with kl_positions="all"
+    unpadded = dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids))
+    objective = MTTObjective(lam=1.0, temperature=1.5, kl_positions=kl_positions)
+    results = []
+    for left, right in ((0, 0), (3, 0), (0, 3), (2, 1)):
+        model.zero_grad()
+        out = objective(model, **padded(unpadded, left, right))
+        out.loss.backward()
+        results.append((out, trainable_grads(model)))
+    (want, want_grads), *others = results
+    assert float(want.kl) > 1e-3
+    for got, got_grads in others:
+        for name in ("loss", "ce", "kl"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="attention_mask must have the shape of labels"):
+        objective(model, **dict(unpadded, attention_mask=unpadded["attention_mask"][:, 1:]))
 
