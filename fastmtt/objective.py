@@ -205,8 +205,8 @@ def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTT
     parts = [(labelled, targets, options)]
     if kl_positions == "all" and options.lam > 0:
         if input_ids is None:
-            raise ValueError("kl_positions='all' needs input_ids: the next input token is the target to mask at "
-                             "the positions without a label")
+            raise ValueError("kl_positions='all' needs input_ids (inputs_embeds alone does not give them): the next "
+                             "input token is the target to mask at the positions without a label")
         parts.append((attended & ~labelled, input_ids[:, 1:], options.replace(ce_weight=0.0)))
         if num_items_in_batch is None:
             num_items_in_batch = labelled.sum()
@@ -234,7 +234,8 @@ def predicted_positions(labels, attention_mask, ignore_index):
 
 
 class MTTObjective:
-    """objective(model, input_ids=, attention_mask=, labels=, num_items_in_batch=None) -> MTTOutput.
+    """objective(model, input_ids=, attention_mask=, labels=, num_items_in_batch=None) -> MTTOutput
+    (inputs_embeds= [B, L, H] instead of input_ids: given to both passes).
 
     loss = mean over predicted tokens of CE_i + lam * T^2 * KL_i, where KL_i compares the adapted and
     base next-token distributions with the target removed ("forward": KL(base || adapted)). labels
@@ -280,7 +281,7 @@ class MTTObjective:
         return (f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout}, "
                 f"kl_positions={self.kl_positions!r})")
 
-    def hidden_states(self, model, input_ids, attention_mask=None, **model_kwargs):
+    def hidden_states(self, model, input_ids=None, attention_mask=None, **model_kwargs):
         """(adapted, base) final hidden states [B, L, D], outside any wrapper's forward (inspection)."""
         peft_model, _ = _unwrap(model)
         return self._both_passes(peft_model, peft_model.get_base_model(),
@@ -312,13 +313,17 @@ class MTTObjective:
                                     kl_positions=self.kl_positions, num_items_in_batch=num_items_in_batch,
                                     backend=self.backend, dtype=dtype)
 
-    def __call__(self, model, input_ids: torch.Tensor, labels: torch.Tensor,
+    def __call__(self, model, input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,
                  num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-                 data_parallel_size: Optional[int] = None, **model_kwargs) -> MTTOutput:
-        if labels is None or labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {None if labels is None else tuple(labels.shape)}")
+                 data_parallel_size: Optional[int] = None, *, inputs_embeds: Optional[torch.Tensor] = None,
+                 **model_kwargs) -> MTTOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, L] and inputs_embeds [B, L, H]")
+        shape = tuple(input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:-1])
+        if labels is None or tuple(labels.shape) != shape:
+            raise ValueError(f"labels must have the shape {shape} of input_ids (or inputs_embeds without its last "
+                             f"dim), got {None if labels is None else tuple(labels.shape)}")
         if data_parallel_size is not None and (isinstance(data_parallel_size, bool) or
                                                not isinstance(data_parallel_size, int) or data_parallel_size < 1):
             raise ValueError(f"data_parallel_size must be None or a positive int, got {data_parallel_size!r}")
@@ -332,7 +337,7 @@ class MTTObjective:
             num_items_in_batch = predicted_positions(labels, attention_mask, self.options.ignore_index)[0].sum()
             dist.all_reduce(num_items_in_batch, group=None if group is False else group)
         loss_in_forward = functools.partial(self._loss_in_forward, peft_model, num_items_in_batch=num_items_in_batch)
-        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+        output = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                        fastmtt_mtt=loss_in_forward, **model_kwargs)
         if data_parallel_size > 1:  # the wrapper averages gradients over ranks: undo that average for a global sum
             output = MTTOutput(*(value * data_parallel_size for value in output))

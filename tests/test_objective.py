@@ -281,3 +281,26 @@ def test_padding_on_either_side_never_changes_the_loss(kl_positions):
     with pytest.raises(ValueError, match="attention_mask must have the shape of labels"):
         objective(model, **dict(unpadded, attention_mask=unpadded["attention_mask"][:, 1:]))
 
+
+def test_inputs_embeds_instead_of_input_ids():
+    model, batch = tiny_peft(), padded_batch()
+    want = MTTObjective(lam=0.7)(model, **batch)
+    want.loss.backward()
+    want_grads = trainable_grads(model)
+    model.zero_grad()
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+    inputs = dict(inputs_embeds=embeds, labels=batch["labels"], attention_mask=batch["attention_mask"])
+    got = MTTObjective(lam=0.7)(model, **inputs)
+    got.loss.backward()
+    for name in ("loss", "ce", "kl"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+    for name, grad in trainable_grads(model).items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match=r"kl_positions='all' needs input_ids \(inputs_embeds alone"):
+        MTTObjective(kl_positions="all")(model, **inputs)
+    for wrong in (dict(labels=batch["labels"]), dict(batch, inputs_embeds=embeds)):
+        with pytest.raises(ValueError, match="exactly one of input_ids .* and inputs_embeds"):
+            MTTObjective()(model, **wrong)
+    with pytest.raises(ValueError, match=r"labels must have the shape \(3, 12\)"):
+        MTTObjective()(model, **dict(inputs, labels=batch["labels"][:, 1:]))
+
