@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastmtt.head import LinearHead
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
 from fastmtt.options import KL_POSITIONS, MTTOptions, options_from
+from fastmtt.peft import _lora_linear_class
 from fastmtt.reference import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
@@ -134,6 +135,9 @@ def _head_lora_problem(head, name):
                   "set LoraConfig({}) for all")
     if head.use_dora.get(name, False):
         return "uses DoRA: " + config_fix.format("use_dora=False")
+    variant = getattr(head, "lora_variant", {}).get(name)
+    if variant is not None:  # aLoRA, Arrow, ...: the head loss computes plain LoRA only
+        return f"uses the LoRA variant {type(variant).__name__}: exclude the head from target_modules"
     if getattr(head, "lora_bias", {}).get(name, False):
         return "has a LoRA bias: " + config_fix.format("lora_bias=False")
     dropout = head.lora_dropout[name]
@@ -157,10 +161,10 @@ def output_head(causal_lm) -> LinearHead:
     if type(head) is torch.nn.Linear:
         return _unsharded(LinearHead(head.weight, head.bias, softcap=softcap))
     base_layer = getattr(head, "base_layer", None)
-    if not (hasattr(head, "lora_A") and type(base_layer) is torch.nn.Linear):
+    if not (isinstance(head, _lora_linear_class()) and type(base_layer) is torch.nn.Linear):
         raise ValueError(
             f"unsupported output head {type(head).__name__}: MTTObjective serves an nn.Linear head, optionally "
-            "with a LoRA adapter (modules_to_save, DoRA and other head wrappers are not supported)")
+            "with a LoRA adapter (modules_to_save, AdaLoRA, DoRA and other head wrappers are not supported)")
     plain = LinearHead(base_layer.weight, base_layer.bias, softcap=softcap)
     active = [name for name in head.active_adapters if name in head.lora_A]
     if head.disable_adapters or not active:

@@ -304,3 +304,15 @@ def test_inputs_embeds_instead_of_input_ids():
     with pytest.raises(ValueError, match=r"labels must have the shape \(3, 12\)"):
         MTTObjective()(model, **dict(inputs, labels=batch["labels"][:, 1:]))
 
+
+def test_lora_variant_on_the_head_is_refused():
+    model = tiny_peft(alora_invocation_tokens=[1, 2])  # aLoRA: the adapter acts after the invocation tokens only
+    with pytest.raises(ValueError, match="output head 'lm_head' uses the LoRA variant ALoraLinearVariant: exclude"):
+        MTTObjective()(model, **padded_batch())
+
+
+def test_adalora_on_the_head_is_refused_as_unsupported():
+    config = peft.AdaLoraConfig(init_r=2, target_r=2, total_step=10, target_modules=["q_proj", "lm_head"])
+    model = peft.get_peft_model(tiny_llama(), config)
+    with pytest.raises(ValueError, match="unsupported output head SVDLinear: .*AdaLoRA"):
+        MTTObjective()(model, **padded_batch())
