@@ -1,6 +1,8 @@
 """Argument validation shared by the public functions: clear errors that name the argument."""
 from __future__ import annotations
 
+from numbers import Integral
+
 import torch
 
 
@@ -43,17 +45,24 @@ def check_labels(labels, shape, n_cols, ignore_index):
 
 
 def check_num_items(num_items_in_batch, reduction):
-    """num_items_in_batch: None, or (with reduction 'mean') a non-negative integer or 1-element integer tensor."""
+    """num_items_in_batch: None, or (with reduction 'mean') a non-negative integer: an int, a numpy integer or
+    a one-element integer tensor. Floats (3.0 too) and bools are refused. A tensor's sign is read (a device
+    sync on CUDA) except under torch.compile."""
     if num_items_in_batch is None:
         return
     if reduction != "mean":
         raise ValueError("num_items_in_batch applies to reduction='mean' only")
     count = num_items_in_batch
     if isinstance(count, torch.Tensor):
-        if count.numel() != 1 or count.is_floating_point() or count.is_complex():
+        if count.numel() != 1 or count.is_floating_point() or count.is_complex() or count.dtype == torch.bool:
             raise ValueError(f"num_items_in_batch must be one integer, got {count!r}")
-    elif isinstance(count, bool) or not isinstance(count, int) or count < 0:
-        raise ValueError(f"num_items_in_batch must be a non-negative int, got {count!r}")
+        negative = not torch.compiler.is_compiling() and bool(count < 0)
+    elif isinstance(count, bool) or not isinstance(count, Integral):
+        raise ValueError(f"num_items_in_batch must be a non-negative integer, got {count!r}")
+    else:
+        negative = count < 0
+    if negative:
+        raise ValueError(f"num_items_in_batch must be >= 0, got {count!r}")
 
 
 def check_vocab_parallel(vocab_parallel, name, n_cols):

@@ -23,7 +23,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmtt.head import LinearHead
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
-from fastmtt.options import DEFAULT_LAM, KL_POSITIONS, MTTOptions
+from fastmtt.options import KL_POSITIONS, MTTOptions, options_from
+from fastmtt.peft import _lora_linear_class
 from fastmtt.reference import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
@@ -134,6 +135,9 @@ def _head_lora_problem(head, name):
                   "set LoraConfig({}) for all")
     if head.use_dora.get(name, False):
         return "uses DoRA: " + config_fix.format("use_dora=False")
+    variant = getattr(head, "lora_variant", {}).get(name)
+    if variant is not None:  # aLoRA, Arrow, ...: the head loss computes plain LoRA only
+        return f"uses the LoRA variant {type(variant).__name__}: exclude the head from target_modules"
     if getattr(head, "lora_bias", {}).get(name, False):
         return "has a LoRA bias: " + config_fix.format("lora_bias=False")
     dropout = head.lora_dropout[name]
@@ -157,10 +161,10 @@ def output_head(causal_lm) -> LinearHead:
     if type(head) is torch.nn.Linear:
         return _unsharded(LinearHead(head.weight, head.bias, softcap=softcap))
     base_layer = getattr(head, "base_layer", None)
-    if not (hasattr(head, "lora_A") and type(base_layer) is torch.nn.Linear):
+    if not (isinstance(head, _lora_linear_class()) and type(base_layer) is torch.nn.Linear):
         raise ValueError(
             f"unsupported output head {type(head).__name__}: MTTObjective serves an nn.Linear head, optionally "
-            "with a LoRA adapter (modules_to_save, DoRA and other head wrappers are not supported)")
+            "with a LoRA adapter (modules_to_save, AdaLoRA, DoRA and other head wrappers are not supported)")
     plain = LinearHead(base_layer.weight, base_layer.bias, softcap=softcap)
     active = [name for name in head.active_adapters if name in head.lora_A]
     if head.disable_adapters or not active:
@@ -196,17 +200,17 @@ def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTT
                      dtype=None) -> MTTOutput:
     """MTTOutput of the fused head loss on final hidden states [B, L, H] (adapted, base), the causal shift
     applied: CE + lam T^2 D at the labelled positions (labels [B, L], ignore_index where none) and, with
-    kl_positions="all", D alone (ce_weight=0) at the other positions attention_mask [B, L] keeps, their next
-    input token (input_ids [B, L]) being the target to mask. Both parts divide by num_items_in_batch
-    (default: the labelled count). dtype: the rows' dtype in the head loss (default theirs)."""
+    kl_positions="all", D alone (ce_weight=0) at the other attended positions, their next input token
+    (input_ids [B, L]) being the target to mask; see `predicted_positions` for attention_mask [B, L]. Both
+    parts divide by num_items_in_batch (default: the labelled count). dtype: the rows' dtype in the head
+    loss (default theirs)."""
     hidden, base_hidden, targets = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:]
-    labelled = targets != options.ignore_index  # only predicted positions reach the head
+    labelled, attended = predicted_positions(labels, attention_mask, options.ignore_index)  # rows of the head
     parts = [(labelled, targets, options)]
     if kl_positions == "all" and options.lam > 0:
         if input_ids is None:
-            raise ValueError("kl_positions='all' needs input_ids: the next input token is the target to mask at "
-                             "the positions without a label")
-        attended = torch.ones_like(labelled) if attention_mask is None else attention_mask[:, 1:].bool()
+            raise ValueError("kl_positions='all' needs input_ids (inputs_embeds alone does not give them): the next "
+                             "input token is the target to mask at the positions without a label")
         parts.append((attended & ~labelled, input_ids[:, 1:], options.replace(ce_weight=0.0)))
         if num_items_in_batch is None:
             num_items_in_batch = labelled.sum()
@@ -218,14 +222,32 @@ def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTT
     return outputs[0] if len(outputs) == 1 else MTTOutput(*(a + b for a, b in zip(*outputs)))
 
 
+def predicted_positions(labels, attention_mask, ignore_index):
+    """(labelled, attended): [B, L - 1] masks over the positions t, each predicting token t + 1: attended
+    where attention_mask [B, L] keeps both t and t + 1 (everywhere when it is None), labelled where moreover
+    labels[:, t + 1] is not ignore_index. So padding, left or right, takes no part."""
+    if attention_mask is None:
+        attended = torch.ones_like(labels[:, 1:], dtype=torch.bool)
+    elif tuple(attention_mask.shape) != tuple(labels.shape):
+        raise ValueError(f"attention_mask must have the shape of labels {tuple(labels.shape)}, "
+                         f"got {tuple(attention_mask.shape)}")
+    else:
+        mask = attention_mask.bool()
+        attended = mask[:, :-1] & mask[:, 1:]
+    return attended & (labels[:, 1:] != ignore_index), attended
+
+
 class MTTObjective:
-    """objective(model, input_ids=, attention_mask=, labels=, num_items_in_batch=None) -> MTTOutput.
+    """objective(model, input_ids=, attention_mask=, labels=, num_items_in_batch=None) -> MTTOutput
+    (inputs_embeds= [B, L, H] instead of input_ids: given to both passes).
 
     loss = mean over predicted tokens of CE_i + lam * T^2 * KL_i, where KL_i compares the adapted and
     base next-token distributions with the target removed ("forward": KL(base || adapted)). labels
     follow the Hugging Face convention (same as input_ids, -100 where no loss; shifted here).
     num_items_in_batch: the mean divides by that count instead (exact gradient accumulation: the
-    predicted tokens of all micro-batches of the step).
+    predicted tokens of all micro-batches of the step): an int, numpy integer or one-element integer
+    tensor, >= 0 (floats are refused). A position counts only where it and the token it predicts are both
+    attended, so padding on either side never changes the loss.
 
     model: a peft.PeftModel, or a DDP / FSDP wrapper of one. data_parallel_size (default: the wrapper's
     world size, 1 without one) > 1: the count is over that many ranks (all-reduced when
@@ -233,9 +255,9 @@ class MTTObjective:
     the wrapper's gradient average is the gradient of the global batch and the mean of loss, ce, kl over
     ranks is the global value. 1 under a wrapper: each rank's own mean (the wrapper averages the means).
 
-    Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions), or options= a
-    ready MTTOptions (reduction 'mean'). kl_positions: "labels" (default) puts the divergence where CE is;
-    "all" at every position the attention mask keeps, the prompt's too (their target to mask is the next
+    Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions; None: its default), or
+    options= a ready MTTOptions (reduction 'mean'), not both. kl_positions: "labels" (default) puts the
+    divergence where CE is; "all" at every attended position, the prompt's too (their target to mask is the next
     input token): loss = (sum of CE over labelled tokens + lam T^2 * sum of KL over all positions) / the
     labelled count, so lam weighs one position's KL as one label's CE.
     disable_dropout=True sets the base model's dropout to 0 (on the first call, permanently, as TRL does
@@ -244,18 +266,13 @@ class MTTObjective:
     adapted side is unaffected.
     """
 
-    def __init__(self, lam: float = DEFAULT_LAM, temperature: float = 1.0, direction: str = "forward",
-                 ignore_index: int = -100, backend: str = "auto", *, mask_target: bool = True,
-                 options: Optional[MTTOptions] = None, disable_dropout: bool = True, kl_positions: str = "labels"):
-        keywords = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
-                              ignore_index=ignore_index)
-        if options is None:
-            options = keywords
-        elif not isinstance(options, MTTOptions):
-            raise TypeError(f"options must be a fastmtt.options.MTTOptions, got {type(options).__name__}")
-        elif keywords != MTTOptions():
-            raise TypeError("pass options=MTTOptions(...) or lam/temperature/direction/mask_target/ignore_index, "
-                            "not both")
+    def __init__(self, lam: Optional[float] = None, temperature: Optional[float] = None,
+                 direction: Optional[str] = None, ignore_index: Optional[int] = None, backend: str = "auto", *,
+                 mask_target: Optional[bool] = None, options: Optional[MTTOptions] = None,
+                 disable_dropout: bool = True, kl_positions: str = "labels"):
+        keywords = dict(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index,
+                        mask_target=mask_target)
+        options = options_from(options, {name: value for name, value in keywords.items() if value is not None})
         if options.reduction != "mean":
             raise ValueError(f"MTTObjective averages over predicted tokens: options.reduction must be 'mean', "
                              f"got {options.reduction!r}")
@@ -268,7 +285,7 @@ class MTTObjective:
         return (f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout}, "
                 f"kl_positions={self.kl_positions!r})")
 
-    def hidden_states(self, model, input_ids, attention_mask=None, **model_kwargs):
+    def hidden_states(self, model, input_ids=None, attention_mask=None, **model_kwargs):
         """(adapted, base) final hidden states [B, L, D], outside any wrapper's forward (inspection)."""
         peft_model, _ = _unwrap(model)
         return self._both_passes(peft_model, peft_model.get_base_model(),
@@ -300,13 +317,17 @@ class MTTObjective:
                                     kl_positions=self.kl_positions, num_items_in_batch=num_items_in_batch,
                                     backend=self.backend, dtype=dtype)
 
-    def __call__(self, model, input_ids: torch.Tensor, labels: torch.Tensor,
+    def __call__(self, model, input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,
                  num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
-                 data_parallel_size: Optional[int] = None, **model_kwargs) -> MTTOutput:
-        if labels is None or labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                             f"got {None if labels is None else tuple(labels.shape)}")
+                 data_parallel_size: Optional[int] = None, *, inputs_embeds: Optional[torch.Tensor] = None,
+                 **model_kwargs) -> MTTOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, L] and inputs_embeds [B, L, H]")
+        shape = tuple(input_ids.shape if inputs_embeds is None else inputs_embeds.shape[:-1])
+        if labels is None or tuple(labels.shape) != shape:
+            raise ValueError(f"labels must have the shape {shape} of input_ids (or inputs_embeds without its last "
+                             f"dim), got {None if labels is None else tuple(labels.shape)}")
         if data_parallel_size is not None and (isinstance(data_parallel_size, bool) or
                                                not isinstance(data_parallel_size, int) or data_parallel_size < 1):
             raise ValueError(f"data_parallel_size must be None or a positive int, got {data_parallel_size!r}")
@@ -317,10 +338,10 @@ class MTTObjective:
         if data_parallel_size is None:
             data_parallel_size = 1 if group is False else dist.get_world_size(group)
         if data_parallel_size > 1 and num_items_in_batch is None:
-            num_items_in_batch = (labels[:, 1:] != self.options.ignore_index).sum()
+            num_items_in_batch = predicted_positions(labels, attention_mask, self.options.ignore_index)[0].sum()
             dist.all_reduce(num_items_in_batch, group=None if group is False else group)
         loss_in_forward = functools.partial(self._loss_in_forward, peft_model, num_items_in_batch=num_items_in_batch)
-        output = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+        output = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                        fastmtt_mtt=loss_in_forward, **model_kwargs)
         if data_parallel_size > 1:  # the wrapper averages gradients over ranks: undo that average for a global sum
             output = MTTOutput(*(value * data_parallel_size for value in output))

@@ -6,7 +6,9 @@ MTTObjective, the Trainer mixin and the command line hold one.
 from __future__ import annotations
 
 import dataclasses
-from numbers import Real
+import math
+import operator
+from numbers import Integral, Real
 
 DEFAULT_LAM = 1.0
 # Divergences between the target-masked distributions (docs: mtt-math): "forward" is KL(base || adapted),
@@ -15,16 +17,19 @@ DIRECTIONS = ("forward", "reverse")
 REDUCTIONS = ("mean", "sum", "none")
 # Where MTTObjective applies the divergence: with CE at the labelled positions, or at every attended one.
 KL_POSITIONS = ("labels", "all")
+# torch.finfo(torch.float32).max: the kernels take 1/T and lam * T^2 as float32 scalars.
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclasses.dataclass(frozen=True)
 class MTTOptions:
     """loss_i = ce_weight * CE_i + lam * T^2 * D_i, reduced over rows.
 
-    lam >= 0: regularizer weight. temperature T > 0 (regularizer only; CE uses raw logits).
+    lam >= 0: regularizer weight. temperature T > 0 (regularizer only; CE uses raw logits). Both finite,
+    1/T and lam * T^2 (kl_weight) within float32 range.
     direction: the divergence D, one of DIRECTIONS. mask_target: True (MTT) removes the target from
     both distributions and renormalizes; False is the full-vocabulary KL baseline, everything else
-    equal. ignore_index: label of rows without loss. reduction: 'mean', 'sum' or 'none'.
+    equal. ignore_index: label of rows without loss (an int or numpy integer). reduction: 'mean', 'sum' or 'none'.
     ce_weight >= 0: CE's weight (1; 0 gives the divergence alone, e.g. on the rows of a prompt, whose
     label is then only the target to mask).
     """
@@ -38,26 +43,34 @@ class MTTOptions:
     ce_weight: float = 1.0
 
     def __post_init__(self):
-        _check_real("lam", self.lam)
-        _check_real("ce_weight", self.ce_weight)
-        if not 0 <= self.ce_weight < float("inf"):
+        for name in ("lam", "temperature", "ce_weight"):
+            _check_real(name, getattr(self, name))
+        if not 0 <= self.ce_weight < math.inf:
             raise ValueError(f"ce_weight must be finite and >= 0, got {self.ce_weight}")
-        _check_real("temperature", self.temperature)
         if not self.lam >= 0:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("lam", "temperature"):
+            if math.isinf(getattr(self, name)):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
+        if self.temperature * FLOAT32_MAX < 1:
+            raise ValueError(f"temperature must be >= {1 / FLOAT32_MAX:.4g} (1/temperature overflows float32), "
+                             f"got {self.temperature}")
+        if not self.kl_weight <= FLOAT32_MAX:
+            raise ValueError(f"lam * temperature**2 must be <= {FLOAT32_MAX:.4g} (float32), got lam={self.lam}, "
+                             f"temperature={self.temperature}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}")
         if not isinstance(self.mask_target, bool):
             raise TypeError(f"mask_target must be a bool, got {self.mask_target!r}")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, Integral):
             raise TypeError(f"ignore_index must be an int, got {self.ignore_index!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        object.__setattr__(self, "lam", float(self.lam))
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "ce_weight", float(self.ce_weight))
+        for name in ("lam", "temperature", "ce_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        object.__setattr__(self, "ignore_index", operator.index(self.ignore_index))
 
     @property
     def reverse(self) -> bool:
@@ -78,11 +91,12 @@ def _check_real(name, value):
 
 
 def options_from(options, option_kwargs) -> MTTOptions:
-    """The MTTOptions a Module or integration was given: `options` itself, or one built from keywords."""
+    """The MTTOptions an entry point was given: `options` itself, or one built from the keywords
+    `option_kwargs` (a dict of those passed); both at once is an error naming them."""
     if options is None:
         return MTTOptions(**option_kwargs)
     if not isinstance(options, MTTOptions):
         raise TypeError(f"options must be a fastmtt.MTTOptions, got {type(options).__name__}")
     if option_kwargs:
-        raise TypeError(f"pass options=MTTOptions(...) or its keywords, not both (got {sorted(option_kwargs)})")
+        raise TypeError(f"pass options=MTTOptions(...) or {', '.join(sorted(option_kwargs))}, not both")
     return options

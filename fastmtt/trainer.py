@@ -40,7 +40,7 @@ class MTTLossMixin:
         keywords = {name: kwargs.pop(name) for name in list(kwargs) if name.startswith("mtt_")}
         keywords = {name: value for name, value in keywords.items() if value is not None}  # None: the default
         if objective is not None and keywords:
-            raise ValueError(f"pass either objective or mtt_* keywords, not both (got {sorted(keywords)})")
+            raise TypeError(f"pass objective=MTTObjective(...) or {', '.join(sorted(keywords))}, not both")
         if objective is not None and not isinstance(objective, MTTObjective):
             raise TypeError(f"objective must be a fastmtt.MTTObjective, got {type(objective).__name__}")
         self.objective = objective or MTTObjective(**_objective_keywords(keywords))

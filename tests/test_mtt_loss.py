@@ -612,3 +612,64 @@ def test_auto_on_cuda_without_triton_warns_once_and_runs_pytorch(monkeypatch):
             assert _dispatch.resolve_backend("auto", cuda_bf16) == "torch"
     finally:
         _dispatch._warn_no_triton.cache_clear()
+
+
+# --- argument checks of the options and counts (issue #19, items 6 and 7): every entry point, one rule ---------
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(lam=float("inf")), "lam must be finite"),
+    (dict(temperature=float("inf")), "temperature must be finite"),
+    (dict(lam=float("-inf")), "lam must be >= 0, got -inf"),
+    (dict(lam=1e300), r"lam \* temperature\*\*2 must be <= 3.403e\+38 \(float32\), got lam=1e\+300"),
+    (dict(lam=1.0, temperature=1e20), r"lam \* temperature\*\*2 .* temperature=1e\+20"),
+    (dict(temperature=1e-39), r"temperature must be >= 2.939e-39 \(1/temperature overflows float32\)"),
+])
+def test_non_finite_or_overflowing_settings_are_refused_up_front(settings, match):
+    logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
+    for build in (fastmtt.MTTOptions, lambda **kw: fastmtt.mtt_loss(logits, base, labels, **kw),
+                  lambda **kw: fastmtt.MTTLoss(**kw)):
+        with pytest.raises(ValueError, match=match):
+            build(**settings)
+    assert fastmtt.MTTOptions(lam=0.0, temperature=1e20).kl_weight == 0.0  # no divergence term: nothing overflows
+
+
+def test_options_with_keywords_is_refused_by_every_entry_point():
+    from fastmtt.head import LinearHead
+    from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
+    from fastmtt.ops.mtt_loss import mtt_loss_with_options
+
+    options = fastmtt.MTTOptions(lam=2.0)
+    for module in (fastmtt.MTTLoss, fastmtt.FusedLinearMTTLoss):
+        with pytest.raises(TypeError, match=r"pass options=MTTOptions\(\.\.\.\) or lam, temperature, not both"):
+            module(options, lam=1.0, temperature=1.0)  # even at their default values
+        with pytest.raises(TypeError, match="options must be a fastmtt.MTTOptions"):
+            module(dict(lam=2.0))
+    logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
+    with pytest.raises(TypeError, match="options must be a fastmtt.MTTOptions"):
+        mtt_loss_with_options(logits, base, labels, dict(lam=2.0))
+    head = LinearHead(torch.randn(11, 4))
+    with pytest.raises(TypeError, match="options must be a fastmtt.MTTOptions"):
+        fused_linear_mtt_loss_with_options(torch.randn(6, 4), torch.randn(6, 4), head, labels, dict(lam=2.0))
+
+
+def test_counts_and_ignore_index_as_numpy_integers_and_integer_tensors():
+    np = pytest.importorskip("numpy")
+    logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
+    want = fastmtt.mtt_loss(logits, base, labels, num_items_in_batch=5)
+    for count in (np.int64(5), torch.tensor(5), torch.tensor([5], dtype=torch.int32)):
+        torch.testing.assert_close(fastmtt.mtt_loss(logits, base, labels, num_items_in_batch=count), want)
+    options = fastmtt.MTTOptions(ignore_index=np.int64(-1))
+    assert options.ignore_index == -1 and type(options.ignore_index) is int
+    torch.testing.assert_close(fastmtt.mtt_loss(logits, base, labels.masked_fill(labels == -100, -1),
+                                                ignore_index=np.int32(-1)), fastmtt.mtt_loss(logits, base, labels))
+    for count, match in ((torch.tensor(-3), "num_items_in_batch must be >= 0, got tensor"),
+                         (np.int64(-3), "num_items_in_batch must be >= 0"),
+                         (3.0, "num_items_in_batch must be a non-negative integer, got 3.0"),
+                         (torch.tensor(3.0), "num_items_in_batch must be one integer"),
+                         (True, "num_items_in_batch must be a non-negative integer"),
+                         (torch.tensor(True), "num_items_in_batch must be one integer")):
+        with pytest.raises(ValueError, match=match):
+            fastmtt.mtt_loss(logits, base, labels, num_items_in_batch=count)
+    for index in (True, 2.0, np.float64(-1.0)):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            fastmtt.MTTOptions(ignore_index=index)

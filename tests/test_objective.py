@@ -8,7 +8,7 @@ import fastmtt
 from fastmtt import reference
 from fastmtt.objective import MTTObjective
 from fastmtt.options import MTTOptions
-from tests.utils import VOCAB, padded_batch, tiny_llama, tiny_peft, trainable_grads
+from tests.utils import VOCAB, padded_batch, tiny_llama, tiny_peft, token_ids, trainable_grads
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -171,14 +171,20 @@ def test_options_object_or_keywords():
     assert MTTObjective(options=options).options is options
     assert MTTObjective(lam=0.3, temperature=2.0, direction="reverse", ignore_index=-1).options == options
     assert MTTObjective(mask_target=False).options == MTTOptions(mask_target=False)
-    with pytest.raises(TypeError, match=r"options=MTTOptions\(\.\.\.\) or lam"):
-        MTTObjective(lam=0.5, options=options)
+    for keywords in (dict(lam=0.5), dict(lam=1.0), dict(ignore_index=-100), dict(mask_target=True)):  # defaults too
+        name = next(iter(keywords))
+        with pytest.raises(TypeError, match=rf"pass options=MTTOptions\(\.\.\.\) or {name}, not both"):
+            MTTObjective(**keywords, options=options)
+    with pytest.raises(TypeError, match=r"or lam, temperature, not both"):
+        MTTObjective(1.0, 1.0, options=options)
     with pytest.raises(ValueError, match="reduction must be 'mean'"):
         MTTObjective(options=MTTOptions(reduction="sum"))
     with pytest.raises(TypeError, match="MTTOptions"):
         MTTObjective(options=dict(lam=0.3))
     with pytest.raises(ValueError, match="temperature"):
         MTTObjective(temperature=0.0)
+    with pytest.raises(ValueError, match="lam must be finite"):
+        MTTObjective(lam=float("inf"))
 
 
 def tiny_gpt2_peft(init_lora_weights, lora_dropout, dropout=0.1):
@@ -238,3 +244,75 @@ def test_autocast_runs_the_head_loss_in_its_dtype_without_autocast(monkeypatch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         MTTObjective()(model, **batch)
     assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)]
+
+
+def padded(batch, left, right):
+    """`batch` (one unpadded row) with `left` and `right` pad positions: token 0, label -100, mask 0."""
+    def pad(tensor, fill):
+        return torch.cat([tensor.new_full((1, left), fill), tensor, tensor.new_full((1, right), fill)], 1)
+
+    return dict(input_ids=pad(batch["input_ids"], 0), labels=pad(batch["labels"], -100),
+                attention_mask=pad(batch["attention_mask"], 0))
+
+
+@pytest.mark.parametrize("kl_positions", ["labels", "all"])
+def test_padding_on_either_side_never_changes_the_loss(kl_positions):
+    """A position takes part only where it and the token it predicts are both attended: the last left pad
+    (which predicts the first real token, labelled here) is neither a CE nor a KL row."""
+    model = tiny_peft()
+    input_ids = token_ids((1, 10))
+    labels = input_ids.clone()
+    labels[:, 1:4] = -100  # a prompt: KL alone there with kl_positions="all"
+    unpadded = dict(input_ids=input_ids, labels=labels, attention_mask=torch.ones_like(input_ids))
+    objective = MTTObjective(lam=1.0, temperature=1.5, kl_positions=kl_positions)
+    results = []
+    for left, right in ((0, 0), (3, 0), (0, 3), (2, 1)):
+        model.zero_grad()
+        out = objective(model, **padded(unpadded, left, right))
+        out.loss.backward()
+        results.append((out, trainable_grads(model)))
+    (want, want_grads), *others = results
+    assert float(want.kl) > 1e-3
+    for got, got_grads in others:
+        for name in ("loss", "ce", "kl"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+        for name, grad in want_grads.items():
+            torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="attention_mask must have the shape of labels"):
+        objective(model, **dict(unpadded, attention_mask=unpadded["attention_mask"][:, 1:]))
+
+
+def test_inputs_embeds_instead_of_input_ids():
+    model, batch = tiny_peft(), padded_batch()
+    want = MTTObjective(lam=0.7)(model, **batch)
+    want.loss.backward()
+    want_grads = trainable_grads(model)
+    model.zero_grad()
+    embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
+    inputs = dict(inputs_embeds=embeds, labels=batch["labels"], attention_mask=batch["attention_mask"])
+    got = MTTObjective(lam=0.7)(model, **inputs)
+    got.loss.backward()
+    for name in ("loss", "ce", "kl"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
+    for name, grad in trainable_grads(model).items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match=r"kl_positions='all' needs input_ids \(inputs_embeds alone"):
+        MTTObjective(kl_positions="all")(model, **inputs)
+    for wrong in (dict(labels=batch["labels"]), dict(batch, inputs_embeds=embeds)):
+        with pytest.raises(ValueError, match="exactly one of input_ids .* and inputs_embeds"):
+            MTTObjective()(model, **wrong)
+    with pytest.raises(ValueError, match=r"labels must have the shape \(3, 12\)"):
+        MTTObjective()(model, **dict(inputs, labels=batch["labels"][:, 1:]))
+
+
+def test_lora_variant_on_the_head_is_refused():
+    model = tiny_peft(alora_invocation_tokens=[1, 2])  # aLoRA: the adapter acts after the invocation tokens only
+    with pytest.raises(ValueError, match="output head 'lm_head' uses the LoRA variant ALoraLinearVariant: exclude"):
+        MTTObjective()(model, **padded_batch())
+
+
+def test_adalora_on_the_head_is_refused_as_unsupported():
+    config = peft.AdaLoraConfig(init_r=2, target_r=2, total_step=10, target_modules=["q_proj", "lm_head"])
+    model = peft.get_peft_model(tiny_llama(), config)
+    with pytest.raises(ValueError, match="unsupported output head SVDLinear: .*AdaLoRA"):
+        MTTObjective()(model, **padded_batch())

@@ -63,8 +63,10 @@ def test_objective_and_lambda_arguments(tmp_path):
     objective = MTTObjective(lam=0.2, direction="reverse")
     trainer = MTTTrainer(model=tiny_peft(), args=args, train_dataset=dataset_of(four_examples()), objective=objective)
     assert trainer.objective is objective
-    with pytest.raises(ValueError, match="either objective or mtt_"):
+    with pytest.raises(TypeError, match=r"objective=MTTObjective\(\.\.\.\) or mtt_lambda, not both"):
         MTTTrainer(model=tiny_peft(), args=args, objective=objective, mtt_lambda=1.0)
+    with pytest.raises(TypeError, match=r"options=MTTOptions\(\.\.\.\) or lam, not both"):
+        MTTTrainer(model=tiny_peft(), args=args, mtt_options=MTTOptions(lam=2.0), mtt_lambda=1.0)
     with pytest.raises(TypeError, match="MTTObjective"):
         MTTTrainer(model=tiny_peft(), args=args, objective=lambda *a, **k: None)
     built = MTTTrainer(model=tiny_peft(), args=args, mtt_lambda=0.3, mtt_temperature=2.0, mtt_direction="reverse",

@@ -220,6 +220,7 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
                                        vocab_parallel=None):
     """`fused_linear_mtt_loss` with the head in one LinearHead and the loss settings in one MTTOptions.
     splits (tiled path): vocabulary splits of the forward (None: enough to fill the GPU)."""
+    options = options_from(options, {})
     check_float_tensor("hidden", hidden, min_dim=2)
     check_float_tensor("base_hidden", base_hidden, shape=hidden.shape)
     _check_head(hidden, head.weight, head.bias, head.lora_A, head.lora_B, head.scaling, head.softcap)

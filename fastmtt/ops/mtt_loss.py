@@ -171,6 +171,7 @@ def mtt_loss(
 def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, num_items_in_batch=None,
                           return_components=False, backend="auto", overwrite_logits=False, vocab_parallel=None):
     """`mtt_loss` with its loss settings in one MTTOptions."""
+    options = options_from(options, {})
     check_float_tensor("logits", logits, min_dim=2)
     n_cols = logits.shape[-1]
     check_float_tensor("base_logits", base_logits, shape=logits.shape)
