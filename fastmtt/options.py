@@ -54,10 +54,10 @@ class MTTOptions:
         for name in ("lam", "temperature"):
             if math.isinf(getattr(self, name)):
                 raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
-        if self.temperature * FLOAT32_MAX < 1:
-            raise ValueError(f"temperature must be >= {1 / FLOAT32_MAX:.4g} (1/temperature overflows float32), "
+        if self.temperature * FLOAT32_MAX < 2:  # the kernels scale by log2(e) / T
+            raise ValueError(f"temperature must be >= {2 / FLOAT32_MAX:.4g} (1/temperature overflows float32), "
                              f"got {self.temperature}")
-        if not self.kl_weight <= FLOAT32_MAX:
+        if not max(self.kl_weight, self.kl_weight / self.temperature) <= FLOAT32_MAX:  # lam T^2, and lam T^2 / T
             raise ValueError(f"lam * temperature**2 must be <= {FLOAT32_MAX:.4g} (float32), got lam={self.lam}, "
                              f"temperature={self.temperature}")
         if self.direction not in DIRECTIONS:

@@ -362,3 +362,27 @@ def test_perplexity_of_a_diverged_model_is_infinite_not_an_overflow():
     ids = torch.tensor([[1, 2, 3, 4]])
     metrics = evaluate_lm(Diverged(), [dict(input_ids=ids, labels=ids)], with_kl=False)
     assert metrics["ce"] > 709 and metrics["ppl"] == float("inf")
+
+
+def test_held_out_metrics_ignore_the_prediction_made_from_a_pad():
+    """Left padding: the last pad's row predicts the first real token; evaluate_lm counts only rows where
+    both positions are attended, so padding leaves the metrics unchanged."""
+    from fastmtt.apps.evaluation import evaluate_lm
+    from tests.utils import tiny_llama
+
+    model = tiny_llama(seed=3)
+    ids = torch.tensor([[5, 9, 2, 7, 11]])
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(ids)], 1)
+    plain = evaluate_lm(model, [dict(input_ids=ids, labels=ids)], with_kl=False)
+    left = evaluate_lm(model, [dict(input_ids=padded, labels=padded, attention_mask=mask)], with_kl=False)
+    assert left["tokens"] == plain["tokens"] == 4
+    assert left["ce"] == pytest.approx(plain["ce"], rel=1e-4)
+
+
+def test_an_option_error_about_two_flags_names_both():
+    from fastmtt.apps import UsageError
+    from fastmtt.apps.cli import check_options
+
+    with pytest.raises(UsageError, match=r"^--lam/--temperature: lam \* temperature\*\*2 must be"):
+        check_options(lam=1e300, temperature=1.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import warnings
 
@@ -20,8 +21,9 @@ def check_options(**settings) -> MTTOptions:
     try:
         return MTTOptions(**settings)
     except (TypeError, ValueError) as exc:
-        flag = next((name for name in settings if str(exc).startswith(name)), None)
-        raise UsageError(f"--{flag}: {exc}" if flag else str(exc)) from exc
+        subject = re.findall(r"\w+", str(exc).split(" must ")[0])  # "lam * temperature**2 must ..." names both
+        flags = "/".join(f"--{name}" for name in settings if name in subject)
+        raise UsageError(f"{flags}: {exc}" if flags else str(exc)) from exc
 
 
 def check_file(flag: str, path: str) -> str:

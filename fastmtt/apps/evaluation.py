@@ -6,6 +6,8 @@ from typing import Dict, Iterable
 
 import torch
 
+from fastmtt.objective import predicted_positions
+
 
 @torch.no_grad()
 def evaluate_lm(model, batches: Iterable[Dict[str, torch.Tensor]], device="cpu", with_kl: bool = True,
@@ -23,7 +25,8 @@ def evaluate_lm(model, batches: Iterable[Dict[str, torch.Tensor]], device="cpu",
         if batch.get("attention_mask") is not None:
             inputs["attention_mask"] = batch["attention_mask"].to(device)
         labels = batch["labels"][:, 1:].to(device)
-        valid = labels != ignore_index
+        mask = inputs.get("attention_mask")
+        valid, _ = predicted_positions(batch["labels"].to(device), mask, ignore_index)
         log_q = model(**inputs).logits[:, :-1][valid].float().log_softmax(-1)
         targets = labels[valid]
         totals["ce"] -= float(log_q.gather(-1, targets[:, None]).sum())

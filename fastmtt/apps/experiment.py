@@ -34,7 +34,7 @@ import torch
 
 from fastmtt.apps import UsageError, check_out_dir, first_line
 from fastmtt.head import LinearHead
-from fastmtt.objective import causal_head_loss
+from fastmtt.objective import causal_head_loss, predicted_positions
 from fastmtt.options import KL_POSITIONS, MTTOptions
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -269,8 +269,8 @@ def objective(model, batch, method: str, lam: float, direction: str, temperature
     on the labelled positions; D on the same ones, or with kl_positions="all" on every predicted position,
     its mean then over all of them (MTTObjective divides its sum by the labelled count instead)."""
     hidden, weight = final_hidden(model, batch)
-    labelled = batch["labels"][:, 1:] != -100
-    regularized = batch["attention_mask"][:, 1:].bool() if kl_positions == "all" and method != "ce" else labelled
+    labelled, attended = predicted_positions(batch["labels"], batch["attention_mask"], -100)
+    regularized = attended if kl_positions == "all" and method != "ce" else labelled
     share = float(labelled.sum()) / max(1, int(regularized.sum()))  # D's mean runs over the regularized rows
     options = MTTOptions(lam=0.0 if method == "ce" else lam * share, temperature=temperature,
                          direction=direction if method == "mtt" else "forward", mask_target=method != "kl")
