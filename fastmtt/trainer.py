@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
-from fastmtt.objective import MTTObjective
+from fastmtt.objective import MTTObjective, predicted_positions
 
 
 class LogFirstAndLastStep(TrainerCallback):
@@ -73,6 +73,19 @@ class MTTLossMixin:
             self._mtt_totals = step if self._mtt_totals is None else self._mtt_totals + step
             self._mtt_steps += 1.0 / self.current_gradient_accumulation_steps
         return (output.loss, {"ce": output.ce, "kl": output.kl}) if return_outputs else output.loss
+
+    def _get_num_items_in_batch(self, batch_samples, device):
+        """The Trainer's token count over the positions the objective predicts: it counts labels[..., 1:],
+        which under left padding includes the first real token, predicted from a pad (see
+        `predicted_positions`); given as shift_labels, which the Trainer counts as they are."""
+        ignore_index = self.objective.options.ignore_index
+        counted = []
+        for batch in batch_samples:
+            if isinstance(batch, dict) and torch.is_tensor(batch.get("labels")) and "shift_labels" not in batch:
+                labelled, _ = predicted_positions(batch["labels"], batch.get("attention_mask"), ignore_index)
+                batch = {**batch, "shift_labels": batch["labels"][..., 1:].masked_fill(~labelled, -100)}
+            counted.append(batch)
+        return super()._get_num_items_in_batch(counted, device)
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs and self._mtt_totals is not None:

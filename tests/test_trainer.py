@@ -16,9 +16,12 @@ def dataset_of(batch):
     return [{key: value[i] for key, value in batch.items()} for i in range(len(batch["input_ids"]))]
 
 
-def four_examples():
+def four_examples(left_padded=False):
     batch = padded_batch(batch=4, length=10)
     batch["labels"][3, :7] = -100  # micro-batches with different numbers of predicted tokens
+    if left_padded:  # row 1's padding moves to the front; its first real token keeps its label
+        for key in batch:
+            batch[key][1] = batch[key][1].roll(4)
     return batch
 
 
@@ -34,9 +37,12 @@ def adapter_weights(model):
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("left_padded", [False, True])
 @pytest.mark.parametrize("micro_batch,accumulation", [(4, 1), (2, 2), (1, 4)])
-def test_one_step_equals_full_batch_gradient_step(tmp_path, micro_batch, accumulation):
-    batch = four_examples()
+def test_one_step_equals_full_batch_gradient_step(tmp_path, micro_batch, accumulation, left_padded):
+    """Also left-padded: the Trainer counts the tokens the objective predicts (not the first real token,
+    which only a pad would predict)."""
+    batch = four_examples(left_padded)
     reference_model = tiny_peft()
     MTTObjective(lam=0.8)(reference_model, **batch).loss.backward()
     expected = {name: p.detach() - LR * trainable_grads(reference_model)[name]
