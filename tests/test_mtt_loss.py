@@ -622,7 +622,7 @@ def test_auto_on_cuda_without_triton_warns_once_and_runs_pytorch(monkeypatch):
     (dict(lam=float("-inf")), "lam must be >= 0, got -inf"),
     (dict(lam=1e300), r"lam \* temperature\*\*2 must be <= 3.403e\+38 \(float32\), got lam=1e\+300"),
     (dict(lam=1.0, temperature=1e20), r"lam \* temperature\*\*2 .* temperature=1e\+20"),
-    (dict(temperature=1e-39), r"temperature must be >= 2.939e-39 \(1/temperature overflows float32\)"),
+    (dict(temperature=1e-39), r"temperature must be >= 5.877e-39 \(1/temperature overflows float32\)"),
 ])
 def test_non_finite_or_overflowing_settings_are_refused_up_front(settings, match):
     logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
