@@ -228,7 +228,7 @@ def _plan(logits, base_logits, labels, out, grad_out, grad_scale, options, *, mo
                 kl_weight=options.kl_weight, ce_weight=options.ce_weight)
     constexprs = dict(BLOCK_N=block_n, BLOCK_V=block_v, MODE=mode.value, DIVERGENCE=DIVERGENCE_IDS[options.direction],
                       UNIT_TEMPERATURE=options.temperature == 1.0, MASK_TARGET=options.mask_target,
-                      HAS_KL=need_kl or options.lam > 0 or mode == MODE_GRADIENT, KL_GRAD=options.lam > 0,
+                      HAS_KL=need_kl or options.lam > 0 or mode.value == MODE_GRADIENT.value, KL_GRAD=options.lam > 0,
                       COMPUTE_GRAD=compute_grad)
     return Launch(_mtt_loss_kernel, (triton.cdiv(n_rows, block_n),), args, constexprs, num_warps)
 

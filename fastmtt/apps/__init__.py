@@ -4,7 +4,8 @@ import tempfile
 
 # Constants the command line checks its arguments against (kept here: this module imports no torch).
 SMOLLM2_LAYERS = 30  # decoder layers of SmolLM2-135M, the model of `fastmtt experiment`
-# CUDA compute capabilities that Triton 3.9 compiles every kernel for (others, e.g. 0 or 101, abort inside LLVM).
+# CUDA compute capabilities that Triton 3.9 compiles every kernel for (others, e.g. 0 or 101, abort inside LLVM);
+# Triton 3.6 (the floor) refuses 110 with a per-kernel ptxas error, reported as a FAIL line.
 KNOWN_ARCHS = (70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
 
 
