@@ -5,6 +5,7 @@ gradient every rank ends with must be the single-process gradient of the whole b
 Processes start from a forkserver that has imported this module: fast, and never forked from a process
 whose OpenMP threads have run (a fork from the test process can hang there).
 """
+import gc
 import os
 
 import pytest
@@ -57,6 +58,14 @@ def init_gloo(rank, rendezvous, backend="gloo"):
     dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
 
 
+def close_gloo():
+    """Let every rank's pending work finish and free DDP's reducer before the group goes: destroying it from
+    a frame teardown can deadlock (the gloo thread's last work item waits for the GIL the joining thread holds)."""
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
+
+
 def ddp_worker(rank, rendezvous, out_dir, device="cpu"):
     """device "cpu": gloo; "cuda": NCCL, one GPU per rank."""
     init_gloo(rank, rendezvous, "gloo" if device == "cpu" else "nccl")
@@ -68,7 +77,8 @@ def ddp_worker(rank, rendezvous, out_dir, device="cpu"):
     output.loss.backward()
     grads = {name: grad.cpu() for name, grad in trainable_grads(model.module).items()}
     torch.save(dict(output=[t.detach().cpu() for t in output], grads=grads), f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    del model, output
+    close_gloo()
 
 
 def fsdp2_worker(rank, rendezvous, out_dir):
