@@ -5,23 +5,20 @@ gradient every rank ends with must be the single-process gradient of the whole b
 Processes start from a forkserver that has imported this module: fast, and never forked from a process
 whose OpenMP threads have run (a fork from the test process can hang there).
 """
-import gc
 import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing
 
 from fastmtt.objective import MTTObjective
 from fastmtt.reference import MTTOutput
 from fastmtt.trainer import MTTTrainer
 from tests.test_objective import tiny_peft, trainable_grads
 from tests.test_trainer import LR, adapter_weights, dataset_of, four_examples, training_args
+from tests.utils import WORLD, close_gloo, init_gloo, launch_gloo
 
 transformers = pytest.importorskip("transformers")
 
-WORLD = 2
 LAM = 0.7
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
@@ -43,27 +40,6 @@ def whole_batch_reference(device="cpu"):
     output = MTTObjective(lam=LAM)(model, **{key: value.to(device) for key, value in batch.items()})
     output.loss.backward()
     return MTTOutput(*(t.cpu() for t in output)), {name: g.cpu() for name, g in trainable_grads(model).items()}
-
-
-def launch(worker, tmp_path, *args):
-    """Run worker(rank, rendezvous, out_dir, *args) on WORLD processes; the ranks' saved results."""
-    torch.multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])
-    torch.multiprocessing.start_processes(worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), *args),
-                                          nprocs=WORLD, start_method="forkserver")
-    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
-
-
-def init_gloo(rank, rendezvous, backend="gloo"):
-    torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
-
-
-def close_gloo():
-    """Let every rank's pending work finish and free DDP's reducer before the group goes: destroying it from
-    a frame teardown can deadlock (the gloo thread's last work item waits for the GIL the joining thread holds)."""
-    dist.barrier()
-    gc.collect()
-    dist.destroy_process_group()
 
 
 def ddp_worker(rank, rendezvous, out_dir, device="cpu"):
@@ -100,7 +76,7 @@ def fsdp2_worker(rank, rendezvous, out_dir):
     with pytest.raises(ValueError, match="output head's weight is sharded"):
         MTTObjective(lam=LAM)(head_apart, **rank_rows(four_examples(), rank))
     torch.save(dict(output=[t.detach() for t in output], grads=grads), f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    close_gloo()
 
 
 def assert_global_batch_results(results, device="cpu", rtol=1e-5, atol=1e-7):
@@ -119,17 +95,17 @@ def assert_global_batch_results(results, device="cpu", rtol=1e-5, atol=1e-7):
 
 
 def test_ddp_gradients_equal_the_whole_batch_gradient(tmp_path):
-    assert_global_batch_results(launch(ddp_worker, tmp_path))
+    assert_global_batch_results(launch_gloo(ddp_worker, tmp_path))
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason=f"NCCL needs {WORLD} GPUs (one per rank)")
 def test_ddp_nccl_gradients_equal_the_whole_batch_gradient(tmp_path):
-    assert_global_batch_results(launch(ddp_worker, tmp_path, "cuda"), "cuda", rtol=1e-4, atol=1e-6)
+    assert_global_batch_results(launch_gloo(ddp_worker, tmp_path, "cuda"), "cuda", rtol=1e-4, atol=1e-6)
 
 
 def test_fsdp2_fully_shard_gradients_equal_the_whole_batch_gradient(tmp_path):
-    assert_global_batch_results(launch(fsdp2_worker, tmp_path))
+    assert_global_batch_results(launch_gloo(fsdp2_worker, tmp_path))
 
 
 class RecordingTrainer(MTTTrainer):
@@ -160,7 +136,7 @@ def trainer_worker(rank, rendezvous, out_dir, average_tokens):
     assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
     torch.save(dict(weights=adapter_weights(model), log=trainer.state.log_history, seen=trainer.seen,
                     eval_loss=evaluation["eval_loss"]), f"{out_dir}/rank{rank}.pt")
-    dist.destroy_process_group()
+    close_gloo()
 
 
 def mean_of_rank_means(rows_by_rank):
@@ -180,7 +156,7 @@ def mean_of_rank_means(rows_by_rank):
 def test_trainer_step_under_accelerate_multi_process_cpu(tmp_path, average_tokens):
     """average_tokens_across_devices (the default): the step of the whole batch; without it, as the
     Trainer does for CE, the mean over processes of each process's token mean."""
-    results = launch(trainer_worker, tmp_path, average_tokens)
+    results = launch_gloo(trainer_worker, tmp_path, average_tokens)
     batch = four_examples()
     rows_by_rank = [[i for seen in result["seen"] for ids in seen for i, row in enumerate(batch["input_ids"])
                      if torch.equal(ids, row)] for result in results]

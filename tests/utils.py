@@ -1,6 +1,10 @@
 """Shared test utilities: dtypes and tolerances, the parity rule, input builders for every op, tiny PEFT models,
 and the one place where tests reach into fastmtt's internals (row implementations, kernel tiling)."""
+import gc
+
 import torch
+import torch.distributed as dist
+import torch.multiprocessing
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -300,3 +304,30 @@ def lora_max_rank():
     from fastmtt.kernels.lora_linear import MAX_RANK
 
     return MAX_RANK
+
+
+WORLD = 2  # processes in the gloo tests
+
+
+def launch_gloo(worker, tmp_path, *args):
+    """Run worker(rank, rendezvous, out_dir, *args) on WORLD processes; the ranks' saved `rank{r}.pt` results.
+    Processes start from a forkserver that has imported the worker's module: fast, and never forked from a
+    process whose OpenMP threads have run (a fork from the test process can hang there)."""
+    torch.multiprocessing.get_context("forkserver").set_forkserver_preload([worker.__module__])
+    torch.multiprocessing.start_processes(worker, args=(str(tmp_path / "rendezvous"), str(tmp_path), *args),
+                                          nprocs=WORLD, start_method="forkserver")
+    return [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD)]
+
+
+def init_gloo(rank, rendezvous, backend="gloo"):
+    torch.set_num_threads(1)  # 2 ranks on 2 cores
+    dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+
+
+def close_gloo():
+    """Let every rank's pending work finish and free what holds the group (DDP's reducer) before it goes:
+    destroying it from a frame teardown can deadlock (the gloo thread's last work item waits for the GIL the
+    joining thread holds), and a process leaving with the group alive aborts in gloo's thread destructor."""
+    dist.barrier()
+    gc.collect()
+    dist.destroy_process_group()
