@@ -1,36 +1,14 @@
-"""Backend choice: Triton kernels on CUDA, PyTorch on CPU, Triton's interpreter on request; and the
-table from (op, backend) to the function that implements it."""
+"""Backend choice: Triton kernels on CUDA, PyTorch on CPU, Triton's interpreter on request. Each op file
+(fastmtt/ops/) then calls the chosen implementation itself, imported inside the function that runs it."""
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import warnings
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
-
-# Every implementation, as "module:function", imported on first use (Triton only when a kernel runs).
-IMPLEMENTATIONS = {
-    "mtt_rows": {"torch": "fastmtt.pytorch.mtt_loss:mtt_rows", "triton": "fastmtt.kernels.mtt_loss:mtt_rows"},
-    "mtt_partials": {"torch": "fastmtt.pytorch.mtt_loss:mtt_partials",
-                     "triton": "fastmtt.kernels.mtt_loss:mtt_partials"},
-    "mtt_gradient": {"torch": "fastmtt.pytorch.mtt_loss:mtt_gradient",
-                     "triton": "fastmtt.kernels.mtt_loss:mtt_gradient"},
-    "linear_mtt_forward": {"triton": "fastmtt.kernels.fused_linear_mtt_loss:linear_mtt_forward"},
-    "linear_mtt_backward": {"triton": "fastmtt.kernels.fused_linear_mtt_loss:linear_mtt_backward"},
-    "lora_linear_forward": {"torch": "fastmtt.pytorch.lora_linear:lora_forward",
-                            "triton": "fastmtt.kernels.lora_linear:lora_forward_triton"},
-    "lora_linear_backward": {"torch": "fastmtt.pytorch.lora_linear:lora_backward",
-                             "triton": "fastmtt.kernels.lora_linear:lora_backward_triton"},
-}
-
-
-def implementation(op: str, backend: str):
-    """The function implementing `op` on `backend` ("torch" or "triton"), from IMPLEMENTATIONS."""
-    module, name = IMPLEMENTATIONS[op][backend].split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def allows_tf32() -> bool:

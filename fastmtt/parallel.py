@@ -12,7 +12,6 @@ from typing import Any, Optional
 
 import torch
 
-from fastmtt._dispatch import implementation
 from fastmtt.partials import finalize, merge_partials
 
 
@@ -71,11 +70,20 @@ class VocabParallel:
         gathered = self.all_gather(parts).flatten(0, 1)
         return finalize(merge_partials(gathered, options), labels, options, need_kl=need_kl)
 
-    def rows_fn(self, backend: str):
-        """An MTT row function with the signature of `mtt_rows` (fastmtt/_dispatch.py) for this rank's columns:
-        partials, exchanged and merged, then the gradient of its columns."""
-        partials_fn = implementation("mtt_partials", backend)
-        gradient_fn = implementation("mtt_gradient", backend)
+    def row_function(self, implementations):
+        """An MTT row function with the signature of `mtt_rows` for this rank's columns: partials, exchanged
+        and merged, then the gradient of its columns.
+
+        Args:
+            implementations: a row implementation module (`fastmtt.ops.mtt_loss.row_implementations`) whose
+                `mtt_partials` and `mtt_gradient` run on this rank's columns.
+
+        Returns:
+            rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None) -> the
+            finalized statistics [N_STATS, N] of the whole vocabulary, identical on every rank; the gradient
+            of this rank's columns [N, stop - start] is written into grad_out when given.
+        """
+        partials_fn, gradient_fn = implementations.mtt_partials, implementations.mtt_gradient
 
         def rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None):
             self.check_columns("logits", logits.shape[1])
@@ -89,3 +97,9 @@ class VocabParallel:
             return stats
 
         return rows
+
+    def rows_fn(self, backend: str):
+        """`row_function` of the implementations on `backend` ("torch" or "triton"): the earlier spelling."""
+        from fastmtt.ops.mtt_loss import row_implementations
+
+        return self.row_function(row_implementations(backend))

@@ -251,11 +251,11 @@ ROW_IMPLEMENTATIONS = ("torch", "triton")
 
 
 def implementation(op, backend):
-    """fastmtt's function for `op` ("mtt_rows", "mtt_partials", "mtt_gradient", ...) on backend "torch" or
-    "triton", from its dispatch table."""
-    from fastmtt._dispatch import implementation as lookup
+    """fastmtt's row function `op` ("mtt_rows", "mtt_partials" or "mtt_gradient") on backend "torch" or
+    "triton", as the ops call it."""
+    from fastmtt.ops.mtt_loss import row_implementations
 
-    return lookup(op, backend)
+    return getattr(row_implementations(backend), op)
 
 
 def mtt_rows(backend, logits, base, labels, *, grad_out=None, **options):
@@ -271,15 +271,19 @@ def mtt_rows(backend, logits, base, labels, *, grad_out=None, **options):
 
 def spy_on_row_gradients(monkeypatch):
     """Records the grad_out argument of every call of a row implementation made by mtt_loss."""
+    from types import SimpleNamespace
+
     import fastmtt.ops.mtt_loss as op
 
     seen = []
+    real = op.row_implementations
 
-    def spying(name, backend):
-        rows = implementation(name, backend)
-        return lambda *args, **kwargs: seen.append(kwargs["grad_out"]) or rows(*args, **kwargs)
+    def spying(backend):
+        rows = real(backend).mtt_rows
+        spy = lambda *args, **kwargs: seen.append(kwargs["grad_out"]) or rows(*args, **kwargs)  # noqa: E731
+        return SimpleNamespace(mtt_rows=spy)
 
-    monkeypatch.setattr(op, "implementation", spying)
+    monkeypatch.setattr(op, "row_implementations", spying)
     return seen
 
 

@@ -19,8 +19,9 @@ from typing import Optional, Union
 import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
-from fastmtt._dispatch import implementation, resolve_backend
+from fastmtt._dispatch import resolve_backend
 from fastmtt.head import LinearHead
+from fastmtt.ops.mtt_loss import row_function
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, finalize, merge_partials
@@ -83,9 +84,8 @@ def _walk(hidden, base_hidden, labels, head, plan, needs, row_weights=None):
     """The chunk walk; across a vocabulary split the row function exchanges statistics and the gradients
     that sum over the vocabulary (dh, dA) are summed across ranks."""
     vocab_parallel = plan.vocab_parallel
-    rows_fn = implementation("mtt_rows", plan.backend) if vocab_parallel is None else vocab_parallel.rows_fn(
-        plan.backend)
-    stats, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, plan.options, rows_fn=rows_fn,
+    stats, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, plan.options,
+                                      rows_fn=row_function(plan.backend, vocab_parallel),
                                       need_kl=plan.need_kl, scale=plan.scale, chunk_size=plan.chunk_size, needs=needs,
                                       row_weights=row_weights)
     if vocab_parallel is not None:
@@ -102,7 +102,9 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         head = plan.head_with(weight, bias, lora_A, lora_B)
         lora_hidden = None if lora_A is None else hidden.float() @ lora_A.float().T
         vocab_parallel = plan.vocab_parallel
-        partials = implementation("linear_mtt_forward", "triton")(
+        from fastmtt.kernels.fused_linear_mtt_loss import linear_mtt_forward  # Triton loads only when it runs
+
+        partials = linear_mtt_forward(
             hidden, base_hidden, head, lora_hidden, labels, plan.options, need_kl=plan.need_kl, splits=plan.splits,
             vocab_start=0 if vocab_parallel is None else vocab_parallel.start)
         if vocab_parallel is None:
@@ -121,7 +123,9 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         plan = ctx.plan
         row_coef = (grad_loss.float().expand(labels.shape[0]) * plan.scale.float()).contiguous()
         vocab_parallel = plan.vocab_parallel
-        grads = implementation("linear_mtt_backward", "triton")(
+        from fastmtt.kernels.fused_linear_mtt_loss import linear_mtt_backward
+
+        grads = linear_mtt_backward(
             hidden, base_hidden, plan.head_with(weight, bias, lora_A, lora_B), lora_hidden, labels, stats,
             row_coef, plan.options, threshold=plan.grad_threshold, needs=tuple(ctx.needs_input_grad[:5]),
             vocab_start=0 if vocab_parallel is None else vocab_parallel.start)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from fastmtt._checks import check_float_tensor, check_same_device
-from fastmtt._dispatch import implementation, resolve_backend
+from fastmtt._dispatch import resolve_backend
 from fastmtt.reduction import once_differentiable
 
 # Shapes (in_features, out_features, rank, x dtype, dropout) where a GPU measurement showed the fused Triton
@@ -31,8 +31,11 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend):
-        forward = implementation("lora_linear_forward", backend)
-        y, saved, seed = forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
+        if backend == "triton":  # imported here: Triton loads only when a kernel runs
+            from fastmtt.kernels.lora_linear import lora_forward_triton as lora_forward
+        else:
+            from fastmtt.pytorch.lora_linear import lora_forward
+        y, saved, seed = lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
         ctx.options = (scaling, dropout_p, backend, seed, len(saved))
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(weight, lora_A, lora_B, *saved)
@@ -44,8 +47,11 @@ class LoRALinearFunction(torch.autograd.Function):
         weight, lora_A, lora_B, *saved = ctx.saved_tensors
         scaling, dropout_p, backend, seed, _ = ctx.options
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
-        backward = implementation("lora_linear_backward", backend)
-        dx, dA, dB = backward(dy, saved, seed, weight, lora_A, lora_B, scaling, dropout_p, needs)
+        if backend == "triton":
+            from fastmtt.kernels.lora_linear import lora_backward_triton as lora_backward
+        else:
+            from fastmtt.pytorch.lora_linear import lora_backward
+        dx, dA, dB = lora_backward(dy, saved, seed, weight, lora_A, lora_B, scaling, dropout_p, needs)
         dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
         return dx, None, dA, dB, dbias, None, None, None
 

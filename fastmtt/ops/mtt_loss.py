@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
-from fastmtt._dispatch import implementation, resolve_backend
+from fastmtt._dispatch import resolve_backend
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, N_STATS
@@ -23,6 +23,31 @@ from fastmtt.reduction import (
 from fastmtt.reference import MTTOutput
 
 
+def row_implementations(backend: str):
+    """The module implementing the MTT rows on `backend`, imported on first use (Triton only when a kernel runs).
+
+    Args:
+        backend: "triton" (fastmtt/kernels/mtt_loss.py) or "torch" (fastmtt/pytorch/mtt_loss.py).
+
+    Returns:
+        The module; both define `mtt_rows` (statistics of whole rows and their gradient), `mtt_partials`
+        (partial statistics of a vocabulary range) and `mtt_gradient` (a range's gradient from merged
+        statistics), with the same signatures.
+    """
+    if backend == "triton":
+        from fastmtt.kernels import mtt_loss as implementations
+    else:
+        from fastmtt.pytorch import mtt_loss as implementations
+    return implementations
+
+
+def row_function(backend: str, vocab_parallel: Optional[VocabParallel] = None):
+    """The function with the signature of `mtt_rows` that computes the rows on `backend`: the backend's
+    `mtt_rows`, or across a vocabulary split its partials, exchanged and merged, then its gradient."""
+    implementations = row_implementations(backend)
+    return implementations.mtt_rows if vocab_parallel is None else vocab_parallel.row_function(implementations)
+
+
 @torch.library.custom_op("fastmtt::mtt_rows", mutates_args=())
 def mtt_rows(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor,
              lam: float, temperature: float, direction: str, mask_target: bool, ignore_index: int, ce_weight: float,
@@ -31,8 +56,8 @@ def mtt_rows(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tens
     not compute_grad), as one opaque op so that torch.compile treats the kernel as a single call."""
     options = MTTOptions(lam, temperature, direction, mask_target, ignore_index, ce_weight=ce_weight)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    stats = implementation("mtt_rows", backend)(logits, base_logits, labels, options, need_kl=need_kl,
-                                                grad_scale=grad_scale, grad_out=grad if compute_grad else None)
+    stats = row_implementations(backend).mtt_rows(logits, base_logits, labels, options, need_kl=need_kl,
+                                                  grad_scale=grad_scale, grad_out=grad if compute_grad else None)
     return stats, grad
 
 
@@ -81,7 +106,7 @@ class MTTLossFunction(torch.autograd.Function):
 
 def _rows_with_gradient(logits, base_logits, labels, options, scale, need_kl, backend, vocab_parallel, grad_out):
     """The row statistics, writing the gradient into grad_out (None: no gradient)."""
-    rows = implementation("mtt_rows", backend) if vocab_parallel is None else vocab_parallel.rows_fn(backend)
+    rows = row_function(backend, vocab_parallel)
     return rows(logits, base_logits, labels, options, need_kl=need_kl, grad_scale=scale, grad_out=grad_out)
 
 
