@@ -4,7 +4,7 @@ materializing the [N, V] logits (docs: mtt-math, "From hidden states").
 Two paths, the same function:
 - chunked (default): per chunk of rows, one product forms both logit slabs in fp32, the MTT row function
   (the Triton row kernel on CUDA, PyTorch on CPU) writes the slab gradient, and the hidden, weight, bias
-  and LoRA gradients follow at once (fastmtt/pytorch/fused_linear_mtt_loss.py). The floor of the work:
+  and LoRA gradients follow at once (fastmtt/ops/chunked_linear_mtt.py). The floor of the work:
   adapted logits, base logits and dh, no recompute. Memory: the slabs of one chunk.
 - tiled (tiled=True, Triton only): logits exist only as on-chip tiles (kernels/fused_linear_mtt_loss.py);
   forward keeps O(N) statistics, backward recomputes the tiles. Least memory, more work.
@@ -21,11 +21,11 @@ import torch
 from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
 from fastmtt._dispatch import resolve_backend
 from fastmtt.head import LinearHead
+from fastmtt.ops.chunked_linear_mtt import chunked_linear_mtt, default_chunk_size
 from fastmtt.ops.mtt_loss import row_function
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, finalize, merge_partials
-from fastmtt.pytorch.fused_linear_mtt_loss import chunked_linear_mtt, default_chunk_size
 from fastmtt.pytorch.mtt_loss import accumulator_dtype
 from fastmtt.reduction import gradient_scale, keep_gradients, once_differentiable, reduced_outputs, take_gradients
 from fastmtt.reference import MTTOutput

@@ -1,6 +1,7 @@
-"""The chunked fused-linear MTT walk: per chunk of rows, both logit slabs from one product, the MTT row
-function (PyTorch or the Triton row kernel) writing the slab gradient, and the hidden, weight, bias and
-LoRA gradients formed at once (docs: mtt-math, "From hidden states"). Only gradients outlive a chunk.
+"""The chunked fused-linear MTT walk of `fused_linear_mtt_loss`, the same on every backend: per chunk of rows,
+both logit slabs from one product, the MTT row function (`fastmtt.ops.mtt_loss.row_function`: the Triton
+row kernel or PyTorch) writing the slab gradient, and the hidden, weight, bias and LoRA gradients formed at
+once (docs: mtt-math, "From hidden states"). Only gradients outlive a chunk.
 
 The slabs are fp32 (fp64 for fp64 inputs) whatever the inputs' dtype: logits of size ~20 in bf16 have a
 resolution of 0.125 nats, far coarser than the difference between the base and the adapted model.
@@ -33,8 +34,8 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options, *
                        chunk_size, needs, row_weights=None):
     """Per-row statistics [N_STATS, N] and the gradients flagged in `needs` (hidden, weight, bias, lora_A,
     lora_B; None where not flagged) of sum_i w_i * scale * loss_i, w = row_weights (else 1). rows_fn: the
-    MTT row implementation (`mtt_rows` of fastmtt.pytorch.mtt_loss or fastmtt.kernels.mtt_loss). Parameter
-    gradients accumulate in fp32 (fp64 for fp64 inputs)."""
+    MTT row function (`fastmtt.ops.mtt_loss.row_function`). Parameter gradients accumulate in fp32 (fp64
+    for fp64 inputs)."""
     n_rows, hidden_size = hidden.shape
     vocab_size = head.weight.shape[0]
     acc = accumulator_dtype(hidden)
