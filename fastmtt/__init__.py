@@ -16,7 +16,7 @@ _LAZY = {
     "mtt_loss": "fastmtt.ops.mtt_loss",
     "lora_linear": "fastmtt.ops.lora_linear",
     "MTTObjective": "fastmtt.objective",
-    "MTTOutput": "fastmtt.reference",
+    "MTTOutput": "fastmtt.reduction",
     "VocabParallel": "fastmtt.parallel",
 }
 __all__ = ["DEFAULT_LAM", "MTTOptions", *sorted(_LAZY)]

@@ -25,7 +25,7 @@ from fastmtt.head import LinearHead
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
 from fastmtt.options import KL_POSITIONS, MTTOptions, options_from
 from fastmtt.peft import _lora_linear_class
-from fastmtt.reference import MTTOutput
+from fastmtt.reduction import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
 _UNSUPPORTED_LOGIT_SCALING = ("logit_scale", "logits_scaling", "output_multiplier_scale", "lm_head_multiplier")

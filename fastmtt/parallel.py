@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from fastmtt.partials import finalize, merge_partials
+from fastmtt.pytorch.partials import finalize, merge_partials
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,32 @@
-"""Shared by the ops' autograd Functions: the per-row gradient scale, reduced outputs, gradients formed in
-forward and handed to backward, and backward formed by kernels (once differentiable)."""
+"""Shared by the ops and their implementations: what the losses return (`MTTOutput`), the dtype of the row
+math (`accumulator_dtype`), the per-row gradient scale, reduced outputs, gradients formed in forward and
+handed to backward, and backward formed by kernels (once differentiable)."""
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 from torch._C import _functions
+
+
+class MTTOutput(NamedTuple):
+    """What the losses return with return_components=True: the loss with its two terms.
+
+    Attributes:
+        loss: the objective, reduced as asked (a scalar, or per row for reduction='none'); carries the gradient.
+        ce: the cross-entropy term, weighted by ce_weight and reduced like `loss`; detached.
+        kl: the divergence term D (before lam * T^2), reduced like `loss`; detached.
+    """
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+
+
+def accumulator_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, float32 otherwise: the dtype of the row math."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def gradient_scale(reduction, labels, ignore_index, num_items_in_batch, device, dtype=torch.float32):

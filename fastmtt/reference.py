@@ -6,17 +6,11 @@ checked against this module.
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
-
-class MTTOutput(NamedTuple):
-    """Loss with its two terms; `ce` and `kl` are detached and reduced like `loss`."""
-
-    loss: torch.Tensor
-    ce: torch.Tensor
-    kl: torch.Tensor
+from fastmtt.reduction import MTTOutput
 
 
 def masked_kl_rows(logits, base_logits, labels, *, temperature=1.0, direction="forward", ignore_index=-100,

@@ -96,6 +96,35 @@ class MTTLossMixin:
         return super().log(logs, *args, **kwargs)
 
 
+class PadCollator:
+    """A data collator for MTT training: right-pads a batch of tokenized examples to its longest.
+
+    Args:
+        pad_id: the token id that pads input_ids (e.g. the tokenizer's pad_token_id, or its eos_token_id).
+
+    Call it with a list of examples, each a dict with "input_ids" and "labels" (lists of ints of one
+    length, -100 where no loss). Returns a dict of int64 tensors [B, L], L the longest example:
+    input_ids (padded with pad_id), attention_mask (1 on the tokens, 0 on the padding) and labels
+    (padded with -100).
+
+    Example:
+        >>> collate = PadCollator(pad_id=0)
+        >>> batch = collate([dict(input_ids=[5, 6, 7], labels=[5, 6, 7]), dict(input_ids=[8], labels=[8])])
+        >>> batch["input_ids"].tolist(), batch["labels"].tolist()
+        ([[5, 6, 7], [8, 0, 0]], [[5, 6, 7], [8, -100, -100]])
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, examples):
+        length = max(len(e["input_ids"]) for e in examples)
+        pad = lambda values, fill: list(values) + [fill] * (length - len(values))  # noqa: E731
+        return dict(input_ids=torch.tensor([pad(e["input_ids"], self.pad_id) for e in examples]),
+                    attention_mask=torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
+                    labels=torch.tensor([pad(e["labels"], -100) for e in examples]))
+
+
 def _objective_keywords(keywords):
     """MTTObjective's keyword arguments from the Trainer's mtt_* ones (mtt_lambda is lam)."""
     accepted = set(inspect.signature(MTTObjective).parameters)

@@ -4,7 +4,7 @@ Forward: one program per (block of rows, vocabulary split) walks its split in ti
 output head W is loaded once per hidden-size step and multiplied with both the adapted and the base
 hidden rows; the tiles of logits z (with bias, LoRA term and softcap) and b are merged into fp32 online
 statistics (kernels/mtt_math.py). Each split stores its partial statistics ([splits, N_PARTIALS, N]);
-fastmtt/partials.py merges and finalizes them, so a small batch still fills the GPU with splits, and a
+fastmtt/pytorch/partials.py merges and finalizes them, so a small batch still fills the GPU with splits, and a
 vocabulary shard (columns [vocab_start, vocab_start + V) of a wider head) is just another range.
 
 Backward: one program per (row block, vocabulary tile) recomputes the two logit tiles, forms dL/dz_pre

@@ -11,7 +11,7 @@ Two kinds of tiles: a tile holding a label or columns past the range goes throug
 (`accumulate_logits`, `logit_gradient`, with the tile itself as its kept columns).
 
 Partial statistics over a vocabulary range and the finalized row statistics are laid out as
-fastmtt/partials.py defines, which also merges ranges and finalizes them.
+fastmtt/partials.py defines; fastmtt/pytorch/partials.py merges ranges and finalizes them.
 
 A divergence is one id (FORWARD_KL, REVERSE_KL) with branches in `accumulate_logits` (which side weights
 `divergence_update`), `divergence_value` (finalize), `gradient_constants` and `logit_gradient`. A new

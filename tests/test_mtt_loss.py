@@ -518,7 +518,7 @@ def test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary(backend, dir
     """Partial statistics of [0, cut) and [cut, V), merged and finalized, give the whole row's loss, and each
     range's gradient from the merged statistics is the whole gradient's slice (labels on both sides)."""
     from fastmtt.options import MTTOptions
-    from fastmtt.partials import finalize, merge_partials
+    from fastmtt.pytorch.partials import finalize, merge_partials
 
     logits, base, labels = mtt_inputs(23, 130, torch.float32, seed=42)
     labels[2], labels[3] = 61, 62  # on both sides of the cut

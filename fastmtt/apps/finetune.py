@@ -24,6 +24,7 @@ import torch
 from fastmtt.apps import UsageError, check_out_dir, first_line
 from fastmtt.apps.evaluation import evaluate_lm, format_kl
 from fastmtt.options import DEFAULT_LAM
+from fastmtt.trainer import PadCollator  # also fastmtt.apps.finetune.PadCollator, as before
 
 
 def read_jsonl(path: str) -> List[Tuple[int, dict]]:
@@ -104,20 +105,6 @@ def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, 
     if all(label == -100 for e in examples for label in e["labels"][1:]):  # the first label is never predicted
         raise UsageError(f"{source}: no token to predict: every label is -100, or lies past --max-length {max_length}")
     return examples
-
-
-class PadCollator:
-    """Right-pads examples to the longest: input_ids with pad_id, labels with -100, attention_mask 0."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, examples):
-        length = max(len(e["input_ids"]) for e in examples)
-        pad = lambda values, fill: list(values) + [fill] * (length - len(values))  # noqa: E731
-        return dict(input_ids=torch.tensor([pad(e["input_ids"], self.pad_id) for e in examples]),
-                    attention_mask=torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
-                    labels=torch.tensor([pad(e["labels"], -100) for e in examples]))
 
 
 def check_model_dir(model_dir: str) -> str:

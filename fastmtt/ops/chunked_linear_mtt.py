@@ -12,7 +12,7 @@ import torch
 
 from fastmtt.head import LinearHead
 from fastmtt.partials import N_STATS
-from fastmtt.pytorch.mtt_loss import accumulator_dtype
+from fastmtt.reduction import accumulator_dtype
 
 MIN_CHUNK_ROWS_CPU = 256
 MIN_CHUNK_ROWS_GPU = 1024

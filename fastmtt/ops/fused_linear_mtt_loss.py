@@ -25,10 +25,17 @@ from fastmtt.ops.chunked_linear_mtt import chunked_linear_mtt, default_chunk_siz
 from fastmtt.ops.mtt_loss import row_function
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
-from fastmtt.partials import CE, KL, finalize, merge_partials
-from fastmtt.pytorch.mtt_loss import accumulator_dtype
-from fastmtt.reduction import gradient_scale, keep_gradients, once_differentiable, reduced_outputs, take_gradients
-from fastmtt.reference import MTTOutput
+from fastmtt.partials import CE, KL
+from fastmtt.pytorch.partials import finalize, merge_partials
+from fastmtt.reduction import (
+    MTTOutput,
+    accumulator_dtype,
+    gradient_scale,
+    keep_gradients,
+    once_differentiable,
+    reduced_outputs,
+    take_gradients,
+)
 
 DEFAULT_GRAD_THRESHOLD = 2.0**-12  # tiled path, lam = 0 only: Cut Cross-Entropy's filter for 16-bit inputs
 
@@ -37,7 +44,8 @@ DEFAULT_GRAD_THRESHOLD = 2.0**-12  # tiled path, lam = 0 only: Cut Cross-Entropy
 class _Plan:
     """Everything but the tensors: the head's scalars, the loss options and how to run."""
 
-    head: LinearHead  # scaling and softcap; its tensors are the Function's inputs
+    lora_scaling: float  # the head's scalars; its tensors are the Function's inputs
+    softcap: Optional[float]
     options: MTTOptions
     scale: torch.Tensor
     need_kl: bool
@@ -48,7 +56,8 @@ class _Plan:
     vocab_parallel: Optional[VocabParallel]
 
     def head_with(self, weight, bias, lora_A, lora_B) -> LinearHead:
-        return self.head.with_tensors(weight, bias, lora_A, lora_B)
+        """The LinearHead of these tensors with the plan's scalars."""
+        return LinearHead(weight, bias, lora_A, lora_B, self.lora_scaling, self.softcap)
 
 
 class FusedLinearMTTFunction(torch.autograd.Function):
@@ -260,7 +269,7 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
         head = head.with_tensors(head.weight, head.bias, head.lora_A.to(hidden.dtype), head.lora_B.to(hidden.dtype))
     if grad_threshold is None:
         grad_threshold = DEFAULT_GRAD_THRESHOLD if hidden.dtype in (torch.float16, torch.bfloat16) else 0.0
-    plan = _Plan(head=head.with_tensors(None, None, None, None), options=options, scale=scale,
+    plan = _Plan(lora_scaling=head.scaling, softcap=head.softcap, options=options, scale=scale,
                  need_kl=return_components, backend=backend,
                  chunk_size=chunk_size or default_chunk_size(flat_hidden.shape[0], hidden_size, vocab_size,
                                                              hidden.device),

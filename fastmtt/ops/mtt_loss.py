@@ -11,8 +11,9 @@ from fastmtt._dispatch import resolve_backend
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, N_STATS
-from fastmtt.pytorch.mtt_loss import accumulator_dtype
 from fastmtt.reduction import (
+    MTTOutput,
+    accumulator_dtype,
     gradient_scale,
     keep_gradients,
     once_differentiable,
@@ -20,7 +21,6 @@ from fastmtt.reduction import (
     take_gradients,
     take_gradients_of,
 )
-from fastmtt.reference import MTTOutput
 
 
 def row_implementations(backend: str):

@@ -10,17 +10,13 @@ import functools
 
 import torch
 
-from fastmtt import partials as P
+from fastmtt.pytorch import partials as P
 from fastmtt.pytorch.divergences import DIVERGENCES
+from fastmtt.reduction import accumulator_dtype
 
 # Temporaries of 512 KiB (fp32) stay in a core's L2: about 1.5x faster on a CPU than 16 MiB ones, whose ~40
 # elementwise passes each go to memory (fused MTT at N=1024, H=384, V=49152, one thread).
 CHUNK_ELEMENTS = 1 << 17
-
-
-def accumulator_dtype(*tensors):
-    """float64 when any input is float64, float32 otherwise: the dtype of the row math."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 class _Rows:
