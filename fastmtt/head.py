@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -48,6 +48,17 @@ class LinearHead:
         if self.softcap is not None:
             slab.div_(self.softcap).tanh_().mul_(self.softcap)
         return adapted, (None if base_hidden is None else base)
+
+
+class LinearGrads(NamedTuple):
+    """One entry per differentiable input of the fused-linear loss, in the order its autograd Functions take
+    them: the gradients (tensors; None where not formed) or, as `needs`, whether each is wanted (bools)."""
+
+    hidden: Any
+    weight: Any
+    bias: Any
+    lora_A: Any
+    lora_B: Any
 
 
 def matmul_to(a, b, dtype):

@@ -166,11 +166,11 @@ def _linear_mtt_bwd_kernel(
                         BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, KL_GRAD, HAS_BIAS, LORA, SOFTCAP, UPCAST, PRECISION)
     ref, lse, z_ref, z_lse, b_ref, b_lse, value = load_statistics(stats_ptr, n_rows, rows, live)
     unit = tl.full((BLOCK_N,), 1.0, tl.float32)  # coef scales the gradient below, after the filter
-    lse2, zc2, bc2, soft, kl, shift = gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, unit, inv_t, kl_weight,
-                                                         ce_weight, DIVERGENCE, UNIT_TEMPERATURE)
+    lse2, zc2, bc2, soft, kl_coef, shift = gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, unit, inv_t,
+                                                              kl_weight, ce_weight, DIVERGENCE, UNIT_TEMPERATURE)
     grad = tile_gradient(z, b, col_mask, cols[None, :] == (labels - vocab_start)[:, None], unit * ce_weight,
-                         inv_t * LOG2E, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE,
-                         UNIT_TEMPERATURE, MASK_TARGET)
+                         inv_t * LOG2E, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl_coef, shift, KL_GRAD,
+                         DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
     if SOFTCAP:  # dz_pre = dz * (1 - tanh^2), tanh = z / c
         t = z / softcap
         grad = grad * (1.0 - t * t)

@@ -145,8 +145,9 @@ def _mtt_loss_kernel(
         n_tiles = tl.cdiv(n_cols, BLOCK_V)
         if any_valid:
             scale = tl.where(valid, tl.load(scale_ptr).to(tl.float32), 0.0)
-            lse2, zc2, bc2, soft, kl, shift = gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, scale, inv_t,
-                                                                 kl_weight, ce_weight, DIVERGENCE, UNIT_TEMPERATURE)
+            lse2, zc2, bc2, soft, kl_coef, shift = gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, scale,
+                                                                      inv_t, kl_weight, ce_weight, DIVERGENCE,
+                                                                      UNIT_TEMPERATURE)
             ce_scale = scale * ce_weight
             for index in range(0, n_tiles):
                 start = (n_tiles - 1 - index) * BLOCK_V  # last tile first: pass 1 read it most recently
@@ -157,15 +158,15 @@ def _mtt_loss_kernel(
                     z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid, live, True,
                                        "evict_first", KL_GRAD, BLOCK_N)
                     grad = tile_gradient(z, b, col_mask, cols[None, :] == local[:, None], ce_scale, scale2, inv_t,
-                                         ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE,
+                                         ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl_coef, shift, KL_GRAD, DIVERGENCE,
                                          UNIT_TEMPERATURE, MASK_TARGET)
                     tl.store(grad_rows + cols[None, :], tl.where(live, grad, 0.0).to(grad_ptr.dtype.element_ty),
                              mask=row_mask[:, None] & col_mask[None, :], eviction_policy="evict_first")
                 else:
                     z, b = _load_tiles(logits_rows + cols[None, :], base_rows + cols[None, :], valid, valid,
                                        False, "evict_first", KL_GRAD, BLOCK_N)
-                    grad = logit_gradient(z, z, b, scale2, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl, shift,
-                                          KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE)
+                    grad = logit_gradient(z, z, b, scale2, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl_coef,
+                                          shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE)
                     if BLOCK_N == 1:
                         tl.store(grad_rows + cols[None, :], grad.to(grad_ptr.dtype.element_ty),
                                  eviction_policy="evict_first")

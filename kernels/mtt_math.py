@@ -31,11 +31,12 @@ LN2 = tl.constexpr(0.6931471805599453)
 FORWARD_KL, REVERSE_KL = tl.constexpr(0), tl.constexpr(1)
 DIVERGENCE_IDS = {"forward": FORWARD_KL.value, "reverse": REVERSE_KL.value}
 
-# Rows of the partials block and of the finalized statistics block (constexpr so kernels index with them).
+# Rows of the partials block (P_) and of the finalized statistics block (STAT_), constexpr so kernels index
+# with them; STAT_, not S_, which fastmtt/partials.py uses for sums (S_Z, S_B).
 P_M_Z, P_S_Z, P_M_R, P_S_R, P_M_B, P_S_B, P_W, P_S_DIFF, P_Z_LABEL, P_B_LABEL, P_LABEL_FOUND = (
     tl.constexpr(i) for i in (P.M_Z, P.S_Z, P.M_R, P.S_R, P.M_B, P.S_B, P.W, P.S_DIFF, P.Z_LABEL, P.B_LABEL,
                               P.LABEL_FOUND))
-S_REF, S_LSE, S_Z_REF, S_Z_LSE, S_B_REF, S_B_LSE, S_KL, S_CE = (
+STAT_REF, STAT_LSE, STAT_Z_REF, STAT_Z_LSE, STAT_B_REF, STAT_B_LSE, STAT_KL, STAT_CE = (
     tl.constexpr(i) for i in (P.REF, P.LSE, P.Z_REF, P.Z_LSE, P.B_REF, P.B_LSE, P.KL, P.CE))
 N_PARTIALS, N_STATS = tl.constexpr(P.N_PARTIALS), tl.constexpr(P.N_STATS)
 
@@ -219,7 +220,7 @@ def gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, scale, inv_t, kl_we
     """Per-row constants of `logit_gradient` from the row statistics (nats) and scale [BLOCK_N], the
     gradient's factor: LSE, Z_LSE, B_LSE in base 2 (lse2, zc2, bc2; an empty side's -inf as 0); soft =
     scale * ce_weight * exp(Z_REF + Z_LSE - REF - LSE) at T = 1 (on kept columns softmax = q times that,
-    so one exponential serves both), scale * ce_weight otherwise; kl = scale * lam T^2 / T, 0 where D
+    so one exponential serves both), scale * ce_weight otherwise; kl_coef = scale * lam T^2 / T, 0 where D
     does not vary (a side without mass, or D = +inf); shift = B_LSE - Z_LSE - D (reverse KL)."""
     z_empty = z_lse == float("-inf")
     b_empty = b_lse == float("-inf")
@@ -230,15 +231,15 @@ def gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, scale, inv_t, kl_we
     soft = scale * ce_weight
     if UNIT_TEMPERATURE:
         soft = soft * tl.exp2(((z_ref - ref) + (z_lse - lse)) * LOG2E)
-    kl = tl.where(constant, 0.0, scale * (kl_weight * inv_t))
-    shift = tl.zeros_like(kl)
+    kl_coef = tl.where(constant, 0.0, scale * (kl_weight * inv_t))
+    shift = tl.zeros_like(kl_coef)
     if DIVERGENCE == REVERSE_KL:
         shift = tl.where(constant, 0.0, b_lse - z_lse - value)
-    return lse2, zc2, bc2, soft, kl, shift
+    return lse2, zc2, bc2, soft, kl_coef, shift
 
 
 @triton.jit
-def logit_gradient(z, zk, bk, scale2, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl, shift,
+def logit_gradient(z, zk, bk, scale2, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl_coef, shift,
                    KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr):
     """scale * (softmax(z) + lam T^2 dD/dz) on a tile, without the label's one-hot (fp32, natural units;
     per-row references REF, Z_REF, B_REF and the constants of `gradient_constants`): z every column, zk
@@ -253,21 +254,21 @@ def logit_gradient(z, zk, bk, scale2, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, 
         softmax = tl.exp2((z - ref[:, None]) * LOG2E - lse2[:, None]) * soft[:, None]
     br = bk - b_ref[:, None]
     if KL_GRAD and DIVERGENCE == REVERSE_KL:
-        qk = q * kl[:, None]
+        qk = q * kl_coef[:, None]
         grad = tl.where(qk == 0.0, softmax, softmax + qk * ((zr - br) * inv_t + shift[:, None]))
     elif KL_GRAD:
         p = tl.exp2(br * scale2 - bc2[:, None])
-        if UNIT_TEMPERATURE:  # q (soft + kl) - p kl: no separate softmax term
-            grad = q * (soft + kl)[:, None] - p * kl[:, None]
+        if UNIT_TEMPERATURE:  # q (soft + kl_coef) - p kl_coef: no separate softmax term
+            grad = q * (soft + kl_coef)[:, None] - p * kl_coef[:, None]
         else:
-            grad = softmax + (q - p) * kl[:, None]
+            grad = softmax + (q - p) * kl_coef[:, None]
     else:
         grad = softmax
     return grad
 
 
 @triton.jit
-def tile_gradient(z, b, col_mask, is_label, ce_scale, scale2, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl,
+def tile_gradient(z, b, col_mask, is_label, ce_scale, scale2, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl_coef,
                   shift, KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr,
                   MASK_TARGET: tl.constexpr):
     """`logit_gradient` with the label's one-hot times ce_scale (scale * ce_weight), on a tile that may hold
@@ -276,7 +277,8 @@ def tile_gradient(z, b, col_mask, is_label, ce_scale, scale2, inv_t, ref, z_ref,
     is_label = is_label & col_mask[None, :]
     kept = kept_columns(col_mask, is_label, MASK_TARGET)
     grad = logit_gradient(z, tl.where(kept, z, float("-inf")), tl.where(kept, b, float("-inf")), scale2, inv_t,
-                          ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl, shift, KL_GRAD, DIVERGENCE, UNIT_TEMPERATURE)
+                          ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl_coef, shift, KL_GRAD, DIVERGENCE,
+                          UNIT_TEMPERATURE)
     if UNIT_TEMPERATURE and MASK_TARGET:
         label_term = ce_scale[:, None] * (tl.exp2((z - ref[:, None]) * LOG2E - lse2[:, None]) - 1.0)
     else:
@@ -313,24 +315,24 @@ def store_partials(ptr, n_rows, rows, mask, m_z, s_z, m_r, s_r, m_b, s_b, w, d, 
 @triton.jit
 def store_statistics(ptr, n_rows, rows, mask, valid, ref, lse, z_ref, z_lse, b_ref, b_lse, value, ce):
     """Write the row statistics ([N_STATS, n_rows] at ptr); ignored rows get 0 everywhere."""
-    tl.store(ptr + S_REF * n_rows + rows, tl.where(valid, ref, 0.0), mask=mask)
-    tl.store(ptr + S_LSE * n_rows + rows, tl.where(valid, lse, 0.0), mask=mask)
-    tl.store(ptr + S_Z_REF * n_rows + rows, tl.where(valid, z_ref, 0.0), mask=mask)
-    tl.store(ptr + S_Z_LSE * n_rows + rows, tl.where(valid, z_lse, 0.0), mask=mask)
-    tl.store(ptr + S_B_REF * n_rows + rows, tl.where(valid, b_ref, 0.0), mask=mask)
-    tl.store(ptr + S_B_LSE * n_rows + rows, tl.where(valid, b_lse, 0.0), mask=mask)
-    tl.store(ptr + S_KL * n_rows + rows, tl.where(valid, value, 0.0), mask=mask)
-    tl.store(ptr + S_CE * n_rows + rows, tl.where(valid, ce, 0.0), mask=mask)
+    tl.store(ptr + STAT_REF * n_rows + rows, tl.where(valid, ref, 0.0), mask=mask)
+    tl.store(ptr + STAT_LSE * n_rows + rows, tl.where(valid, lse, 0.0), mask=mask)
+    tl.store(ptr + STAT_Z_REF * n_rows + rows, tl.where(valid, z_ref, 0.0), mask=mask)
+    tl.store(ptr + STAT_Z_LSE * n_rows + rows, tl.where(valid, z_lse, 0.0), mask=mask)
+    tl.store(ptr + STAT_B_REF * n_rows + rows, tl.where(valid, b_ref, 0.0), mask=mask)
+    tl.store(ptr + STAT_B_LSE * n_rows + rows, tl.where(valid, b_lse, 0.0), mask=mask)
+    tl.store(ptr + STAT_KL * n_rows + rows, tl.where(valid, value, 0.0), mask=mask)
+    tl.store(ptr + STAT_CE * n_rows + rows, tl.where(valid, ce, 0.0), mask=mask)
 
 
 @triton.jit
 def load_statistics(ptr, n_rows, rows, mask):
     """(REF, LSE, Z_REF, Z_LSE, B_REF, B_LSE, D) of the rows from a statistics block."""
-    ref = tl.load(ptr + S_REF * n_rows + rows, mask=mask, other=0.0)
-    lse = tl.load(ptr + S_LSE * n_rows + rows, mask=mask, other=0.0)
-    z_ref = tl.load(ptr + S_Z_REF * n_rows + rows, mask=mask, other=0.0)
-    z_lse = tl.load(ptr + S_Z_LSE * n_rows + rows, mask=mask, other=0.0)
-    b_ref = tl.load(ptr + S_B_REF * n_rows + rows, mask=mask, other=0.0)
-    b_lse = tl.load(ptr + S_B_LSE * n_rows + rows, mask=mask, other=0.0)
-    value = tl.load(ptr + S_KL * n_rows + rows, mask=mask, other=0.0)
+    ref = tl.load(ptr + STAT_REF * n_rows + rows, mask=mask, other=0.0)
+    lse = tl.load(ptr + STAT_LSE * n_rows + rows, mask=mask, other=0.0)
+    z_ref = tl.load(ptr + STAT_Z_REF * n_rows + rows, mask=mask, other=0.0)
+    z_lse = tl.load(ptr + STAT_Z_LSE * n_rows + rows, mask=mask, other=0.0)
+    b_ref = tl.load(ptr + STAT_B_REF * n_rows + rows, mask=mask, other=0.0)
+    b_lse = tl.load(ptr + STAT_B_LSE * n_rows + rows, mask=mask, other=0.0)
+    value = tl.load(ptr + STAT_KL * n_rows + rows, mask=mask, other=0.0)
     return ref, lse, z_ref, z_lse, b_ref, b_lse, value

@@ -106,21 +106,14 @@ def _demo(args) -> int:
 
 
 def _finetune(args) -> int:
-    check_file("--data", args.data)
-    if args.retain:
-        check_file("--retain", args.retain)
-    check_out_dir("--out", args.out, "the adapter")
-    device = resolve_device(args.device)
+    from fastmtt.apps.finetune import run_finetune  # checks every argument, once, before the model loads
 
-    from fastmtt.apps.finetune import check_model_dir, run_finetune
-
-    check_model_dir(args.model)
     run_finetune(args.model, args.data, args.out, retain=args.retain, lam=args.lam, temperature=args.temperature,
                  direction=args.direction, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                  lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                  epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                  grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, seed=args.seed,
-                 device=device, kl_positions=args.kl_positions)
+                 device=args.device, kl_positions=args.kl_positions)
     return 0
 
 

@@ -131,21 +131,27 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                  batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4, max_length: int = 512,
                  seed: int = 0, device: str = "auto", kl_positions: str = "labels",
                  log=print) -> Dict[str, Dict[str, float]]:
-    """Train a LoRA adapter with MTTTrainer, save it (and metrics.json) to `out`; returns the metrics."""
+    """Train a LoRA adapter with MTTTrainer, save it (and metrics.json) to `out`; returns the metrics. Every
+    argument is checked here, once, before the model loads (errors: UsageError naming the flag)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, set_seed
     from transformers.utils import logging as transformers_logging
 
-    from fastmtt.apps.cli import check_options, resolve_device
+    from fastmtt.apps.cli import check_file, check_options, resolve_device
     from fastmtt.objective import MTTObjective
     from fastmtt.trainer import MTTTrainer
 
-    check_options(lam=lam, temperature=temperature, direction=direction)
+    check_file("--data", data)
+    if retain:
+        check_file("--retain", retain)
+    check_out_dir("--out", out, "the adapter")
     device = resolve_device(device)
+    check_model_dir(model_dir)
+    options = check_options(lam=lam, temperature=temperature, direction=direction)
     if not sys.stderr.isatty():  # progress bars (weight loading, training) only on a terminal
         transformers_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(check_model_dir(model_dir), local_files_only=True)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as exc:  # config.json malformed, or of an unknown model
         raise UsageError(f"--model: cannot read {os.path.join(model_dir, 'config.json')}: {first_line(exc)}") from exc
     text_config = config.get_text_config()
@@ -187,8 +193,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                              save_strategy="no", report_to=[], seed=seed, use_cpu=device == "cpu",
                              remove_unused_columns=False, disable_tqdm=not sys.stderr.isatty())
     trainer = MTTTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collate,
-                         objective=MTTObjective(lam=lam, temperature=temperature, direction=direction,
-                                                kl_positions=kl_positions))
+                         objective=MTTObjective(options=options, kl_positions=kl_positions))
     trainer.train()
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
         raise UsageError("training diverged: the adapter has NaN or infinite weights, nothing saved "

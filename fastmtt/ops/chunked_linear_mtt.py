@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmtt.head import LinearHead
+from fastmtt.head import LinearGrads, LinearHead
 from fastmtt.partials import N_STATS
 from fastmtt.reduction import accumulator_dtype
 
@@ -32,21 +32,20 @@ def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int, device: t
 
 def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options, *, rows_fn, need_kl, scale,
                        chunk_size, needs, row_weights=None):
-    """Per-row statistics [N_STATS, N] and the gradients flagged in `needs` (hidden, weight, bias, lora_A,
-    lora_B; None where not flagged) of sum_i w_i * scale * loss_i, w = row_weights (else 1). rows_fn: the
-    MTT row function (`fastmtt.ops.mtt_loss.row_function`). Parameter gradients accumulate in fp32 (fp64
-    for fp64 inputs)."""
+    """Per-row statistics [N_STATS, N] and the gradients flagged in `needs` (a LinearGrads of bools) of
+    sum_i w_i * scale * loss_i, w = row_weights (else 1), as a LinearGrads (None where not flagged). rows_fn:
+    the MTT row function (`fastmtt.ops.mtt_loss.row_function`). Parameter gradients accumulate in fp32
+    (fp64 for fp64 inputs)."""
     n_rows, hidden_size = hidden.shape
     vocab_size = head.weight.shape[0]
     acc = accumulator_dtype(hidden)
     device = hidden.device
     stats = []
-    need_dh, need_dw, need_db, need_da, need_db_lora = needs
-    dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_dh else None
-    dw = torch.zeros(vocab_size, hidden_size, dtype=acc, device=device) if need_dw else None
-    db = torch.zeros(vocab_size, dtype=acc, device=device) if need_db else None
-    da = torch.zeros(head.lora_A.shape, dtype=acc, device=device) if need_da else None
-    db_lora = torch.zeros(head.lora_B.shape, dtype=acc, device=device) if need_db_lora else None
+    d_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if needs.hidden else None
+    d_weight = torch.zeros(vocab_size, hidden_size, dtype=acc, device=device) if needs.weight else None
+    d_bias = torch.zeros(vocab_size, dtype=acc, device=device) if needs.bias else None
+    d_lora_A = torch.zeros(head.lora_A.shape, dtype=acc, device=device) if needs.lora_A else None
+    d_lora_B = torch.zeros(head.lora_B.shape, dtype=acc, device=device) if needs.lora_B else None
     any_grad = any(needs)
     has_kl = options.lam > 0 or need_kl
 
@@ -68,23 +67,24 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options, *
         if row_weights is not None:
             grad.mul_(row_weights[rows, None].to(grad.dtype))
         grad_mm = grad.to(head.weight.dtype)
-        if need_dh:
-            torch.mm(grad_mm, head.weight, out=dh[rows])
-        if head.has_lora and (need_dh or need_da):
-            grad_b = grad_mm @ head.lora_B.to(grad_mm.dtype)  # [n, r]
-            if need_dh:
-                dh[rows].addmm_(grad_b.to(dh.dtype), head.lora_A.to(dh.dtype), alpha=head.scaling)
-            if need_da:
-                da.addmm_(grad_b.T.to(acc), h.to(acc), alpha=head.scaling)
-        if need_dw or need_db or need_db_lora:
+        if needs.hidden:
+            torch.mm(grad_mm, head.weight, out=d_hidden[rows])
+        if head.has_lora and (needs.hidden or needs.lora_A):
+            grad_B = grad_mm @ head.lora_B.to(grad_mm.dtype)  # the gradient times B: [n, r]
+            if needs.hidden:
+                d_hidden[rows].addmm_(grad_B.to(d_hidden.dtype), head.lora_A.to(d_hidden.dtype), alpha=head.scaling)
+            if needs.lora_A:
+                d_lora_A.addmm_(grad_B.T.to(acc), h.to(acc), alpha=head.scaling)
+        if needs.weight or needs.bias or needs.lora_B:
             grad_acc = grad.to(acc)
-            if need_dw:
-                dw.addmm_(grad_acc.T, h.to(acc))
-            if need_db:
-                db.add_(grad_acc.sum(0))
-            if need_db_lora:
-                db_lora.addmm_(grad_acc.T, lora_h.to(acc), alpha=head.scaling)
+            if needs.weight:
+                d_weight.addmm_(grad_acc.T, h.to(acc))
+            if needs.bias:
+                d_bias.add_(grad_acc.sum(0))
+            if needs.lora_B:
+                d_lora_B.addmm_(grad_acc.T, lora_h.to(acc), alpha=head.scaling)
 
     stats = torch.cat(stats, dim=1) if stats else torch.zeros(N_STATS, 0, dtype=acc, device=device)
-    grads = (dh,) + tuple(None if g is None else g.to(p.dtype) for g, p in zip((dw, db, da, db_lora), head.tensors()))
-    return stats, grads
+    accumulated = (d_weight, d_bias, d_lora_A, d_lora_B)
+    grads = (None if g is None else g.to(t.dtype) for g, t in zip(accumulated, head.tensors()))
+    return stats, LinearGrads(d_hidden, *grads)

@@ -20,7 +20,7 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
 from fastmtt._dispatch import resolve_backend
-from fastmtt.head import LinearHead
+from fastmtt.head import LinearGrads, LinearHead
 from fastmtt.ops.chunked_linear_mtt import chunked_linear_mtt, default_chunk_size
 from fastmtt.ops.mtt_loss import row_function
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
@@ -68,10 +68,10 @@ class FusedLinearMTTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_A, lora_B, base_hidden, labels, plan):
-        needs = tuple(ctx.needs_input_grad[:5])
-        deferred = plan.options.reduction == "none" and any(needs[1:])
+        needs = LinearGrads(*ctx.needs_input_grad[:5])
+        deferred = plan.options.reduction == "none" and any(needs[1:])  # a parameter's gradient
         stats, grads = _walk(hidden, base_hidden, labels, plan.head_with(weight, bias, lora_A, lora_B), plan,
-                             (False,) * 5 if deferred else needs)
+                             LinearGrads(*(False,) * 5) if deferred else needs)
         ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels)
         ctx.plan, ctx.needs = plan, needs
         keep_gradients(ctx, *(() if deferred else grads))
@@ -98,7 +98,7 @@ def _walk(hidden, base_hidden, labels, head, plan, needs, row_weights=None):
                                       need_kl=plan.need_kl, scale=plan.scale, chunk_size=plan.chunk_size, needs=needs,
                                       row_weights=row_weights)
     if vocab_parallel is not None:
-        vocab_parallel.sum_across_ranks(grads[0], grads[3])
+        vocab_parallel.sum_across_ranks(grads.hidden, grads.lora_A)
     return stats, grads
 
 
@@ -134,12 +134,12 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         vocab_parallel = plan.vocab_parallel
         from fastmtt.kernels.fused_linear_mtt_loss import linear_mtt_backward
 
-        grads = linear_mtt_backward(
+        grads = LinearGrads(*linear_mtt_backward(
             hidden, base_hidden, plan.head_with(weight, bias, lora_A, lora_B), lora_hidden, labels, stats,
-            row_coef, plan.options, threshold=plan.grad_threshold, needs=tuple(ctx.needs_input_grad[:5]),
-            vocab_start=0 if vocab_parallel is None else vocab_parallel.start)
+            row_coef, plan.options, threshold=plan.grad_threshold, needs=LinearGrads(*ctx.needs_input_grad[:5]),
+            vocab_start=0 if vocab_parallel is None else vocab_parallel.start))
         if vocab_parallel is not None:
-            vocab_parallel.sum_across_ranks(grads[0], grads[3])
+            vocab_parallel.sum_across_ranks(grads.hidden, grads.lora_A)
         inputs = (hidden, weight, bias, lora_A, lora_B)
         return (*(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs)), None, None, None)
 

@@ -1,6 +1,7 @@
 """mtt_loss: the MTT objective on materialized logits, with its autograd Function and nn.Module."""
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import Optional, Union
 
@@ -91,8 +92,8 @@ class MTTLossFunction(torch.autograd.Function):
                                    options.direction, options.mask_target, options.ignore_index, options.ce_weight,
                                    need_kl, compute_grad, backend)
         keep_gradients(ctx, grad)
-        ctx.recompute = None if in_place or sources is None else (sources, labels, options, scale, backend,
-                                                                   vocab_parallel)
+        ctx.recompute = None if in_place or sources is None else _Recompute(sources, labels, options, scale, backend,
+                                                                             vocab_parallel)
         return reduced_outputs(ctx, stats[CE], stats[KL], options, scale)
 
     @staticmethod
@@ -112,15 +113,16 @@ def _rows_with_gradient(logits, base_logits, labels, options, scale, need_kl, ba
 
 def _recompute_gradient(recompute, grad_loss):
     """The gradient again, for a second backward through a retained graph."""
-    inputs = None if recompute is None else recompute[0].flat()
+    inputs = None if recompute is None else recompute.sources.flat(recompute.backend)
     if inputs is None:
         raise RuntimeError(
             "mtt_loss: a second backward through the same graph (retain_graph=True) needs the logits again, "
             "and they were overwritten (overwrite_logits=True), changed in place or freed since the forward: "
             "keep them, or compute the loss again")
-    (logits, base_logits), (_, labels, options, scale, backend, vocab_parallel) = inputs, recompute
+    logits, base_logits = inputs
     grad = torch.empty_like(logits)
-    _rows_with_gradient(logits, base_logits, labels, options, scale, False, backend, vocab_parallel, grad)
+    _rows_with_gradient(logits, base_logits, recompute.labels, recompute.options, recompute.scale, False,
+                        recompute.backend, recompute.vocab_parallel, grad)
     return take_gradients_of(grad, grad_loss)
 
 
@@ -129,20 +131,33 @@ class _Sources:
     view's layout, so that an inline .view() still counts) and their versions at the forward: the inputs of
     a recomputed gradient while the caller still holds them unchanged."""
 
-    def __init__(self, logits, base_logits, backend):
+    def __init__(self, logits, base_logits):
         self.layouts = tuple((weakref.ref(t if t._base is None else t._base), t._version,
                               None if t._base is None else (t.shape, t.stride(), t.storage_offset()))
                              for t in (logits, base_logits))
-        self.backend = backend
 
-    def flat(self):
+    def flat(self, backend):
+        """The [N, V] rows of both for `backend` (`_flat_rows`), or None where one is gone or changed."""
         tensors = []
         for ref, version, view in self.layouts:
             tensor = ref()
             if tensor is None or tensor._version != version:
                 return None
             tensors.append(tensor.detach() if view is None else tensor.detach().as_strided(*view))
-        return _flat_rows(*tensors, self.backend)
+        return _flat_rows(*tensors, backend)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Recompute:
+    """What a second backward through a retained graph needs to form the gradient again: the caller's
+    logits (weakly held) and the forward's other arguments."""
+
+    sources: _Sources
+    labels: torch.Tensor
+    options: MTTOptions
+    scale: torch.Tensor
+    backend: str
+    vocab_parallel: Optional[VocabParallel]
 
 
 def _flat_rows(logits, base_logits, backend):
@@ -215,7 +230,7 @@ def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, n
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
     scale = gradient_scale(options.reduction, flat_labels, options.ignore_index, num_items_in_batch, logits.device,
                            accumulator_dtype(logits, base_logits))
-    sources = None if overwrite_logits or torch.compiler.is_compiling() else _Sources(logits, base_logits, backend)
+    sources = None if overwrite_logits or torch.compiler.is_compiling() else _Sources(logits, base_logits)
     loss, ce, kl = MTTLossFunction.apply(flat_logits, flat_base, flat_labels, options, scale, return_components,
                                          backend, overwrite_logits, vocab_parallel, sources)
     if options.reduction == "none":
