@@ -264,6 +264,33 @@ class MTTObjective:
     for reference-model comparisons): otherwise the two passes draw different masks, so KL > 0 for an
     adapter equal to the base and the regularizer pulls against dropout noise. LoRA's lora_dropout on the
     adapted side is unaffected.
+
+    Args:
+        lam, temperature, direction, ignore_index, mask_target: the loss settings (MTTOptions' fields; None,
+            the default: MTTOptions' default).
+        backend: of the fused-linear loss, "auto" (default), "triton" or "torch".
+        options: a ready MTTOptions (reduction 'mean') instead of the settings above (default None).
+        disable_dropout: set the base model's dropout to 0 on the first call (default True).
+        kl_positions: "labels" (default) or "all".
+
+    Calling it: objective(model, input_ids=None, labels=None, attention_mask=None, num_items_in_batch=None,
+    data_parallel_size=None, *, inputs_embeds=None, **model_kwargs) with input_ids [B, L] (or inputs_embeds
+    [B, L, H]), labels [B, L] and attention_mask [B, L].
+
+    Returns:
+        MTTOutput(loss, ce, kl) of the call, each a scalar; loss carries the gradient into the adapters.
+
+    Example:
+        >>> import fastmtt, peft, transformers
+        >>> config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+        >>> model = peft.get_peft_model(transformers.LlamaForCausalLM(config),
+        ...                             peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        >>> input_ids = torch.randint(0, 64, (2, 8))
+        >>> output = fastmtt.MTTObjective(lam=0.5)(model, input_ids=input_ids, labels=input_ids)
+        >>> output.loss.backward()
+        >>> float(output.kl)  # the adapters start as the identity: no divergence yet
+        0.0
     """
 
     def __init__(self, lam: Optional[float] = None, temperature: Optional[float] = None,

@@ -32,6 +32,26 @@ class MTTOptions:
     equal. ignore_index: label of rows without loss (an int or numpy integer). reduction: 'mean', 'sum' or 'none'.
     ce_weight >= 0: CE's weight (1; 0 gives the divergence alone, e.g. on the rows of a prompt, whose
     label is then only the target to mask).
+
+    Args:
+        lam: the divergence's weight, >= 0 (default DEFAULT_LAM = 1.0; 0 is plain CE).
+        temperature: T > 0 of the divergence (default 1.0).
+        direction: "forward" (KL(base || adapted), default) or "reverse" (KL(adapted || base)).
+        mask_target: remove the target from both distributions (default True; False: full-vocabulary KL).
+        ignore_index: the label of rows without loss (default -100).
+        reduction: "mean" (default), "sum" or "none".
+        ce_weight: CE's weight, >= 0 (default 1.0).
+
+    Raises:
+        TypeError, ValueError: naming the field, for a value outside the ranges above.
+
+    Example:
+        >>> from fastmtt import MTTOptions
+        >>> options = MTTOptions(lam=0.5, temperature=2.0)
+        >>> options.kl_weight  # lam * T^2
+        2.0
+        >>> options.replace(direction="reverse").reverse
+        True
     """
 
     lam: float = DEFAULT_LAM

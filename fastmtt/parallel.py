@@ -21,6 +21,21 @@ class VocabParallel:
 
     sum_hidden_grad: all-reduce (sum) the gradients that add up over the vocabulary (hidden states and
     the head's LoRA A) across the group; False leaves that to the caller (e.g. a sequence-parallel layout).
+
+    Args:
+        start: the first vocabulary column (or head row) this rank holds, >= 0.
+        stop: one past the last, > start; every rank holds stop - start columns of its own.
+        group: the torch.distributed process group of the split (default None: the world).
+        sum_hidden_grad: see above (default True).
+
+    Pass it as `vocab_parallel=` to `mtt_loss` (logits [..., stop - start]) or `fused_linear_mtt_loss`
+    (weight [stop - start, H]); labels stay global ids. The loss, ce and kl are the same on every rank.
+
+    Example:
+        >>> from fastmtt import VocabParallel
+        >>> split = VocabParallel(start=0, stop=32000)  # rank 0 of two ranks splitting a 64000-token vocabulary
+        >>> split.size
+        32000
     """
 
     start: int

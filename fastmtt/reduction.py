@@ -17,6 +17,14 @@ class MTTOutput(NamedTuple):
         loss: the objective, reduced as asked (a scalar, or per row for reduction='none'); carries the gradient.
         ce: the cross-entropy term, weighted by ce_weight and reduced like `loss`; detached.
         kl: the divergence term D (before lam * T^2), reduced like `loss`; detached.
+
+    Example:
+        >>> import fastmtt
+        >>> logits, base = torch.randn(4, 10), torch.randn(4, 10)
+        >>> out = fastmtt.mtt_loss(logits, base, torch.tensor([1, 2, 3, -100]), return_components=True)
+        >>> loss, ce, kl = out  # a tuple too
+        >>> bool(torch.allclose(out.loss, out.ce + 1.0 * out.kl))  # lam = 1, T = 1
+        True
     """
 
     loss: torch.Tensor

@@ -108,6 +108,7 @@ class PadCollator:
     (padded with -100).
 
     Example:
+        >>> from fastmtt.trainer import PadCollator
         >>> collate = PadCollator(pad_id=0)
         >>> batch = collate([dict(input_ids=[5, 6, 7], labels=[5, 6, 7]), dict(input_ids=[8], labels=[8])])
         >>> batch["input_ids"].tolist(), batch["labels"].tolist()

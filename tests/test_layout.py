@@ -1,9 +1,11 @@
 """The layering of docs/architecture.md, checked on the imports; the names that moved still import from where
 they were; the Example: blocks of the public docstrings run."""
 import ast
+import doctest
 import pathlib
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -65,3 +67,30 @@ def test_vocab_parallel_rows_fn_is_row_function_of_the_backend(monkeypatch):
     monkeypatch.setattr(VocabParallel, "row_function", lambda self, implementations: seen.append(implementations))
     split.rows_fn("torch")
     assert seen == [op.row_implementations("torch")]
+def public_objects():
+    import fastmtt
+    import fastmtt.trainer
+
+    objects = {name: getattr(fastmtt, name) for name in fastmtt.__all__ if name != "DEFAULT_LAM"}
+    objects["PadCollator"] = fastmtt.trainer.PadCollator
+    return objects
+
+
+@pytest.mark.parametrize("name", sorted(public_objects()))
+def test_public_docstrings_say_args_returns_and_example(name):
+    doc = public_objects()[name].__doc__
+    assert "Example:" in doc and ("Args:" in doc or "Attributes:" in doc)
+    if isinstance(public_objects()[name], type):
+        return
+    assert "Returns:" in doc
+
+
+@pytest.mark.parametrize("name", sorted(public_objects()))
+def test_public_examples_run(name):
+    torch.manual_seed(0)
+    finder, runner = doctest.DocTestFinder(recurse=False), doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    tests = [t for t in finder.find(public_objects()[name], name, globs={"torch": torch}) if t.examples]
+    assert tests, f"{name}: no Example: to run"
+    for test in tests:
+        runner.run(test)
+    assert runner.failures == 0, f"{name}: {runner.failures} failing example lines"

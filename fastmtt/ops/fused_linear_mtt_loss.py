@@ -206,16 +206,42 @@ def fused_linear_mtt_loss(
     """Mask-the-Target loss from final hidden states: mtt_loss(softcap(h W^T + bias + s (h A^T) B^T),
     softcap(h0 W^T + bias), labels), without materializing the [N, V] logits.
 
-    hidden [..., H] (adapted model, gets the gradient), base_hidden [..., H] (frozen base pass, never
-    gets a gradient), weight [V, H], bias [V], lora_A [r, H], lora_B [V, r] (LoRA on the output head,
-    adapted side only), labels [...] aligned with the rows. weight, bias, lora_A, lora_B get gradients
-    when they require them. softcap c: logits c * tanh(x / c) on both sides.
-    tiled=False (default): the chunked path; chunk_size rows per chunk (default `default_chunk_size`: on
-    a GPU about 1.5 GiB of fp32 slabs, at least 1024 rows). tiled=True: the tiled Triton kernels (least
-    memory, about 5/3 the matrix work); grad_threshold applies there with lam = 0 only (skips tiles whose
-    |dL/dz| is below it; None: 2**-12 for fp16/bf16, 0 for fp32). vocab_parallel=VocabParallel(start, stop):
-    weight, bias and lora_B hold this rank's vocabulary rows [start, stop), labels are global ids; the ranks
-    exchange per-row statistics and sum dh (and dA) unless told not to. Other arguments as in `mtt_loss`.
+    Args:
+        hidden: [..., H] floating, the adapted model's final hidden states; gets the gradient.
+        base_hidden: [..., H], the frozen base pass's; never gets a gradient.
+        weight: [V, H] in hidden's dtype, the output head; gets a gradient when it requires one.
+        labels: [...] integers in [0, V) or ignore_index, aligned with the rows (no shifting).
+        bias: [V] or None (default). lora_A: [r, H] and lora_B: [V, r], or None (default): LoRA on the head,
+            adapted side only; lora_scaling: its s (default 1.0). All get gradients when they require them.
+        softcap: c > 0 or None (default): logits c * tanh(x / c) on both sides.
+        lam, temperature, direction, mask_target, ignore_index, reduction, ce_weight, num_items_in_batch,
+            return_components, backend: as in `mtt_loss`.
+        tiled: False (default): the chunked path. True: the tiled Triton kernels (least memory, about 5/3
+            the matrix work; CUDA, or backend="triton" with TRITON_INTERPRET=1).
+        chunk_size: rows per chunk of the chunked path (default None: `default_chunk_size`, on a GPU about
+            1.5 GiB of fp32 slabs, at least 1024 rows).
+        grad_threshold: tiled path with lam = 0 only: skips tiles whose |dL/dz| is below it (default None:
+            2**-12 for fp16/bf16, 0 for fp32).
+        vocab_parallel: a VocabParallel(start, stop): weight, bias and lora_B hold this rank's vocabulary
+            rows [start, stop), labels are global ids; the ranks exchange per-row statistics and sum dh (and
+            dA) unless told not to. Default None.
+
+    Returns:
+        As `mtt_loss`: the loss (a scalar, or [...] for reduction "none"), or MTTOutput(loss, ce, kl).
+
+    Raises:
+        TypeError, ValueError: naming the argument, for a wrong shape, dtype, device or setting.
+
+    Example:
+        >>> import fastmtt
+        >>> hidden = torch.randn(2, 6, 16, requires_grad=True)
+        >>> base_hidden = torch.randn(2, 6, 16)
+        >>> weight = torch.randn(100, 16, requires_grad=True)
+        >>> labels = torch.randint(0, 100, (2, 6))
+        >>> loss = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, lam=0.5)
+        >>> loss.backward()
+        >>> hidden.grad.shape, weight.grad.shape
+        (torch.Size([2, 6, 16]), torch.Size([100, 16]))
     """
     options = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
                          ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight)
@@ -232,7 +258,17 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
                                        tiled=False, chunk_size=None, grad_threshold=None, splits=None,
                                        vocab_parallel=None):
     """`fused_linear_mtt_loss` with the head in one LinearHead and the loss settings in one MTTOptions.
-    splits (tiled path): vocabulary splits of the forward (None: enough to fill the GPU)."""
+
+    Args:
+        hidden, base_hidden, labels: as in `fused_linear_mtt_loss`.
+        head: a LinearHead (weight, bias, lora_A, lora_B, scaling, softcap).
+        options: an MTTOptions.
+        splits: tiled path: vocabulary splits of the forward (default None: enough to fill the GPU).
+        Others: as in `fused_linear_mtt_loss`.
+
+    Returns:
+        As `fused_linear_mtt_loss`.
+    """
     options = options_from(options, {})
     check_float_tensor("hidden", hidden, min_dim=2)
     check_float_tensor("base_hidden", base_hidden, shape=hidden.shape)
@@ -288,10 +324,23 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
 
 
 class FusedLinearMTTLoss(torch.nn.Module):
-    """Module form of `fused_linear_mtt_loss`:
-    forward(hidden, base_hidden, weight, labels, bias=None, lora_A=None, lora_B=None, num_items_in_batch=None).
-    Takes the keywords of MTTOptions or options=MTTOptions(...), plus lora_scaling, softcap,
-    return_components, backend, tiled and chunk_size."""
+    """Module form of `fused_linear_mtt_loss`: forward(hidden, base_hidden, weight, labels, bias=None,
+    lora_A=None, lora_B=None, num_items_in_batch=None) returns what `fused_linear_mtt_loss` returns.
+
+    Args:
+        options: an MTTOptions, or None (default) to build one from `option_kwargs`.
+        lora_scaling, softcap, return_components, backend, tiled, chunk_size: as in `fused_linear_mtt_loss`
+            (defaults 1.0, None, False, "auto", False, None).
+        **option_kwargs: MTTOptions' fields; not together with `options`.
+
+    Example:
+        >>> import fastmtt
+        >>> criterion = fastmtt.FusedLinearMTTLoss(lam=0.5)
+        >>> hidden, base_hidden, weight = torch.randn(8, 16), torch.randn(8, 16), torch.randn(100, 16)
+        >>> loss = criterion(hidden, base_hidden, weight, torch.randint(0, 100, (8,)))
+        >>> loss.shape
+        torch.Size([])
+    """
 
     def __init__(self, options: Optional[MTTOptions] = None, *, lora_scaling: float = 1.0,
                  softcap: Optional[float] = None, return_components: bool = False, backend: str = "auto",

@@ -68,12 +68,29 @@ def lora_linear(
 ) -> torch.Tensor:
     """Fused LoRA linear layer:  y = x W^T + bias + scaling * (dropout(x) A^T) B^T.
 
-    x [..., in]; weight [out, in] in x's dtype, frozen (detached: never gets a gradient); lora_A
-    [r, in] and lora_B [out, r] share one dtype, which may differ from x's (x is cast to it for the
-    LoRA branch, as PEFT does); bias [out] or None (gets a gradient if it requires one). Returns
-    [..., out] in x's dtype. dropout_p > 0 drops entries of x on the LoRA branch only, with a fresh
-    mask per call drawn from torch's default generator; pass 0 for eval. Any weight strides work
-    (a transposed view serves Conv1D-style [in, out] weights without a copy).
+    Args:
+        x: [..., in] floating; gets a gradient when it requires one.
+        weight: [out, in] in x's dtype, frozen (detached: never gets a gradient). Any strides work (a
+            transposed view serves Conv1D-style [in, out] weights without a copy).
+        lora_A: [r, in], lora_B: [out, r], of one dtype, which may differ from x's (x is cast to it for the
+            LoRA branch, as PEFT does).
+        scaling: the LoRA scale s (PEFT's lora_alpha / r).
+        bias: [out] or None (default); gets a gradient when it requires one.
+        dropout_p: in [0, 1) (default 0.0): drops entries of x on the LoRA branch only, with a fresh mask per
+            call drawn from torch's default generator; pass 0 for eval.
+        backend: "auto" (default: the cuBLAS formulation except at shapes measured faster fused), "triton"
+            (the fused kernel) or "torch".
+
+    Returns:
+        y: [..., out] in x's dtype.
+
+    Example:
+        >>> import fastmtt
+        >>> x, weight = torch.randn(4, 8), torch.randn(6, 8)
+        >>> lora_A, lora_B = torch.randn(2, 8), torch.randn(6, 2)
+        >>> y = fastmtt.lora_linear(x, weight, lora_A, lora_B, scaling=2.0)
+        >>> bool(torch.allclose(y, x @ weight.T + 2.0 * (x @ lora_A.T) @ lora_B.T, atol=1e-5))
+        True
     """
     check_float_tensor("x", x, min_dim=1)
     in_features = x.shape[-1]

@@ -191,15 +191,41 @@ def mtt_loss(
 ):
     """Mask-the-Target loss on logits: mean/sum/none of  ce_weight * CE_i + lam * T^2 * KL_i.
 
-    logits [..., V] (adapted model, gets the gradient), base_logits [..., V] (frozen base, never gets
-    a gradient), labels [...] int, aligned with the logit rows (no shifting). KL_i is between the two
-    next-token distributions with the target removed and the rest renormalized, at temperature T;
-    direction "forward" is KL(base || adapted); mask_target=False gives the full-vocabulary KL instead.
-    ce_weight=0 gives the divergence alone (rows whose label is only the target to mask).
-    With return_components=True returns MTTOutput(loss, ce, kl), the last two detached (ce weighted).
-    overwrite_logits=True lets the kernel store the gradient into `logits` (saves one [N, V] buffer;
-    their values are gone afterwards). vocab_parallel=VocabParallel(start, stop): logits [..., stop - start] are
-    this rank's columns of the vocabulary, labels global ids; the ranks exchange per-row statistics only.
+    KL_i is between the two next-token distributions with the target removed and the rest renormalized, at
+    temperature T; direction "forward" is KL(base || adapted); mask_target=False gives the full-vocabulary
+    KL instead. ce_weight=0 gives the divergence alone (rows whose label is only the target to mask).
+
+    Args:
+        logits: [..., V] floating, the adapted model's; gets the gradient.
+        base_logits: [..., V] floating, the frozen base model's; never gets a gradient.
+        labels: [...] integers in [0, V) or ignore_index, aligned with the logit rows (no shifting).
+        lam, temperature, direction, mask_target, ignore_index, reduction, ce_weight: the loss settings, as in
+            `MTTOptions` (defaults 1.0, 1.0, "forward", True, -100, "mean", 1.0).
+        num_items_in_batch: with reduction "mean", the divisor instead of the number of valid labels (an int
+            or one-element integer tensor >= 0; exact gradient accumulation). Default None.
+        return_components: return MTTOutput(loss, ce, kl) instead of the loss alone (default False).
+        backend: "auto" (default: Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
+        overwrite_logits: let the kernel store the gradient into `logits` (saves one [N, V] buffer; their
+            values are gone afterwards). Default False.
+        vocab_parallel: a VocabParallel(start, stop): logits [..., stop - start] are this rank's columns of the
+            vocabulary, labels global ids; the ranks exchange per-row statistics only. Default None.
+
+    Returns:
+        The loss: a scalar for "mean" and "sum", [...] for "none"; with return_components, MTTOutput(loss,
+        ce, kl), ce and kl detached and reduced the same way (ce weighted by ce_weight).
+
+    Raises:
+        TypeError, ValueError: naming the argument, for a wrong shape, dtype, device or setting.
+
+    Example:
+        >>> import fastmtt
+        >>> logits = torch.randn(2, 5, 100, requires_grad=True)
+        >>> base_logits = torch.randn(2, 5, 100)
+        >>> labels = torch.randint(0, 100, (2, 5))
+        >>> loss = fastmtt.mtt_loss(logits, base_logits, labels, lam=0.5)
+        >>> loss.backward()
+        >>> logits.grad.shape
+        torch.Size([2, 5, 100])
     """
     options = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
                          ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight)
@@ -210,7 +236,16 @@ def mtt_loss(
 
 def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, num_items_in_batch=None,
                           return_components=False, backend="auto", overwrite_logits=False, vocab_parallel=None):
-    """`mtt_loss` with its loss settings in one MTTOptions."""
+    """`mtt_loss` with its loss settings in one MTTOptions.
+
+    Args:
+        logits, base_logits, labels: as in `mtt_loss`.
+        options: an MTTOptions.
+        num_items_in_batch, return_components, backend, overwrite_logits, vocab_parallel: as in `mtt_loss`.
+
+    Returns:
+        As `mtt_loss`.
+    """
     options = options_from(options, {})
     check_float_tensor("logits", logits, min_dim=2)
     n_cols = logits.shape[-1]
@@ -248,9 +283,23 @@ def _rows_overlap(matrix):
 
 
 class MTTLoss(torch.nn.Module):
-    """Module form of `mtt_loss`: forward(logits, base_logits, labels, num_items_in_batch=None). Takes the
-    keywords of MTTOptions (lam, temperature, direction, mask_target, ignore_index, reduction) or
-    options=MTTOptions(...), plus return_components and backend."""
+    """Module form of `mtt_loss`: forward(logits, base_logits, labels, num_items_in_batch=None) returns what
+    `mtt_loss` returns.
+
+    Args:
+        options: an MTTOptions, or None (default) to build one from `option_kwargs`.
+        return_components: return MTTOutput(loss, ce, kl) (default False).
+        backend: "auto" (default), "triton" or "torch".
+        **option_kwargs: MTTOptions' fields (lam, temperature, direction, mask_target, ignore_index,
+            reduction, ce_weight); not together with `options`.
+
+    Example:
+        >>> import fastmtt
+        >>> criterion = fastmtt.MTTLoss(lam=0.5, temperature=2.0)
+        >>> loss = criterion(torch.randn(8, 100), torch.randn(8, 100), torch.randint(0, 100, (8,)))
+        >>> loss.shape
+        torch.Size([])
+    """
 
     def __init__(self, options: Optional[MTTOptions] = None, *, return_components: bool = False,
                  backend: str = "auto", **option_kwargs):
