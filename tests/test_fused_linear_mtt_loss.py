@@ -12,6 +12,7 @@ from fastmtt.options import DIRECTIONS
 from tests.utils import (
     DTYPES,
     FUSED_LINEAR_GRADS,
+    HostReads,
     assert_kl_at_least_as_accurate,
     assert_parity,
     confident_hidden_states,
@@ -519,3 +520,22 @@ def test_gemm_fallback_without_out_dtype_warns_once(monkeypatch):
             assert not head._mm_out_dtype_supported(torch.bfloat16, torch.float32)
     finally:
         head._mm_out_dtype_supported.cache_clear()
+
+
+@pytest.mark.parametrize("path", ["chunked", "tiled"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_host_read_per_call_on_the_gpu_path(monkeypatch, path, reduction):
+    """The Triton path reads the device once per forward + backward: check_values (label range, a
+    num_items_in_batch tensor's sign, the predicted-row count that compacts the rows), nothing in backward."""
+    monkeypatch.setattr("fastmtt.reduction.reads_are_free", lambda tensor: False)
+    inputs, labels, trainable = fused_linear_inputs(21, bias=True, lora=True, weight_grad=True)
+    leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in inputs.items()}
+    num_items = torch.tensor(30) if reduction == "mean" else None
+    with HostReads() as host:
+        loss = fastmtt.fused_linear_mtt_loss(leaves["hidden"], leaves["base_hidden"], leaves["weight"], labels,
+                                             bias=leaves["bias"], lora_A=leaves["lora_A"], lora_B=leaves["lora_B"],
+                                             lam=0.5, reduction=reduction, num_items_in_batch=num_items,
+                                             backend="triton", tiled=path == "tiled", chunk_size=16)
+        (loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
+    assert len(host.reads) == 1, host.reads
+    assert all(leaves[k].grad.abs().sum() > 0 for k in trainable)

@@ -18,7 +18,14 @@ from typing import Optional, Union
 
 import torch
 
-from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
+from fastmtt._checks import (
+    check_float_tensor,
+    check_labels,
+    check_num_items,
+    check_same_device,
+    check_values,
+    check_vocab_parallel,
+)
 from fastmtt._dispatch import implementation, resolve_backend
 from fastmtt.head import LinearHead
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
@@ -229,7 +236,7 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
     check_num_items(num_items_in_batch, options.reduction)
     vocab_size, hidden_size = head.weight.shape
     check_vocab_parallel(vocab_parallel, "weight", vocab_size)
-    check_labels(labels, hidden.shape[:-1], vocab_size if vocab_parallel is None else None, options.ignore_index)
+    check_labels(labels, hidden.shape[:-1])
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -237,6 +244,8 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
         raise ValueError(f"grad_threshold must be None or >= 0, got {grad_threshold!r}")
     if not isinstance(tiled, bool):
         raise TypeError(f"tiled must be a bool, got {tiled!r}")
+    n_predicted = check_values(labels, vocab_size if vocab_parallel is None else None, options.ignore_index,
+                               num_items_in_batch, count_predicted=True)
 
     backend = resolve_backend(backend, hidden, head.weight)
     if tiled and backend != "triton":
@@ -248,7 +257,9 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
     scale = gradient_scale(options.reduction, flat_labels, options.ignore_index, num_items_in_batch, hidden.device,
                            accumulator_dtype(hidden))
     # Only predicted rows enter the products; 'none' puts the ignored rows' zeros back afterwards.
-    kept = (flat_labels != options.ignore_index).nonzero().squeeze(1)
+    predicted = flat_labels != options.ignore_index
+    kept = predicted.nonzero() if n_predicted is None else torch.nonzero_static(predicted, size=n_predicted)
+    kept = kept.squeeze(1)
     compact = kept.numel() < flat_labels.numel()
     if compact:
         flat_hidden, flat_base, flat_labels = (t.index_select(0, kept) for t in (flat_hidden, flat_base, flat_labels))
