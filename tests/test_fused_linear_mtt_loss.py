@@ -498,28 +498,44 @@ def test_double_backward_raises_naming_the_op(backend, tiled):
         grad.square().sum().backward()
 
 
-def test_gemm_fallback_without_out_dtype_warns_once(monkeypatch):
-    """No silent slow path: a GPU whose torch.mm lacks out_dtype makes the chunked path widen its inputs
-    (a slower GEMM); the probe says so once, with the reason."""
+@pytest.mark.parametrize("op", ["mm", "addmm"])
+def test_gemm_fallback_without_out_dtype_warns_once(monkeypatch, op):
+    """No silent slow path: a GPU whose torch.mm (logits) or torch.addmm (weight gradients) lacks out_dtype
+    makes the chunked path widen its inputs (a slower GEMM); the probe says so once, with the reason."""
     import warnings
 
     from fastmtt import head
 
-    def mm_without_out_dtype(*args, out_dtype=None):
+    def gemm_without_out_dtype(*args, out_dtype=None, **kwargs):
         raise RuntimeError("out_dtype is not supported here\nsecond line")
 
-    ones = torch.ones
-    monkeypatch.setattr(torch, "ones", lambda *shape, device=None, **kw: ones(*shape, **kw))
-    monkeypatch.setattr(torch, "mm", mm_without_out_dtype)
-    head._mm_out_dtype_supported.cache_clear()
+    def on_the_cpu(make):
+        return lambda *shape, device=None, **kw: make(*shape, **kw)
+
+    for name in ("ones", "zeros"):
+        monkeypatch.setattr(torch, name, on_the_cpu(getattr(torch, name)))
+    monkeypatch.setattr(torch, op, gemm_without_out_dtype)
+    head._out_dtype_supported.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"out_dtype is not supported here\); the fused linear loss widens"):
-            assert not head._mm_out_dtype_supported(torch.bfloat16, torch.float32)
+        with pytest.warns(RuntimeWarning, match=rf"torch.{op}\(out_dtype=torch.float32\) is unavailable .*"
+                                                r"out_dtype is not supported here\); the fused linear loss widens"):
+            assert not head._out_dtype_supported(op, torch.bfloat16, torch.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not head._mm_out_dtype_supported(torch.bfloat16, torch.float32)
+            assert not head._out_dtype_supported(op, torch.bfloat16, torch.float32)
     finally:
-        head._mm_out_dtype_supported.cache_clear()
+        head._out_dtype_supported.cache_clear()
+
+
+def test_accumulate_matmul_adds_the_fp32_product_of_16_bit_inputs():
+    from fastmtt.head import accumulate_matmul
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in ((33, 20), (20, 17)))
+    total = torch.randn(33, 17, generator=gen)
+    want = total + 0.5 * (a.double() @ b.double()).float()
+    got = accumulate_matmul(total, a, b, alpha=0.5)
+    assert got is total and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", ["chunked", "tiled"])
