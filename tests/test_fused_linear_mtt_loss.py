@@ -555,3 +555,17 @@ def test_one_host_read_per_call_on_the_gpu_path(monkeypatch, path, reduction):
         (loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
     assert len(host.reads) == 1, host.reads
     assert all(leaves[k].grad.abs().sum() > 0 for k in trainable)
+
+
+@pytest.mark.parametrize("n_rows, vocab, free_gib, chunks", [(8192, 128256, 100, 3), (8192, 128256, 4, 5),
+                                                               (300, 32000, 80, 1), (100_000, 151936, 80, 36)])
+def test_default_gpu_chunks_are_equal_multiples_of_128_within_the_memory(n_rows, vocab, free_gib, chunks):
+    from fastmtt.pytorch.fused_linear_mtt_loss import SLAB_BYTES_PER_ENTRY, default_chunk_size
+
+    free = free_gib << 30
+    rows = default_chunk_size(n_rows, 4096, vocab, torch.device("cuda"), free_bytes=free)
+    sizes = [min(rows, n_rows - start) for start in range(0, n_rows, rows)]
+    assert rows % 128 == 0 and len(sizes) == chunks
+    assert sizes[0] - sizes[-1] < 128 * chunks  # equal but for the rounding to 128 rows
+    assert rows * vocab * SLAB_BYTES_PER_ENTRY <= max(min(1 << 32, free // 2), 1024 * vocab * SLAB_BYTES_PER_ENTRY)
+    assert rows >= min(1024, -(-n_rows // 128) * 128)

@@ -205,11 +205,12 @@ def fused_linear_mtt_loss(
     adapted side only), labels [...] aligned with the rows. weight, bias, lora_A, lora_B get gradients
     when they require them. softcap c: logits c * tanh(x / c) on both sides.
     tiled=False (default): the chunked path; chunk_size rows per chunk (default `default_chunk_size`: on
-    a GPU about 1.5 GiB of fp32 slabs, at least 1024 rows). tiled=True: the tiled Triton kernels (least
-    memory, about 5/3 the matrix work); grad_threshold applies there with lam = 0 only (skips tiles whose
-    |dL/dz| is below it; None: 2**-12 for fp16/bf16, 0 for fp32). vocab_parallel=VocabParallel(start, stop):
-    weight, bias and lora_B hold this rank's vocabulary rows [start, stop), labels are global ids; the ranks
-    exchange per-row statistics and sum dh (and dA) unless told not to. Other arguments as in `mtt_loss`.
+    a GPU equal chunks in multiples of 128 rows whose slabs take at most half the free memory and 4 GiB).
+    tiled=True: the tiled Triton kernels (least memory, about 5/3 the matrix work); grad_threshold applies
+    there with lam = 0 only (skips tiles whose |dL/dz| is below it; None: 2**-12 for fp16/bf16, 0 for fp32).
+    vocab_parallel=VocabParallel(start, stop): weight, bias and lora_B hold this rank's vocabulary rows [start,
+    stop), labels are global ids; the ranks exchange per-row statistics and sum dh (and dA) unless told not to.
+    Other arguments as in `mtt_loss`.
     """
     options = MTTOptions(lam=lam, temperature=temperature, direction=direction, mask_target=mask_target,
                          ignore_index=ignore_index, reduction=reduction, ce_weight=ce_weight)
