@@ -46,22 +46,26 @@ def check_values(labels, n_cols, ignore_index, num_items_in_batch=None, *, count
     """
     if torch.compiler.is_compiling():
         return None
-    values = []
+    reads = {}  # name -> 0-d device tensor, read in one transfer
     if labels.numel():
         out_of_range = (labels < 0) if n_cols is None else (labels < 0) | (labels >= n_cols)
         bad = ((labels != ignore_index) & out_of_range).reshape(-1)
-        values += [bad.any(), labels.reshape(-1)[bad.to(torch.int8).argmax()]]
+        reads.update(any_bad=bad.any(), first_bad=labels.reshape(-1)[bad.to(torch.int8).argmax()])
     if isinstance(num_items_in_batch, torch.Tensor):
-        values.append(num_items_in_batch.reshape(()) < 0)
+        reads["negative_items"] = num_items_in_batch.reshape(()) < 0
     if count_predicted:
-        values.append((labels != ignore_index).sum())
-    values = torch.stack([v.to(device=labels.device, dtype=torch.int64) for v in values]).tolist() if values else []
-    if labels.numel() and values[0]:
+        reads["predicted"] = (labels != ignore_index).sum()
+    if not reads:
+        return None
+    values = dict(zip(reads, torch.stack([v.to(device=labels.device, dtype=torch.int64)
+                                          for v in reads.values()]).tolist()))
+    if values.get("any_bad"):
         valid = f"[0, {n_cols})" if n_cols is not None else ">= 0"
-        raise ValueError(f"labels must lie in {valid} or equal ignore_index={ignore_index}, found {values[1]}")
-    if isinstance(num_items_in_batch, torch.Tensor) and values[2 if labels.numel() else 0]:
+        raise ValueError(f"labels must lie in {valid} or equal ignore_index={ignore_index}, "
+                         f"found {values['first_bad']}")
+    if values.get("negative_items"):
         raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch!r}")
-    return values[-1] if count_predicted else None
+    return values.get("predicted")
 
 
 def check_num_items(num_items_in_batch, reduction):
