@@ -25,29 +25,52 @@ def check_same_device(**tensors):
         raise ValueError(f"all tensors must be on one device, got {listing}")
 
 
-def check_labels(labels, shape, n_cols, ignore_index):
-    """labels: `shape` integers in [0, n_cols) or ignore_index (n_cols None: a vocabulary split across ranks,
-    only >= 0 is checked here; a label no rank holds makes its row NaN). The range check reads the values
-    (a device sync on CUDA) except under torch.compile, where the kernels' NaN poisoning remains."""
+def check_labels(labels, shape):
+    """labels: an integer tensor of `shape` (its values are read by `check_values`)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"labels must have shape {tuple(shape)} to match the rows, got {tuple(labels.shape)}")
-    if labels.numel() and not torch.compiler.is_compiling():
+
+
+def check_values(labels, n_cols, ignore_index, num_items_in_batch=None, *, count_predicted=False):
+    """The one host read of an op's call (a device sync on CUDA; nothing is read under torch.compile, where
+    the kernels' NaN poisoning of a bad label's row remains): labels must lie in [0, n_cols) or equal
+    ignore_index (n_cols None: a vocabulary split across ranks, only >= 0 is checked; a label no rank
+    holds makes its row NaN), and a num_items_in_batch tensor must be >= 0.
+
+    Returns:
+        The number of labels other than ignore_index when count_predicted (None under torch.compile), else None.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    reads = {}  # name -> 0-d device tensor, read in one transfer
+    if labels.numel():
         out_of_range = (labels < 0) if n_cols is None else (labels < 0) | (labels >= n_cols)
-        bad = (labels != ignore_index) & out_of_range
-        if bool(bad.any()):
-            value = int(labels[bad][0])
-            valid = f"[0, {n_cols})" if n_cols is not None else ">= 0"
-            raise ValueError(f"labels must lie in {valid} or equal ignore_index={ignore_index}, found {value}")
+        bad = ((labels != ignore_index) & out_of_range).reshape(-1)
+        reads.update(any_bad=bad.any(), first_bad=labels.reshape(-1)[bad.to(torch.int8).argmax()])
+    if isinstance(num_items_in_batch, torch.Tensor):
+        reads["negative_items"] = num_items_in_batch.reshape(()) < 0
+    if count_predicted:
+        reads["predicted"] = (labels != ignore_index).sum()
+    if not reads:
+        return None
+    values = dict(zip(reads, torch.stack([v.to(device=labels.device, dtype=torch.int64)
+                                          for v in reads.values()]).tolist()))
+    if values.get("any_bad"):
+        valid = f"[0, {n_cols})" if n_cols is not None else ">= 0"
+        raise ValueError(f"labels must lie in {valid} or equal ignore_index={ignore_index}, "
+                         f"found {values['first_bad']}")
+    if values.get("negative_items"):
+        raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch!r}")
+    return values.get("predicted")
 
 
 def check_num_items(num_items_in_batch, reduction):
     """num_items_in_batch: None, or (with reduction 'mean') a non-negative integer: an int, a numpy integer or
-    a one-element integer tensor. Floats (3.0 too) and bools are refused. A tensor's sign is read (a device
-    sync on CUDA) except under torch.compile."""
+    a one-element integer tensor (whose sign `check_values` reads). Floats (3.0 too) and bools are refused."""
     if num_items_in_batch is None:
         return
     if reduction != "mean":
@@ -56,12 +79,10 @@ def check_num_items(num_items_in_batch, reduction):
     if isinstance(count, torch.Tensor):
         if count.numel() != 1 or count.is_floating_point() or count.is_complex() or count.dtype == torch.bool:
             raise ValueError(f"num_items_in_batch must be one integer, got {count!r}")
-        negative = not torch.compiler.is_compiling() and bool(count < 0)
-    elif isinstance(count, bool) or not isinstance(count, Integral):
+        return
+    if isinstance(count, bool) or not isinstance(count, Integral):
         raise ValueError(f"num_items_in_batch must be a non-negative integer, got {count!r}")
-    else:
-        negative = count < 0
-    if negative:
+    if count < 0:
         raise ValueError(f"num_items_in_batch must be >= 0, got {count!r}")
 
 

@@ -67,21 +67,36 @@ def matmul_to(a, b, dtype):
     (exact for 16-bit values, so the result is the same fp32 sum of exact products)."""
     if a.dtype == dtype:
         return a @ b
-    if a.is_cuda and _mm_out_dtype_supported(a.dtype, dtype):
+    if a.is_cuda and _out_dtype_supported("mm", a.dtype, dtype):
         return torch.mm(a, b, out_dtype=dtype)
     return a.to(dtype) @ b.to(dtype)
 
 
+def accumulate_matmul(total, a, b, alpha=1.0):
+    """total += alpha * a @ b in place, total wider (fp32) than 16-bit a, b: cuBLAS multiplies the 16-bit
+    inputs on tensor cores and accumulates in fp32 straight into total where torch supports it
+    (torch.addmm(..., out_dtype, out=total)); elsewhere on widened copies (the same exact products)."""
+    if a.dtype == total.dtype:
+        return total.addmm_(a, b, alpha=alpha)
+    if a.is_cuda and _out_dtype_supported("addmm", a.dtype, total.dtype):
+        return torch.addmm(total, a, b, out_dtype=total.dtype, alpha=alpha, out=total)
+    return total.addmm_(a.to(total.dtype), b.to(total.dtype), alpha=alpha)
+
+
 @functools.cache
-def _mm_out_dtype_supported(in_dtype, out_dtype) -> bool:
-    """Whether torch.mm(..., out_dtype=out_dtype) runs on this GPU for in_dtype inputs; warns once (per
-    dtype pair) with the reason when not, since the fallback is a GEMM on widened copies, several
-    times slower (no 16-bit tensor cores)."""
+def _out_dtype_supported(op, in_dtype, out_dtype) -> bool:
+    """Whether torch.mm / torch.addmm (op) with out_dtype=out_dtype runs on this GPU for in_dtype inputs;
+    warns once (per op and dtype pair) with the reason when not, since the fallback is a GEMM on widened
+    copies, several times slower (no 16-bit tensor cores)."""
     ones = torch.ones(16, 16, dtype=in_dtype, device="cuda")
     try:
-        torch.mm(ones, ones, out_dtype=out_dtype)
+        if op == "mm":
+            torch.mm(ones, ones, out_dtype=out_dtype)
+        else:
+            total = torch.zeros(16, 16, dtype=out_dtype, device="cuda")
+            torch.addmm(total, ones, ones, out_dtype=out_dtype, out=total)
     except (TypeError, RuntimeError) as error:
-        warnings.warn(f"fastmtt: torch.mm(out_dtype={out_dtype}) is unavailable for {in_dtype} inputs "
+        warnings.warn(f"fastmtt: torch.{op}(out_dtype={out_dtype}) is unavailable for {in_dtype} inputs "
                       f"({str(error).splitlines()[0]}); the fused linear loss widens its inputs to {out_dtype} "
                       "for every chunk instead, a slower GEMM", RuntimeWarning, stacklevel=2)
         return False

@@ -99,11 +99,17 @@ def take_gradients(ctx, grad_output):
 
 
 def take_gradients_of(grad, grad_output):
-    """A gradient buffer this backward owns, scaled in place by the upstream gradient (left as it is for
-    an upstream of exactly 1)."""
-    if grad_output.dim() == 0 and not torch.compiler.is_compiling() and not bool(grad_output != 1):
+    """A gradient buffer this backward owns, scaled in place by the upstream gradient (on the CPU left as it
+    is for an upstream of exactly 1; on a GPU always scaled, as reading the upstream would be a host sync)."""
+    if grad_output.dim() == 0 and reads_are_free(grad_output) and not bool(grad_output != 1):
         return grad
     return grad.mul_(_per_row(grad_output, grad))
+
+
+def reads_are_free(tensor) -> bool:
+    """Whether reading a value of `tensor` on the host costs nothing: a CPU tensor outside torch.compile (on
+    a GPU it is a host sync, which also blocks CUDA graphs)."""
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _per_row(grad_output, grad):

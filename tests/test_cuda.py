@@ -129,3 +129,20 @@ def test_tiled_backward_refuses_deterministic_mode():
         assert torch.equal(first, again)
     finally:
         torch.use_deterministic_algorithms(False)
+
+
+def test_16_bit_gemms_accumulate_in_fp32_on_tensor_cores_without_a_fallback():
+    """The chunked path's GEMMs with a wider output (logits, weight gradients) take cuBLAS's out_dtype route
+    on this GPU: no fallback warning, and the fp32 sum of exact products."""
+    import warnings
+
+    from fastmtt.head import accumulate_matmul, matmul_to
+
+    a, b = (torch.randn(shape, device="cuda").to(torch.bfloat16) for shape in ((1024, 4096), (4096, 2048)))
+    want = a.double() @ b.double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        product = matmul_to(a, b, torch.float32)
+        total = accumulate_matmul(torch.ones(1024, 2048, device="cuda"), a, b, alpha=0.5)
+    assert torch.allclose(product.double(), want, rtol=1e-5, atol=1e-3)
+    assert torch.allclose(total.double(), 1 + 0.5 * want, rtol=1e-5, atol=1e-3)

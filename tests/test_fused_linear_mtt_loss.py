@@ -12,6 +12,7 @@ from fastmtt.options import DIRECTIONS
 from tests.utils import (
     DTYPES,
     FUSED_LINEAR_GRADS,
+    HostReads,
     assert_kl_at_least_as_accurate,
     assert_parity,
     confident_hidden_states,
@@ -497,25 +498,74 @@ def test_double_backward_raises_naming_the_op(backend, tiled):
         grad.square().sum().backward()
 
 
-def test_gemm_fallback_without_out_dtype_warns_once(monkeypatch):
-    """No silent slow path: a GPU whose torch.mm lacks out_dtype makes the chunked path widen its inputs
-    (a slower GEMM); the probe says so once, with the reason."""
+@pytest.mark.parametrize("op", ["mm", "addmm"])
+def test_gemm_fallback_without_out_dtype_warns_once(monkeypatch, op):
+    """No silent slow path: a GPU whose torch.mm (logits) or torch.addmm (weight gradients) lacks out_dtype
+    makes the chunked path widen its inputs (a slower GEMM); the probe says so once, with the reason."""
     import warnings
 
     from fastmtt import head
 
-    def mm_without_out_dtype(*args, out_dtype=None):
+    def gemm_without_out_dtype(*args, out_dtype=None, **kwargs):
         raise RuntimeError("out_dtype is not supported here\nsecond line")
 
-    ones = torch.ones
-    monkeypatch.setattr(torch, "ones", lambda *shape, device=None, **kw: ones(*shape, **kw))
-    monkeypatch.setattr(torch, "mm", mm_without_out_dtype)
-    head._mm_out_dtype_supported.cache_clear()
+    def on_the_cpu(make):
+        return lambda *shape, device=None, **kw: make(*shape, **kw)
+
+    for name in ("ones", "zeros"):
+        monkeypatch.setattr(torch, name, on_the_cpu(getattr(torch, name)))
+    monkeypatch.setattr(torch, op, gemm_without_out_dtype)
+    head._out_dtype_supported.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match=r"out_dtype is not supported here\); the fused linear loss widens"):
-            assert not head._mm_out_dtype_supported(torch.bfloat16, torch.float32)
+        with pytest.warns(RuntimeWarning, match=rf"torch.{op}\(out_dtype=torch.float32\) is unavailable .*"
+                                                r"out_dtype is not supported here\); the fused linear loss widens"):
+            assert not head._out_dtype_supported(op, torch.bfloat16, torch.float32)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            assert not head._mm_out_dtype_supported(torch.bfloat16, torch.float32)
+            assert not head._out_dtype_supported(op, torch.bfloat16, torch.float32)
     finally:
-        head._mm_out_dtype_supported.cache_clear()
+        head._out_dtype_supported.cache_clear()
+
+
+def test_accumulate_matmul_adds_the_fp32_product_of_16_bit_inputs():
+    from fastmtt.head import accumulate_matmul
+
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randn(shape, generator=gen).to(torch.bfloat16) for shape in ((33, 20), (20, 17)))
+    total = torch.randn(33, 17, generator=gen)
+    want = total + 0.5 * (a.double() @ b.double()).float()
+    got = accumulate_matmul(total, a, b, alpha=0.5)
+    assert got is total and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["chunked", "tiled"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_one_host_read_per_call_on_the_gpu_path(monkeypatch, path, reduction):
+    """The Triton path reads the device once per forward + backward: check_values (label range, a
+    num_items_in_batch tensor's sign, the predicted-row count that compacts the rows), nothing in backward."""
+    monkeypatch.setattr("fastmtt.reduction.reads_are_free", lambda tensor: False)
+    inputs, labels, trainable = fused_linear_inputs(21, bias=True, lora=True, weight_grad=True)
+    leaves = {k: v.clone().requires_grad_(k in trainable) for k, v in inputs.items()}
+    num_items = torch.tensor(30) if reduction == "mean" else None
+    with HostReads() as host:
+        loss = fastmtt.fused_linear_mtt_loss(leaves["hidden"], leaves["base_hidden"], leaves["weight"], labels,
+                                             bias=leaves["bias"], lora_A=leaves["lora_A"], lora_B=leaves["lora_B"],
+                                             lam=0.5, reduction=reduction, num_items_in_batch=num_items,
+                                             backend="triton", tiled=path == "tiled", chunk_size=16)
+        (loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
+    assert len(host.reads) == 1, host.reads
+    assert all(leaves[k].grad.abs().sum() > 0 for k in trainable)
+
+
+@pytest.mark.parametrize("n_rows, vocab, free_gib, chunks", [(8192, 128256, 100, 3), (8192, 128256, 4, 5),
+                                                               (300, 32000, 80, 1), (100_000, 151936, 80, 36)])
+def test_default_gpu_chunks_are_equal_multiples_of_128_within_the_memory(n_rows, vocab, free_gib, chunks):
+    from fastmtt.ops.chunked_linear_mtt import SLAB_BYTES_PER_ENTRY, default_chunk_size
+
+    free = free_gib << 30
+    rows = default_chunk_size(n_rows, 4096, vocab, torch.device("cuda"), free_bytes=free)
+    sizes = [min(rows, n_rows - start) for start in range(0, n_rows, rows)]
+    assert rows % 128 == 0 and len(sizes) == chunks
+    assert sizes[0] - sizes[-1] < 128 * chunks  # equal but for the rounding to 128 rows
+    assert rows * vocab * SLAB_BYTES_PER_ENTRY <= max(min(1 << 32, free // 2), 1024 * vocab * SLAB_BYTES_PER_ENTRY)
+    assert rows >= min(1024, -(-n_rows // 128) * 128)

@@ -13,6 +13,7 @@ from fastmtt.options import DIRECTIONS
 from tests.utils import (
     DTYPES,
     ROW_IMPLEMENTATIONS,
+    HostReads,
     assert_kl_at_least_as_accurate,
     assert_parity,
     assert_parity_relative_to_scale,
@@ -673,3 +674,19 @@ def test_counts_and_ignore_index_as_numpy_integers_and_integer_tensors():
     for index in (True, 2.0, np.float64(-1.0)):
         with pytest.raises(TypeError, match="ignore_index must be an int"):
             fastmtt.MTTOptions(ignore_index=index)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_one_host_read_per_call_on_the_gpu_path(monkeypatch, reduction):
+    """The Triton path reads the device once per forward + backward (check_values: the label range and a
+    num_items_in_batch tensor's sign), and not in backward, even for an upstream gradient that is not 1."""
+    monkeypatch.setattr("fastmtt.reduction.reads_are_free", lambda tensor: False)
+    logits, base, labels = mtt_inputs(19, 70, torch.float32, seed=5)
+    logits.requires_grad_(True)
+    num_items = torch.tensor(11) if reduction == "mean" else None
+    with HostReads() as host:
+        loss = fastmtt.mtt_loss(logits, base, labels, lam=0.5, reduction=reduction, num_items_in_batch=num_items,
+                                backend="triton")
+        (loss * torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)).sum().backward()
+    assert len(host.reads) == 1, host.reads
+    assert logits.grad.abs().sum() > 0

@@ -5,6 +5,7 @@ import gc
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
+from torch.utils._python_dispatch import TorchDispatchMode
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -335,3 +336,25 @@ def close_gloo():
     dist.barrier()
     gc.collect()
     dist.destroy_process_group()
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that read device values on the host (a sync on CUDA) while active, as `reads`:
+    (op, fastmtt file:line) pairs. Use with the Triton backend (the kernels' host code is the CUDA path's)
+    and `fastmtt.reduction.reads_are_free` patched to False (CPU-only shortcuts read, the GPU path does not)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "is_nonzero", "equal", "masked_select", "unique", "_unique2",
+               "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in self.SYNCING:
+            import traceback
+
+            frames = [f for f in traceback.extract_stack() if "/fastmtt/" in f.filename or "/kernels/" in f.filename]
+            self.reads.append((name, f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"))
+        return func(*args, **(kwargs or {}))

@@ -10,24 +10,40 @@ from __future__ import annotations
 
 import torch
 
-from fastmtt.head import LinearGrads, LinearHead
+from fastmtt.head import LinearGrads, LinearHead, accumulate_matmul
 from fastmtt.partials import N_STATS
 from fastmtt.reduction import accumulator_dtype
 
 MIN_CHUNK_ROWS_CPU = 256
-MIN_CHUNK_ROWS_GPU = 1024
-GPU_SLAB_BYTES = 3 << 29  # 1.5 GiB for both fp32 slabs and the gradient of a chunk
+MIN_CHUNK_ROWS_GPU = 1024  # the dh product [rows, V] x [V, H] stays large enough to fill the GPU
+GPU_CHUNK_ROWS_MULTIPLE = 128  # a GEMM tile's rows
+GPU_SLAB_BYTES_CAP = 1 << 32  # 4 GiB for both fp32 slabs and the 16-bit gradient of a chunk
+SLAB_BYTES_PER_ENTRY = 10  # fp32 adapted + fp32 base logits + 16-bit gradient
 
 
-def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int, device: torch.device) -> int:
-    """Rows per chunk, a multiple of 16. GPU: the slabs of a chunk near GPU_SLAB_BYTES, at least
-    MIN_CHUNK_ROWS_GPU rows (the dh product stays large enough to avoid split-K). CPU: a [rows, V] slab
-    about the size of the hidden states [N, H], at least MIN_CHUNK_ROWS_CPU rows."""
-    if device.type == "cuda":
-        rows = max(MIN_CHUNK_ROWS_GPU, GPU_SLAB_BYTES // (10 * max(vocab_size, 1)))
-    else:
-        rows = max(MIN_CHUNK_ROWS_CPU, -(-n_rows * hidden_size // max(vocab_size, 1)))
-    return -(-rows // 16) * 16
+def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int, device: torch.device,
+                       free_bytes: int | None = None) -> int:
+    """Rows per chunk of the chunked path.
+
+    GPU: equal chunks in multiples of 128 rows, as few as fit a slab budget of half the free memory
+    (`free_bytes`, default: free in the driver plus free in torch's cache), capped at GPU_SLAB_BYTES_CAP, and
+    at least MIN_CHUNK_ROWS_GPU rows. CPU: a multiple of 16 near a [rows, V] slab the size of the hidden
+    states [N, H], at least MIN_CHUNK_ROWS_CPU rows.
+    """
+    vocab_size = max(vocab_size, 1)
+    if device.type != "cuda":
+        rows = max(MIN_CHUNK_ROWS_CPU, -(-n_rows * hidden_size // vocab_size))
+        return -(-rows // 16) * 16
+    if free_bytes is None:
+        driver_free, _ = torch.cuda.mem_get_info(device)
+        free_bytes = driver_free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    budget = min(GPU_SLAB_BYTES_CAP, free_bytes // 2)
+    multiple = GPU_CHUNK_ROWS_MULTIPLE
+    max_rows = max(MIN_CHUNK_ROWS_GPU, budget // (SLAB_BYTES_PER_ENTRY * vocab_size) // multiple * multiple)
+    n_rows = max(n_rows, 1)
+    n_chunks = -(-n_rows // max_rows)
+    rows_per_chunk = -(-n_rows // n_chunks)
+    return -(-rows_per_chunk // multiple) * multiple
 
 
 def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options, *, rows_fn, need_kl, scale,
@@ -35,7 +51,8 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options, *
     """Per-row statistics [N_STATS, N] and the gradients flagged in `needs` (a LinearGrads of bools) of
     sum_i w_i * scale * loss_i, w = row_weights (else 1), as a LinearGrads (None where not flagged). rows_fn:
     the MTT row function (`fastmtt.ops.mtt_loss.row_function`). Parameter gradients accumulate in fp32
-    (fp64 for fp64 inputs)."""
+    (fp64 for fp64 inputs) from products of the inputs' dtype (16-bit GEMMs on a GPU; the slab gradient is
+    stored in the inputs' dtype)."""
     n_rows, hidden_size = hidden.shape
     vocab_size = head.weight.shape[0]
     acc = accumulator_dtype(hidden)
@@ -74,15 +91,13 @@ def chunked_linear_mtt(hidden, base_hidden, labels, head: LinearHead, options, *
             if needs.hidden:
                 d_hidden[rows].addmm_(grad_B.to(d_hidden.dtype), head.lora_A.to(d_hidden.dtype), alpha=head.scaling)
             if needs.lora_A:
-                d_lora_A.addmm_(grad_B.T.to(acc), h.to(acc), alpha=head.scaling)
-        if needs.weight or needs.bias or needs.lora_B:
-            grad_acc = grad.to(acc)
-            if needs.weight:
-                d_weight.addmm_(grad_acc.T, h.to(acc))
-            if needs.bias:
-                d_bias.add_(grad_acc.sum(0))
-            if needs.lora_B:
-                d_lora_B.addmm_(grad_acc.T, lora_h.to(acc), alpha=head.scaling)
+                accumulate_matmul(d_lora_A, grad_B.T, h, alpha=head.scaling)
+        if needs.weight:
+            accumulate_matmul(d_weight, grad_mm.T, h)
+        if needs.bias:
+            d_bias.add_(grad.sum(0, dtype=acc))
+        if needs.lora_B:
+            accumulate_matmul(d_lora_B, grad_mm.T, lora_h, alpha=head.scaling)
 
     stats = torch.cat(stats, dim=1) if stats else torch.zeros(N_STATS, 0, dtype=acc, device=device)
     accumulated = (d_weight, d_bias, d_lora_A, d_lora_B)

@@ -18,7 +18,14 @@ from typing import Optional, Union
 
 import torch
 
-from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
+from fastmtt._checks import (
+    check_float_tensor,
+    check_labels,
+    check_num_items,
+    check_same_device,
+    check_values,
+    check_vocab_parallel,
+)
 from fastmtt._dispatch import resolve_backend
 from fastmtt.head import LinearGrads, LinearHead
 from fastmtt.ops.chunked_linear_mtt import chunked_linear_mtt, default_chunk_size
@@ -218,8 +225,8 @@ def fused_linear_mtt_loss(
             return_components, backend: as in `mtt_loss`.
         tiled: False (default): the chunked path. True: the tiled Triton kernels (least memory, about 5/3
             the matrix work; CUDA, or backend="triton" with TRITON_INTERPRET=1).
-        chunk_size: rows per chunk of the chunked path (default None: `default_chunk_size`, on a GPU about
-            1.5 GiB of fp32 slabs, at least 1024 rows).
+        chunk_size: rows per chunk of the chunked path (default None: `default_chunk_size`, on a GPU equal
+            chunks in multiples of 128 rows whose slabs take at most half the free memory and 4 GiB).
         grad_threshold: tiled path with lam = 0 only: skips tiles whose |dL/dz| is below it (default None:
             2**-12 for fp16/bf16, 0 for fp32).
         vocab_parallel: a VocabParallel(start, stop): weight, bias and lora_B hold this rank's vocabulary
@@ -278,7 +285,7 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
     check_num_items(num_items_in_batch, options.reduction)
     vocab_size, hidden_size = head.weight.shape
     check_vocab_parallel(vocab_parallel, "weight", vocab_size)
-    check_labels(labels, hidden.shape[:-1], vocab_size if vocab_parallel is None else None, options.ignore_index)
+    check_labels(labels, hidden.shape[:-1])
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -286,6 +293,8 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
         raise ValueError(f"grad_threshold must be None or >= 0, got {grad_threshold!r}")
     if not isinstance(tiled, bool):
         raise TypeError(f"tiled must be a bool, got {tiled!r}")
+    n_predicted = check_values(labels, vocab_size if vocab_parallel is None else None, options.ignore_index,
+                               num_items_in_batch, count_predicted=True)
 
     backend = resolve_backend(backend, hidden, head.weight)
     if tiled and backend != "triton":
@@ -297,7 +306,9 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
     scale = gradient_scale(options.reduction, flat_labels, options.ignore_index, num_items_in_batch, hidden.device,
                            accumulator_dtype(hidden))
     # Only predicted rows enter the products; 'none' puts the ignored rows' zeros back afterwards.
-    kept = (flat_labels != options.ignore_index).nonzero().squeeze(1)
+    predicted = flat_labels != options.ignore_index
+    kept = predicted.nonzero() if n_predicted is None else torch.nonzero_static(predicted, size=n_predicted)
+    kept = kept.squeeze(1)
     compact = kept.numel() < flat_labels.numel()
     if compact:
         flat_hidden, flat_base, flat_labels = (t.index_select(0, kept) for t in (flat_hidden, flat_base, flat_labels))

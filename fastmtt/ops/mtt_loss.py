@@ -7,7 +7,14 @@ from typing import Optional, Union
 
 import torch
 
-from fastmtt._checks import check_float_tensor, check_labels, check_num_items, check_same_device, check_vocab_parallel
+from fastmtt._checks import (
+    check_float_tensor,
+    check_labels,
+    check_num_items,
+    check_same_device,
+    check_values,
+    check_vocab_parallel,
+)
 from fastmtt._dispatch import resolve_backend
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
@@ -253,9 +260,10 @@ def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, n
     check_same_device(logits=logits, base_logits=base_logits, labels=labels)
     check_num_items(num_items_in_batch, options.reduction)
     check_vocab_parallel(vocab_parallel, "logits", n_cols)
-    check_labels(labels, logits.shape[:-1], n_cols if vocab_parallel is None else None, options.ignore_index)
+    check_labels(labels, logits.shape[:-1])
     if not isinstance(overwrite_logits, bool):
         raise TypeError(f"overwrite_logits must be a bool, got {overwrite_logits!r}")
+    check_values(labels, n_cols if vocab_parallel is None else None, options.ignore_index, num_items_in_batch)
 
     backend = resolve_backend(backend, logits, base_logits)
     flat_logits, flat_base = _flat_rows(logits, base_logits, backend)
