@@ -1,12 +1,17 @@
-"""Every ```python block of README.md runs as written, on tiny local models (seconds, nothing downloaded).
+"""The documentation cannot rot: every ```python block of README.md and docs/*.md runs as written, and the
+statements the pages make about the code (which backend "auto" picks, how many kernels a call launches, which
+path refuses what) are checked here against the code.
 
-The one substitution: transformers' `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained`
-return a tiny random Llama and a word-level tokenizer, whatever model name a block gives. Each block runs in a
-fresh namespace (the README's blocks are self-contained) in a temporary working directory. Blocks that import
-trl are skipped when trl is not installed (it is not a dependency).
+Blocks run on tiny local models (seconds, nothing downloaded): transformers' `AutoModelForCausalLM.from_pretrained`
+and `AutoTokenizer.from_pretrained` return a tiny random Llama and a word-level tokenizer, whatever model name a
+block gives. Each block runs in a fresh namespace (the blocks are self-contained) in a temporary working
+directory. Blocks that import trl are skipped when trl is not installed (it is not a dependency). Code that
+needs a GPU or several processes is shown in ```text or ```bash blocks, never as a ```python block that no test
+runs.
 """
 import pathlib
 import re
+import types
 
 import pytest
 import torch
@@ -14,18 +19,20 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 VOCAB = 64
 
 
-def python_blocks():
-    """(first line number, source) of each ```python block."""
-    text = README.read_text()
+def python_blocks(page):
+    """(first line number, source) of each ```python block of a page."""
+    text = page.read_text()
     return [(text[:match.start()].count("\n") + 2, match.group(1))
             for match in re.finditer(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)]
 
 
-BLOCKS = python_blocks()
+BLOCKS = [(f"{page.relative_to(ROOT)}:{line}", source) for page in PAGES for line, source in python_blocks(page)]
 
 
 def tiny_causal_lm(*args, **kwargs):
@@ -56,20 +63,171 @@ def tiny_models(monkeypatch, tmp_path):
     torch.set_num_threads(threads)
 
 
-def test_readme_has_the_examples():
-    assert len(BLOCKS) >= 5
-    assert "MTTObjective" in BLOCKS[0][1]  # the quick start comes first
+def test_the_pages_have_their_examples():
+    readme = [source for name, source in BLOCKS if name.startswith("README.md:")]
+    assert len(readme) >= 2
+    assert "MTTObjective" in readme[0]  # the quick start comes first
+    pages = {name.split(":")[0] for name, _ in BLOCKS}
+    assert {"docs/training.md", "docs/api.md", "docs/kernels.md"} <= pages
 
 
-@pytest.mark.parametrize("line, source", BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_python_block_runs(line, source, tiny_models, capsys):
+def test_the_readme_stays_short():
+    assert len(README.read_text().splitlines()) <= 250
+
+
+def test_no_example_imports_the_apps():
+    """The apps are not a library: the examples use the public API only (docs/architecture.md)."""
+    for name, source in BLOCKS:
+        assert "fastmtt.apps" not in source, name
+
+
+def test_relative_links_point_at_files():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            path = (page.parent / target).resolve()
+            if path == (ROOT / "benchmarks" / "README.md"):  # written by the benchmark work, may land later
+                continue
+            assert path.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+
+
+@pytest.mark.parametrize("name, source", BLOCKS, ids=[name for name, _ in BLOCKS])
+def test_python_block_runs(name, source, tiny_models, capsys):
     if re.search(r"^from trl |^import trl", source, flags=re.M):
         pytest.importorskip("trl")
         pytest.importorskip("datasets")
     namespace = {"__name__": "__readme__"}
-    exec(compile(source, f"README.md:{line}", "exec"), namespace)
+    exec(compile(source, name, "exec"), namespace)
     if "for step in range(10)" in source:  # the quick start: ce falls, kl starts at 0 and grows
         steps = re.findall(r"step (\d+): ce ([\d.]+)  kl ([\d.e+-]+)", capsys.readouterr().out)
         assert len(steps) == 10
         ces, kls = [float(ce) for _, ce, _ in steps], [float(kl) for _, _, kl in steps]
         assert ces[-1] < ces[0] and kls[0] == 0 and kls[-1] > 0
+
+
+# Statements of the pages about the code.
+
+def _tensor_on(device_type, dtype=torch.float32):
+    """Stands in for a tensor where only its device and dtype matter (the backend choice)."""
+    return types.SimpleNamespace(is_cuda=device_type == "cuda", dtype=dtype,
+                                 is_floating_point=lambda: dtype.is_floating_point)
+
+
+def test_auto_backend_of_the_losses():
+    """docs/api.md, docs/kernels.md: backend="auto" of mtt_loss and fused_linear_mtt_loss is Triton for CUDA
+    tensors in fp32/fp16/bf16 and PyTorch otherwise (CPU tensors, float64)."""
+    from fastmtt._dispatch import resolve_backend, triton_available
+
+    assert triton_available()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert resolve_backend("auto", _tensor_on("cuda", dtype), _tensor_on("cuda", dtype)) == "triton"
+        assert resolve_backend("auto", torch.zeros(1, dtype=dtype)) == "torch"
+    assert resolve_backend("auto", _tensor_on("cuda", torch.float64)) == "torch"
+    assert resolve_backend("torch", _tensor_on("cuda")) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("cuda", torch.zeros(1))
+
+
+def test_auto_backend_of_lora_linear_is_pytorch_until_a_gpu_measurement(monkeypatch):
+    """README, docs/api.md, docs/kernels.md: lora_linear(backend="auto") runs the PyTorch (cuBLAS) formulation
+    on CUDA too, because no shape has been measured faster fused; backend="triton" asks for the kernel. When a
+    measurement is added to FUSED_KERNEL_MEASURED_FASTER, the pages must say where auto runs the kernel."""
+    from fastmtt.ops import lora_linear as op
+
+    assert op.FUSED_KERNEL_MEASURED_FASTER == frozenset()
+    seen = []
+    real = op.LoRALinearFunction.apply
+    monkeypatch.setattr(op.LoRALinearFunction, "apply", lambda *args: seen.append(args[-1]) or real(*args))
+    x, weight, lora_a, lora_b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
+    op.lora_linear(x, weight, lora_a, lora_b, 2.0)  # CPU tensors
+    monkeypatch.setattr(op, "resolve_backend", lambda backend, *tensors: "triton")  # what CUDA tensors resolve to
+    op.lora_linear(x, weight, lora_a, lora_b, 2.0)
+    op.lora_linear(x, weight, lora_a, lora_b, 2.0, backend="triton")
+    assert seen == ["torch", "torch", "triton"]
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the fastmtt Triton kernels launched (every launch goes through registry.Launch.run)."""
+    from fastmtt.kernels.registry import Launch
+
+    names = []
+    real = Launch.run
+    monkeypatch.setattr(Launch, "run", lambda self: names.append(self.kernel.fn.__name__) or real(self))
+    return names
+
+
+def test_launches_of_the_lora_kernel(launches):
+    """docs/kernels.md: the fused LoRA linear is two launches forward (the side product, then the GEMM with it in
+    its epilogue) and four backward (g = dy B, dx, dA, dB), dropout or not."""
+    from fastmtt import lora_linear
+
+    for dropout_p in (0.0, 0.25):
+        x = torch.randn(6, 16, requires_grad=True)
+        lora_a, lora_b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
+        y = lora_linear(x, torch.randn(8, 16), lora_a, lora_b, 2.0, dropout_p=dropout_p, backend="triton")
+        assert launches == ["_lora_project_kernel", "_lora_gemm_kernel"]
+        launches.clear()
+        y.sum().backward()
+        assert launches == ["_lora_project_kernel", "_lora_gemm_kernel", "_lora_weight_grad_kernel",
+                            "_lora_weight_grad_kernel"]
+        launches.clear()
+
+
+def test_launches_of_the_loss_kernels(launches):
+    """docs/kernels.md: mtt_loss is one launch of the row kernel, loss and gradient together, and backward
+    launches nothing; the chunked fused-linear path launches the row kernel once per chunk (the products are
+    torch matmuls); the tiled path is one launch forward and one backward."""
+    import fastmtt
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 40, requires_grad=True)
+    loss = fastmtt.mtt_loss(logits, torch.randn(6, 40), torch.randint(0, 40, (6,)), backend="triton")
+    assert launches == ["_mtt_loss_kernel"]
+    loss.backward()
+    assert launches == ["_mtt_loss_kernel"]
+    launches.clear()
+
+    hidden = torch.randn(10, 16, requires_grad=True)
+    base_hidden, weight, labels = torch.randn(10, 16), torch.randn(40, 16), torch.randint(0, 40, (10,))
+    loss = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, backend="triton", chunk_size=4)
+    loss.backward()
+    assert launches == ["_mtt_loss_kernel"] * 3  # 10 rows in chunks of 4
+    launches.clear()
+
+    loss = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, backend="triton", tiled=True)
+    assert launches == ["_linear_mtt_fwd_kernel"]
+    loss.backward()
+    assert launches == ["_linear_mtt_fwd_kernel", "_linear_mtt_bwd_kernel"]
+
+
+def test_the_tiled_path_needs_the_triton_backend():
+    """docs/api.md: tiled=True on CPU tensors without backend="triton" is a ValueError."""
+    import fastmtt
+
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    with pytest.raises(ValueError, match="tiled=True runs the Triton kernels"):
+        fastmtt.fused_linear_mtt_loss(hidden, hidden, weight, labels, tiled=True)
+
+
+def test_chunk_rows_on_the_cpu():
+    """docs/kernels.md: on the CPU a chunk is a [rows, V] slab about the size of the hidden states [N, H], at
+    least 256 rows, a multiple of 16."""
+    from fastmtt.ops import chunked_linear_mtt as chunked
+
+    cpu = torch.device("cpu")
+    assert chunked.default_chunk_size(100, 64, 1000, cpu) == 256
+    assert chunked.default_chunk_size(8192, 4096, 32000, cpu) == 1056  # ceil(8192 * 4096 / 32000) = 1049 -> 1056
+
+
+def test_chunk_rows_on_a_gpu():
+    """docs/kernels.md: on a GPU, equal chunks in multiples of 128 rows, as few as fit half the free memory
+    capped at 4 GiB of slabs (10 bytes per entry: two fp32 slabs and a 16-bit gradient), at least 1024 rows."""
+    from fastmtt.ops import chunked_linear_mtt as chunked
+
+    cuda = torch.device("cuda")
+    size = lambda n_rows, free: chunked.default_chunk_size(n_rows, 4096, 128256, cuda, free_bytes=free)  # noqa: E731
+    assert size(8192, 80 << 30) == 2816  # at most 3328 rows fit 4 GiB: 3 equal chunks of 2731 -> 2816 rows
+    assert size(8192, 2 << 30) == 1024  # 1 GiB fits 768 rows: the floor, 1024
+    assert size(1000, 80 << 30) == 1024
