@@ -81,15 +81,24 @@ def test_no_example_imports_the_apps():
         assert "fastmtt.apps" not in source, name
 
 
-def test_relative_links_point_at_files():
+def anchors(page):
+    """The anchors GitHub makes of a page's headings (lowercased; punctuation but '-' dropped; spaces to '-')."""
+    text = re.sub(r"^```.*?^```$", "", page.read_text(), flags=re.S | re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+def test_links_point_at_files_and_headings():
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text()):
             if "://" in target or target.startswith("mailto:"):
                 continue
-            path = (page.parent / target).resolve()
-            if path == (ROOT / "benchmarks" / "README.md"):  # written by the benchmark work, may land later
+            path = (page.parent / target).resolve() if target else page
+            if path == ROOT / "benchmarks" / "README.md":  # written by the benchmark work, may land later
                 continue
             assert path.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            if anchor and path.suffix == ".md":
+                assert anchor in anchors(path), f"{page.relative_to(ROOT)} links to {target}#{anchor}: no such heading"
 
 
 @pytest.mark.parametrize("name, source", BLOCKS, ids=[name for name, _ in BLOCKS])
