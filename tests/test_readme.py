@@ -240,3 +240,77 @@ def test_chunk_rows_on_a_gpu():
     assert size(8192, 80 << 30) == 2816  # at most 3328 rows fit 4 GiB: 3 equal chunks of 2731 -> 2816 rows
     assert size(8192, 2 << 30) == 1024  # 1 GiB fits 768 rows: the floor, 1024
     assert size(1000, 80 << 30) == 1024
+
+
+def test_vocab_parallel_exchanges_the_partials_of_each_row(monkeypatch, tmp_path):
+    """docs/api.md: the ranks exchange N_PARTIALS = 11 fp32 numbers per token, one all_gather per call of
+    mtt_loss and per chunk of the chunked fused-linear path."""
+    import torch.distributed as dist
+
+    import fastmtt
+    from fastmtt import partials
+    from fastmtt.parallel import VocabParallel
+
+    assert partials.N_PARTIALS == 11
+    gathered = []
+    real = VocabParallel.all_gather
+    monkeypatch.setattr(VocabParallel, "all_gather",
+                        lambda self, tensor: gathered.append((tuple(tensor.shape), tensor.dtype)) or real(self, tensor))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        split = VocabParallel(0, 40)
+        logits = torch.randn(6, 40, requires_grad=True)
+        fastmtt.mtt_loss(logits, torch.randn(6, 40), torch.randint(0, 40, (6,)), vocab_parallel=split).backward()
+        assert gathered == [((1, 11, 6), torch.float32)]
+        gathered.clear()
+        hidden = torch.randn(10, 16, requires_grad=True)
+        fastmtt.fused_linear_mtt_loss(hidden, torch.randn(10, 16), torch.randn(40, 16), torch.randint(0, 40, (10,)),
+                                      vocab_parallel=split, chunk_size=4).backward()
+        assert gathered == [((1, 11, rows), torch.float32) for rows in (4, 4, 2)]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gpu_launch_configurations(monkeypatch):
+    """docs/kernels.md: the tiled path's tiles (64 x 128 x 64 for a plain 16-bit head, 64 x 64 x 32 with LoRA,
+    softcap or fp32) and forward splits (about two programs per SM), the
+    row kernel's tiles (at most 4096 columns, 4-8 warps, several rows per program up to 1024 columns), the
+    16-bit gradient filter 2**-12, LoRA ranks up to 128."""
+    from fastmtt.kernels import fused_linear_mtt_loss as tiled
+    from fastmtt.kernels import lora_linear as lora
+    from fastmtt.kernels import mtt_loss as rows
+
+    from fastmtt.ops import fused_linear_mtt_loss as op
+
+    monkeypatch.setattr(tiled, "interpreting", lambda: False)
+    monkeypatch.setattr(rows, "interpreting", lambda: False)
+    monkeypatch.setattr(tiled, "_sm_count", lambda device: 132)
+    size = (8192, 128256, 4096, 16)
+    assert tiled._config(*size, dtype=torch.bfloat16)[:3] == (64, 128, 64)
+    for kind in (dict(dtype=torch.bfloat16, lora=True), dict(dtype=torch.bfloat16, softcap=True),
+                 dict(dtype=torch.float32)):
+        assert tiled._config(*size, **kind)[:3] == (64, 64, 32)
+    for n_rows in (64, 1024, 8192):
+        splits, _ = tiled._split_columns(n_rows, 128256, 64, 128, torch.device("cuda"), None)
+        assert splits * -(-n_rows // 64) >= 0.9 * 2 * 132  # about two programs per SM (whole tiles per split)
+    assert {rows._block_sizes(v)[1] for v in (128256, 32000, 2048)} == {2048, 4096}
+    assert {rows._block_sizes(v)[2] for v in (128256, 512, 128)} == {4, 8}
+    assert rows._block_sizes(1024)[0] > 1 and rows._block_sizes(2048)[0] == 1
+    assert op.DEFAULT_GRAD_THRESHOLD == 2**-12
+    assert lora.MAX_RANK == 128
+
+
+def test_auto_without_triton_runs_pytorch_and_warns_once(monkeypatch):
+    """docs/api.md, docs/kernels.md: without triton installed, "auto" on CUDA tensors runs PyTorch and warns once."""
+    import warnings
+
+    from fastmtt import _dispatch
+
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
+    _dispatch._warn_no_triton.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _dispatch.resolve_backend("auto", _tensor_on("cuda")) == "torch"
+        assert _dispatch.resolve_backend("auto", _tensor_on("cuda")) == "torch"
+    assert [str(w.message).split(":")[0] for w in caught] == ["fastmtt"]
+    _dispatch._warn_no_triton.cache_clear()
