@@ -35,6 +35,7 @@ from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_
 
 from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
+from fastmtt.head import LinearGrads
 
 
 @triton.jit
@@ -351,15 +352,16 @@ def _alert_not_deterministic(what):
 
 def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, coef, options, *, threshold, needs,
                         vocab_start=0):
-    """fp32 gradients of sum_i coef_i * loss_i: (dh [N, H], dW [V, H], dbias [V], dA [r, H], dB [V, r]), None
-    where `needs` (same order) is False; stats: finalized statistics [N_STATS, N]. The kernel forms g B
-    [N, r] for a LoRA head; dh += s (g B) A and dA = s (g B)^T h follow here (O(N r H)). With lam = 0,
-    tiles whose |dL/dz| is everywhere below `threshold` are skipped (0: exact)."""
-    need_dh, need_dw, need_db, need_da, need_db_lora = needs
+    """fp32 gradients of sum_i coef_i * loss_i as a LinearGrads (hidden [N, H], weight [V, H], bias [V],
+    lora_A [r, H], lora_B [V, r]), None where `needs` (a LinearGrads of bools) is False; stats: finalized
+    statistics [N_STATS, N]. The kernel forms g B [N, r] for a LoRA head; dh += s (g B) A and
+    dA = s (g B)^T h follow here (O(N r H)). With lam = 0, tiles whose |dL/dz| is everywhere below
+    `threshold` are skipped (0: exact)."""
     n_rows, n_hidden = hidden.shape
     n_cols = head.weight.shape[0]
     rank = 1 if lora_hidden is None else lora_hidden.shape[1]
-    kernel_needs = (need_dh, need_dw, need_db, lora_hidden is not None and (need_dh or need_da), need_db_lora)
+    need_grad_lora_h = lora_hidden is not None and (needs.hidden or needs.lora_A)
+    kernel_needs = (needs.hidden, needs.weight, needs.bias, need_grad_lora_h, needs.lora_B)
     shapes = ((n_rows, n_hidden), (n_cols, n_hidden), (n_cols,), (n_rows, rank), (n_cols, rank))
     grads = [torch.zeros(shape, dtype=torch.float32, device=hidden.device) if need else None
              for shape, need in zip(shapes, kernel_needs)]
@@ -367,14 +369,14 @@ def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, c
         _alert_not_deterministic("fused_linear_mtt_loss(tiled=True) backward")
         _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef, grads, options,
                          threshold=threshold, vocab_start=vocab_start).run()
-    dh, dw, db, grad_lora_h, db_lora = grads
-    da = None
+    d_hidden, d_weight, d_bias, grad_lora_h, d_lora_B = grads
+    d_lora_A = None
     if grad_lora_h is not None:
-        if need_dh:
-            dh.addmm_(grad_lora_h, head.lora_A.float(), alpha=head.scaling)
-        if need_da:
-            da = (grad_lora_h.T @ hidden.float()).mul_(head.scaling)
-    return dh, dw, db, da, db_lora
+        if needs.hidden:
+            d_hidden.addmm_(grad_lora_h, head.lora_A.float(), alpha=head.scaling)
+        if needs.lora_A:
+            d_lora_A = (grad_lora_h.T @ hidden.float()).mul_(head.scaling)
+    return LinearGrads(d_hidden, d_weight, d_bias, d_lora_A, d_lora_B)
 
 
 @compile_specs

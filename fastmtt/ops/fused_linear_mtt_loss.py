@@ -141,10 +141,10 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         vocab_parallel = plan.vocab_parallel
         from fastmtt.kernels.fused_linear_mtt_loss import linear_mtt_backward
 
-        grads = LinearGrads(*linear_mtt_backward(
+        grads = linear_mtt_backward(
             hidden, base_hidden, plan.head_with(weight, bias, lora_A, lora_B), lora_hidden, labels, stats,
             row_coef, plan.options, threshold=plan.grad_threshold, needs=LinearGrads(*ctx.needs_input_grad[:5]),
-            vocab_start=0 if vocab_parallel is None else vocab_parallel.start))
+            vocab_start=0 if vocab_parallel is None else vocab_parallel.start)
         if vocab_parallel is not None:
             vocab_parallel.sum_across_ranks(grads.hidden, grads.lora_A)
         inputs = (hidden, weight, bias, lora_A, lora_B)
