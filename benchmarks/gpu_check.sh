@@ -1,29 +1,30 @@
 #!/usr/bin/env bash
-# The one GPU check: at most GPU_CHECK_SECONDS (default 360) on one H200, offline. Every row comes from the
-# registry (benchmarks/cases.py, preset "gpu"), one section per op, most important first, fastmtt first
-# within each op and third-party peers last. Each configuration's rows are appended to the CSV as soon as
-# they are measured, so a run cut short keeps them. Writes to $OUT (default benchmarks/results):
-# <gpu>-<date>.csv, its tables (.md), one PNG per op and gpu_check.log (7 files).
+# The one GPU check: correctness first, then the headline numbers, in at most GPU_CHECK_SECONDS (default
+# 360) on one H200, offline. Every row comes from the registry (benchmarks/cases.py); each section appends
+# its rows to the CSV as they are measured, so a section cut at its cap keeps them. Writes to $OUT
+# (default benchmarks/results): <gpu>-<date>.csv, its tables (.md), plots when matplotlib is there, and
+# gpu_check.log.
 #
 #   bash benchmarks/fetch_wheels.sh      # here, once: Liger-Kernel and Cut Cross-Entropy into .whl/
 #   bash benchmarks/gpu_check.sh         # there, with .whl carried: installs .whl/*.whl into /tmp/site first
 #
-# Budget, estimated at the H200's ~4.3 TB/s copy and ~790 TFLOP/s bf16 (a case runs >= 7 times: 3 warm-up,
-# >= 3 timed within --budget, 1 for peak memory; compiles are the larger part):
-#   section               cap   work
-#   fused linear          120s  N=8192 H=4096 V=128256 bf16: one logits GEMM 2NHV = 8.6 TFLOP = 10.9 ms, so the
-#                               3-GEMM floor is ~33 ms, eager ~80 ms, the tiled kernels ~0.2-0.4 s; N=1024 is 1/8
-#                               of it. Modes forward, backward, both, determinism (2 more runs). ~40 s of runs,
-#                               Triton compiles ~20 s, Liger's torch.compile'd distillation loss ~30-60 s.
-#   training step          55s  Llama-3.2-1B shape, 4 x 2048 tokens: forward 2 * 1.24e9 * 8192 = 20 TFLOP, a CE
-#                               step ~0.1 s, an MTT step (+ base forward) ~0.15 s, 4 variants with a model build
-#                               each (~3 s); then the small model (issue 12's patched-vs-PEFT step), ~1 s a case.
-#   mtt_loss row kernel    75s  forward + gradient moves 3 N V elements: 6.3 GB (1.5 ms) at N=8192 V=128256 bf16,
-#                               all 8 configs ~6 ms at the copy rate; torch.compile of the reference ~3 x 20 s.
-#   lora_linear            60s  8192 x 4096 -> 14336: 0.96 TFLOP = 1.2 ms forward, ~2.4 ms with backward;
-#                               8 configs x 3 implementations x 2 modes at 0.2 s each ~25 s, kernel compiles ~20 s.
-#   tables + plots         20s
-# What is left after that (if 45 s or more) runs the CUDA parity tests (pytest -m cuda).
+# Order and caps (seconds; a section gets its cap or what is left, whichever is less, and is skipped with
+# less than 20 s left; estimates of the work at the H200's ~4.3 TB/s and ~790 bf16 TFLOP/s):
+#   set-up: versions, wheels, pip install -e .            ~20 (not capped)
+#   1. CUDA parity tests (pytest -m cuda)                  90  every op and path against the fp64
+#      reference, the KL part of the gradient in bf16 on realistic rows, determinism
+#   2. fused linear loss N=8192 H=4096 V=128256 bf16      100  fastmtt chunked and tiled first, the 3-GEMM floor
+#      (forward+backward, determinism), then eager,           (~33 ms: 2NHV = 8.6 TFLOP per GEMM), peers last;
+#      Liger (CE; CE + KL), Cut Cross-Entropy                  Triton compiles ~20 s, Liger's compiled loss ~30 s
+#   3. LoRA training step, ~1B Llama shape, 4 x 2048       50  MTTObjective vs CE (+ patch_lora): ~0.1-0.2 s a
+#                                                               step, a model build per variant (~3 s)
+#   4. MTT row kernel N=8192 V=128256 bf16 vs copy bound   45  3 N V elements moved: 6.3 GB, ~1.5 ms
+#   5. LoRA linear 8192 x 4096 -> 14336 r=16 vs x W^T      40  0.96 TFLOP forward, ~1.2 ms
+#   tables (reserve)                                        15
+#   sum                                                    360  (with the ~20 s of set-up)
+# What is left after that runs the remaining preset rows (other shapes, modes, torch.compile baselines).
+# A rehearsal on the CPU (tests/test_benchmarks.py runs it):
+#   GPU_CHECK_DEVICE=cpu GPU_CHECK_PRESET=tiny GPU_CHECK_SECONDS=120 OUT=/tmp/check bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT_DIR="${OUT:-benchmarks/results}"
@@ -31,12 +32,49 @@ mkdir -p "$OUT_DIR"
 LOG="$OUT_DIR/gpu_check.log"
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 TOTAL_SECONDS="${GPU_CHECK_SECONDS:-360}"
-RESERVE_SECONDS=20  # for the tables and plots at the end
-# A rehearsal on the CPU: GPU_CHECK_DEVICE=cpu GPU_CHECK_PRESET=tiny bash benchmarks/gpu_check.sh
+RESERVE_SECONDS=15  # for the tables at the end
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 PRESET="${GPU_CHECK_PRESET:-gpu}"
 export TRITON_INTERPRET=0  # tests/conftest.py only sets it when unset: real kernels here
 export PYTHONUNBUFFERED=1
+
+# The headline shapes; the rehearsal's are the registry's tiny ones.
+if [ "$PRESET" = tiny ]; then
+    FUSED_SHAPE="N=64 H=32 V=256 head=frozen"
+    STEP_SHAPE="model=tiny B=2 L=16 r=4 dropout=0.0"
+    ROW_SHAPE="N=64 V=256"
+    LORA_SHAPE="N=64 K=32 M=48 r=4 dropout=0.0"
+else
+    FUSED_SHAPE="N=8192 H=4096 V=128256 head=frozen"
+    STEP_SHAPE="model=1b B=4 L=2048 r=16 dropout=0.0"
+    ROW_SHAPE="N=8192 V=128256"
+    LORA_SHAPE="N=8192 K=4096 M=14336 r=16 dropout=0.0"
+fi
+# On the CPU the runner measures each implementation in a worker process; in-process is enough here.
+RUN_ARGS=(--device "$DEVICE" --budget 0.2 --no-plot)
+[ "$DEVICE" = cpu ] && RUN_ARGS+=(--in-process --threads 1)
+
+log_versions() {
+    "$PYTHON" - <<'EOF'
+import importlib.metadata as metadata
+import platform
+
+def version(name):
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+import torch
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"cuda available: {torch.cuda.is_available()}"
+      + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
+print(", ".join(f"{name} {version(name)}" for name in
+                ("triton", "numpy", "transformers", "peft", "liger-kernel", "cut-cross-entropy", "matplotlib")))
+EOF
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+        | sed 's/^/driver: /' || echo "driver: no nvidia-smi"
+}
 
 install_wheels() {
     # The peers travel as pure-Python wheels (benchmarks/fetch_wheels.sh); the device machine has no network.
@@ -57,6 +95,11 @@ install_fastmtt() {
     # kernels/ installs as fastmtt.kernels (setup.py package_dir), so install in place. Without
     # setuptools or wheel, fall back to a shadow package tree (kernels/ linked as fastmtt/kernels) first
     # on PYTHONPATH, with PYTHONSAFEPATH so the checkout's own fastmtt/ does not hide it.
+    if "$PYTHON" -c "import fastmtt.kernels, sys; sys.exit(not fastmtt.kernels.__file__.startswith('$PWD/'))" \
+        2>/dev/null; then
+        echo "fastmtt is installed from this checkout"
+        return
+    fi
     local pip_log
     if ! pip_log="$("$PYTHON" -m pip install --quiet --no-deps --no-build-isolation --no-index -e . 2>&1)"; then
         echo "$pip_log" | grep -i "error" | head -n 3
@@ -72,54 +115,74 @@ install_fastmtt() {
 
 seconds_left() { echo $(( TOTAL_SECONDS - SECONDS - RESERVE_SECONDS )); }
 
-# section NAME CAP ARGS...: `python -m benchmarks ARGS` for at most CAP seconds (less if less is left); it
-# starts no case in its last 15 s, and a case still running at the limit is killed (the rows so far stay).
-section() {
-    local name=$1 cap=$2 limit
-    shift 2
+# limit_for CAP: the seconds a section may take (its cap or what is left), 0 when under 20 are left.
+limit_for() {
+    local limit
     limit=$(seconds_left)
-    (( cap < limit )) && limit=$cap
-    if (( limit < 20 )); then
+    (( $1 < limit )) && limit=$1
+    (( limit < 20 )) && limit=0
+    echo "$limit"
+}
+
+# run_capped NAME CAP COMMAND...: COMMAND for at most its limit, killed there; the status goes to STATUS.
+# COMMAND `benchmark ARGS...` is `python -m benchmarks ARGS` appending to the CSV and starting no case in
+# the section's last 15 s.
+run_capped() {
+    local name=$1 limit
+    limit=$(limit_for "$2")
+    shift 2
+    if (( limit == 0 )); then
         echo "== $name: not run, the time is spent"
-        STATUS+=("$name: not run")
+        STATUS+=("$name: not run (time spent)")
         return
     fi
-    echo "== $name (at most ${limit}s, $(date -u '+%H:%M:%S'))"
-    timeout -k 5 "$limit" "$PYTHON" -m benchmarks --device "$DEVICE" --preset "$PRESET" --budget 0.2 --csv "$CSV" --append \
-        --no-plot --deadline $(( limit - 15 )) "$@"
+    if [ "$1" = benchmark ]; then
+        shift
+        set -- "$PYTHON" -m benchmarks "${RUN_ARGS[@]}" --csv "$CSV" --append --deadline $(( limit - 15 )) "$@"
+    fi
+    echo "== $name (at most ${limit}s, at ${SECONDS}s)"
+    timeout -k 5 "$limit" "$@"
     local code=$?
-    STATUS+=("$name: exit $code$( (( code == 124 || code == 137 )) && echo ' (cut at its limit; rows so far kept)')")
+    STATUS+=("$name: exit $code$( (( code == 124 || code == 137 )) && echo ' (cut at its cap; rows so far kept)')")
 }
 
 check() {
-    echo "== gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+    echo "== gpu_check $(date -u '+%Y-%m-%d %H:%M:%S UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')," \
+        "device $DEVICE, preset $PRESET, ${TOTAL_SECONDS}s"
     install_wheels
     install_fastmtt
+    log_versions
     local gpu
     gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | tr '[:upper:]' '[:lower:]' \
         | tr -cs 'a-z0-9' '-' | sed 's/-$//')"
-    CSV="$OUT_DIR/${gpu:-gpu}-$(date -u +%Y-%m-%d).csv"
+    CSV="$OUT_DIR/${gpu:-$DEVICE}-$(date -u +%Y-%m-%d).csv"
     STATUS=()
 
-    section "fused linear MTT loss (forward, backward, both, determinism)" 120 --ops fused_linear_mtt_loss \
-        --exclude compile --modes forward backward forward+backward determinism
-    section "LoRA training step: MTTObjective vs CE, patch_lora vs PEFT" 55 --ops lora_train_step
-    section "MTT row kernel vs torch.compile" 75 --ops mtt_loss --exclude "reference (eager)" \
-        --modes forward+backward
-    section "LoRA linear vs PEFT and x W^T" 60 --ops lora_linear --modes forward forward+backward
-
-    local left tests="not run (time spent)"
-    left=$(seconds_left)
-    if (( left >= 45 )); then
-        echo "== CUDA parity tests (pytest -m cuda, at most ${left}s)"
-        timeout -k 5 "$left" "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/
-        tests="exit $?"
-    fi
-    STATUS+=("CUDA parity tests: $tests")
+    run_capped "CUDA parity tests (pytest -m cuda)" 90 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider \
+        tests/test_cuda.py tests/test_lora_linear.py tests/test_distributed.py
+    # shellcheck disable=SC2086  # the shapes are KEY=VALUE words
+    run_capped "fused linear MTT loss, $FUSED_SHAPE" 100 benchmark --ops fused_linear_mtt_loss \
+        --shape $FUSED_SHAPE --exclude compile --modes forward+backward determinism
+    # shellcheck disable=SC2086
+    run_capped "LoRA training step: MTTObjective vs CE, $STEP_SHAPE" 50 benchmark --ops lora_train_step \
+        --shape $STEP_SHAPE
+    # shellcheck disable=SC2086
+    run_capped "MTT row kernel vs the copy bound, $ROW_SHAPE" 45 benchmark --ops mtt_loss --shape $ROW_SHAPE \
+        --exclude compile --modes forward+backward
+    # shellcheck disable=SC2086
+    run_capped "LoRA linear vs x W^T, $LORA_SHAPE" 40 benchmark --ops lora_linear --shape $LORA_SHAPE \
+        --modes forward forward+backward
+    run_capped "the rest of preset $PRESET (other shapes and modes, torch.compile baselines)" 9999 benchmark \
+        --preset "$PRESET"
 
     echo "== tables ($CSV)"
-    [ -s "$CSV" ] && "$PYTHON" -m benchmarks --table "$CSV"
+    if [ -s "$CSV" ]; then
+        local plot=(--no-plot)
+        "$PYTHON" -c "import matplotlib" 2>/dev/null && plot=() || echo "no matplotlib: tables only, no plots"
+        "$PYTHON" -m benchmarks --table "$CSV" "${plot[@]}" || echo "tables failed (exit $?)"
+    else
+        echo "no rows measured"
+    fi
     echo "== summary after ${SECONDS}s"
     printf '  %s\n' "${STATUS[@]}"
 }

@@ -1,4 +1,9 @@
 """The benchmark harness on tiny CPU sizes, so it cannot rot (timings themselves live in benchmarks/)."""
+import csv
+import os
+import pathlib
+import subprocess
+import sys
 import time
 
 import pytest
@@ -258,3 +263,34 @@ def test_shape_deadline_and_append(tmp_path, capsys):
     assert rows[0]["N"] == 8 and "N=8 K=4 M=6 r=2" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="lora_linear takes N, K, M, r, dropout, not V"):
         run.main([*common, "--shape", "N=8", "V=4"])
+
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_rehearsal_runs_the_parity_tests_first_and_writes_the_tables(tmp_path):
+    """benchmarks/gpu_check.sh on the CPU at tiny sizes in one minute, without matplotlib: the CUDA parity
+    tests run first (here all skipped), then the headline sections append to the CSV and the tables are
+    written; the versions are logged."""
+    hide = tmp_path / "hide"
+    (hide / "matplotlib").mkdir(parents=True)
+    (hide / "matplotlib" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_PRESET="tiny", GPU_CHECK_SECONDS="60", OUT=str(out),
+               PYTHON=sys.executable, PYTHONPATH=os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=240)
+    log = done.stdout
+    assert done.returncode == 0, log[-2000:] + done.stderr[-2000:]
+    assert "torch " in log and "triton " in log and "driver: " in log
+    sections = [line for line in log.splitlines() if line.startswith("== ")]
+    assert "CUDA parity tests" in sections[1], sections
+    assert "  CUDA parity tests (pytest -m cuda): exit 0" in log
+    assert "no matplotlib: tables only" in log
+    [table] = out.glob("*.csv")
+    with open(table, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert any(row["op"] == "fused_linear_mtt_loss" and row["status"] == "ok" and float(row["median_ms"]) > 0
+               for row in rows)
+    assert "fused_linear_mtt_loss" in table.with_suffix(".md").read_text()
+    assert (out / "gpu_check.log").read_text() == log
