@@ -1,7 +1,6 @@
 """The benchmark harness on tiny CPU sizes, so it cannot rot (timings themselves live in benchmarks/)."""
 import csv
 import os
-import pathlib
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ from benchmarks import cases, report, run
 from benchmarks.cases import CHECKS, MODES, OPS
 from benchmarks.measure import DeviceRates, cpu_peak_reset_supported, peak_memory, time_step
 from fastmtt import _dispatch
+from tests.utils import ROOT
 
 CPU = torch.device("cpu")
 # torch.compile costs tens of seconds per shape on 2 cores; it wraps the reference checked below.
@@ -265,9 +265,6 @@ def test_shape_deadline_and_append(tmp_path, capsys):
         run.main([*common, "--shape", "N=8", "V=4"])
 
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
 def test_gpu_check_rehearsal_runs_the_parity_tests_first_and_writes_the_tables(tmp_path):
     """benchmarks/gpu_check.sh on the CPU at tiny sizes in one minute, without matplotlib: the CUDA parity
     tests run first (here all skipped), then the headline sections append to the CSV and the tables are
@@ -278,7 +275,7 @@ def test_gpu_check_rehearsal_runs_the_parity_tests_first_and_writes_the_tables(t
     out = tmp_path / "out"
     env = dict(os.environ, GPU_CHECK_DEVICE="cpu", GPU_CHECK_PRESET="tiny", GPU_CHECK_SECONDS="60", OUT=str(out),
                PYTHON=sys.executable, PYTHONPATH=os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                           timeout=240)
     log = done.stdout
     assert done.returncode == 0, log[-2000:] + done.stderr[-2000:]

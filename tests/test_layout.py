@@ -2,12 +2,11 @@
 they were; the Example: blocks of the public docstrings run."""
 import ast
 import doctest
-import pathlib
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.utils import ROOT
 
 
 def imported_modules(path):

@@ -1,6 +1,5 @@
 """The built wheel, not only the editable install: every module ships, kernels/ as `fastmtt.kernels`."""
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -8,9 +7,9 @@ import zipfile
 
 import pytest
 
-pytest.importorskip("setuptools")  # the build backend, used without build isolation (no downloads)
+from tests.utils import ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytest.importorskip("setuptools")  # the build backend, used without build isolation (no downloads)
 PACKAGE_DIRS = {"fastmtt": ROOT / "fastmtt", "fastmtt/kernels": ROOT / "kernels"}  # as setup.py's package_dir
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                     ".hypothesis", ".benchmarks", "demo_out", "out")

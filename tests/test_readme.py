@@ -9,17 +9,17 @@ directory. Blocks that import trl are skipped when trl is not installed (it is n
 needs a GPU or several processes is shown in ```text or ```bash blocks, never as a ```python block that no test
 runs.
 """
-import pathlib
 import re
 import types
 
 import pytest
 import torch
 
+from tests.utils import ROOT
+
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
 VOCAB = 64
@@ -94,8 +94,6 @@ def test_links_point_at_files_and_headings():
             if "://" in target or target.startswith("mailto:"):
                 continue
             path = (page.parent / target).resolve() if target else page
-            if path == ROOT / "benchmarks" / "README.md" and not path.exists():  # the benchmark work's page
-                continue
             assert path.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
             if anchor and path.suffix == ".md":
                 assert anchor in anchors(path), f"{page.relative_to(ROOT)} links to {target}#{anchor}: no such heading"

@@ -1,11 +1,14 @@
 """Shared test utilities: dtypes and tolerances, the parity rule, input builders for every op, tiny PEFT models,
 and the one place where tests reach into fastmtt's internals (row implementations, kernel tiling)."""
 import gc
+import pathlib
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
 from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
