@@ -15,7 +15,6 @@ with lam > 0 nothing is skipped: the divergence's gradient is many small entries
 """
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import torch
@@ -31,7 +30,7 @@ from fastmtt.kernels.mtt_math import (
     store_partials,
     tile_gradient,
 )
-from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor
+from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor, planning_for_gpu, sm_count
 
 from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
@@ -254,10 +253,6 @@ def _dummy(device):
     return torch.empty(1, dtype=torch.float32, device=device)
 
 
-def _sm_count(device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def _head_args(hidden, base_hidden, head, lora_hidden, labels, vocab_start, options):
     """Arguments both kernels take: inputs, strides, sizes, head scalars."""
     lora = lora_hidden is not None
@@ -298,7 +293,7 @@ def _split_columns(n_rows, n_cols, block_n, block_v, device, splits):
     """(splits, columns per split): enough splits for about two programs per SM, whole tiles each."""
     if splits is None:
         row_blocks = triton.cdiv(n_rows, block_n)
-        splits = 1 if interpreting() else triton.cdiv(2 * _sm_count(device), row_blocks)
+        splits = 1 if interpreting() else triton.cdiv(2 * sm_count(device), row_blocks)
     tiles = triton.cdiv(n_cols, block_v)
     splits = max(1, min(splits, tiles))
     cols_per_split = triton.cdiv(tiles, splits) * block_v
@@ -381,50 +376,38 @@ def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, c
 
 @compile_specs
 def _specs():
-    """Forward and backward for every input dtype with every feature on, and flag variations on bf16, at
-    N=8192, H=4096, V=128256 (launch-time specialization)."""
+    """The launches of linear_mtt_forward and linear_mtt_backward at N=8192, H=4096, V=128256 as the tiled
+    op makes them: on fp32, fp16 and bf16, the plain head (frozen or trained), a biased softcapped head
+    (frozen or trained) and a LoRA head (r=16), by default and as plain CE (with the op's default
+    gradient filter); on bf16 also each FEATURE_COVER setting."""
     from fastmtt.head import LinearHead
     from fastmtt.options import MTTOptions
 
     n_rows, n_hidden, n_cols, rank = 8192, 4096, 128256, 16
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     labels = meta_tensor(n_rows, dtype=torch.int64)
+    stats, coef = meta_tensor(P.N_STATS, n_rows, dtype=torch.float32), meta_tensor(n_rows, dtype=torch.float32)
 
-    def inputs(dtype, bias, lora, softcap):
-        dt = dtypes[dtype]
-        head = LinearHead(meta_tensor(n_cols, n_hidden, dtype=dt), meta_tensor(n_cols, dtype=dt) if bias else None,
-                          None, meta_tensor(n_cols, rank, dtype=dt) if lora else None, 2.0, 30.0 if softcap else None)
+    def loss(dtype, options, head="plain", trained=False):
+        weight = meta_tensor(n_cols, n_hidden, dtype=dtype)
+        bias = meta_tensor(n_cols, dtype=dtype) if head == "biased" else None
+        lora = head == "lora"
+        lora_A, lora_B = (meta_tensor(rank, n_hidden, dtype=dtype), meta_tensor(n_cols, rank, dtype=dtype)) if lora \
+            else (None, None)
+        linear_head = LinearHead(weight, bias, lora_A, lora_B, 2.0, 30.0 if head == "biased" else None)
+        hidden, base = meta_tensor(n_rows, n_hidden, dtype=dtype), meta_tensor(n_rows, n_hidden, dtype=dtype)
         lora_hidden = meta_tensor(n_rows, rank, dtype=torch.float32) if lora else None
-        return meta_tensor(n_rows, n_hidden, dtype=dt), meta_tensor(n_rows, n_hidden, dtype=dt), head, lora_hidden
+        linear_mtt_forward(hidden, base, linear_head, lora_hidden, labels, options, need_kl=False)
+        needs = LinearGrads(True, trained, trained and bias is not None, lora, lora)
+        threshold = 2.0**-12 if dtype != torch.float32 and options.lam == 0 else 0.0
+        linear_mtt_backward(hidden, base, linear_head, lora_hidden, labels, stats, coef, options,
+                            threshold=threshold, needs=needs)
 
-    def label(name, launch, dtype):
-        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.constexprs.items()
-                         if not k.startswith(("BLOCK", "R_PAD", "UPCAST", "PRECISION")))
-        return f"{name}[{dtype},{flags}]"
-
-    def forward(dtype, options, has_kl, bias, lora, softcap):
-        hidden, base, head, lora_hidden = inputs(dtype, bias, lora, softcap)
-        partials = meta_tensor(4, P.N_PARTIALS, n_rows, dtype=torch.float32)
-        launch = _forward_launch(hidden, base, head, lora_hidden, labels, partials, options, need_kl=has_kl,
-                                 vocab_start=0, cols_per_split=32064)
-        return launch.spec(label("linear_mtt_fwd", launch, dtype))
-
-    def backward(dtype, options, bias, lora, softcap, needs, threshold):
-        hidden, base, head, lora_hidden = inputs(dtype, bias, lora, softcap)
-        shapes = ((n_rows, n_hidden), (n_cols, n_hidden), (n_cols,), (n_rows, rank), (n_cols, rank))
-        grads = [meta_tensor(*shape, dtype=torch.float32) if need else None for shape, need in zip(shapes, needs)]
-        launch = _backward_launch(hidden, base, head, lora_hidden, labels, meta_tensor(P.N_STATS, n_rows,
-                                  dtype=torch.float32), meta_tensor(n_rows, dtype=torch.float32), grads, options,
-                                  threshold=threshold, vocab_start=0)
-        return launch.spec(label("linear_mtt_bwd", launch, dtype))
-
-    every_grad = (True,) * 5
-    for dtype, direction in itertools.product(dtypes, ("forward", "reverse")):
-        options = MTTOptions(lam=1.0, temperature=2.0, direction=direction)
-        yield forward(dtype, options, True, True, True, True)
-        yield backward(dtype, options, True, True, True, every_grad, 0.0)
-    for temperature, lam, mask_target in FEATURE_COVER:
-        options = MTTOptions(lam=lam, temperature=temperature, mask_target=mask_target)
-        yield forward("bf16", options, lam > 0, False, False, False)
-        yield backward("bf16", options, False, False, False, (True, False, False, False, False), 2.0**-12)
-    yield backward("bf16", MTTOptions(lam=1.0), False, True, False, (True, False, False, True, True), 0.0)
+    with planning_for_gpu() as specs:
+        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+            for head, trained in (("plain", False), ("plain", True), ("biased", False), ("biased", True),
+                                  ("lora", False)):
+                loss(dtype, MTTOptions(), head, trained)
+            loss(dtype, MTTOptions(lam=0.0))
+        for settings in FEATURE_COVER:
+            loss(torch.bfloat16, MTTOptions(**settings))
+    yield from specs

@@ -31,12 +31,12 @@ otherwise as tf32x3 (about fp32 accuracy).
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 
 import torch
 import triton
 import triton.language as tl
-from fastmtt.kernels.registry import Launch, compile_specs, meta_tensor
+from fastmtt.kernels.registry import Launch, compile_specs, meta_tensor, planning_for_gpu, sm_count
 
 from fastmtt._dispatch import allows_tf32, interpreting
 
@@ -213,11 +213,6 @@ def _fp32_precision() -> str:
     return "tf32" if allows_tf32() else "tf32x3"
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _project_blocks(M: int, L: int, R: int, lora_dtype: torch.dtype):
     """(BLOCK_M, BLOCK_L, num_warps) of the side product. The interpreter takes whole (small) matrices.
     On a GPU the pass streams P once: 32-row programs (128 of them at M = 4096), reduction steps as long
@@ -254,7 +249,7 @@ def _weight_grad_blocks(M: int, C: int, R: int, lora_dtype: torch.dtype, device:
         return triton.next_power_of_2(max(M, 16)), triton.next_power_of_2(max(C, 16)), 1, 1
     block_m, block_c, num_warps = _weight_grad_tiles(R, lora_dtype)
     tiles_c = triton.cdiv(C, block_c)
-    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * _sm_count(device.index or 0), tiles_c)))
+    splits = max(1, min(triton.cdiv(M, block_m), triton.cdiv(2 * sm_count(device), tiles_c)))
     return block_m, block_c, num_warps, splits
 
 
@@ -375,57 +370,51 @@ def dropout_mask_triton(shape, dropout_p, seed, device):
     M, K = shape
     out = torch.empty(M, K, dtype=torch.int8, device=device)
     block = 64 if not interpreting() else triton.next_power_of_2(max(M, K, 16))
-    _dropout_mask_kernel[(triton.cdiv(M, block), triton.cdiv(K, block))](
-        out, M, K, float(dropout_p), seed, BLOCK_M=block, BLOCK_K=block)
+    Launch(_dropout_mask_kernel, (triton.cdiv(M, block), triton.cdiv(K, block)),
+           dict(out_ptr=out, M=M, K=K, dropout_p=float(dropout_p), seed=seed), dict(BLOCK_M=block, BLOCK_K=block)).run()
     return out.bool()
 
 
 @compile_specs
 def _specs():
-    """The side product and the GEMM in their forward and dx roles over the dtype pairs (input, adapters),
-    with dropout where each role has it, rank variants on bf16, tf32, the weight-gradient kernel per
-    adapter dtype, and the mask kernel, at M = K = N = 4096 (tiles as chosen at launch)."""
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    size = 4096
+    """The launches of lora_forward_triton and lora_backward_triton for an 8192 x 4096 -> 14336 layer as
+    lora_linear makes them, over PEFT's dtype pairs (input, adapters): r=16 with and without dropout and
+    bias, and on transposed (Conv1D-style) weights; on bf16 also transposed weights with dropout and ranks
+    64 and 128; fp32 with tf32 allowed; and the dropout-mask kernel."""
+    n_rows, n_in, n_out = 8192, 4096, 14336
 
-    def project(x_dt, a_dt, dropout, rank=64):
-        p, a_mat = meta_tensor(size, size, dtype=dtypes[x_dt]), meta_tensor(size, rank, dtype=dtypes[a_dt])
-        launch = _project_launch(p, a_mat, meta_tensor(size, rank, dtype=dtypes[a_dt]), side_scale=1.1,
-                                 dropout_p=0.1 if dropout else 0.0, seed=1234, fp32_precision="tf32x3")
-        return launch.spec(f"lora_project[x={x_dt},adapter={a_dt},R={launch.constexprs['R']},dropout={int(dropout)}]")
+    def layer(dtype, adapter_dtype, *, rank=16, dropout_p=0.0, bias=False, transposed=False):
+        x = meta_tensor(n_rows, n_in, dtype=dtype)
+        weight = meta_tensor(n_in, n_out, dtype=dtype).t() if transposed else meta_tensor(n_out, n_in, dtype=dtype)
+        lora_A, lora_B = meta_tensor(rank, n_in, dtype=adapter_dtype), meta_tensor(n_out, rank, dtype=adapter_dtype)
+        bias = meta_tensor(n_out, dtype=dtype) if bias else None
+        y, saved, seed = lora_forward_triton(x, weight, lora_A, lora_B, bias, 2.0, dropout_p)
+        lora_backward_triton(torch.empty_like(y), saved, seed, weight, lora_A, lora_B, 2.0, dropout_p, (True,) * 3)
 
-    def gemm(x_dt, a_dt, role, has_bias, rank=64, fp32_precision="tf32x3"):
-        x_dtype, a_dtype = dtypes[x_dt], dtypes[a_dt]
-        p, w_mat = meta_tensor(size, size, dtype=x_dtype), meta_tensor(size, size, dtype=x_dtype)
-        side, b_mat = meta_tensor(size, rank, dtype=a_dtype), meta_tensor(rank, size, dtype=a_dtype)
-        out = meta_tensor(size, size, dtype=x_dtype)
-        launch = _gemm_launch(p, w_mat, side, b_mat, out[0] if has_bias else None, out, lora_scale=2.0,
-                              dropout_p=0.1 if role == "dx" else 0.0, seed=1234, fp32_precision=fp32_precision)
-        return launch.spec(f"lora_gemm[{role},x={x_dt},adapter={a_dt},R={launch.constexprs['R']},"
-                           f"dropout={int(role == 'dx')},bias={int(has_bias)},fp32={fp32_precision}]")
+    pairs = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
+             (torch.bfloat16, torch.float32))
+    with planning_for_gpu() as specs:
+        for dtype, adapter_dtype in pairs:
+            layer(dtype, adapter_dtype)
+            layer(dtype, adapter_dtype, dropout_p=0.1, bias=True)
+            layer(dtype, adapter_dtype, transposed=True)
+        for adapter_dtype in (torch.bfloat16, torch.float32):
+            layer(torch.bfloat16, adapter_dtype, dropout_p=0.1, transposed=True)
+            for rank in (64, 128):
+                layer(torch.bfloat16, adapter_dtype, rank=rank, dropout_p=0.1)
+        with _tf32_allowed():
+            layer(torch.float32, torch.float32, bias=True)
+        dropout_mask_triton((n_rows, n_in), 0.1, 1234, torch.device("meta"))
+    yield from specs
 
-    def weight_grad(x_dt, a_dt, dropout):
-        g, p = meta_tensor(size, 64, dtype=dtypes[a_dt]), meta_tensor(size, size, dtype=dtypes[x_dt])
-        block_m, block_c, num_warps = _weight_grad_tiles(64, dtypes[a_dt])
-        partial = meta_tensor(4, 64, size, dtype=torch.float32)
-        launch = _weight_grad_launch(g, p, partial, size // 4, block_m, block_c, num_warps, scale=2.0,
-                                     dropout_p=0.1 if dropout else 0.0, seed=1234)
-        return launch.spec(f"lora_weight_grad[x={x_dt},adapter={a_dt},dropout={int(dropout)}]")
 
-    for x_dt, a_dt in (("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")):
-        yield project(x_dt, a_dt, True)
-        yield gemm(x_dt, a_dt, "forward", True)
-        yield gemm(x_dt, a_dt, "dx", False)
-    yield project("bf16", "bf16", False, rank=16)
-    yield project("bf16", "fp32", True, rank=128)
-    yield gemm("bf16", "bf16", "forward", False, rank=16)
-    yield gemm("fp16", "fp16", "dx", False, rank=128)
-    yield gemm("bf16", "fp32", "forward", True, rank=128)
-    yield gemm("fp32", "fp32", "forward", True, fp32_precision="tf32")
-    yield weight_grad("bf16", "bf16", True)
-    yield weight_grad("fp16", "fp16", False)
-    yield weight_grad("bf16", "fp32", True)
-    mask = Launch(_dropout_mask_kernel, (64, 64), dict(out_ptr=meta_tensor(size, size, dtype=torch.int8), M=size,
-                                                         K=size, dropout_p=0.1, seed=1234),
-                  dict(BLOCK_M=64, BLOCK_K=64))
-    yield mask.spec("lora_dropout_mask")
+@contextlib.contextmanager
+def _tf32_allowed():
+    """torch's legacy flag that lets fp32 CUDA matmuls use tf32 (allows_tf32), set for the block."""
+    matmul = torch.backends.cuda.matmul
+    allowed = matmul.allow_tf32
+    matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = allowed

@@ -31,7 +31,7 @@ from fastmtt.kernels.mtt_math import (
     store_statistics,
     tile_gradient,
 )
-from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor
+from fastmtt.kernels.registry import FEATURE_COVER, Launch, compile_specs, meta_tensor, planning_for_gpu
 
 from fastmtt import partials as P
 from fastmtt._dispatch import interpreting
@@ -271,32 +271,35 @@ def mtt_gradient(logits, base_logits, labels, stats, options, *, vocab_start, gr
 
 @compile_specs
 def _specs():
-    """Every dtype pair with every feature on, and the feature variations on bf16, at N=8192, V=128256."""
+    """The launches of mtt_rows, mtt_partials and mtt_gradient at N=8192, V=128256 as their callers make
+    them: mtt_loss on fp32, fp16 and bf16 logits and the chunked fused-linear path (fp32 slabs, the
+    gradient in the model's dtype), for each FEATURE_COVER setting; with the KL value asked for, and
+    without the gradient (evaluation); a vocabulary range's partials and gradient (vocab_parallel) on
+    16-bit logits and fp32 slabs, forward and reverse."""
     from fastmtt.options import MTTOptions
 
     n_rows, n_cols = 8192, 128256
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     labels = meta_tensor(n_rows, dtype=torch.int64)
-    scale = meta_tensor(1, dtype=torch.float32)
+    every = [MTTOptions(**settings) for settings in FEATURE_COVER]
 
-    def spec(z_dtype, b_dtype, mode, options, need_kl, grad):
-        logits = meta_tensor(n_rows, n_cols, dtype=dtypes[z_dtype])
-        base = meta_tensor(n_rows, n_cols, dtype=dtypes[b_dtype])
-        out = meta_tensor(P.N_PARTIALS if mode == MODE_PARTIALS else P.N_STATS, n_rows, dtype=torch.float32)
-        launch = _plan(logits, base, labels, out, logits if grad else None, scale, options, mode=mode,
-                       vocab_start=0, need_kl=need_kl)
-        flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in launch.constexprs.items()
-                         if k not in ("BLOCK_N", "BLOCK_V"))
-        return launch.spec(f"mtt_loss[logits={z_dtype},base={b_dtype},{flags}]")
+    def rows(dtype, grad_dtype=None):
+        return (meta_tensor(n_rows, n_cols, dtype=dtype), meta_tensor(n_rows, n_cols, dtype=dtype),
+                None if grad_dtype is None else meta_tensor(n_rows, n_cols, dtype=grad_dtype))
 
-    every = MTTOptions(lam=1.0, temperature=2.0)
-    for z_dtype, b_dtype in itertools.product(dtypes, dtypes):
-        for direction in ("forward", "reverse"):
-            yield spec(z_dtype, b_dtype, MODE_WHOLE, every.replace(direction=direction), True, True)
-    for temperature, lam, mask_target in FEATURE_COVER:
-        options = MTTOptions(lam=lam, temperature=temperature, mask_target=mask_target)
-        for need_kl, grad in ((False, True), (True, True), (True, False)):
-            yield spec("bf16", "bf16", MODE_WHOLE, options, need_kl, grad)
-    for direction in ("forward", "reverse"):
-        yield spec("bf16", "bf16", MODE_PARTIALS, every.replace(direction=direction), True, False)
-        yield spec("bf16", "bf16", MODE_GRADIENT, every.replace(direction=direction), True, True)
+    with planning_for_gpu() as specs:
+        for dtype, grad_dtype in ((torch.float32, torch.float32), (torch.float16, torch.float16),
+                                  (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                  (torch.float32, torch.float16)):
+            logits, base, grad = rows(dtype, grad_dtype)
+            for options in every:
+                mtt_rows(logits, base, labels, options, need_kl=False, grad_out=grad)
+        for options in every:
+            logits, base, grad = rows(torch.bfloat16, torch.bfloat16)
+            mtt_rows(logits, base, labels, options, need_kl=True, grad_out=grad)
+            mtt_rows(logits, base, labels, options, need_kl=True)
+        for dtype, options in itertools.product((torch.bfloat16, torch.float32), every[:3:2]):
+            logits, base, grad = rows(dtype, dtype)
+            mtt_partials(logits, base, labels, options, vocab_start=n_cols, need_kl=True)
+            stats = meta_tensor(P.N_STATS, n_rows, dtype=torch.float32)
+            mtt_gradient(logits, base, labels, stats, options, vocab_start=n_cols, grad_scale=None, grad_out=grad)
+    yield from specs

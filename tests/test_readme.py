@@ -282,7 +282,7 @@ def test_gpu_launch_configurations(monkeypatch):
 
     monkeypatch.setattr(tiled, "interpreting", lambda: False)
     monkeypatch.setattr(rows, "interpreting", lambda: False)
-    monkeypatch.setattr(tiled, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tiled, "sm_count", lambda device: 132)
     size = (8192, 128256, 4096, 16)
     assert tiled._config(*size, dtype=torch.bfloat16)[:3] == (64, 128, 64)
     for kind in (dict(dtype=torch.bfloat16, lora=True), dict(dtype=torch.bfloat16, softcap=True),
