@@ -6,22 +6,21 @@ each. float32 math (float64 when an input is float64).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from fastmtt.pytorch import partials as P
 from fastmtt.pytorch.divergences import DIVERGENCES
 from fastmtt.reduction import accumulator_dtype
 
-# Temporaries of 512 KiB (fp32) stay in a core's L2: about 1.5x faster on a CPU than 16 MiB ones, whose ~40
-# elementwise passes each go to memory (fused MTT at N=1024, H=384, V=49152, one thread).
+# Temporaries of 512 KiB (fp32) stay near the core: faster on a CPU than 16 MiB ones, whose elementwise passes
+# (about 20 per chunk with the forward KL at T = 1) each go to memory.
 CHUNK_ELEMENTS = 1 << 17
 
 
 class _Rows:
-    """One chunk of rows [r, n] holding columns [vocab_start, vocab_start + n): labels located, logits
-    in the accumulator dtype, kept columns (-inf elsewhere)."""
+    """One chunk of rows [r, n] holding columns [vocab_start, vocab_start + n): labels located, logits in the
+    accumulator dtype. `_chunk_partials` leaves the kept logits relative to their reference (zr, br) and
+    their exponentials at T (e_z, e_b) for `_chunk_gradient`, which then forms no exponential of its own."""
 
     def __init__(self, z, b, labels, options, vocab_start, need_base):
         acc = accumulator_dtype(z, b)
@@ -34,18 +33,10 @@ class _Rows:
         # Row-major copies where needed: reductions then add in the same order for every input layout.
         self.z = z.to(acc).contiguous()
         self.b = b.to(acc).contiguous() if need_base else None
+        self.zr = self.br = self.e_z = self.e_b = None
 
     def label_logit(self, x):
         return torch.where(self.found, x.gather(1, self.index).squeeze(1), 0.0)
-
-    @functools.cached_property
-    def zk(self):
-        """kept(z): formed once per chunk for the statistics and the gradient."""
-        return self.kept(self.z)
-
-    @functools.cached_property
-    def bk(self):
-        return self.kept(self.b)
 
     def kept(self, x):
         """A copy of x with the target column (where it lies in this range and is masked) at -inf."""
@@ -55,29 +46,32 @@ class _Rows:
             xk.scatter_(1, self.index, target[:, None])
         return xk
 
+    def relative(self, xk, reference):
+        """In place xk -> xk - reference [r, n] (kept columns; -inf elsewhere), and exp((xk - reference) / T)."""
+        xk.sub_(reference[:, None])
+        return xk, (xk.exp() if self.inv_t == 1.0 else torch.mul(xk, self.inv_t).exp_())
 
-def _relative_sum(x, inv_t):
-    """(row max m, x - R, exp((x - R) / T), sum of it) with the reference R = m (0 for an all -inf row,
-    whose terms are then 0)."""
-    m = x.amax(1)
-    relative = x - P.reference(m)[:, None]
-    e = (relative * inv_t if inv_t != 1.0 else relative).exp()
-    return m, relative, e, e.sum(1)
+    def relative_to_max(self, x):
+        """(M, kept(x) - R, exp((kept(x) - R) / T), the row sums of the latter): M the kept max, R = reference(M)."""
+        xk = self.kept(x)
+        m = xk.amax(1)
+        xr, e = self.relative(xk, P.reference(m))
+        return m, xr, e, e.sum(1)
 
 
 def _chunk_partials(rows: _Rows, need_kl):
     options = rows.options
     parts = torch.zeros(P.N_PARTIALS, rows.z.shape[0], dtype=rows.z.dtype, device=rows.z.device)
-    parts[P.M_Z], zr, e_z, parts[P.S_Z] = _relative_sum(rows.zk, rows.inv_t)
+    parts[P.M_Z], rows.zr, rows.e_z, parts[P.S_Z] = rows.relative_to_max(rows.z)
     parts[P.M_R] = float("-inf")
-    if options.temperature != 1.0:
-        parts[P.M_R], _, _, parts[P.S_R] = _relative_sum(rows.z, 1.0)
+    if options.temperature != 1.0:  # CE over all columns at T = 1
+        parts[P.M_R] = rows.z.amax(1)
+        parts[P.S_R] = torch.sub(rows.z, P.reference(parts[P.M_R])[:, None]).exp_().sum(1)
     parts[P.Z_LABEL] = rows.label_logit(rows.z)
     parts[P.LABEL_FOUND] = rows.found.to(parts.dtype)
     if need_kl:
-        parts[P.M_B], br, e_b, parts[P.S_B] = _relative_sum(rows.bk, rows.inv_t)
-        terms, differences = DIVERGENCES[options.direction].terms(e_z, e_b, zr, br)
-        parts[P.W], parts[P.S_DIFF] = terms.sum(1), differences.sum(1)
+        parts[P.M_B], rows.br, rows.e_b, parts[P.S_B] = rows.relative_to_max(rows.b)
+        parts[P.W], parts[P.S_DIFF] = DIVERGENCES[options.direction].sums(rows.e_z, rows.e_b, rows.zr, rows.br)
         parts[P.B_LABEL] = rows.label_logit(rows.b)
     else:
         parts[P.M_B] = float("-inf")
@@ -87,34 +81,64 @@ def _chunk_partials(rows: _Rows, need_kl):
     return parts
 
 
-def _log_kept(xk, x_ref, x_lse, inv_t):
-    """In place: xk -> (xk - ref) / T - lse, the log of the kept distribution (lse -inf: an empty side)."""
-    xk.sub_(x_ref[:, None])
-    if inv_t != 1.0:
-        xk.mul_(inv_t)
-    return xk.sub_(torch.where(x_lse == float("-inf"), 0.0, x_lse)[:, None])
+def _inverse_sum(lse):
+    """1 / sum = exp(-lse), 0 for an empty side (lse -inf)."""
+    return torch.where(lse == float("-inf"), 0.0, (-lse).exp())
 
 
 def _chunk_gradient(rows: _Rows, stats, grad_scale, out):
-    """out <- grad_scale * dL/dz of the chunk, from its finalized statistics [N_STATS, r]."""
+    """out <- grad_scale * dL/dz of the chunk, from its finalized statistics [N_STATS, r].
+
+    dL/dz = ce_weight (softmax(z) - onehot(t)) + kl_weight / T * dD/d(z / T), from the kept exponentials e_z,
+    e_b of `_chunk_partials` (or, for a vocabulary range, formed here against the merged references): at
+    T = 1, softmax(z) = e_z exp(Z_REF - REF - LSE) on kept columns (the target's entry exp(-CE)); the
+    forward KL's dD/d(z / T) = q - p with q = e_z / S_Z, p = e_b / S_B. At T = 1 with the forward KL that
+    is two passes over the chunk, each term's row factor carrying grad_scale and the weights."""
     options = rows.options
-    scale = grad_scale.to(rows.z.dtype).reshape(())
-    grad = torch.sub(rows.z, stats[P.REF][:, None]).sub_(stats[P.LSE][:, None]).exp_()
-    grad.scatter_add_(1, rows.index, torch.where(rows.found, -1.0, 0.0).to(grad.dtype)[:, None])
-    if options.ce_weight != 1:
-        grad.mul_(options.ce_weight)
-    if options.lam > 0:
+    inv_t, lam = rows.inv_t, options.lam
+    forward_kl = lam > 0 and options.direction == "forward"
+    if rows.e_z is None:  # a vocabulary range: the references are the merged statistics'
+        rows.zr, rows.e_z = rows.relative(rows.kept(rows.z), stats[P.Z_REF])
+        if lam > 0:
+            rows.br, rows.e_b = rows.relative(rows.kept(rows.b), stats[P.B_REF])
+    row_scale = torch.where(rows.valid, grad_scale.to(rows.z.dtype).reshape(()), 0.0)
+    ce_scale = options.ce_weight * row_scale
+    grad = out if out.dtype == rows.z.dtype else torch.empty_like(rows.z)
+    if inv_t == 1.0:  # softmax(z) from e_z, a row factor (the target's entry set below)
+        e_z_scale = ce_scale * torch.where(stats[P.Z_LSE] == float("-inf"), 0.0,
+                                           (stats[P.Z_REF] - stats[P.REF] - stats[P.LSE]).exp())
+    else:  # softmax(z) at T = 1 over all columns: its own pass
+        torch.sub(rows.z, stats[P.REF][:, None], out=grad).sub_(stats[P.LSE][:, None]).exp_()
+        grad.mul_(ce_scale[:, None])
+        e_z_scale = torch.zeros_like(ce_scale)
+    if lam > 0:
         z_lse, b_lse, value = stats[P.Z_LSE], stats[P.B_LSE], stats[P.KL]
         constant = (z_lse == float("-inf")) | (b_lse == float("-inf")) | (value == float("inf"))
-        # The gradient is the chunk's last use of zk and bk: shifted in place.
-        log_q = _log_kept(rows.zk, stats[P.Z_REF], z_lse, rows.inv_t)
-        log_p = _log_kept(rows.bk, stats[P.B_REF], b_lse, rows.inv_t)
+        kl_scale = torch.where(constant, 0.0, options.kl_weight * inv_t * row_scale)  # D does not vary there
+    if forward_kl:
+        e_z_scale = e_z_scale + kl_scale * _inverse_sum(z_lse)
+    if inv_t == 1.0:
+        torch.mul(rows.e_z, e_z_scale[:, None], out=grad)
+    elif forward_kl:
+        grad.addcmul_(rows.e_z, e_z_scale[:, None])
+    if forward_kl:
+        grad.addcmul_(rows.e_b, (-kl_scale * _inverse_sum(b_lse))[:, None])
+    elif lam > 0:
+        # The last use of zr and br: in place (an empty side's lse -inf: 0, as its rows are constant).
+        log_q = rows.zr.mul_(inv_t).sub_(torch.where(z_lse == float("-inf"), 0.0, z_lse)[:, None])
+        log_p = rows.br.mul_(inv_t).sub_(torch.where(b_lse == float("-inf"), 0.0, b_lse)[:, None])
         kl_grad = DIVERGENCES[options.direction].gradient(log_q, log_p, value)
-        kl_grad[constant] = 0.0  # D does not vary there (and inf - inf would be NaN)
-        grad.add_(kl_grad, alpha=options.kl_weight * rows.inv_t)
-    grad.mul_(torch.where(rows.valid, scale, 0.0)[:, None])
+        kl_grad[constant] = 0.0  # inf - inf would be NaN there
+        grad.addcmul_(kl_grad, kl_scale[:, None])
+    if inv_t == 1.0 and options.mask_target:  # e_z is 0 at the target: its entry is softmax(z)_t - 1
+        current = grad.gather(1, rows.index).squeeze(1)
+        target = ce_scale * ((-stats[P.CE]).exp() - 1.0)
+        grad.scatter_(1, rows.index, torch.where(rows.found, target, current)[:, None])
+    else:
+        grad.scatter_add_(1, rows.index, torch.where(rows.found, -ce_scale, 0.0)[:, None])
     grad[~rows.valid] = 0.0  # NaN or inf * 0 is not 0
-    out.copy_(grad)
+    if grad is not out:
+        out.copy_(grad)
 
 
 def _chunks(n_rows, n_cols):
