@@ -250,3 +250,27 @@ def test_tiny_run_on_smollm2(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000 and "| CE only | 0 | 1 |" in (
         tmp_path / "summary.md").read_text()
     assert "| CE only | 0 | 1 |" in result.stdout
+
+
+def test_each_adapter_kind_starts_at_the_base_gets_gradients_and_is_a_cli_choice():
+    """LoRA, DoRA, RandLoRA (randlora_alpha 20 r) and SineLoRA adapt a tiny Llama and start at the base model;
+    the CLI's --adapters choices are experiment.ADAPTERS."""
+    import peft
+
+    from fastmtt.apps import cli
+    from fastmtt.sine_lora import SineLoraConfig, SineLoraLinear
+
+    choices = next(a.choices for a in cli.build_parser()._subparsers._group_actions[0].choices["experiment"]._actions
+                   if a.dest == "adapters")
+    assert tuple(choices) == experiment.ADAPTERS
+    assert experiment.adapter_config("randlora", 8).randlora_alpha == 160
+    assert isinstance(experiment.adapter_config("sinelora", 8), SineLoraConfig)
+    ids = torch.randint(0, 13, (2, 6))
+    for kind in experiment.ADAPTERS:
+        model = tiny_llama()
+        base = model(input_ids=ids).logits
+        adapted = peft.get_peft_model(model, experiment.adapter_config(kind, 4))
+        torch.testing.assert_close(adapted(input_ids=ids).logits, base)
+        adapted(input_ids=ids).logits.square().mean().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.parameters() if p.requires_grad), kind
+    assert any(isinstance(m, SineLoraLinear) for m in adapted.modules())

@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
     exp.add_argument("--cache-dir", help="folder of the dequantized model (default ~/.cache/fastmtt/smollm2-135m)")
     exp.add_argument("--tasks", nargs="+", choices=("addition", "license"))
-    exp.add_argument("--adapters", nargs="+", choices=("lora", "dora", "randlora"))
+    exp.add_argument("--adapters", nargs="+", choices=("lora", "dora", "randlora", "sinelora"))
     exp.add_argument("--methods", nargs="+", choices=("ce", "kl", "mtt"))
     exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
     exp.add_argument("--lams", type=lam_value, nargs="+", help="lam values swept for full KL and MTT")

@@ -40,7 +40,7 @@ from fastmtt.options import KL_POSITIONS, MTTOptions
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastmtt", "smollm2-135m")
 TASKS = ("addition", "license")
-ADAPTERS = ("lora", "dora", "randlora")
+ADAPTERS = ("lora", "dora", "randlora", "sinelora")
 METHODS = ("ce", "kl", "mtt")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -309,13 +309,18 @@ def evaluate(model, batches) -> Dict[str, float]:
 # ---------------------------------------------------------------------------------------------------- runs
 
 def adapter_config(kind: str, rank: int):
-    """PEFT config of a LoRA, DoRA or RandLoRA adapter on every linear layer of the decoder."""
+    """PEFT config of a LoRA, DoRA, RandLoRA (randlora_alpha = 20 r, PEFT's guidance; its default 640 is 80 r at
+    r = 8) or SineLoRA (fastmtt.sine_lora, omega 200) adapter on every linear layer of the decoder."""
     import peft
 
     if kind == "randlora":
         if not hasattr(peft, "RandLoraConfig"):
             raise ValueError(f"the installed peft {peft.__version__} has no RandLoraConfig")
-        return peft.RandLoraConfig(r=rank, target_modules=LORA_TARGETS)
+        return peft.RandLoraConfig(r=rank, randlora_alpha=20 * rank, target_modules=LORA_TARGETS)
+    if kind == "sinelora":
+        from fastmtt.sine_lora import SineLoraConfig
+
+        return SineLoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS)
     return peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=LORA_TARGETS,
                            use_dora=kind == "dora")
 
