@@ -4,4 +4,5 @@ from setuptools import setup
 setup(
     packages=["fastmtt", "fastmtt.apps", "fastmtt.ops", "fastmtt.pytorch", "fastmtt.kernels"],
     package_dir={"fastmtt": "fastmtt", "fastmtt.kernels": "kernels"},
+    package_data={"fastmtt.apps": ["data/*.txt"]},  # the experiment's retention text
 )

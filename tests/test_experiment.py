@@ -51,7 +51,7 @@ def test_top_layers_on_cached_prefix_reproduce_the_full_model():
     model = tiny_llama()
     batch = experiment._pad([dict(input_ids=[1, 2, 3, 4, 5], labels=[-100, -100, 3, 4, 5]),
                              dict(input_ids=[6, 7, 8], labels=[-100, 7, 8])], pad_id=12)
-    experiment.cache_frozen_states(model, [batch], adapted_layers=2, log_probs=True)
+    experiment.cache_frozen_states(model, [batch], adapted_layers=2)
     top = experiment.top_layers(model, 2)
     assert len(top.model.layers) == 2 and len(model.model.layers) == 3
     hidden, weight = experiment.final_hidden(top, batch)
@@ -243,10 +243,13 @@ def test_tiny_run_on_smollm2(tmp_path):
     by_method = {row["method"]: row for row in rows}
     assert len(rows) == 4 and set(by_method) == {"base", "ce", "kl", "mtt"}
     base, ce = by_method["base"], by_method["ce"]
-    assert abs(base["retention_kl"]) < 1e-5 and 10 < base["retention_ppl"] < 200  # coherent English model
+    for text in ("retention", "kjv"):  # Python prose and the KJV
+        assert abs(base[f"{text}_kl"]) < 1e-5 and 5 < base[f"{text}_ppl"] < 200  # coherent English model
     assert ce["task_ce"] < base["task_ce"] - 0.3  # two steps of CE already teach the answer format
     for row in rows[1:]:
-        assert row["retention_kl"] > 1e-5 and row["seconds"] > 0
+        assert row["retention_kl"] > 1e-5 and row["kjv_kl"] > 1e-5 and row["seconds"] > 0
+        adapter = tmp_path / "adapters" / experiment.run_name(row) / "adapter_config.json"
+        assert adapter.exists(), sorted(p.name for p in (tmp_path / "adapters").iterdir())
     assert (tmp_path / "frontier.png").stat().st_size > 10_000 and "| CE only | 0 | 1 |" in (
         tmp_path / "summary.md").read_text()
     assert "| CE only | 0 | 1 |" in result.stdout
@@ -274,3 +277,13 @@ def test_each_adapter_kind_starts_at_the_base_gets_gradients_and_is_a_cli_choice
         adapted(input_ids=ids).logits.square().mean().backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.parameters() if p.requires_grad), kind
     assert any(isinstance(m, SineLoraLinear) for m in adapted.modules())
+
+
+def test_results_written_before_the_kjv_scores_still_read(tmp_path):
+    """docs/experiment/results.csv predates kl_positions and the KJV columns: they read as "labels" and NaN."""
+    from tests.utils import ROOT
+
+    rows = experiment.read_csv(str(ROOT / "docs" / "experiment" / "results.csv"))
+    assert len(rows) > 10 and all(row["kl_positions"] in ("labels", "all") for row in rows)
+    assert all(math.isnan(row["kjv_kl"]) and math.isnan(row["kjv_ppl"]) for row in rows)
+    assert all(row["retention_kl"] >= 0 for row in rows)

@@ -30,6 +30,7 @@ def test_wheel_ships_every_module_and_imports_from_a_fresh_location(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {name.split("/")[0] for name in names} == {"fastmtt", wheel.name.split("-py")[0] + ".dist-info"}
     assert source_modules() <= names, sorted(source_modules() - names)  # setup.py lists every package
+    assert "fastmtt/apps/data/kjv_ruth_esther_jonah.txt" in names  # package_data
 
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

@@ -3,8 +3,12 @@
 One adapter is trained per (task, adapter kind, method, lam, seed) on the frozen base model and scored on
   learning: held-out task CE and top-1 accuracy per predicted token, and exact match (every answer token
             right under teacher forcing, which is what greedy decoding produces);
-  forgetting: perplexity and mean KL(base || adapted) of the full next-token distributions on held-out
-            Python-reference prose (CPython's pydoc_data/topics.py, shipped with every Python).
+  forgetting: perplexity and mean KL(base || adapted) of the full next-token distributions on two held-out
+            texts: Python-reference prose (CPython's pydoc_data/topics.py, shipped with every Python;
+            columns retention_ppl, retention_kl) and ordinary English prose (the King James Version's
+            books of Ruth, Esther and Jonah from Debian's public-domain bible-kjv-text, shipped in
+            fastmtt/apps/data; columns kjv_ppl, kjv_kl). With --out, each run's adapter is saved under
+            adapters/, so a new retention text can be scored later without retraining.
 Methods: "ce" (CE only), "kl" (CE + lam * full-vocabulary KL(base || adapted)) and "mtt" (CE + lam *
 target-masked KL, forward or reverse), all through `fastmtt.fused_linear_mtt_loss` at the predicted
 positions. kl_positions="all" also applies the regularizer at the prompt's positions (CE stays on the
@@ -24,6 +28,7 @@ import copy
 import csv
 import dataclasses
 import importlib.util
+import itertools
 import math
 import os
 import sysconfig
@@ -64,7 +69,7 @@ class ExperimentConfig:
     kl_positions: str = "labels"      # "all": the regularizer at the prompt's positions too
     prose_length: int = 16            # tokens per window of the license task
     task_eval_examples: int = 64
-    retention_tokens: int = 1024      # held-out prose tokens scored for forgetting
+    retention_tokens: int = 1024      # held-out tokens of each retention text scored for forgetting
     retention_length: int = 64        # tokens per retention window
     eval_batch_size: int = 16
 
@@ -155,6 +160,19 @@ def retention_text() -> str:
     return "\n\n".join(topics[key] for key in sorted(topics))
 
 
+KJV_FILE = os.path.join(os.path.dirname(__file__), "data", "kjv_ruth_esther_jonah.txt")
+
+
+def kjv_text() -> str:
+    """Ruth, Esther and Jonah in the King James Version (public domain; Debian's bible-kjv-text 4.38, verse
+    numbers removed, one paragraph per chapter): ordinary English narrative prose, about 12k SmolLM2 tokens."""
+    with open(KJV_FILE, encoding="utf-8") as handle:
+        return handle.read()
+
+
+RETENTION_TEXTS = {"retention": retention_text, "kjv": kjv_text}  # column prefix -> text
+
+
 def license_text() -> str:
     """The standard library's LICENSE.txt (history and terms of the PSF license): English legal prose."""
     path = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
@@ -191,16 +209,17 @@ def windows(tokens: List[int], length: int, starts: Sequence[int]) -> List[Dict[
 
 @dataclasses.dataclass
 class TaskData:
-    """Training examples (one epoch of the run), held-out task batches and held-out retention batches."""
+    """Training examples (one epoch of the run), held-out task batches and, per retention text (the column
+    prefixes of RETENTION_TEXTS), its held-out batches."""
 
     name: str
     train: Dict[str, torch.Tensor]
     task_eval: List[Dict[str, torch.Tensor]]
-    retention: List[Dict[str, torch.Tensor]]
+    retention: Dict[str, List[Dict[str, torch.Tensor]]]
     has_answers: bool  # exact match is meaningful
 
 
-def make_task(name: str, tokenizer, cfg: ExperimentConfig, retention_tokens: List[int]) -> TaskData:
+def make_task(name: str, tokenizer, cfg: ExperimentConfig, retention_tokens: Dict[str, List[int]]) -> TaskData:
     """Data of one task: cfg.steps * cfg.batch_size training examples and the held-out sets (fixed seed)."""
     generator = torch.Generator().manual_seed(1234)
     pad_id = tokenizer.eos_token_id
@@ -217,11 +236,11 @@ def make_task(name: str, tokenizer, cfg: ExperimentConfig, retention_tokens: Lis
                                                            cfg.prose_length))[:cfg.task_eval_examples]
     size = cfg.retention_length
     n_windows = max(1, cfg.retention_tokens // size)
-    stride = (len(retention_tokens) - size) // n_windows
-    retention = windows(retention_tokens, size, [i * stride for i in range(n_windows)])
     batch = lambda examples: [_pad(examples[i:i + cfg.eval_batch_size], pad_id)  # noqa: E731
                               for i in range(0, len(examples), cfg.eval_batch_size)]
-    return TaskData(name, _pad(train, pad_id), batch(held_out), batch(retention), has_answers=name == "addition")
+    retention = {text: batch(windows(tokens, size, [i * ((len(tokens) - size) // n_windows) for i in range(n_windows)]))
+                 for text, tokens in retention_tokens.items()}
+    return TaskData(name, _pad(train, pad_id), batch(held_out), retention, has_answers=name == "addition")
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -241,18 +260,13 @@ def top_layers(model, adapted_layers: int):
 
 
 @torch.no_grad()
-def cache_frozen_states(model, batches: List[Dict[str, torch.Tensor]], adapted_layers: int, log_probs=False):
+def cache_frozen_states(model, batches: List[Dict[str, torch.Tensor]], adapted_layers: int):
     """Adds to each batch "prefix" (hidden states entering the last adapted_layers layers) and "base_hidden"
-    (final hidden states of the base model), both [B, L, H]; with log_probs also "base_log_probs" [n, V],
-    the base's next-token log-probabilities at the n predicted positions (for the forgetting KL)."""
-    weight = model.get_output_embeddings().weight
+    (final hidden states of the base model), both [B, L, H]."""
     for batch in batches:
         out = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           output_hidden_states=True)
         batch["prefix"], batch["base_hidden"] = out.hidden_states[-adapted_layers - 1], out.last_hidden_state
-        if log_probs:
-            keep = batch["labels"][:, 1:] != -100
-            batch["base_log_probs"] = (out.last_hidden_state[:, :-1][keep] @ weight.T).log_softmax(-1)
 
 
 def final_hidden(model, batch):
@@ -282,8 +296,9 @@ def objective(model, batch, method: str, lam: float, direction: str, temperature
 
 @torch.no_grad()
 def evaluate(model, batches) -> Dict[str, float]:
-    """ce, acc (per predicted token), exact (sequences with every predicted token right), ppl = exp(ce),
-    and on batches with base_log_probs: kl = mean KL(base || model) of the full next-token distributions."""
+    """ce, acc (per predicted token), exact (sequences with every predicted token right), ppl = exp(ce), and
+    kl = mean KL(base || model) of the full next-token distributions (the base's from the cached
+    base_hidden through the same frozen head, a batch at a time)."""
     totals = dict(ce=0.0, acc=0.0, kl=0.0, exact=0.0, tokens=0, sequences=0)
     for batch in batches:
         hidden, weight = final_hidden(model, batch)
@@ -294,9 +309,8 @@ def evaluate(model, batches) -> Dict[str, float]:
         wrong_per_sequence = torch.zeros_like(keep, dtype=torch.long).masked_scatter(keep, (~right).long())
         totals["ce"] -= float(log_q.gather(-1, targets[keep][:, None]).sum())
         totals["acc"] += float(right.sum())
-        if "base_log_probs" in batch:
-            log_p = batch["base_log_probs"]
-            totals["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+        log_p = (batch["base_hidden"][:, :-1][keep] @ weight.T).log_softmax(-1)
+        totals["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
         totals["exact"] += float((wrong_per_sequence.sum(1) == 0).sum())
         totals["tokens"] += int(keep.sum())
         totals["sequences"] += keep.shape[0]
@@ -346,13 +360,16 @@ def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: st
 
 def score(model, data: TaskData) -> Dict[str, float]:
     task = evaluate(model, data.task_eval)
-    retention = evaluate(model, data.retention)
-    return dict(task_ce=task["ce"], task_acc=task["acc"], exact_match=task["exact"] if data.has_answers else math.nan,
-                retention_ppl=retention["ppl"], retention_kl=retention["kl"])
+    row = dict(task_ce=task["ce"], task_acc=task["acc"], exact_match=task["exact"] if data.has_answers else math.nan)
+    for text, batches in data.retention.items():
+        metrics = evaluate(model, batches)
+        row.update({f"{text}_ppl": metrics["ppl"], f"{text}_kl": metrics["kl"]})
+    return row
 
 
 COLUMNS = ("task", "adapter", "method", "direction", "kl_positions", "lam", "temperature", "seed", "task_ce",
-           "task_acc", "exact_match", "retention_ppl", "retention_kl", "seconds")
+           "task_acc", "exact_match", "retention_ppl", "retention_kl", "kjv_ppl", "kjv_kl", "seconds")
+LATER_COLUMNS = {"kl_positions": "labels", "kjv_ppl": math.nan, "kjv_kl": math.nan}  # absent from older files
 KEY = ("task", "adapter", "method", "direction", "kl_positions", "lam", "temperature", "seed")
 TEXT_COLUMNS = ("task", "adapter", "method", "direction", "kl_positions")
 
@@ -362,18 +379,18 @@ def _key(row) -> tuple:
 
 
 def read_csv(path: str) -> List[dict]:
-    """Rows of results.csv; files written before kl_positions existed regularized the labels only. A file that
-    is not such a table raises a UsageError naming it."""
+    """Rows of results.csv; in files written before a column in LATER_COLUMNS existed it takes its value there
+    (kl_positions "labels": those runs regularized the labels only; no KJV scores). A file that is not such a
+    table raises a UsageError naming it."""
     rows = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
-            missing = [k for k in COLUMNS if k != "kl_positions" and k not in (reader.fieldnames or ())]
+            missing = [k for k in COLUMNS if k not in LATER_COLUMNS and k not in (reader.fieldnames or ())]
             if missing:
                 raise ValueError(f"no column {missing[0]!r}")
             for row in reader:
-                rows.append({"kl_positions": "labels",
-                             **{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}})
+                rows.append({**LATER_COLUMNS, **{k: (v if k in TEXT_COLUMNS else float(v)) for k, v in row.items()}})
     except (OSError, ValueError, TypeError, csv.Error) as exc:  # a bad number, a short row, not UTF-8
         raise UsageError(f"--resume: {path} is not a results.csv of this experiment ({first_line(exc)})") from exc
     return rows
@@ -397,8 +414,10 @@ def planned_runs(cfg: ExperimentConfig):
 
 def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_dir: Optional[str] = None,
                    resume: bool = False, log=print) -> List[dict]:
-    """Every run of the grid; writes results.csv after each run (resume=True skips runs already in it),
-    then summary.md (tables, comparison at equal learning) and frontier.png. Returns the rows."""
+    """Every run of the grid; writes results.csv and saves the adapter (adapters/<run_name>, a PEFT adapter of
+    the `top_layers` model) after each run
+    (resume=True skips runs already in results.csv), then summary.md (tables, comparison at equal learning)
+    and frontier.png. Returns the rows."""
     started = time.time()
     csv_path = os.path.join(out_dir, "results.csv") if out_dir else None
     rows = read_csv(csv_path) if resume and csv_path and os.path.exists(csv_path) else []
@@ -412,11 +431,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
         top = top_layers(model, cfg.adapted_layers)
     except ValueError as exc:  # the model in cache_dir is not the SmolLM2 the command line checked against
         raise UsageError(f"--adapted-layers: {exc}") from exc
-    retention_tokens = tokenizer(retention_text(), add_special_tokens=False)["input_ids"]
+    retention_tokens = {text: tokenizer(read(), add_special_tokens=False)["input_ids"]
+                        for text, read in RETENTION_TEXTS.items()}
     for task in cfg.tasks:
         data = make_task(task, tokenizer, cfg, retention_tokens)
-        cache_frozen_states(model, [data.train, *data.task_eval], cfg.adapted_layers)
-        cache_frozen_states(model, data.retention, cfg.adapted_layers, log_probs=True)
+        cache_frozen_states(model, [data.train, *data.task_eval, *itertools.chain(*data.retention.values())],
+                            cfg.adapted_layers)
         base_row = dict(task=task, adapter="", method="base", direction="", kl_positions="labels", lam=0.0,
                         temperature=1.0, seed=0.0, seconds=0.0)
         if _key(base_row) not in done:
@@ -431,6 +451,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
             run_start = time.time()
             adapted = train_adapter(top, data, cfg, adapter, method, lam, direction, seed)
             row.update(score(adapted, data), seconds=time.time() - run_start)
+            if out_dir:
+                adapted.save_pretrained(os.path.join(out_dir, "adapters", run_name(row)))
             rows.append(row)
             log(_run_line(row) + f"  [{time.time() - started:.0f}s]")
             if csv_path:
@@ -447,11 +469,18 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
     return rows
 
 
+def run_name(row) -> str:
+    """The folder name of a run's adapter, from its key, e.g. addition-lora-mtt-forward-labels-lam3-T1-seed0."""
+    return "-".join(f"{k}{row[k]:g}" if k in ("lam", "seed") else f"T{row[k]:g}" if k == "temperature"
+                    else (row[k] or "none") for k in KEY)
+
+
 def _run_line(row) -> str:
     name = "base model" if row["method"] == "base" else f"{row['adapter']} {_curve_name(row)} lam={row['lam']:g} " \
                                                          f"seed={row['seed']:g}"
     return (f"{row['task']}: {name}: task CE {row['task_ce']:.3f} acc {row['task_acc']:.3f} exact "
-            f"{row['exact_match']:.3f} | retention PPL {row['retention_ppl']:.2f} KL {row['retention_kl']:.4f}")
+            f"{row['exact_match']:.3f} | retention PPL {row['retention_ppl']:.2f} KL {row['retention_kl']:.4f} "
+            f"| KJV PPL {row['kjv_ppl']:.2f} KL {row['kjv_kl']:.4f}")
 
 
 def _curve_name(row) -> str:
