@@ -287,3 +287,18 @@ def test_results_written_before_the_kjv_scores_still_read(tmp_path):
     assert len(rows) > 10 and all(row["kl_positions"] in ("labels", "all") for row in rows)
     assert all(math.isnan(row["kjv_kl"]) and math.isnan(row["kjv_ppl"]) for row in rows)
     assert all(row["retention_kl"] >= 0 for row in rows)
+
+
+def test_operand_blind_bound_is_the_entropy_of_the_sum_per_answer_token():
+    """For 1-digit operands by hand: sums 2..18 of 81 pairs; 2 or 3 tokens per answer (EOS included)."""
+    counts = {total: 9 - abs(total - 10) for total in range(2, 19)}
+    entropy = -sum(c / 81 * math.log(c / 81) for c in counts.values())  # the whole answer: H(sum)
+    tokens = sum(c * (len(str(total)) + 1) for total, c in counts.items()) / 81
+    assert experiment.operand_blind_bound(1)["task_ce"] == pytest.approx(entropy / tokens)
+    assert experiment.operand_blind_bound(1)["exact_match"] == pytest.approx(9 / 81)
+    bound = experiment.operand_blind_bound(3)  # the issue's held-out estimate: CE 1.603, 187 of 442 tokens right
+    assert bound["task_ce"] == pytest.approx(1.586, abs=1e-3) and bound["task_acc"] == pytest.approx(0.417, abs=1e-3)
+    tokenizer = DigitTokenizer()
+    examples = experiment.addition_examples(tokenizer, 50, torch.Generator().manual_seed(0), digits=2)
+    prompts = ["".join("0123456789+="[t] for t in e["input_ids"][:6]) for e in examples]
+    assert all(len(p) == 6 and p[2] == "+" and p[5] == "=" and p[0] != "0" and p[3] != "0" for p in prompts)

@@ -177,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
                                              "`make experiment-setup`): learning vs forgetting")
     exp.add_argument("--quick", action="store_true",
                      help="one task, LoRA, 3 lams, 2 seeds (about 5.5 min on a quiet CPU core)")
-    exp.add_argument("--preset", choices=("tiny", "quick", "full"), default="full", help="run size (default full)")
+    exp.add_argument("--preset", choices=("tiny", "quick", "full", "far"), default="full",
+                     help="run size (default full; far: 2-digit addition, adapters on all layers, 300 steps, "
+                          "6 lams, 3 seeds)")
     exp.add_argument("--out", default="fastmtt-experiment", help="folder for results.csv, summary.md, frontier.png")
     exp.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
     exp.add_argument("--cache-dir", help="folder of the dequantized model (default ~/.cache/fastmtt/smollm2-135m)")
-    exp.add_argument("--tasks", nargs="+", choices=("addition", "license"))
+    exp.add_argument("--tasks", nargs="+", choices=("addition", "addition2", "license"))
     exp.add_argument("--adapters", nargs="+", choices=("lora", "dora", "randlora", "sinelora"))
     exp.add_argument("--methods", nargs="+", choices=("ce", "kl", "mtt"))
     exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")

