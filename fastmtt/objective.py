@@ -237,6 +237,37 @@ def predicted_positions(labels, attention_mask, ignore_index):
     return attended & (labels[:, 1:] != ignore_index), attended
 
 
+class KLBudget:
+    """A forgetting budget instead of a fixed lam: TRL's adaptive KL controller (PPO's, Ziegler et al. 2019)
+    applied to lam. After a training step whose mean divergence was kl,
+
+        lam <- lam * (1 + clip(kl / target_kl - 1, -0.2, 0.2) / horizon),
+
+    so lam grows while the divergence is above target_kl and shrinks below it, by at most a factor
+    exp(0.2) every `horizon` steps.
+
+    Args:
+        target_kl: the divergence to hold, > 0 (MTTOutput.kl's units: nats per regularized token).
+        horizon: steps per e-fold of the largest correction, > 0 (default 10).
+    """
+
+    def __init__(self, target_kl: float, horizon: float = 10.0):
+        for name, value in (("target_kl", target_kl), ("kl_horizon", horizon)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        self.target_kl, self.horizon = float(target_kl), float(horizon)
+
+    def update(self, lam: float, kl: float) -> float:
+        """The next lam after a step with divergence `kl` (a non-finite kl leaves lam as it is)."""
+        if not torch.isfinite(torch.tensor(kl)):
+            return lam
+        error = min(0.2, max(-0.2, kl / self.target_kl - 1.0))
+        return lam * (1.0 + error / self.horizon)
+
+    def __repr__(self):
+        return f"KLBudget(target_kl={self.target_kl:g}, horizon={self.horizon:g})"
+
+
 class MTTObjective:
     """objective(model, input_ids=, attention_mask=, labels=, num_items_in_batch=None) -> MTTOutput
     (inputs_embeds= [B, L, H] instead of input_ids: given to both passes).
@@ -264,6 +295,10 @@ class MTTObjective:
     for reference-model comparisons): otherwise the two passes draw different masks, so KL > 0 for an
     adapter equal to the base and the regularizer pulls against dropout noise. LoRA's lora_dropout on the
     adapted side is unaffected.
+    target_kl: a forgetting budget (`KLBudget`): after each call under grad, lam (the starting value, > 0)
+    moves towards holding the divergence (`MTTOutput.kl`, averaged over ranks under data parallelism) at
+    target_kl; `objective.options.lam` is the current value. This reads the divergence on the host once
+    per call (a device sync on CUDA).
 
     Args:
         lam, temperature, direction, ignore_index, mask_target: the loss settings (MTTOptions' fields; None,
@@ -272,6 +307,8 @@ class MTTObjective:
         options: a ready MTTOptions (reduction 'mean') instead of the settings above (default None).
         disable_dropout: set the base model's dropout to 0 on the first call (default True).
         kl_positions: "labels" (default) or "all".
+        target_kl: None (default: lam is fixed) or the divergence to hold; kl_horizon: the KLBudget horizon,
+            in calls (default 10).
 
     Calling it: objective(model, input_ids=None, labels=None, attention_mask=None, num_items_in_batch=None,
     data_parallel_size=None, *, inputs_embeds=None, **model_kwargs) with input_ids [B, L] (or inputs_embeds
@@ -296,7 +333,8 @@ class MTTObjective:
     def __init__(self, lam: Optional[float] = None, temperature: Optional[float] = None,
                  direction: Optional[str] = None, ignore_index: Optional[int] = None, backend: str = "auto", *,
                  mask_target: Optional[bool] = None, options: Optional[MTTOptions] = None,
-                 disable_dropout: bool = True, kl_positions: str = "labels"):
+                 disable_dropout: bool = True, kl_positions: str = "labels", target_kl: Optional[float] = None,
+                 kl_horizon: float = 10.0):
         keywords = dict(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index,
                         mask_target=mask_target)
         options = options_from(options, {name: value for name, value in keywords.items() if value is not None})
@@ -307,10 +345,13 @@ class MTTObjective:
             raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {kl_positions!r}")
         self.options, self.backend, self.disable_dropout = options, backend, bool(disable_dropout)
         self.kl_positions = kl_positions
+        self.kl_budget = None if target_kl is None else KLBudget(target_kl, kl_horizon)
+        if self.kl_budget is not None and options.lam == 0:
+            raise ValueError("lam must be > 0 with target_kl: the budget scales lam, and 0 stays 0")
 
     def __repr__(self):
         return (f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout}, "
-                f"kl_positions={self.kl_positions!r})")
+                f"kl_positions={self.kl_positions!r}" + ("" if self.kl_budget is None else f", {self.kl_budget}") + ")")
 
     def hidden_states(self, model, input_ids=None, attention_mask=None, **model_kwargs):
         """(adapted, base) final hidden states [B, L, D], outside any wrapper's forward (inspection)."""
@@ -372,4 +413,10 @@ class MTTObjective:
                        fastmtt_mtt=loss_in_forward, **model_kwargs)
         if data_parallel_size > 1:  # the wrapper averages gradients over ranks: undo that average for a global sum
             output = MTTOutput(*(value * data_parallel_size for value in output))
+        if self.kl_budget is not None and torch.is_grad_enabled():
+            kl = output.kl.detach().clone()
+            if data_parallel_size > 1:  # the mean over ranks of the outputs is the global value
+                dist.all_reduce(kl, group=None if group is False else group)
+                kl /= data_parallel_size
+            self.options = self.options.replace(lam=self.kl_budget.update(self.options.lam, float(kl)))
         return output

@@ -316,3 +316,33 @@ def test_adalora_on_the_head_is_refused_as_unsupported():
     model = peft.get_peft_model(tiny_llama(), config)
     with pytest.raises(ValueError, match="unsupported output head SVDLinear: .*AdaLoRA"):
         MTTObjective()(model, **padded_batch())
+
+
+def test_kl_budget_follows_trls_adaptive_controller():
+    budget = fastmtt.objective.KLBudget(target_kl=0.1, horizon=4.0)
+    assert budget.update(2.0, 0.1) == 2.0  # on target: unchanged
+    assert budget.update(2.0, 0.11) == pytest.approx(2.0 * (1 + 0.1 / 4))
+    assert budget.update(2.0, 5.0) == pytest.approx(2.0 * (1 + 0.2 / 4))  # the correction is clipped at +-20%
+    assert budget.update(2.0, 0.0) == pytest.approx(2.0 * (1 - 0.2 / 4))
+    assert budget.update(2.0, float("nan")) == 2.0
+    for name, value in (("target_kl", 0.0), ("target_kl", float("inf")), ("kl_horizon", -1.0), ("target_kl", True)):
+        with pytest.raises(ValueError, match=name):
+            fastmtt.objective.KLBudget(**{"target_kl": 0.1, "horizon": 1.0,
+                                          name.replace("kl_", ""): value})
+
+
+def test_target_kl_moves_lam_towards_the_budget_after_each_training_call():
+    """A divergence above the budget raises lam, below it lowers lam; no update under no_grad (evaluation)."""
+    model, batch = tiny_peft(), padded_batch()
+    kl = float(MTTObjective(lam=1.0)(model, **batch).kl)
+    assert kl > 1e-3
+    above, below = MTTObjective(lam=1.0, target_kl=kl / 10), MTTObjective(lam=1.0, target_kl=kl * 10, kl_horizon=2.0)
+    for objective in (above, below):
+        with torch.no_grad():
+            objective(model, **batch)
+        assert objective.options.lam == 1.0
+        objective(model, **batch).loss.backward()
+    assert above.options.lam == pytest.approx(1.0 + 0.2 / 10) and below.options.lam == pytest.approx(1.0 - 0.2 / 2)
+    assert "KLBudget(target_kl=" in repr(above)
+    with pytest.raises(ValueError, match="lam must be > 0 with target_kl"):
+        MTTObjective(lam=0.0, target_kl=0.1)
