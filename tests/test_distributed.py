@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from fastmtt.objective import MTTObjective
+from fastmtt.objective import KLBudget, MTTObjective
 from fastmtt.reference import MTTOutput
 from fastmtt.trainer import MTTTrainer
 from tests.test_objective import tiny_peft, trainable_grads
@@ -20,6 +20,7 @@ from tests.utils import WORLD, close_gloo, init_gloo, launch_gloo
 transformers = pytest.importorskip("transformers")
 
 LAM = 0.7
+BUDGET = 1e-3  # target_kl
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
 
@@ -52,7 +53,10 @@ def ddp_worker(rank, rendezvous, out_dir, device="cpu"):
     output = MTTObjective(lam=LAM)(model, **batch)
     output.loss.backward()
     grads = {name: grad.cpu() for name, grad in trainable_grads(model.module).items()}
-    torch.save(dict(output=[t.detach().cpu() for t in output], grads=grads), f"{out_dir}/rank{rank}.pt")
+    budgeted = MTTObjective(lam=LAM, target_kl=BUDGET)  # lam moves by the global divergence, alike on every rank
+    budgeted(model, **batch).loss.backward()
+    torch.save(dict(output=[t.detach().cpu() for t in output], grads=grads, budget_lam=budgeted.options.lam),
+               f"{out_dir}/rank{rank}.pt")
     del model, output
     close_gloo()
 
@@ -95,7 +99,11 @@ def assert_global_batch_results(results, device="cpu", rtol=1e-5, atol=1e-7):
 
 
 def test_ddp_gradients_equal_the_whole_batch_gradient(tmp_path):
-    assert_global_batch_results(launch_gloo(ddp_worker, tmp_path))
+    results = launch_gloo(ddp_worker, tmp_path)
+    assert_global_batch_results(results)
+    want, _ = whole_batch_reference()
+    lam = KLBudget(BUDGET).update(LAM, float(want.kl))
+    assert lam != LAM and all(result["budget_lam"] == pytest.approx(lam, rel=1e-6) for result in results)
 
 
 @pytest.mark.cuda
