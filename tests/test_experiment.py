@@ -157,6 +157,7 @@ def test_equal_learning_interpolates_along_each_curve():
     assert "| full KL | 1 | 2 | 2.000 ± 0.000 |" in summary
     # levels: base task CE 3.0 minus 50/75/90% of CE only's gain 1.9; full KL at 1.575: KL 0.5 - 0.4 * 0.475 / 0.9
     assert "| 2.050 (50%) | - | - |" in summary and "| 1.575 (75%) | - | 0.2889 / 35.72 |" in summary
+    assert "| task_ce 1.575 (75%) | retention_kl | MTT forward | - | no verdict: 2 seed(s) at a point |" in summary
 
 
 @pytest.fixture
@@ -302,3 +303,27 @@ def test_operand_blind_bound_is_the_entropy_of_the_sum_per_answer_token():
     examples = experiment.addition_examples(tokenizer, 50, torch.Generator().manual_seed(0), digits=2)
     prompts = ["".join("0123456789+="[t] for t in e["input_ids"][:6]) for e in examples]
     assert all(len(p) == 6 and p[2] == "+" and p[5] == "=" and p[0] != "0" and p[3] != "0" for p in prompts)
+
+
+def test_pareto_points_and_the_bootstrap_verdict():
+    assert experiment.pareto([(1.0, 0.5), (2.0, 0.1), (1.5, 0.6), (3.0, 0.1)]) == [(1.0, 0.5), (2.0, 0.1)]
+    assert experiment.interpolate([(1.0, 0.5), (2.0, 0.1)], 1.5) == pytest.approx(0.3)
+    assert math.isnan(experiment.interpolate([(1.0, 0.5), (2.0, 0.1)], 2.5))
+
+    def runs(curve_kl, noise, seeds=3):
+        """CE only at (1.0, 0.5); one regularized point at task CE 2.0 with forgetting curve_kl + noise."""
+        return [dict(task_ce=2.0, retention_kl=curve_kl + noise * (seed - 1)) for seed in range(seeds)]
+
+    ce_only = [dict(task_ce=1.0, retention_kl=0.5) for _ in range(3)]
+    clear = {("CE only", 0.0): ce_only, ("MTT forward", 1.0): runs(0.1, 0.001), ("full KL", 1.0): runs(0.2, 0.001)}
+    diff, low, high, share = experiment.bootstrap_difference(clear, "MTT forward", "full KL", 1.5)
+    # halfway between CE only and each point: 0.3 against 0.35
+    assert diff == pytest.approx(-0.05) and low < diff < high < 0 and share == 1.0
+    assert experiment.verdict(diff, low, high) == "forgets less"
+    noisy = {**clear, ("MTT forward", 1.0): runs(0.1, 0.3)}
+    diff, low, high, _ = experiment.bootstrap_difference(noisy, "MTT forward", "full KL", 1.5)
+    assert low < 0 < high and experiment.verdict(diff, low, high).startswith("tie")
+    assert experiment.verdict(*experiment.bootstrap_difference(clear, "full KL", "MTT forward", 1.5)[:3]) == \
+        "forgets more"
+    assert experiment.verdict(*experiment.bootstrap_difference(clear, "MTT forward", "full KL", 2.5)[:3]).startswith(
+        "not comparable")

@@ -550,13 +550,76 @@ def curves_of(points) -> Dict[str, List[tuple]]:
             for name in names}
 
 
-def at_equal_learning(curve: List[tuple], level: float, forgetting: str) -> float:
-    """Forgetting (seed means) interpolated linearly along the curve at task CE = level; NaN outside it."""
-    points = sorted((stats["task_ce"][0], stats[forgetting][0]) for _, stats in curve)
+def pareto(points: Sequence[tuple]) -> List[tuple]:
+    """The (learning, forgetting) points, lower better on both, that no other point beats on both, sorted."""
+    return sorted(p for p in points if not any(q[0] <= p[0] and q[1] <= p[1] and q != p for q in points))
+
+
+def interpolate(points: Sequence[tuple], level: float) -> float:
+    """Forgetting interpolated linearly between sorted (learning, forgetting) points at learning = level; NaN
+    outside them."""
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= level <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (level - x0) / (x1 - x0)
     return math.nan
+
+
+def at_equal_learning(curve: List[tuple], level: float, forgetting: str) -> float:
+    """Forgetting (seed means) at task CE = level, interpolated along the curve's Pareto points (a dominated
+    point anchors no segment); NaN outside them."""
+    return interpolate(pareto([(stats["task_ce"][0], stats[forgetting][0]) for _, stats in curve]), level)
+
+
+MIN_SEEDS = 3  # a verdict needs this many seeds at every point of both curves
+LEARNING = {"task_ce": 1.0, "task_acc": -1.0, "exact_match": -1.0}  # sign making lower better
+
+
+def _frontier_at(curve_runs, level, learning, forgetting):
+    """Forgetting at learning = level on the Pareto front of a curve's seed means; curve_runs: [(lam, runs)]."""
+    sign = LEARNING[learning]
+    means = [(sign * sum(r[learning] for r in runs) / len(runs), sum(r[forgetting] for r in runs) / len(runs))
+             for _, runs in curve_runs]
+    return interpolate(pareto(means), sign * level)
+
+
+def bootstrap_difference(point_runs: Dict[tuple, List[dict]], curve_a: str, curve_b: str, level: float,
+                         learning: str = "task_ce", forgetting: str = "retention_kl", draws: int = 2000,
+                         seed: int = 0) -> tuple:
+    """(difference, low, high, share) of forgetting, curve_a minus curve_b, at learning = level on each
+    curve's Pareto front; low-high its 90% seed-bootstrap interval (each point's seeds resampled with
+    replacement, the CE-only point shared by both curves), share the fraction of draws where both curves
+    reach the level. point_runs: {(curve name, lam): runs}, every curve starting at ("CE only", 0.0)."""
+    import random
+
+    rng = random.Random(seed)
+
+    def curve(runs_of, name):
+        start = [(0.0, runs_of[("CE only", 0.0)])] if ("CE only", 0.0) in runs_of else []
+        return start + sorted((lam, runs) for (n, lam), runs in runs_of.items() if n == name)
+
+    def difference(runs_of):
+        return (_frontier_at(curve(runs_of, curve_a), level, learning, forgetting)
+                - _frontier_at(curve(runs_of, curve_b), level, learning, forgetting))
+
+    draws_made = [difference({key: [rng.choice(runs) for _ in runs] for key, runs in point_runs.items()})
+                  for _ in range(draws)]
+    finite = sorted(d for d in draws_made if not math.isnan(d))
+    if not finite:
+        return difference(point_runs), math.nan, math.nan, 0.0
+    low, high = finite[int(0.05 * (len(finite) - 1))], finite[int(math.ceil(0.95 * (len(finite) - 1)))]
+    return difference(point_runs), low, high, len(finite) / draws
+
+
+def verdict(difference: float, low: float, high: float) -> str:
+    """How curve a compares with b in forgetting at equal learning: a difference only where the 90% interval
+    excludes 0."""
+    if math.isnan(difference) or math.isnan(low):
+        return "not comparable (a curve does not reach the level)"
+    if high < 0:
+        return "forgets less"
+    if low > 0:
+        return "forgets more"
+    return "tie (the interval contains 0)"
 
 
 LEVELS = (0.5, 0.75, 0.9)  # fractions of CE only's task-CE gain over the base model
@@ -599,7 +662,42 @@ def summarize(rows) -> str:
                 kl, ppl = (at_equal_learning(curve, level, m) for m in ("retention_kl", "retention_ppl"))
                 cells.append("-" if math.isnan(kl) else f"{kl:.4f} / {ppl:.2f}")
             lines.append(f"| {level:.3f} ({share:.0%}) | " + " | ".join(cells) + " |")
+        lines += compared_with_full_kl(rows, task, adapter, b, ce_only)
     return "\n".join(lines).lstrip("\n")
+
+
+def compared_with_full_kl(rows, task, adapter, base, ce_only) -> List[str]:
+    """Markdown lines: each MTT curve minus full KL in forgetting (each retention text) at equal learning
+    (task CE, accuracy, exact match at LEVELS of CE only's gain over the base), on the Pareto fronts, with
+    90% seed-bootstrap intervals and the verdict; nothing without a full-KL curve."""
+    point_runs: Dict[tuple, List[dict]] = {}
+    for row in rows:
+        if (row["task"], row["adapter"]) == (task, adapter):
+            point_runs.setdefault((_curve_name(row), row["lam"]), []).append(row)
+    mtt_curves = sorted({name for name, _ in point_runs if name.startswith("MTT")})
+    if ("full KL" not in {name for name, _ in point_runs}) or not mtt_curves:
+        return []
+    seeds = [len(runs) for runs in point_runs.values()]
+    lines = ["", f"Forgetting at equal learning, MTT minus full KL, on each curve's Pareto points (90% seed-bootstrap "
+             f"interval; {min(seeds)}-{max(seeds)} seeds per point):", "",
+             "| learning at (share of CE only's gain) | forgetting | curve | MTT - full KL [90% interval] | verdict |",
+             "|---|---|---|---|---|"]
+    texts = [m for m in ("retention_kl", "kjv_kl")
+             if not any(math.isnan(r.get(m, math.nan)) for r in rows if r["task"] == task)]
+    for learning in LEARNING:
+        gain = ce_only[learning][0] - base[learning]
+        if math.isnan(gain) or gain == 0:
+            continue
+        for share in LEVELS:
+            level = base[learning] + share * gain
+            for forgetting, name in itertools.product(texts, mtt_curves):
+                diff, low, high, _ = bootstrap_difference(point_runs, name, "full KL", level, learning, forgetting)
+                interval = "-" if math.isnan(diff) else f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]"
+                fewest = min(len(runs) for (curve, _), runs in point_runs.items()
+                             if curve in (name, "full KL", "CE only"))
+                said = verdict(diff, low, high) if fewest >= MIN_SEEDS else f"no verdict: {fewest} seed(s) at a point"
+                lines.append(f"| {learning} {level:.3f} ({share:.0%}) | {forgetting} | {name} | {interval} | {said} |")
+    return lines
 
 
 def plot_frontier(rows, path: str):
