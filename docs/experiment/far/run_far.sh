@@ -1,0 +1,33 @@
+#!/bin/sh
+# The grid behind docs/experiment/far/ (one CPU thread per process; run from the repository root after
+# `make experiment-setup`): 2-digit addition, which CE only learns (exact match >= 0.5), adapters on all 30
+# layers, forgetting on the Python reference prose and the KJV. Resumable: each run appends its row to
+# $OUT/results.csv and saves its adapter under $OUT/adapters/, and a rerun skips the runs already there, so
+# the grid can be spread over several sittings (stop it at any time). Two copies can share a 2-core machine
+# on different --seeds with different OUT folders; `merge` puts their rows into docs/experiment/far.
+set -e
+OUT=${OUT:-fastmtt-far}
+run() { nice -n 10 .venv/bin/fastmtt experiment --preset far --out "$OUT" --resume --threads 1 "$@"; }
+merge() {  # merge FOLDER...: their results.csv rows (each run once) into docs/experiment/far/results.csv
+    .venv/bin/python - "$@" <<'PY'
+import os, sys
+from fastmtt.apps.experiment import KEY, read_csv, write_csv
+target = "docs/experiment/far/results.csv"
+rows = {}
+for path in [target, *(os.path.join(folder, "results.csv") for folder in sys.argv[1:])]:
+    if os.path.exists(path):
+        for row in read_csv(path):
+            rows.setdefault(tuple(row[k] for k in KEY), row)
+write_csv(list(rows.values()), target)
+print(f"{len(rows)} runs in {target}")
+PY
+}
+case "${1:-grid}" in
+  merge) shift; merge "$@"; exit ;;
+esac
+# 1. LoRA: CE only, full KL and MTT forward at lam 0.3 ... 100, seeds 0, 1, 2 (the preset's grid)
+run --adapters lora
+# 2. DoRA, RandLoRA (randlora_alpha = 20 r), SineLoRA: three lams, two seeds
+run --adapters dora randlora sinelora --lams 1 10 30 --seeds 0 1
+# 3. the near task (PSF license prose) with the same placement
+run --tasks license --adapters lora --lams 0.3 1 3 10 30 --seeds 0 1 2
