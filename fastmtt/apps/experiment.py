@@ -652,7 +652,8 @@ def summarize(rows) -> str:
             continue
         gain = b["task_ce"] - ce_only["task_ce"][0]
         curves = curves_of(points)
-        lines += ["", "Forgetting at equal learning (interpolated along each curve's Pareto points; '-' = not reached):", "",
+        lines += ["", "Forgetting at equal learning (interpolated along each curve's Pareto points; "
+                      "'-' = not reached):", "",
                   "| task CE (share of CE only's gain) | " + " | ".join(f"{n}: KL / PPL" for n in curves) + " |",
                   "|---|" + "---|" * len(curves)]
         for share in LEVELS:
