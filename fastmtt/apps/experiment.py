@@ -34,6 +34,7 @@ import importlib.util
 import itertools
 import math
 import os
+import random
 import sysconfig
 import time
 from typing import Dict, List, Optional, Sequence
@@ -532,18 +533,24 @@ def _mean_std(values):
     return mean, std
 
 
-def grouped(rows):
-    """{(task, adapter): {(curve, lam): {metric: (mean, std, min, max), "seeds": count}}} over seeds."""
+def runs_by_point(rows) -> Dict[tuple, Dict[tuple, List[dict]]]:
+    """{(task, adapter): {(curve, lam): the rows of its seeds}}."""
     groups: Dict[tuple, Dict[tuple, List[dict]]] = {}
     for row in rows:
         groups.setdefault((row["task"], row["adapter"]), {}).setdefault((_curve_name(row), row["lam"]), []).append(row)
+    return groups
+
+
+def grouped(rows):
+    """{(task, adapter): {(curve, lam): {metric: (mean, std, min, max), "seeds": count}}} over seeds."""
     return {key: {point: {m: (*_mean_std([r[m] for r in runs]), min(r[m] for r in runs), max(r[m] for r in runs))
                           for m in METRICS} | {"seeds": len(runs)} for point, runs in points.items()}
-            for key, points in groups.items()}
+            for key, points in runs_by_point(rows).items()}
 
 
 def curves_of(points) -> Dict[str, List[tuple]]:
-    """Regularized curves, each starting at CE only (lam = 0): {curve: [(lam, stats), ...]} by lam."""
+    """Regularized curves, each starting at CE only (lam = 0): {curve: [(lam, value), ...]} by lam, from
+    {(curve, lam): value} (the stats of `grouped` or the runs of `runs_by_point`)."""
     start = [(0.0, points[("CE only", 0.0)])] if ("CE only", 0.0) in points else []
     names = sorted({name for name, _ in points} - {"CE only", "base model"})
     return {name: start + sorted(((lam, s) for (n, lam), s in points.items() if n == name), key=lambda p: p[0])
@@ -589,17 +596,12 @@ def bootstrap_difference(point_runs: Dict[tuple, List[dict]], curve_a: str, curv
     curve's Pareto front; low-high its 90% seed-bootstrap interval (each point's seeds resampled with
     replacement, the CE-only point shared by both curves), share the fraction of draws where both curves
     reach the level. point_runs: {(curve name, lam): runs}, every curve starting at ("CE only", 0.0)."""
-    import random
-
     rng = random.Random(seed)
 
-    def curve(runs_of, name):
-        start = [(0.0, runs_of[("CE only", 0.0)])] if ("CE only", 0.0) in runs_of else []
-        return start + sorted((lam, runs) for (n, lam), runs in runs_of.items() if n == name)
-
     def difference(runs_of):
-        return (_frontier_at(curve(runs_of, curve_a), level, learning, forgetting)
-                - _frontier_at(curve(runs_of, curve_b), level, learning, forgetting))
+        curves = curves_of(runs_of)
+        return (_frontier_at(curves.get(curve_a, []), level, learning, forgetting)
+                - _frontier_at(curves.get(curve_b, []), level, learning, forgetting))
 
     draws_made = [difference({key: [rng.choice(runs) for _ in runs] for key, runs in point_runs.items()})
                   for _ in range(draws)]
@@ -671,10 +673,7 @@ def compared_with_full_kl(rows, task, adapter, base, ce_only) -> List[str]:
     """Markdown lines: each MTT curve minus full KL in forgetting (each retention text) at equal learning
     (task CE, accuracy, exact match at LEVELS of CE only's gain over the base), on the Pareto fronts, with
     90% seed-bootstrap intervals and the verdict; nothing without a full-KL curve."""
-    point_runs: Dict[tuple, List[dict]] = {}
-    for row in rows:
-        if (row["task"], row["adapter"]) == (task, adapter):
-            point_runs.setdefault((_curve_name(row), row["lam"]), []).append(row)
+    point_runs = runs_by_point(rows)[(task, adapter)]
     mtt_curves = sorted({name for name, _ in point_runs if name.startswith("MTT")})
     if ("full KL" not in {name for name, _ in point_runs}) or not mtt_curves:
         return []
