@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from typing import Optional, Union
 
 import torch
@@ -259,7 +260,7 @@ class KLBudget:
 
     def update(self, lam: float, kl: float) -> float:
         """The next lam after a step with divergence `kl` (a non-finite kl leaves lam as it is)."""
-        if not torch.isfinite(torch.tensor(kl)):
+        if not math.isfinite(kl):
             return lam
         error = min(0.2, max(-0.2, kl / self.target_kl - 1.0))
         return lam * (1.0 + error / self.horizon)
