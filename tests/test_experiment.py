@@ -138,7 +138,8 @@ def test_regularizer_at_every_position_keeps_ce_on_the_answer(method):
 def test_equal_learning_interpolates_along_each_curve():
     def row(method, lam, seed, task_ce, kl, ppl):
         return dict(task="addition", adapter="lora", method=method, direction="forward" if method == "mtt" else "",
-                    kl_positions="labels", lam=lam, temperature=1.0, seed=seed, task_ce=task_ce, task_acc=0.5,
+                    kl_positions="labels", lam=lam, target_kl=0.0, final_lam=lam, temperature=1.0, seed=seed,
+                    task_ce=task_ce, task_acc=0.5,
                     exact_match=0.1, retention_ppl=ppl, retention_kl=kl)
 
     rows = [dict(row("base", 0.0, 0, 3.0, 0.0, 30.0), adapter=""),
@@ -175,6 +176,8 @@ ARGUMENT_ERRORS = [  # each once found only after the model loaded (or hidden be
     (["--seeds", "0", "-1"], "argument --seeds: must be an integer in [0, 2**32 - 1], got -1"),
     (["--steps", "1000000000"], "argument --steps: must be an integer in [1, 10000], got 1000000000"),
     (["--temperature", "inf"], "argument --temperature: must be in [0.01, 100], got inf"),
+    (["--target-kls", "0.01", "0"], "argument --target-kls: must be in (0, 100], got 0"),
+    (["--retention-tokens", "0"], "argument --retention-tokens: must be an integer in [1, 1000000], got 0"),
     (["--threads", str(2**40)], "argument --threads: must be an integer in [1, 1024]"),
     (["--out", "{file}"], "--out: {file} is a file; give a folder for results.csv, summary.md and frontier.png"),
     (["--out", "{file}/out"], "--out: cannot write results.csv, summary.md and frontier.png to {file}/out"),
@@ -327,3 +330,72 @@ def test_pareto_points_and_the_bootstrap_verdict():
         "forgets more"
     assert experiment.verdict(*experiment.bootstrap_difference(clear, "MTT forward", "full KL", 2.5)[:3]).startswith(
         "not comparable")
+
+
+def tiny_task(steps, batch_size=2):
+    """cfg and TaskData of the addition task on DigitTokenizer, frozen states of tiny_llama's top 2 layers cached."""
+    cfg = experiment.config_for("tiny", steps=steps, batch_size=batch_size, adapted_layers=2)
+    digits = {"retention": [int(c) for c in "31415926535897932384626433832795" * 8]}
+    model = tiny_llama()
+    data = experiment.make_task("addition", DigitTokenizer(), cfg, digits)
+    experiment.cache_frozen_states(model, [data.train, *data.task_eval, *data.retention["retention"]], 2)
+    return cfg, data, experiment.top_layers(model, 2)
+
+
+@pytest.mark.parametrize("method", ["kl", "mtt"])
+def test_a_forgetting_budget_moves_lam_by_the_clipped_controller_step(method):
+    """KLBudget after every step: the first step's divergence is 0 (the adapter starts at the base), so lam
+    shrinks by 2%; then a budget far below the divergence grows it 2% a step, one far above shrinks it."""
+    cfg, data, top = tiny_task(steps=5)
+    _, below = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0, target_kl=1e-9)
+    _, above = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0, target_kl=100.0)
+    _, fixed = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0)
+    assert below == pytest.approx(0.98 * 1.02**4) and above == pytest.approx(0.98**5) and fixed == 1.0
+
+
+def test_budget_runs_are_planned_named_and_summarized_as_their_own_curve():
+    cfg = experiment.config_for("tiny", methods=("ce", "mtt"), lams=(3.0,), target_kls=(0.02,))
+    assert experiment.planned_runs(cfg) == [("lora", "ce", 0.0, "", 0, 0.0), ("lora", "mtt", 3.0, "forward", 0, 0.0),
+                                            ("lora", "mtt", experiment.BUDGET_LAM, "forward", 0, 0.02)]
+    row = dict(task="addition2", adapter="lora", method="mtt", direction="forward", kl_positions="labels", lam=1.0,
+               target_kl=0.02, temperature=1.0, seed=2.0)
+    assert experiment.run_name(row) == "addition2-lora-mtt-forward-labels-lam1-budget0.02-T1-seed2"
+    assert experiment.run_name(dict(row, target_kl=0.0)) == "addition2-lora-mtt-forward-labels-lam1-T1-seed2"
+    scores = dict(task_ce=1.0, task_acc=0.5, exact_match=0.1, retention_ppl=30.0, retention_kl=0.1)
+    rows = [dict(row, method="base", adapter="", target_kl=0.0, final_lam=0.0, **scores),
+            dict(row, method="ce", target_kl=0.0, final_lam=0.0, **scores),
+            dict(row, final_lam=4.0, **scores), dict(row, seed=1.0, final_lam=6.0, **scores)]
+    assert "| MTT forward, budget | 0.02, 5 | 2 | 1.000 ± 0.000 |" in experiment.summarize(rows)
+
+
+def test_resume_scores_finished_runs_again_on_a_new_retention_length(tmp_path, monkeypatch):
+    """--resume with another --retention-tokens: every run with a saved adapter gets the scores a fresh run
+    at that length gets, its task scores unchanged; one whose adapter is gone is kept as it was."""
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    texts = {"retention": lambda: "2718281828459045" * 40, "kjv": lambda: "1618033988749894" * 40}
+    monkeypatch.setattr(experiment, "RETENTION_TEXTS", texts)
+    grid = dict(adapted_layers=2, methods=("ce", "mtt"), target_kls=(0.05,))
+    quiet = lambda line: None  # noqa: E731
+    first = experiment.run_experiment(experiment.config_for("tiny", retention_tokens=128, **grid), str(tmp_path / "a"),
+                                      log=quiet)
+    fresh = experiment.run_experiment(experiment.config_for("tiny", retention_tokens=320, **grid), str(tmp_path / "b"),
+                                      log=quiet)
+    gone = first[-1]
+    import shutil
+
+    shutil.rmtree(tmp_path / "a" / "adapters" / experiment.run_name(gone))
+    lines = []
+    again = experiment.run_experiment(experiment.config_for("tiny", retention_tokens=320, **grid), str(tmp_path / "a"),
+                                      resume=True, log=lines.append)
+    assert [r["method"] for r in again] == ["base", "ce", "mtt", "mtt"] and again[-1]["target_kl"] == 0.05
+    assert sum("scored again on 320 tokens" in line for line in lines) == 3
+    assert sum("kept: no saved adapter" in line for line in lines) == 1
+    for before, after, new in zip(first[:-1], again[:-1], fresh[:-1]):
+        assert after["retention_tokens"] == 320 and after["task_ce"] == before["task_ce"]
+        for column in ("retention_kl", "retention_ppl", "kjv_kl", "kjv_ppl"):
+            assert after[column] == pytest.approx(new[column], rel=1e-5, abs=1e-7), column
+        assert after["method"] == "base" or after["retention_kl"] != pytest.approx(before["retention_kl"], rel=1e-3)
+    assert again[-1]["retention_tokens"] == 128 and again[-1]["retention_kl"] == first[-1]["retention_kl"]
+    assert experiment.read_csv(str(tmp_path / "a" / "results.csv"))[1]["retention_tokens"] == 320
+    with pytest.raises(experiment.UsageError, match="--retention-tokens: at most 640"):
+        experiment.run_experiment(experiment.config_for("tiny", retention_tokens=641, **grid), log=quiet)

@@ -75,6 +75,7 @@ positive_int = _number(int, lambda v: v > 0, "a positive integer")
 probability = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 lam_value = _number(float, lambda v: 0 <= v <= 1e6, "in [0, 1e6]")
 temperature_value = _number(float, lambda v: 0.01 <= v <= 100, "in [0.01, 100]")
+kl_budget = _number(float, lambda v: 0 < v <= 100, "in (0, 100]")
 learning_rate = _number(float, lambda v: 0 < v <= 1, "in (0, 1]")
 epoch_count = _number(float, lambda v: 0 < v <= 1e6, "in (0, 1e6]")
 seed_value = _number(int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32 - 1]")  # numpy's seed range
@@ -130,7 +131,8 @@ def _experiment(args) -> int:
     cfg = config_for("quick" if args.quick else args.preset, tasks=args.tasks, adapters=args.adapters,
                      methods=args.methods, directions=args.directions, lams=args.lams, seeds=args.seeds,
                      steps=args.steps, temperature=args.temperature, adapted_layers=args.adapted_layers,
-                     kl_positions=args.kl_positions)
+                     kl_positions=args.kl_positions, target_kls=args.target_kls,
+                     retention_tokens=args.retention_tokens)
     try:
         run_experiment(cfg, out_dir=args.out, cache_dir=args.cache_dir, resume=args.resume)
     except ImportError as exc:  # the model package or gguf is missing: say how to install them
@@ -188,6 +190,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--methods", nargs="+", choices=("ce", "kl", "mtt"))
     exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
     exp.add_argument("--lams", type=lam_value, nargs="+", help="lam values swept for full KL and MTT")
+    exp.add_argument("--target-kls", type=kl_budget, nargs="+",
+                     help="forgetting budgets swept for full KL and MTT: lam starts at 1 and adapts to hold the "
+                          "training divergence at each (KLBudget)")
     exp.add_argument("--seeds", type=seed_value, nargs="+")
     exp.add_argument("--steps", type=_count(10000), help="training steps of each run (batch 8)")
     exp.add_argument("--temperature", type=temperature_value, help="KL temperature of full KL and MTT (default 1)")
@@ -195,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where full KL and MTT apply: the labelled positions (default) or every position")
     exp.add_argument("--adapted-layers", type=_count(SMOLLM2_LAYERS),
                      help=f"adapters on the last N of the {SMOLLM2_LAYERS} decoder layers (default 10)")
+    exp.add_argument("--retention-tokens", type=_count(10**6),
+                     help="held-out tokens of each retention text scored for forgetting; with --resume, finished "
+                          "runs scored on another count are scored again from their saved adapters")
     exp.add_argument("--threads", type=thread_count, default=1, help="CPU threads (default 1)")
     exp.set_defaults(func=_experiment)
 

@@ -43,7 +43,7 @@ import torch
 
 from fastmtt.apps import UsageError, check_out_dir, first_line
 from fastmtt.head import LinearHead
-from fastmtt.objective import causal_head_loss, predicted_positions
+from fastmtt.objective import KLBudget, causal_head_loss, predicted_positions
 from fastmtt.options import KL_POSITIONS, MTTOptions
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,6 +64,7 @@ class ExperimentConfig:
     methods: Sequence[str] = METHODS
     directions: Sequence[str] = ("forward",)  # of MTT; "kl" is KL(base || adapted)
     lams: Sequence[float] = (0.3, 3.0, 30.0)
+    target_kls: Sequence[float] = ()  # forgetting budgets (KLBudget) swept for full KL and MTT, from lam BUDGET_LAM
     seeds: Sequence[int] = (0, 1)
     steps: int = 20
     batch_size: int = 8
@@ -86,7 +87,7 @@ PRESETS = {
     # A far task the model learns: CE only reaches exact match 0.51 on 2-digit addition in 200 steps at lr 1e-3
     # with adapters on all 30 layers (one seed, 271 s on one CPU thread); 300 steps for a margin.
     "far": dict(tasks=("addition2",), steps=300, lr=1e-3, adapted_layers=30, lams=(0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
-                seeds=(0, 1, 2), task_eval_examples=128, retention_tokens=2048),
+                seeds=(0, 1, 2), task_eval_examples=128, retention_tokens=8192),
 }
 
 
@@ -370,11 +371,17 @@ def adapter_config(kind: str, rank: int):
                            use_dora=kind == "dora")
 
 
+BUDGET_LAM = 1.0  # the lam a run with a forgetting budget starts from
+
+
 def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: str, method: str, lam: float,
-                  direction: str, seed: int):
-    """A fresh adapter trained for one epoch of data.train (seeded init and order); returns the PEFT model."""
+                  direction: str, seed: int, target_kl: float = 0.0):
+    """A fresh adapter trained for one epoch of data.train (seeded init and order); target_kl > 0: lam moves
+    after each step to hold the step's divergence at target_kl (`KLBudget`, horizon 10 steps). Returns (the
+    PEFT model, the lam of the last step)."""
     from peft import get_peft_model
 
+    budget = KLBudget(target_kl) if target_kl > 0 else None
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base_model), adapter_config(adapter, cfg.rank)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
@@ -382,37 +389,62 @@ def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: st
     for step in range(cfg.steps):
         rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         batch = {key: value[rows] for key, value in data.train.items()}
-        loss = objective(model, batch, method, lam, direction, cfg.temperature, cfg.kl_positions).loss
+        out = objective(model, batch, method, lam, direction, cfg.temperature, cfg.kl_positions)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        out.loss.backward()
         optimizer.step()
-    return model.eval()
+        if budget is not None:
+            lam = budget.update(lam, float(out.kl))
+    return model.eval(), lam
 
 
-def score(model, data: TaskData) -> Dict[str, float]:
-    task = evaluate(model, data.task_eval)
-    row = dict(task_ce=task["ce"], task_acc=task["acc"], exact_match=task["exact"] if data.has_answers else math.nan)
+def score_retention(model, data: TaskData) -> Dict[str, float]:
+    """{text}_ppl and {text}_kl of each retention text."""
+    row = {}
     for text, batches in data.retention.items():
         metrics = evaluate(model, batches)
         row.update({f"{text}_ppl": metrics["ppl"], f"{text}_kl": metrics["kl"]})
     return row
 
 
-COLUMNS = ("task", "adapter", "method", "direction", "kl_positions", "lam", "temperature", "seed", "task_ce",
-           "task_acc", "exact_match", "retention_ppl", "retention_kl", "kjv_ppl", "kjv_kl", "seconds")
-LATER_COLUMNS = {"kl_positions": "labels", "kjv_ppl": math.nan, "kjv_kl": math.nan}  # absent from older files
-KEY = ("task", "adapter", "method", "direction", "kl_positions", "lam", "temperature", "seed")
+def score(model, data: TaskData) -> Dict[str, float]:
+    task = evaluate(model, data.task_eval)
+    return dict(task_ce=task["ce"], task_acc=task["acc"], exact_match=task["exact"] if data.has_answers else math.nan,
+                **score_retention(model, data))
+
+
+def load_adapter(top, row, out_dir: str):
+    """The adapter of a finished run saved under out_dir/adapters, on a copy of the top_layers model; None if
+    that folder holds none."""
+    from peft import PeftModel
+
+    from fastmtt.sine_lora import load_sine_lora
+
+    path = os.path.join(out_dir, "adapters", run_name(row))
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+        return None
+    load = load_sine_lora if row["adapter"] == "sinelora" else PeftModel.from_pretrained
+    return load(copy.deepcopy(top), path).eval()
+
+
+COLUMNS = ("task", "adapter", "method", "direction", "kl_positions", "lam", "target_kl", "temperature", "seed",
+           "task_ce", "task_acc", "exact_match", "retention_ppl", "retention_kl", "kjv_ppl", "kjv_kl",
+           "retention_tokens", "final_lam", "seconds")
+# absent from older files: their runs regularized the labels only with a fixed lam, had no KJV scores and did
+# not record the retention tokens or the last lam
+LATER_COLUMNS = {"kl_positions": "labels", "target_kl": 0.0, "kjv_ppl": math.nan, "kjv_kl": math.nan,
+                 "retention_tokens": math.nan, "final_lam": math.nan}
+KEY = ("task", "adapter", "method", "direction", "kl_positions", "lam", "target_kl", "temperature", "seed")
 TEXT_COLUMNS = ("task", "adapter", "method", "direction", "kl_positions")
 
 
 def _key(row) -> tuple:
-    return tuple(float(row[k]) if k in ("lam", "temperature", "seed") else str(row[k]) for k in KEY)
+    return tuple(float(row[k]) if k in ("lam", "target_kl", "temperature", "seed") else str(row[k]) for k in KEY)
 
 
 def read_csv(path: str) -> List[dict]:
-    """Rows of results.csv; in files written before a column in LATER_COLUMNS existed it takes its value there
-    (kl_positions "labels": those runs regularized the labels only; no KJV scores). A file that is not such a
-    table raises a UsageError naming it."""
+    """Rows of results.csv; in files written before a column in LATER_COLUMNS existed it takes its value there.
+    A file that is not such a table raises a UsageError naming it."""
     rows = []
     try:
         with open(path, newline="", encoding="utf-8") as handle:
@@ -435,20 +467,23 @@ def write_csv(rows, path: str):
 
 
 def planned_runs(cfg: ExperimentConfig):
-    """(adapter, method, lam, direction, seed) of every fine-tuning run of one task."""
-    curves = [("ce", 0.0, "")] if "ce" in cfg.methods else []
-    curves += [("kl", lam, "forward") for lam in cfg.lams if "kl" in cfg.methods]
-    curves += [("mtt", lam, d) for d in cfg.directions for lam in cfg.lams if "mtt" in cfg.methods]
-    return [(adapter, method, lam, direction, seed) for adapter in cfg.adapters for seed in cfg.seeds
-            for method, lam, direction in curves]
+    """(adapter, method, lam, direction, seed, target_kl) of every fine-tuning run of one task (target_kl 0: a
+    fixed lam)."""
+    settings = [(lam, 0.0) for lam in cfg.lams] + [(BUDGET_LAM, target) for target in cfg.target_kls]
+    curves = [("ce", 0.0, "", 0.0)] if "ce" in cfg.methods else []
+    curves += [("kl", lam, "forward", target) for lam, target in settings if "kl" in cfg.methods]
+    curves += [("mtt", lam, d, target) for d in cfg.directions for lam, target in settings if "mtt" in cfg.methods]
+    return [(adapter, method, lam, direction, seed, target) for adapter in cfg.adapters for seed in cfg.seeds
+            for method, lam, direction, target in curves]
 
 
 def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_dir: Optional[str] = None,
                    resume: bool = False, log=print) -> List[dict]:
     """Every run of the grid; writes results.csv and saves the adapter (adapters/<run_name>, a PEFT adapter of
-    the `top_layers` model) after each run
-    (resume=True skips runs already in results.csv), then summary.md (tables, comparison at equal learning)
-    and frontier.png. Returns the rows."""
+    the `top_layers` model) after each run, then summary.md (tables, comparison at equal learning) and
+    frontier.png. Returns the rows. resume=True keeps the runs already in results.csv; those of cfg.tasks
+    whose retention was scored on other than cfg.retention_tokens tokens are scored again from their saved
+    adapter (or kept as they are, with a line saying so, where none was saved)."""
     started = time.time()
     csv_path = os.path.join(out_dir, "results.csv") if out_dir else None
     rows = read_csv(csv_path) if resume and csv_path and os.path.exists(csv_path) else []
@@ -464,24 +499,37 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
         raise UsageError(f"--adapted-layers: {exc}") from exc
     retention_tokens = {text: tokenizer(read(), add_special_tokens=False)["input_ids"]
                         for text, read in RETENTION_TEXTS.items()}
+    shortest = min(retention_tokens, key=lambda text: len(retention_tokens[text]))
+    if cfg.retention_tokens > len(retention_tokens[shortest]):
+        raise UsageError(f"--retention-tokens: at most {len(retention_tokens[shortest])} (the {shortest} text's "
+                         f"length), got {cfg.retention_tokens}")
     for task in cfg.tasks:
         data = make_task(task, tokenizer, cfg, retention_tokens)
         cache_frozen_states(model, [data.train, *data.task_eval, *itertools.chain(*data.retention.values())],
                             cfg.adapted_layers)
+        for row in rows:
+            if row["task"] == task and row["retention_tokens"] != cfg.retention_tokens:
+                adapted = top if row["method"] == "base" else load_adapter(top, row, out_dir) if out_dir else None
+                if adapted is None:
+                    log(_run_line(row) + f"  [kept: no saved adapter to score {cfg.retention_tokens} tokens]")
+                    continue
+                row.update(score_retention(adapted, data), retention_tokens=cfg.retention_tokens)
+                log(_run_line(row) + f"  [scored again on {cfg.retention_tokens} tokens per text]")
         base_row = dict(task=task, adapter="", method="base", direction="", kl_positions="labels", lam=0.0,
-                        temperature=1.0, seed=0.0, seconds=0.0)
+                        target_kl=0.0, final_lam=0.0, temperature=1.0, seed=0.0, seconds=0.0)
         if _key(base_row) not in done:
-            rows.append({**base_row, **score(top, data)})
+            rows.append({**base_row, **score(top, data), "retention_tokens": cfg.retention_tokens})
             log(_run_line(rows[-1]))
-        for adapter, method, lam, direction, seed in planned_runs(cfg):
+        for adapter, method, lam, direction, seed, target_kl in planned_runs(cfg):
             row = dict(task=task, adapter=adapter, method=method, direction=direction,
-                       kl_positions="labels" if method == "ce" else cfg.kl_positions, lam=lam,
+                       kl_positions="labels" if method == "ce" else cfg.kl_positions, lam=lam, target_kl=target_kl,
                        temperature=1.0 if method == "ce" else cfg.temperature, seed=float(seed))
             if _key(row) in done:
                 continue
             run_start = time.time()
-            adapted = train_adapter(top, data, cfg, adapter, method, lam, direction, seed)
-            row.update(score(adapted, data), seconds=time.time() - run_start)
+            adapted, final_lam = train_adapter(top, data, cfg, adapter, method, lam, direction, seed, target_kl)
+            row.update(score(adapted, data), retention_tokens=cfg.retention_tokens, final_lam=final_lam,
+                       seconds=time.time() - run_start)
             if out_dir:
                 adapted.save_pretrained(os.path.join(out_dir, "adapters", run_name(row)))
             rows.append(row)
@@ -501,9 +549,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
 
 
 def run_name(row) -> str:
-    """The folder name of a run's adapter, from its key, e.g. addition-lora-mtt-forward-labels-lam3-T1-seed0."""
+    """The folder name of a run's adapter, from its key, e.g. addition-lora-mtt-forward-labels-lam3-T1-seed0
+    (with a forgetting budget: ...-lam1-budget0.02-T1-seed0)."""
     return "-".join(f"{k}{row[k]:g}" if k in ("lam", "seed") else f"T{row[k]:g}" if k == "temperature"
-                    else (row[k] or "none") for k in KEY)
+                    else f"budget{row[k]:g}" if k == "target_kl" else (row[k] or "none")
+                    for k in KEY if k != "target_kl" or row[k] > 0)
 
 
 def _run_line(row) -> str:
@@ -519,7 +569,13 @@ def _curve_name(row) -> str:
     if row["method"] in ("ce", "base"):
         return name
     name += "" if row["temperature"] == 1 else f" T={row['temperature']:g}"
-    return name + (", all positions" if row["kl_positions"] == "all" else "")
+    name += ", all positions" if row["kl_positions"] == "all" else ""
+    return name + (", budget" if row["target_kl"] > 0 else "")
+
+
+def _setting(row) -> float:
+    """What a curve sweeps: lam, or on a budget curve target_kl."""
+    return row["target_kl"] if row["target_kl"] > 0 else row["lam"]
 
 
 # ------------------------------------------------------------------------------------------------- summary
@@ -534,17 +590,21 @@ def _mean_std(values):
 
 
 def runs_by_point(rows) -> Dict[tuple, Dict[tuple, List[dict]]]:
-    """{(task, adapter): {(curve, lam): the rows of its seeds}}."""
+    """{(task, adapter): {(curve, lam or target_kl): the rows of its seeds}}."""
     groups: Dict[tuple, Dict[tuple, List[dict]]] = {}
     for row in rows:
-        groups.setdefault((row["task"], row["adapter"]), {}).setdefault((_curve_name(row), row["lam"]), []).append(row)
+        groups.setdefault((row["task"], row["adapter"]), {}).setdefault((_curve_name(row), _setting(row)),
+                                                                         []).append(row)
     return groups
 
 
 def grouped(rows):
-    """{(task, adapter): {(curve, lam): {metric: (mean, std, min, max), "seeds": count}}} over seeds."""
+    """{(task, adapter): {(curve, lam or target_kl): {metric: (mean, std, min, max), "seeds": count,
+    "final_lam": mean}}} over seeds."""
     return {key: {point: {m: (*_mean_std([r[m] for r in runs]), min(r[m] for r in runs), max(r[m] for r in runs))
-                          for m in METRICS} | {"seeds": len(runs)} for point, runs in points.items()}
+                          for m in METRICS}
+                  | {"seeds": len(runs), "final_lam": sum(r["final_lam"] for r in runs) / len(runs)}
+                  for point, runs in points.items()}
             for key, points in runs_by_point(rows).items()}
 
 
@@ -638,7 +698,8 @@ def summarize(rows) -> str:
         lines += [f"\n### {task}, {adapter}" + (f" (base model: task CE {b['task_ce']:.3f}, acc {b['task_acc']:.3f}, "
                                                  f"exact {b['exact_match']:.3f}; retention PPL "
                                                  f"{b['retention_ppl']:.2f})" if b else ""),
-                  "", "| method | lam | seeds | task CE | task acc | exact match | retention PPL | KL(base‖adapted) |",
+                  "", "| method | lam (budget: target_kl, final lam) | seeds | task CE | task acc | exact match | "
+                      "retention PPL | KL(base‖adapted) |",
                   "|---|---|---|---|---|---|---|---|"]
         if task in ADDITION_DIGITS:  # what learning the format alone gives
             blind = operand_blind_bound(ADDITION_DIGITS[task])
@@ -648,7 +709,8 @@ def summarize(rows) -> str:
         for (name, lam), stats in sorted(points.items(), key=lambda item: (item[0][0] != "CE only",) + item[0]):
             cells = " | ".join("-" if math.isnan(stats[m][0]) else f"{stats[m][0]:.{4 if m == 'retention_kl' else 3}f}"
                                f" ± {stats[m][1]:.{4 if m == 'retention_kl' else 3}f}" for m in METRICS)
-            lines.append(f"| {name} | {lam:g} | {stats['seeds']} | {cells} |")
+            setting = f"{lam:g}, {stats['final_lam']:.3g}" if name.endswith("budget") else f"{lam:g}"
+            lines.append(f"| {name} | {setting} | {stats['seeds']} | {cells} |")
         ce_only = points.get(("CE only", 0.0))
         if b is None or ce_only is None:
             continue
