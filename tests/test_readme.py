@@ -155,14 +155,16 @@ def test_auto_backend_of_lora_linear_is_pytorch_until_a_gpu_measurement(monkeypa
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """The names of the fastmtt Triton kernels launched (every launch goes through registry.Launch.run)."""
-    from fastmtt.kernels.registry import Launch
+def launches():
+    """The fastmtt Triton kernel launches of the test, as `registry.recording_launches` collects them."""
+    from fastmtt.kernels.registry import recording_launches
 
-    names = []
-    real = Launch.run
-    monkeypatch.setattr(Launch, "run", lambda self: names.append(self.kernel.fn.__name__) or real(self))
-    return names
+    with recording_launches() as recorded:
+        yield recorded
+
+
+def kernel_names(launches):
+    return [launch.kernel.fn.__name__ for launch in launches]
 
 
 def test_launches_of_the_lora_kernel(launches):
@@ -174,10 +176,10 @@ def test_launches_of_the_lora_kernel(launches):
         x = torch.randn(6, 16, requires_grad=True)
         lora_a, lora_b = torch.randn(4, 16, requires_grad=True), torch.randn(8, 4, requires_grad=True)
         y = lora_linear(x, torch.randn(8, 16), lora_a, lora_b, 2.0, dropout_p=dropout_p, backend="triton")
-        assert launches == ["_lora_project_kernel", "_lora_gemm_kernel"]
+        assert kernel_names(launches) == ["_lora_project_kernel", "_lora_gemm_kernel"]
         launches.clear()
         y.sum().backward()
-        assert launches == ["_lora_project_kernel", "_lora_gemm_kernel", "_lora_weight_grad_kernel",
+        assert kernel_names(launches) == ["_lora_project_kernel", "_lora_gemm_kernel", "_lora_weight_grad_kernel",
                             "_lora_weight_grad_kernel"]
         launches.clear()
 
@@ -191,22 +193,22 @@ def test_launches_of_the_loss_kernels(launches):
     torch.manual_seed(0)
     logits = torch.randn(6, 40, requires_grad=True)
     loss = fastmtt.mtt_loss(logits, torch.randn(6, 40), torch.randint(0, 40, (6,)), backend="triton")
-    assert launches == ["_mtt_loss_kernel"]
+    assert kernel_names(launches) == ["_mtt_loss_kernel"]
     loss.backward()
-    assert launches == ["_mtt_loss_kernel"]
+    assert kernel_names(launches) == ["_mtt_loss_kernel"]
     launches.clear()
 
     hidden = torch.randn(10, 16, requires_grad=True)
     base_hidden, weight, labels = torch.randn(10, 16), torch.randn(40, 16), torch.randint(0, 40, (10,))
     loss = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, backend="triton", chunk_size=4)
     loss.backward()
-    assert launches == ["_mtt_loss_kernel"] * 3  # 10 rows in chunks of 4
+    assert kernel_names(launches) == ["_mtt_loss_kernel"] * 3  # 10 rows in chunks of 4
     launches.clear()
 
     loss = fastmtt.fused_linear_mtt_loss(hidden, base_hidden, weight, labels, backend="triton", tiled=True)
-    assert launches == ["_linear_mtt_fwd_kernel"]
+    assert kernel_names(launches) == ["_linear_mtt_fwd_kernel"]
     loss.backward()
-    assert launches == ["_linear_mtt_fwd_kernel", "_linear_mtt_bwd_kernel"]
+    assert kernel_names(launches) == ["_linear_mtt_fwd_kernel", "_linear_mtt_bwd_kernel"]
 
 
 def test_the_tiled_path_needs_the_triton_backend():
