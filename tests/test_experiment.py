@@ -177,6 +177,7 @@ ARGUMENT_ERRORS = [  # each once found only after the model loaded (or hidden be
     (["--steps", "1000000000"], "argument --steps: must be an integer in [1, 10000], got 1000000000"),
     (["--temperature", "inf"], "argument --temperature: must be in [0.01, 100], got inf"),
     (["--target-kls", "0.01", "0"], "argument --target-kls: must be in (0, 100], got 0"),
+    (["--lr", "0"], "argument --lr: must be in (0, 1], got 0"),
     (["--retention-tokens", "0"], "argument --retention-tokens: must be an integer in [1, 1000000], got 0"),
     (["--threads", str(2**40)], "argument --threads: must be an integer in [1, 1024]"),
     (["--out", "{file}"], "--out: {file} is a file; give a folder for results.csv, summary.md and frontier.png"),

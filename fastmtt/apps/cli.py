@@ -130,7 +130,7 @@ def _experiment(args) -> int:
     torch.set_num_threads(args.threads)
     cfg = config_for("quick" if args.quick else args.preset, tasks=args.tasks, adapters=args.adapters,
                      methods=args.methods, directions=args.directions, lams=args.lams, seeds=args.seeds,
-                     steps=args.steps, temperature=args.temperature, adapted_layers=args.adapted_layers,
+                     steps=args.steps, lr=args.lr, temperature=args.temperature, adapted_layers=args.adapted_layers,
                      kl_positions=args.kl_positions, target_kls=args.target_kls,
                      retention_tokens=args.retention_tokens)
     try:
@@ -195,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "training divergence at each (KLBudget)")
     exp.add_argument("--seeds", type=seed_value, nargs="+")
     exp.add_argument("--steps", type=_count(10000), help="training steps of each run (batch 8)")
+    exp.add_argument("--lr", type=learning_rate, help="AdamW learning rate (not part of a run's key in results.csv: "
+                                                      "give each learning rate its own --out)")
     exp.add_argument("--temperature", type=temperature_value, help="KL temperature of full KL and MTT (default 1)")
     exp.add_argument("--kl-positions", choices=KL_POSITIONS,
                      help="where full KL and MTT apply: the labelled positions (default) or every position")
