@@ -400,3 +400,20 @@ def test_resume_scores_finished_runs_again_on_a_new_retention_length(tmp_path, m
     assert experiment.read_csv(str(tmp_path / "a" / "results.csv"))[1]["retention_tokens"] == 320
     with pytest.raises(experiment.UsageError, match="--retention-tokens: at most 640"):
         experiment.run_experiment(experiment.config_for("tiny", retention_tokens=641, **grid), log=quiet)
+
+
+def test_one_setting_on_two_tasks_reports_the_forgetting_removed_and_the_gain_kept():
+    def row(task, method, lam, task_ce, kl, target_kl=0.0):
+        return dict(task=task, adapter="" if method == "base" else "lora", method=method,
+                    direction="forward" if method == "mtt" else "", kl_positions="labels", lam=lam,
+                    target_kl=target_kl, final_lam=lam, temperature=1.0, seed=0.0, task_ce=task_ce, task_acc=0.5,
+                    exact_match=0.1, retention_ppl=30.0, retention_kl=kl)
+
+    rows = [row("addition2", "base", 0.0, 5.0, 0.0), row("addition2", "ce", 0.0, 1.0, 0.4),
+            row("addition2", "mtt", 3.0, 2.0, 0.1), row("addition2", "mtt", 1.0, 1.5, 0.3, target_kl=0.02),
+            row("license", "base", 0.0, 4.0, 0.0), row("license", "ce", 0.0, 3.0, 0.8),
+            row("license", "mtt", 3.0, 3.5, 0.6)]
+    lines = experiment.across_tasks(rows)
+    assert "| MTT forward | 3 | 75% / 75% | 25% / 50% |" in lines
+    assert "| MTT forward, budget | 0.02 | 25% / 88% | - |" in lines
+    assert experiment.across_tasks([r for r in rows if r["task"] == "license"]) == []

@@ -728,7 +728,38 @@ def summarize(rows) -> str:
                 cells.append("-" if math.isnan(kl) else f"{kl:.4f} / {ppl:.2f}")
             lines.append(f"| {level:.3f} ({share:.0%}) | " + " | ".join(cells) + " |")
         lines += compared_with_full_kl(rows, task, adapter, b, ce_only)
+    lines += across_tasks(rows)
     return "\n".join(lines).lstrip("\n")
+
+
+def across_tasks(rows) -> List[str]:
+    """Markdown lines: does one setting (a lam, or a budget) do the same on every task? Per adapter run on two
+    or more tasks, each setting's share of CE only's forgetting (retention KL) it removes and share of CE
+    only's task-CE gain over the base it keeps, seed means; nothing with one task."""
+    base = {r["task"]: r for r in rows if r["method"] == "base"}
+    lines = []
+    for adapter in sorted({r["adapter"] for r in rows} - {""}):
+        groups = {task: points for (task, kind), points in grouped(rows).items()
+                  if kind == adapter and task in base and ("CE only", 0.0) in points}
+        if len(groups) < 2:
+            continue
+        tasks = sorted(groups)
+        lines += ["", f"{adapter}, one setting on every task: share of CE only's forgetting removed (retention KL) / "
+                      "share of its task-CE gain kept (seed means):", "",
+                  "| method | lam (budget: target_kl) | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        settings = sorted({point for points in groups.values() for point in points} - {("CE only", 0.0)})
+        for name, setting in settings:
+            cells = []
+            for task in tasks:
+                stats, ce_only = groups[task].get((name, setting)), groups[task][("CE only", 0.0)]
+                if stats is None:
+                    cells.append("-")
+                    continue
+                removed = 1 - stats["retention_kl"][0] / ce_only["retention_kl"][0]
+                kept = (base[task]["task_ce"] - stats["task_ce"][0]) / (base[task]["task_ce"] - ce_only["task_ce"][0])
+                cells.append(f"{removed:.0%} / {kept:.0%}")
+            lines.append(f"| {name} | {setting:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def compared_with_full_kl(rows, task, adapter, base, ce_only) -> List[str]:
