@@ -4,11 +4,13 @@
 # layers, forgetting on the Python reference prose and the KJV. Resumable: each run appends its row to
 # $OUT/results.csv and saves its adapter under $OUT/adapters/, and a rerun skips the runs already there, so
 # the grid can be spread over several sittings (stop it at any time). Two copies can share a 2-core machine
-# on different --seeds with different OUT folders; `merge` puts their rows into docs/experiment/far.
+# on different --seeds with different OUT folders; `merge` puts their rows into docs/experiment/far (a folder's
+# row replaces the committed one of the same run: a rerun with --resume may have scored it again on more
+# retention tokens from its saved adapter).
 set -e
 OUT=${OUT:-fastmtt-far}
 run() { nice -n 10 .venv/bin/fastmtt experiment --preset far --out "$OUT" --resume --threads 1 "$@"; }
-merge() {  # merge FOLDER...: their results.csv rows (each run once) into docs/experiment/far/results.csv
+merge() {  # merge FOLDER...: their results.csv rows (each run once, the last folder's) into docs/experiment/far/results.csv
     .venv/bin/python - "$@" <<'PY'
 import os, sys
 from fastmtt.apps.experiment import KEY, read_csv, write_csv
@@ -17,17 +19,21 @@ rows = {}
 for path in [target, *(os.path.join(folder, "results.csv") for folder in sys.argv[1:])]:
     if os.path.exists(path):
         for row in read_csv(path):
-            rows.setdefault(tuple(row[k] for k in KEY), row)
+            rows[tuple(row[k] for k in KEY)] = row
 write_csv(list(rows.values()), target)
 print(f"{len(rows)} runs in {target}")
 PY
 }
 case "${1:-grid}" in
   merge) shift; merge "$@"; exit ;;
+  probe) run --adapters randlora --methods ce --seeds 0 --lr "$2"; exit ;;
 esac
 # 1. LoRA: CE only, full KL and MTT forward at lam 0.3 ... 100, seeds 0, 1, 2 (the preset's grid)
 run --adapters lora
-# 2. DoRA, RandLoRA (randlora_alpha = 20 r), SineLoRA: three lams, two seeds
-run --adapters dora randlora sinelora --lams 1 10 30 --seeds 0 1
+# 2. DoRA, RandLoRA (randlora_alpha = 20 r), SineLoRA: three lams, two seeds; RandLoRA after a learning-rate
+#    probe of CE only (OUT=probe-lrX sh run_far.sh probe X, for X in 0.001 0.003 0.01)
+run --adapters dora sinelora --lams 1 10 30 --seeds 0 1
 # 3. the near task (PSF license prose) with the same placement
 run --tasks license --adapters lora --lams 0.3 1 3 10 30 --seeds 0 1 2
+# 4. forgetting budgets (lam starts at 1 and adapts to hold MTT's training divergence) on both tasks
+run --tasks addition2 license --adapters lora --methods ce mtt --lams 1 --target-kls 0.01 0.03 0.1
