@@ -10,10 +10,11 @@
 set -e
 OUT=${OUT:-fastmtt-far}
 run() { nice -n 10 .venv/bin/fastmtt experiment --preset far --out "$OUT" --resume --threads 1 "$@"; }
-merge() {  # merge FOLDER...: their results.csv rows (each run once, the last folder's) into docs/experiment/far/results.csv
+merge() {  # merge FOLDER...: their results.csv rows (each run once, the last folder's) into docs/experiment/far/
+         # results.csv, then its summary.md and frontier.png
     .venv/bin/python - "$@" <<'PY'
 import os, sys
-from fastmtt.apps.experiment import KEY, read_csv, write_csv
+from fastmtt.apps.experiment import KEY, plot_frontier, read_csv, summarize, write_csv
 target = "docs/experiment/far/results.csv"
 rows = {}
 for path in [target, *(os.path.join(folder, "results.csv") for folder in sys.argv[1:])]:
@@ -21,7 +22,11 @@ for path in [target, *(os.path.join(folder, "results.csv") for folder in sys.arg
         for row in read_csv(path):
             rows[tuple(row[k] for k in KEY)] = row
 write_csv(list(rows.values()), target)
-print(f"{len(rows)} runs in {target}")
+rows = read_csv(target)
+with open("docs/experiment/far/summary.md", "w") as handle:
+    handle.write(summarize(rows) + "\n")
+plot_frontier(rows, "docs/experiment/far/frontier.png")
+print(f"{len(rows)} runs in {target}; summary.md and frontier.png written")
 PY
 }
 case "${1:-grid}" in
