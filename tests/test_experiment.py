@@ -413,7 +413,9 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_and_the_gain_ke
             row("addition2", "mtt", 3.0, 2.0, 0.1), row("addition2", "mtt", 1.0, 1.5, 0.3, target_kl=0.02),
             row("license", "base", 0.0, 4.0, 0.0), row("license", "ce", 0.0, 3.0, 0.8),
             row("license", "mtt", 3.0, 3.5, 0.6)]
-    lines = experiment.across_tasks(rows)
+    base = {r["task"]: r for r in rows if r["method"] == "base"}
+    lines = experiment.across_tasks(experiment.grouped(rows), base)
     assert "| MTT forward | 3 | 75% / 75% | 25% / 50% |" in lines
     assert "| MTT forward, budget | 0.02 | 25% / 88% | - |" in lines
-    assert experiment.across_tasks([r for r in rows if r["task"] == "license"]) == []
+    license = [r for r in rows if r["task"] == "license"]
+    assert experiment.across_tasks(experiment.grouped(license), base) == []

@@ -690,8 +690,9 @@ LEVELS = (0.5, 0.75, 0.9)  # fractions of CE only's task-CE gain over the base m
 def summarize(rows) -> str:
     """Markdown: per (task, adapter) the table of seed means ± std, then forgetting at equal learning."""
     base = {r["task"]: r for r in rows if r["method"] == "base"}
+    groups = grouped(rows)
     lines = []
-    for (task, adapter), points in grouped(rows).items():
+    for (task, adapter), points in groups.items():
         if adapter == "":
             continue
         b = base.get(task)
@@ -728,30 +729,30 @@ def summarize(rows) -> str:
                 cells.append("-" if math.isnan(kl) else f"{kl:.4f} / {ppl:.2f}")
             lines.append(f"| {level:.3f} ({share:.0%}) | " + " | ".join(cells) + " |")
         lines += compared_with_full_kl(rows, task, adapter, b, ce_only)
-    lines += across_tasks(rows)
+    lines += across_tasks(groups, base)
     return "\n".join(lines).lstrip("\n")
 
 
-def across_tasks(rows) -> List[str]:
+def across_tasks(groups, base) -> List[str]:
     """Markdown lines: does one setting (a lam, or a budget) do the same on every task? Per adapter run on two
     or more tasks, each setting's share of CE only's forgetting (retention KL) it removes and share of CE
-    only's task-CE gain over the base it keeps, seed means; nothing with one task."""
-    base = {r["task"]: r for r in rows if r["method"] == "base"}
+    only's task-CE gain over the base it keeps, seed means; nothing with one task. groups: `grouped(rows)`,
+    base: {task: the base model's row}."""
     lines = []
-    for adapter in sorted({r["adapter"] for r in rows} - {""}):
-        groups = {task: points for (task, kind), points in grouped(rows).items()
-                  if kind == adapter and task in base and ("CE only", 0.0) in points}
-        if len(groups) < 2:
+    for adapter in sorted({kind for _, kind in groups} - {""}):
+        by_task = {task: points for (task, kind), points in groups.items()
+                   if kind == adapter and task in base and ("CE only", 0.0) in points}
+        if len(by_task) < 2:
             continue
-        tasks = sorted(groups)
+        tasks = sorted(by_task)
         lines += ["", f"{adapter}, one setting on every task: share of CE only's forgetting removed (retention KL) / "
                       "share of its task-CE gain kept (seed means):", "",
                   "| method | lam (budget: target_kl) | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
-        settings = sorted({point for points in groups.values() for point in points} - {("CE only", 0.0)})
+        settings = sorted({point for points in by_task.values() for point in points} - {("CE only", 0.0)})
         for name, setting in settings:
             cells = []
             for task in tasks:
-                stats, ce_only = groups[task].get((name, setting)), groups[task][("CE only", 0.0)]
+                stats, ce_only = by_task[task].get((name, setting)), by_task[task][("CE only", 0.0)]
                 if stats is None:
                     cells.append("-")
                     continue
