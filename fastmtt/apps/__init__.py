@@ -7,6 +7,11 @@ SMOLLM2_LAYERS = 30  # decoder layers of SmolLM2-135M, the model of `fastmtt exp
 # CUDA compute capabilities that Triton 3.9 compiles every kernel for (others, e.g. 0 or 101, abort inside LLVM);
 # Triton 3.6 (the floor) refuses 110 with a per-kernel ptxas error, reported as a FAIL line.
 KNOWN_ARCHS = (70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
+# The grid axes of `fastmtt experiment` (fastmtt.apps.experiment documents each).
+ADDITION_DIGITS = {"addition": 3, "addition2": 2}  # task -> digits of its operands
+EXPERIMENT_TASKS = (*ADDITION_DIGITS, "license")
+EXPERIMENT_ADAPTERS = ("lora", "dora", "randlora", "sinelora")
+EXPERIMENT_METHODS = ("ce", "kl", "mtt")
 
 
 class UsageError(ValueError):

@@ -12,7 +12,8 @@ import re
 import sys
 import warnings
 
-from fastmtt.apps import KNOWN_ARCHS, SMOLLM2_LAYERS, UsageError, check_out_dir
+from fastmtt.apps import (EXPERIMENT_ADAPTERS, EXPERIMENT_METHODS, EXPERIMENT_TASKS, KNOWN_ARCHS, SMOLLM2_LAYERS,
+                          UsageError, check_out_dir)
 from fastmtt.options import DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
 
 
@@ -185,9 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", default="fastmtt-experiment", help="folder for results.csv, summary.md, frontier.png")
     exp.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
     exp.add_argument("--cache-dir", help="folder of the dequantized model (default ~/.cache/fastmtt/smollm2-135m)")
-    exp.add_argument("--tasks", nargs="+", choices=("addition", "addition2", "license"))
-    exp.add_argument("--adapters", nargs="+", choices=("lora", "dora", "randlora", "sinelora"))
-    exp.add_argument("--methods", nargs="+", choices=("ce", "kl", "mtt"))
+    exp.add_argument("--tasks", nargs="+", choices=EXPERIMENT_TASKS)
+    exp.add_argument("--adapters", nargs="+", choices=EXPERIMENT_ADAPTERS)
+    exp.add_argument("--methods", nargs="+", choices=EXPERIMENT_METHODS)
     exp.add_argument("--directions", nargs="+", choices=DIRECTIONS, help="MTT KL directions")
     exp.add_argument("--lams", type=lam_value, nargs="+", help="lam values swept for full KL and MTT")
     exp.add_argument("--target-kls", type=kl_budget, nargs="+",

@@ -41,17 +41,14 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastmtt.apps import UsageError, check_out_dir, first_line
+from fastmtt.apps import (ADDITION_DIGITS, EXPERIMENT_ADAPTERS as ADAPTERS, EXPERIMENT_METHODS as METHODS,
+                          EXPERIMENT_TASKS as TASKS, UsageError, check_out_dir, first_line)
 from fastmtt.head import LinearHead
 from fastmtt.objective import KLBudget, causal_head_loss, predicted_positions
 from fastmtt.options import KL_POSITIONS, MTTOptions
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "fastmtt", "smollm2-135m")
-ADDITION_DIGITS = {"addition": 3, "addition2": 2}  # task -> digits of its operands
-TASKS = (*ADDITION_DIGITS, "license")
-ADAPTERS = ("lora", "dora", "randlora", "sinelora")
-METHODS = ("ce", "kl", "mtt")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
