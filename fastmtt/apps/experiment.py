@@ -545,11 +545,13 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
     return rows
 
 
+RUN_NAME_PREFIXES = {"lam": "lam", "target_kl": "budget", "temperature": "T", "seed": "seed"}  # numeric keys
+
+
 def run_name(row) -> str:
     """The folder name of a run's adapter, from its key, e.g. addition-lora-mtt-forward-labels-lam3-T1-seed0
     (with a forgetting budget: ...-lam1-budget0.02-T1-seed0)."""
-    return "-".join(f"{k}{row[k]:g}" if k in ("lam", "seed") else f"T{row[k]:g}" if k == "temperature"
-                    else f"budget{row[k]:g}" if k == "target_kl" else (row[k] or "none")
+    return "-".join(f"{RUN_NAME_PREFIXES[k]}{row[k]:g}" if k in RUN_NAME_PREFIXES else (row[k] or "none")
                     for k in KEY if k != "target_kl" or row[k] > 0)
 
 
