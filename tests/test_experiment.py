@@ -397,6 +397,27 @@ def test_resume_scores_finished_runs_again_on_a_new_retention_length(tmp_path, m
         experiment.run_experiment(experiment.config_for("tiny", retention_tokens=641, **grid), log=quiet)
 
 
+def test_a_task_trains_its_own_steps_unless_the_command_line_sets_them(monkeypatch):
+    """task_steps gives one task its own step count (the far preset's near task); --steps sets every task's."""
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    monkeypatch.setattr(experiment, "RETENTION_TEXTS", {"retention": lambda: "2718281828459045" * 40,
+                                                        "kjv": lambda: "1618033988749894" * 40})
+    trained = []
+    train_adapter = experiment.train_adapter
+
+    def recording(top, data, cfg, *args, **kwargs):
+        trained.append((data.name, cfg.steps, len(data.train["input_ids"])))
+        return train_adapter(top, data, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(experiment, "train_adapter", recording)
+    cfg = experiment.config_for("tiny", tasks=("addition", "addition2"), task_steps={"addition2": 3}, methods=("ce",),
+                                adapted_layers=2)
+    experiment.run_experiment(cfg, log=lambda line: None)
+    assert trained == [("addition", 2, 4), ("addition2", 3, 6)]  # batch 2
+    assert experiment.config_for("far").task_steps == {"license": 50} and experiment.config_for("far").steps == 300
+    assert experiment.config_for("far", steps=7).task_steps == {}
+
+
 def test_one_setting_on_two_tasks_reports_the_forgetting_removed_and_the_gain_kept():
     def row(task, method, lam, task_ce, kl, target_kl=0.0):
         return dict(task=task, adapter="" if method == "base" else "lora", method=method,

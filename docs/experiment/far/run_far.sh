@@ -36,9 +36,12 @@ esac
 # 1. LoRA: CE only, full KL and MTT forward at lam 0.3 ... 100, seeds 0, 1, 2 (the preset's grid)
 run --adapters lora
 # 2. DoRA, RandLoRA (randlora_alpha = 20 r), SineLoRA: three lams, two seeds; RandLoRA after a learning-rate
-#    probe of CE only (OUT=probe-lrX sh run_far.sh probe X, for X in 0.001 0.003 0.01)
-run --adapters dora sinelora --lams 1 10 30 --seeds 0 1
-# 3. the near task (PSF license prose) with the same placement
-run --tasks license --adapters lora --lams 0.3 1 3 10 30 --seeds 0 1 2
+#    probe of CE only (OUT=probe-lrX sh run_far.sh probe X, for X in 0.01 0.003 0.001 0.0003 0.0001). Lams 1, 3,
+#    10: on LoRA they span both regularizers from a small loss of exact match to none left (30 and 100 add
+#    nothing there).
+run --adapters dora sinelora --lams 1 3 10 --seeds 0 1
+# 3. the near task (PSF license prose) with the same placement, 50 steps (the preset's task_steps: a probe of CE
+#    only at 25, 50, 100 and 150 steps, seed 0, found the least held-out task CE at 50)
+run --tasks license --adapters lora --lams 0.3 1 3 10 --seeds 0 1 2
 # 4. forgetting budgets (lam starts at 1 and adapts to hold MTT's training divergence) on both tasks
 run --tasks addition2 license --adapters lora --methods ce mtt --lams 1 --target-kls 0.01 0.03 0.1
