@@ -418,20 +418,31 @@ def test_a_task_trains_its_own_steps_unless_the_command_line_sets_them(monkeypat
     assert experiment.config_for("far", steps=7).task_steps == {}
 
 
-def test_one_setting_on_two_tasks_reports_the_forgetting_removed_and_the_gain_kept():
-    def row(task, method, lam, task_ce, kl, target_kl=0.0):
+def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_and_the_default_rule():
+    def row(task, method, lam, task_ce, kl, target_kl=0.0, acc=0.5, exact=0.1):
         return dict(task=task, adapter="" if method == "base" else "lora", method=method,
                     direction="forward" if method == "mtt" else "", kl_positions="labels", lam=lam,
-                    target_kl=target_kl, final_lam=lam, temperature=1.0, seed=0.0, task_ce=task_ce, task_acc=0.5,
-                    exact_match=0.1, retention_ppl=30.0, retention_kl=kl)
+                    target_kl=target_kl, final_lam=lam, temperature=1.0, seed=0.0, task_ce=task_ce, task_acc=acc,
+                    exact_match=exact, retention_ppl=30.0, retention_kl=kl)
 
-    rows = [row("addition2", "base", 0.0, 5.0, 0.0), row("addition2", "ce", 0.0, 1.0, 0.4),
-            row("addition2", "mtt", 3.0, 2.0, 0.1), row("addition2", "mtt", 1.0, 1.5, 0.3, target_kl=0.02),
-            row("license", "base", 0.0, 4.0, 0.0), row("license", "ce", 0.0, 3.0, 0.8),
-            row("license", "mtt", 3.0, 3.5, 0.6)]
+    rows = [row("addition2", "base", 0.0, 5.0, 0.0, exact=0.0), row("addition2", "ce", 0.0, 1.0, 0.4, exact=0.5),
+            row("addition2", "mtt", 3.0, 2.0, 0.1, exact=0.4), row("addition2", "mtt", 1.0, 1.5, 0.3, target_kl=0.02, exact=0.44),
+            row("addition2", "mtt", 0.3, 1.2, 0.3, exact=0.46), row("addition2", "kl", 0.3, 1.2, 0.3, exact=0.44),
+            row("addition2", "mtt", 0.1, 1.0, 0.35, exact=0.5),
+            row("license", "base", 0.0, 4.0, 0.0, acc=0.2), row("license", "ce", 0.0, 3.0, 0.8, acc=0.4),
+            row("license", "mtt", 3.0, 3.5, 0.6, acc=0.3), row("license", "mtt", 0.3, 3.05, 0.7, acc=0.39),
+            row("license", "kl", 0.3, 3.0, 0.7, acc=0.4)]
     base = {r["task"]: r for r in rows if r["method"] == "base"}
+    by_task = {task: points for (task, _), points in experiment.grouped(rows).items() if task in base}
+    assert experiment.gains_kept(by_task["addition2"][("MTT forward", 3.0)], by_task["addition2"][("CE only", 0.0)],
+                                 base["addition2"]) == pytest.approx(dict(task_ce=0.75, exact_match=0.8))
     lines = experiment.across_tasks(experiment.grouped(rows), base)
-    assert "| MTT forward | 3 | 75% / 75% | 25% / 50% |" in lines
-    assert "| MTT forward, budget | 0.02 | 25% / 88% | - |" in lines
+    assert "| MTT forward | 3 | 75% / 75% (75%) | 25% / 50% (50%) |" in lines
+    assert "| MTT forward, budget | 0.02 | 25% / 88% (88%) | - |" in lines
+    # MTT lam 0.3 keeps 95% / 92% (exact) on addition2 and 95% / 95% (acc) on license; lam 0.1 ran on one task;
+    # full KL lam 0.3 keeps 88% of the exact match
+    assert experiment.largest_lam_keeping(by_task, base) == {"MTT forward": 0.3, "full KL": pytest.approx(math.nan,
+                                                                                                       nan_ok=True)}
+    assert "every task: MTT forward 0.3, full KL none." in lines[-1]
     license = [r for r in rows if r["task"] == "license"]
     assert experiment.across_tasks(experiment.grouped(license), base) == []

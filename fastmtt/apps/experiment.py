@@ -742,9 +742,10 @@ def summarize(rows) -> str:
 
 def across_tasks(groups, base) -> List[str]:
     """Markdown lines: does one setting (a lam, or a budget) do the same on every task? Per adapter run on two
-    or more tasks, each setting's share of CE only's forgetting (retention KL) it removes and share of CE
-    only's task-CE gain over the base it keeps, seed means; nothing with one task. groups: `grouped(rows)`,
-    base: {task: the base model's row}."""
+    or more tasks, each setting's share of CE only's forgetting (retention KL) it removes, share of CE only's
+    task-CE gain over the base it keeps and (in brackets) the least share it keeps over task CE, accuracy and
+    exact match, seed means; then the lam the package's defaults follow (`largest_lam_keeping`); nothing with
+    one task. groups: `grouped(rows)`, base: {task: the base model's row}."""
     lines = []
     for adapter in sorted({kind for _, kind in groups} - {""}):
         by_task = {task: points for (task, kind), points in groups.items()
@@ -753,7 +754,8 @@ def across_tasks(groups, base) -> List[str]:
             continue
         tasks = sorted(by_task)
         lines += ["", f"{adapter}, one setting on every task: share of CE only's forgetting removed (retention KL) / "
-                      "share of its task-CE gain kept (seed means):", "",
+                      "share of its task-CE gain kept (least share kept of task CE, accuracy, exact match), seed "
+                      "means:", "",
                   "| method | lam (budget: target_kl) | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
         settings = sorted({point for points in by_task.values() for point in points} - {("CE only", 0.0)})
         for name, setting in settings:
@@ -764,10 +766,44 @@ def across_tasks(groups, base) -> List[str]:
                     cells.append("-")
                     continue
                 removed = 1 - stats["retention_kl"][0] / ce_only["retention_kl"][0]
-                kept = (base[task]["task_ce"] - stats["task_ce"][0]) / (base[task]["task_ce"] - ce_only["task_ce"][0])
-                cells.append(f"{removed:.0%} / {kept:.0%}")
+                kept = gains_kept(stats, ce_only, base[task])
+                cells.append(f"{removed:.0%} / {kept['task_ce']:.0%} ({min(kept.values()):.0%})")
             lines.append(f"| {name} | {setting:g} | " + " | ".join(cells) + " |")
+        chosen = largest_lam_keeping(by_task, base)
+        lines += ["", f"The largest lam that keeps {DEFAULT_SHARE:.0%} of CE only's gain in every learning measure on "
+                      "every task: " + ", ".join(f"{name} {'none' if math.isnan(lam) else f'{lam:g}'}"
+                                                 for name, lam in chosen.items()) + "."]
     return lines
+
+
+DEFAULT_SHARE = 0.9  # the package's default lams keep this share of CE only's learning (largest_lam_keeping)
+
+
+def gains_kept(stats, ce_only, base_row) -> Dict[str, float]:
+    """{measure: share of CE only's gain over the base model that a point keeps} for task CE, accuracy and
+    (where the task has answers) exact match, from seed means; a measure CE only does not move is left out."""
+    kept = {}
+    for measure in ("task_ce", "task_acc", "exact_match"):
+        gain = ce_only[measure][0] - base_row[measure]
+        if gain != 0 and not math.isnan(gain):
+            kept[measure] = (stats[measure][0] - base_row[measure]) / gain
+    return kept
+
+
+def largest_lam_keeping(by_task, base, share: float = DEFAULT_SHARE) -> Dict[str, float]:
+    """{fixed-lam curve: the largest lam, among those run on every task, whose seed means keep at least `share`
+    of CE only's gain in every measure of `gains_kept` on every task (NaN: none does)}. by_task: {task:
+    `grouped` points with CE only}, base: {task: the base model's row}."""
+    names = sorted({name for points in by_task.values() for name, _ in points
+                    if name not in ("CE only", "base model") and not name.endswith("budget")})
+    chosen = {}
+    for name in names:
+        lams = set.intersection(*({lam for n, lam in points if n == name} for points in by_task.values()))
+        keeping = [lam for lam in lams
+                   if all(min(gains_kept(points[(name, lam)], points[("CE only", 0.0)], base[task]).values()) >= share
+                          for task, points in by_task.items())]
+        chosen[name] = max(keeping, default=math.nan)
+    return chosen
 
 
 def compared_with_full_kl(rows, task, adapter, base, ce_only) -> List[str]:
