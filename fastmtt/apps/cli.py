@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quick", action="store_true",
                      help="one task, LoRA, 3 lams, 2 seeds (about 5.5 min on a quiet CPU core)")
     exp.add_argument("--preset", choices=("tiny", "quick", "full", "far"), default="full",
-                     help="run size (default full; far: 2-digit addition, adapters on all layers, 300 steps, "
-                          "6 lams, 3 seeds)")
+                     help="run size (default full; far: 2-digit addition, adapters on all layers, 300 steps (the "
+                          "near task 50), 6 lams, 3 seeds)")
     exp.add_argument("--out", default="fastmtt-experiment", help="folder for results.csv, summary.md, frontier.png")
     exp.add_argument("--resume", action="store_true", help="keep the runs already in OUT/results.csv")
     exp.add_argument("--cache-dir", help="folder of the dequantized model (default ~/.cache/fastmtt/smollm2-135m)")
@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="forgetting budgets swept for full KL and MTT: lam starts at 1 and adapts to hold the "
                           "training divergence at each (KLBudget)")
     exp.add_argument("--seeds", type=seed_value, nargs="+")
-    exp.add_argument("--steps", type=_count(10000), help="training steps of each run (batch 8)")
+    exp.add_argument("--steps", type=_count(10000), help="training steps of each run, every task (batch 8)")
     exp.add_argument("--lr", type=learning_rate, help="AdamW learning rate (not part of a run's key in results.csv: "
                                                       "give each learning rate its own --out)")
     exp.add_argument("--temperature", type=temperature_value, help="KL temperature of full KL and MTT (default 1)")
