@@ -145,19 +145,21 @@ def test_equal_learning_interpolates_along_each_curve():
     rows = [dict(row("base", 0.0, 0, 3.0, 0.0, 30.0), adapter=""),
             row("ce", 0.0, 0, 1.0, 0.40, 40.0), row("ce", 0.0, 1, 1.2, 0.60, 42.0),
             row("kl", 1.0, 0, 2.0, 0.10, 31.0), row("kl", 1.0, 1, 2.0, 0.10, 31.0),
+            row("kl", 3.0, 0, 2.8, 0.05, 32.0), row("kl", 3.0, 1, 2.8, 0.05, 32.0),  # dominated in PPL
             row("mtt", 1.0, 0, 1.5, 0.30, 35.0), row("mtt", 1.0, 1, 1.5, 0.30, 35.0)]
     points = experiment.grouped(rows)[("addition", "lora")]
     mean, std, low, high = points[("CE only", 0.0)]["retention_kl"]
     assert (mean, low, high) == pytest.approx((0.5, 0.4, 0.6)) and std == pytest.approx(math.sqrt(0.02))
     curves = experiment.curves_of(points)
-    assert sorted(curves) == ["MTT forward", "full KL"] and [lam for lam, _ in curves["full KL"]] == [0.0, 1.0]
+    assert sorted(curves) == ["MTT forward", "full KL"] and [lam for lam, _ in curves["full KL"]] == [0.0, 1.0, 3.0]
     # CE only at task CE 1.1 (KL 0.5); full KL at 2.0 (KL 0.1): at 1.55, halfway, KL 0.3.
     assert experiment.at_equal_learning(curves["full KL"], 1.55, "retention_kl") == pytest.approx(0.3)
     assert math.isnan(experiment.at_equal_learning(curves["MTT forward"], 1.8, "retention_kl"))
     summary = experiment.summarize(rows)
     assert "| full KL | 1 | 2 | 2.000 ± 0.000 |" in summary
-    # levels: base task CE 3.0 minus 50/75/90% of CE only's gain 1.9; full KL at 1.575: KL 0.5 - 0.4 * 0.475 / 0.9
-    assert "| 2.050 (50%) | - | - |" in summary and "| 1.575 (75%) | - | 0.2889 / 35.72 |" in summary
+    # levels: base task CE 3.0 minus 50/75/90% of CE only's gain 1.9; full KL at 1.575: KL 0.5 - 0.4 * 0.475 / 0.9;
+    # at 2.05 KL 0.1 - 0.05 * 0.05 / 0.8, while lam 3 (PPL 32 > 31) is off the PPL front, which ends at 2.0
+    assert "| 2.050 (50%) | - | 0.0969 / - |" in summary and "| 1.575 (75%) | - | 0.2889 / 35.72 |" in summary
     assert "| task_ce 1.575 (75%) | retention_kl | MTT forward | - | no verdict: 2 seed(s) at a point |" in summary
 
 

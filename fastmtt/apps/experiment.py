@@ -733,7 +733,7 @@ def summarize(rows) -> str:
             cells = []
             for curve in curves.values():
                 kl, ppl = (at_equal_learning(curve, level, m) for m in ("retention_kl", "retention_ppl"))
-                cells.append("-" if math.isnan(kl) else f"{kl:.4f} / {ppl:.2f}")
+                cells.append("-" if math.isnan(kl) else f"{kl:.4f} / " + ("-" if math.isnan(ppl) else f"{ppl:.2f}"))
             lines.append(f"| {level:.3f} ({share:.0%}) | " + " | ".join(cells) + " |")
         lines += compared_with_full_kl(rows, task, adapter, b, ce_only)
     lines += across_tasks(groups, base)
