@@ -434,6 +434,9 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
             row("license", "base", 0.0, 4.0, 0.0, acc=0.2), row("license", "ce", 0.0, 3.0, 0.8, acc=0.4),
             row("license", "mtt", 3.0, 3.5, 0.6, acc=0.3), row("license", "mtt", 0.3, 3.05, 0.7, acc=0.39),
             row("license", "kl", 0.3, 3.0, 0.7, acc=0.4)]
+    rows = [dict(r, seed=float(seed)) for r in rows for seed in ([0] if r["method"] == "base" else range(3))]
+    rows += [dict(row(task, "mtt", 0.5, 1.0, 0.3, acc=0.5, exact=0.5), seed=float(seed))  # 2 seeds: not a default
+             for task in ("addition2", "license") for seed in range(2)]
     base = {r["task"]: r for r in rows if r["method"] == "base"}
     by_task = {task: points for (task, _), points in experiment.grouped(rows).items() if task in base}
     assert experiment.gains_kept(by_task["addition2"][("MTT forward", 3.0)], by_task["addition2"][("CE only", 0.0)],
@@ -441,8 +444,8 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
     lines = experiment.across_tasks(experiment.grouped(rows), base)
     assert "| MTT forward | 3 | 75% / 75% (75%) | 25% / 50% (50%) |" in lines
     assert "| MTT forward, budget | 0.02 | 25% / 88% (88%) | - |" in lines
-    # MTT lam 0.3 keeps 95% / 92% (exact) on addition2 and 95% / 95% (acc) on license; lam 0.1 ran on one task;
-    # full KL lam 0.3 keeps 88% of the exact match
+    # MTT lam 0.3 keeps 95% / 92% (exact) on addition2 and 95% / 95% (acc) on license; lam 0.1 ran on one task,
+    # lam 0.5 with 2 seeds; full KL lam 0.3 keeps 88% of the exact match
     assert experiment.largest_lam_keeping(by_task, base) == {"MTT forward": 0.3, "full KL": pytest.approx(math.nan,
                                                                                                        nan_ok=True)}
     assert "every task: MTT forward 0.3, full KL none." in lines[-1]

@@ -791,14 +791,16 @@ def gains_kept(stats, ce_only, base_row) -> Dict[str, float]:
 
 
 def largest_lam_keeping(by_task, base, share: float = DEFAULT_SHARE) -> Dict[str, float]:
-    """{fixed-lam curve: the largest lam, among those run on every task, whose seed means keep at least `share`
-    of CE only's gain in every measure of `gains_kept` on every task (NaN: none does)}. by_task: {task:
-    `grouped` points with CE only}, base: {task: the base model's row}."""
+    """{fixed-lam curve: the largest lam, among those run with at least MIN_SEEDS seeds on every task (CE only
+    too), whose seed means keep at least `share` of CE only's gain in every measure of `gains_kept` on every
+    task (NaN: none does)}. by_task: {task: `grouped` points with CE only}, base: {task: the base model's row}."""
     names = sorted({name for points in by_task.values() for name, _ in points
                     if name not in ("CE only", "base model") and not name.endswith("budget")})
     chosen = {}
     for name in names:
-        lams = set.intersection(*({lam for n, lam in points if n == name} for points in by_task.values()))
+        lams = set.intersection(*({lam for (n, lam), stats in points.items() if n == name
+                                   and min(stats["seeds"], points[("CE only", 0.0)]["seeds"]) >= MIN_SEEDS}
+                                  for points in by_task.values()))
         keeping = [lam for lam in lams
                    if all(min(gains_kept(points[(name, lam)], points[("CE only", 0.0)], base[task]).values()) >= share
                           for task, points in by_task.items())]
