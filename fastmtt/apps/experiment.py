@@ -85,7 +85,7 @@ PRESETS = {
     # A far task the model learns: CE only reaches exact match 0.51 on 2-digit addition in 200 steps at lr 1e-3
     # with adapters on all 30 layers (one seed, 271 s on one CPU thread); 300 steps for a margin. The near task
     # (license) 50 steps: CE only's held-out task CE after 25 / 50 / 100 / 150 steps is 3.71 / 3.62 / 3.91 / 4.12
-    # (seed 0; base 4.87): its 2.1k training tokens are overfitted beyond that.
+    # (seed 0; base 4.87): its 3.1k training tokens are overfitted beyond that.
     "far": dict(tasks=("addition2",), steps=300, task_steps={"license": 50}, lr=1e-3, adapted_layers=30,
                 lams=(0.3, 1.0, 3.0, 10.0, 30.0, 100.0),
                 seeds=(0, 1, 2), task_eval_examples=128, retention_tokens=8192),
