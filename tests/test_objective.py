@@ -346,3 +346,19 @@ def test_target_kl_moves_lam_towards_the_budget_after_each_training_call():
     assert "KLBudget(target_kl=" in repr(above)
     with pytest.raises(ValueError, match="lam must be > 0 with target_kl"):
         MTTObjective(lam=0.0, target_kl=0.1)
+
+
+def test_every_entry_point_defaults_to_the_lam_the_experiment_chose():
+    """lam = 0.3 (docs/experiments.md#the-defaults) for MTT and for mask_target=False, wherever lam is not given."""
+    import inspect
+
+    from fastmtt.apps.cli import build_parser
+    from fastmtt.apps.finetune import run_finetune
+
+    assert fastmtt.DEFAULT_LAM == 0.3
+    assert MTTOptions().lam == MTTOptions(mask_target=False).lam == 0.3
+    assert MTTObjective().options.lam == MTTObjective(mask_target=False).options.lam == 0.3
+    for function in (fastmtt.mtt_loss, fastmtt.fused_linear_mtt_loss, run_finetune):
+        assert inspect.signature(function).parameters["lam"].default == 0.3, function.__name__
+    args = build_parser().parse_args(["finetune", "--model", "m", "--data", "d.jsonl", "--out", "o"])
+    assert args.lam == 0.3
