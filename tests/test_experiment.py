@@ -428,7 +428,8 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
                     exact_match=exact, retention_ppl=30.0, retention_kl=kl)
 
     rows = [row("addition2", "base", 0.0, 5.0, 0.0, exact=0.0), row("addition2", "ce", 0.0, 1.0, 0.4, exact=0.5),
-            row("addition2", "mtt", 3.0, 2.0, 0.1, exact=0.4), row("addition2", "mtt", 1.0, 1.5, 0.3, target_kl=0.02, exact=0.44),
+            row("addition2", "mtt", 3.0, 2.0, 0.1, exact=0.4),
+            row("addition2", "mtt", 1.0, 1.5, 0.3, target_kl=0.02, exact=0.44),
             row("addition2", "mtt", 0.3, 1.2, 0.3, exact=0.46), row("addition2", "kl", 0.3, 1.2, 0.3, exact=0.44),
             row("addition2", "mtt", 0.1, 1.0, 0.35, exact=0.5),
             row("license", "base", 0.0, 4.0, 0.0, acc=0.2), row("license", "ce", 0.0, 3.0, 0.8, acc=0.4),

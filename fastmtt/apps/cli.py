@@ -12,8 +12,15 @@ import re
 import sys
 import warnings
 
-from fastmtt.apps import (EXPERIMENT_ADAPTERS, EXPERIMENT_METHODS, EXPERIMENT_TASKS, KNOWN_ARCHS, SMOLLM2_LAYERS,
-                          UsageError, check_out_dir)
+from fastmtt.apps import (
+    EXPERIMENT_ADAPTERS,
+    EXPERIMENT_METHODS,
+    EXPERIMENT_TASKS,
+    KNOWN_ARCHS,
+    SMOLLM2_LAYERS,
+    UsageError,
+    check_out_dir,
+)
 from fastmtt.options import DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
 
 

@@ -41,8 +41,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastmtt.apps import (ADDITION_DIGITS, EXPERIMENT_ADAPTERS as ADAPTERS, EXPERIMENT_METHODS as METHODS,
-                          EXPERIMENT_TASKS as TASKS, UsageError, check_out_dir, first_line)
+from fastmtt.apps import ADDITION_DIGITS, UsageError, check_out_dir, first_line
+from fastmtt.apps import EXPERIMENT_ADAPTERS as ADAPTERS
+from fastmtt.apps import EXPERIMENT_METHODS as METHODS
+from fastmtt.apps import EXPERIMENT_TASKS as TASKS
 from fastmtt.head import LinearHead
 from fastmtt.objective import KLBudget, causal_head_loss, predicted_positions
 from fastmtt.options import KL_POSITIONS, MTTOptions
