@@ -23,7 +23,7 @@ class MTTOutput(NamedTuple):
         >>> logits, base = torch.randn(4, 10), torch.randn(4, 10)
         >>> out = fastmtt.mtt_loss(logits, base, torch.tensor([1, 2, 3, -100]), return_components=True)
         >>> loss, ce, kl = out  # a tuple too
-        >>> bool(torch.allclose(out.loss, out.ce + 1.0 * out.kl))  # lam = 1, T = 1
+        >>> bool(torch.allclose(out.loss, out.ce + fastmtt.DEFAULT_LAM * out.kl))  # lam = 0.3 (the default), T = 1
         True
     """
 

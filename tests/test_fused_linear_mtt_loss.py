@@ -480,7 +480,7 @@ def test_retained_graph_on_leaf_inputs_gives_the_same_gradients_every_backward(b
             torch.testing.assert_close(grads[k], expected[k])
             leaves[k].grad.data.zero_()
     reference_grads = evaluate(reference.fused_linear_mtt_loss, inputs, labels, trainable, torch.float32,
-                               upstream.reshape(-1) if reduction == "none" else None, lam=1.0,
+                               upstream.reshape(-1) if reduction == "none" else None, lam=fastmtt.DEFAULT_LAM,
                                reduction=reduction)[3]
     scale = 1.0 if reduction == "none" else 1 / 1.5  # evaluate's mean upstream is 1.5
     for k in names:
