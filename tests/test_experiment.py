@@ -418,6 +418,7 @@ def test_a_task_trains_its_own_steps_unless_the_command_line_sets_them(monkeypat
     assert trained == [("addition", 2, 4), ("addition2", 3, 6)]  # batch 2
     assert experiment.config_for("far").task_steps == {"license": 50} and experiment.config_for("far").steps == 300
     assert experiment.config_for("far", steps=7).task_steps == {}
+    assert experiment.config_for("far", steps=7, task_steps={"license": 9}).task_steps == {"license": 9}
 
 
 def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_and_the_default_rule():

@@ -101,7 +101,7 @@ def config_for(preset: str, **overrides) -> ExperimentConfig:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     values = {**PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v
                                     for k, v in overrides.items() if v is not None}}
-    if overrides.get("steps") is not None:  # --steps: every task's
+    if overrides.get("steps") is not None and overrides.get("task_steps") is None:  # --steps: every task's
         values["task_steps"] = {}
     config = ExperimentConfig(**values)
     for name, allowed in (("tasks", TASKS), ("adapters", ADAPTERS), ("methods", METHODS),
