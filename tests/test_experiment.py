@@ -160,7 +160,8 @@ def test_equal_learning_interpolates_along_each_curve():
     # levels: base task CE 3.0 minus 50/75/90% of CE only's gain 1.9; full KL at 1.575: KL 0.5 - 0.4 * 0.475 / 0.9;
     # at 2.05 KL 0.1 - 0.05 * 0.05 / 0.8, while lam 3 (PPL 32 > 31) is off the PPL front, which ends at 2.0
     assert "| 2.050 (50%) | - | 0.0969 / - |" in summary and "| 1.575 (75%) | - | 0.2889 / 35.72 |" in summary
-    assert "| task_ce 1.575 (75%) | retention_kl | MTT forward | - | no verdict: 2 seed(s) at a point |" in summary
+    assert ("| task_ce 1.575 (75%) | retention_kl | MTT forward - full KL | - | no verdict: 2 seed(s) at a point |"
+            in summary)
 
 
 @pytest.fixture
@@ -351,6 +352,16 @@ def test_a_forgetting_budget_moves_lam_by_the_clipped_controller_step(method):
     assert below == pytest.approx(0.98 * 1.02**4) and above == pytest.approx(0.98**5) and fixed == 1.0
 
 
+def test_each_mtt_curve_is_compared_with_its_full_kl_twin_and_each_every_position_curve_with_its_labelled_one():
+    names = {"CE only", "full KL", "MTT forward", "MTT reverse", "MTT forward, all positions",
+             "full KL, all positions", "MTT forward, budget", "MTT forward T=2"}
+    assert experiment.compared_pairs(names) == [
+        ("MTT forward", "full KL"), ("MTT forward, all positions", "full KL, all positions"),
+        ("MTT reverse", "full KL"), ("MTT forward, all positions", "MTT forward"),
+        ("full KL, all positions", "full KL")]
+    assert experiment.compared_pairs({"CE only", "MTT forward"}) == []
+
+
 def test_budget_runs_are_planned_named_and_summarized_as_their_own_curve():
     cfg = experiment.config_for("tiny", methods=("ce", "mtt"), lams=(3.0,), target_kls=(0.02,))
     assert experiment.planned_runs(cfg) == [("lora", "ce", 0.0, "", 0, 0.0), ("lora", "mtt", 3.0, "forward", 0, 0.0),
@@ -439,6 +450,8 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
     rows = [dict(r, seed=float(seed)) for r in rows for seed in ([0] if r["method"] == "base" else range(3))]
     rows += [dict(row(task, "mtt", 0.5, 1.0, 0.3, acc=0.5, exact=0.5), seed=float(seed))  # 2 seeds: not a default
              for task in ("addition2", "license") for seed in range(2)]
+    rows += [dict(row("addition2", "mtt", 10.0, 1.0, 0.1, exact=0.5), kl_positions="all", seed=float(seed))
+             for seed in range(3)]  # a curve run on one task only: no default
     base = {r["task"]: r for r in rows if r["method"] == "base"}
     by_task = {task: points for (task, _), points in experiment.grouped(rows).items() if task in base}
     assert experiment.gains_kept(by_task["addition2"][("MTT forward", 3.0)], by_task["addition2"][("CE only", 0.0)],

@@ -35,6 +35,7 @@ import itertools
 import math
 import os
 import random
+import re
 import sysconfig
 import time
 from typing import Dict, List, Optional, Sequence
@@ -737,7 +738,7 @@ def summarize(rows) -> str:
                 kl, ppl = (at_equal_learning(curve, level, m) for m in ("retention_kl", "retention_ppl"))
                 cells.append("-" if math.isnan(kl) else f"{kl:.4f} / " + ("-" if math.isnan(ppl) else f"{ppl:.2f}"))
             lines.append(f"| {level:.3f} ({share:.0%}) | " + " | ".join(cells) + " |")
-        lines += compared_with_full_kl(rows, task, adapter, b, ce_only)
+        lines += compared_curves(rows, task, adapter, b, ce_only)
     lines += across_tasks(groups, base)
     return "\n".join(lines).lstrip("\n")
 
@@ -793,11 +794,12 @@ def gains_kept(stats, ce_only, base_row) -> Dict[str, float]:
 
 
 def largest_lam_keeping(by_task, base, share: float = DEFAULT_SHARE) -> Dict[str, float]:
-    """{fixed-lam curve: the largest lam, among those run with at least MIN_SEEDS seeds on every task (CE only
-    too), whose seed means keep at least `share` of CE only's gain in every measure of `gains_kept` on every
-    task (NaN: none does)}. by_task: {task: `grouped` points with CE only}, base: {task: the base model's row}."""
-    names = sorted({name for points in by_task.values() for name, _ in points
-                    if name not in ("CE only", "base model") and not name.endswith("budget")})
+    """{fixed-lam curve run on every task: the largest lam, among those run with at least MIN_SEEDS seeds on
+    every task (CE only too), whose seed means keep at least `share` of CE only's gain in every measure of
+    `gains_kept` on every task (NaN: none does)}. by_task: {task: `grouped` points with CE only}, base: {task:
+    the base model's row}."""
+    names = sorted(name for name in set.intersection(*({name for name, _ in points} for points in by_task.values()))
+                   if name not in ("CE only", "base model") and not name.endswith("budget"))
     chosen = {}
     for name in names:
         lams = set.intersection(*({lam for (n, lam), stats in points.items() if n == name
@@ -810,18 +812,28 @@ def largest_lam_keeping(by_task, base, share: float = DEFAULT_SHARE) -> Dict[str
     return chosen
 
 
-def compared_with_full_kl(rows, task, adapter, base, ce_only) -> List[str]:
-    """Markdown lines: each MTT curve minus full KL in forgetting (each retention text) at equal learning
-    (task CE, accuracy, exact match at LEVELS of CE only's gain over the base), on the Pareto fronts, with
-    90% seed-bootstrap intervals and the verdict; nothing without a full-KL curve."""
+def compared_pairs(names) -> List[tuple]:
+    """(a, b) curve pairs compared at equal learning: each MTT curve with the full-KL curve of the same
+    temperature, positions and lam or budget sweep, and each every-position curve with its labelled-position
+    twin; only pairs whose curves both ran."""
+    pairs = [(name, re.sub(r"^MTT (forward|reverse)", "full KL", name)) for name in sorted(names)
+             if name.startswith("MTT")]
+    pairs += [(name, name.replace(", all positions", "")) for name in sorted(names) if ", all positions" in name]
+    return [(a, b) for a, b in pairs if b in names]
+
+
+def compared_curves(rows, task, adapter, base, ce_only) -> List[str]:
+    """Markdown lines: for each pair of `compared_pairs`, curve a minus curve b in forgetting (each retention
+    text) at equal learning (task CE, accuracy, exact match at LEVELS of CE only's gain over the base), on the
+    Pareto fronts, with 90% seed-bootstrap intervals and the verdict; nothing without a pair."""
     point_runs = runs_by_point(rows)[(task, adapter)]
-    mtt_curves = sorted({name for name, _ in point_runs if name.startswith("MTT")})
-    if ("full KL" not in {name for name, _ in point_runs}) or not mtt_curves:
+    pairs = compared_pairs({name for name, _ in point_runs})
+    if not pairs:
         return []
     seeds = [len(runs) for runs in point_runs.values()]
-    lines = ["", f"Forgetting at equal learning, MTT minus full KL, on each curve's Pareto points (90% seed-bootstrap "
-             f"interval; {min(seeds)}-{max(seeds)} seeds per point):", "",
-             "| learning at (share of CE only's gain) | forgetting | curve | MTT - full KL [90% interval] | verdict |",
+    lines = ["", f"Forgetting at equal learning, one curve minus another, on each curve's Pareto points (90% "
+             f"seed-bootstrap interval; {min(seeds)}-{max(seeds)} seeds per point):", "",
+             "| learning at (share of CE only's gain) | forgetting | a - b | difference [90% interval] | verdict |",
              "|---|---|---|---|---|"]
     texts = [m for m in ("retention_kl", "kjv_kl")
              if not any(math.isnan(r.get(m, math.nan)) for r in rows if r["task"] == task)]
@@ -831,13 +843,13 @@ def compared_with_full_kl(rows, task, adapter, base, ce_only) -> List[str]:
             continue
         for share in LEVELS:
             level = base[learning] + share * gain
-            for forgetting, name in itertools.product(texts, mtt_curves):
-                diff, low, high, _ = bootstrap_difference(point_runs, name, "full KL", level, learning, forgetting)
+            for forgetting, (a, b) in itertools.product(texts, pairs):
+                diff, low, high, _ = bootstrap_difference(point_runs, a, b, level, learning, forgetting)
                 interval = "-" if math.isnan(diff) else f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]"
-                fewest = min(len(runs) for (curve, _), runs in point_runs.items()
-                             if curve in (name, "full KL", "CE only"))
+                fewest = min(len(runs) for (curve, _), runs in point_runs.items() if curve in (a, b, "CE only"))
                 said = verdict(diff, low, high) if fewest >= MIN_SEEDS else f"no verdict: {fewest} seed(s) at a point"
-                lines.append(f"| {learning} {level:.3f} ({share:.0%}) | {forgetting} | {name} | {interval} | {said} |")
+                lines.append(f"| {learning} {level:.3f} ({share:.0%}) | {forgetting} | {a} - {b} | {interval} | "
+                             f"{said} |")
     return lines
 
 
