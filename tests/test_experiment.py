@@ -352,6 +352,27 @@ def test_a_forgetting_budget_moves_lam_by_the_clipped_controller_step(method):
     assert below == pytest.approx(0.98 * 1.02**4) and above == pytest.approx(0.98**5) and fixed == 1.0
 
 
+def test_an_adapter_trains_at_its_own_learning_rate_unless_the_command_line_sets_one(monkeypatch):
+    """adapter_lrs gives one adapter its own AdamW learning rate (the far preset's RandLoRA); --lr sets every one's."""
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    monkeypatch.setattr(experiment, "RETENTION_TEXTS", {"retention": lambda: "2718281828459045" * 40,
+                                                        "kjv": lambda: "1618033988749894" * 40})
+    learning_rates = []
+    adamw = torch.optim.AdamW
+
+    def recording(params, lr, **kwargs):
+        learning_rates.append(lr)
+        return adamw(params, lr=lr, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", recording)
+    cfg = experiment.config_for("tiny", adapters=("lora", "dora"), adapter_lrs={"dora": 0.05}, methods=("ce",),
+                                adapted_layers=2)
+    experiment.run_experiment(cfg, log=lambda line: None)
+    assert learning_rates == [2e-3, 0.05]
+    assert experiment.config_for("far", lr=0.01).adapter_lrs == {}
+    assert experiment.config_for("far", lr=0.01, adapter_lrs={"dora": 0.1}).adapter_lrs == {"dora": 0.1}
+
+
 def test_each_mtt_curve_is_compared_with_its_full_kl_twin_and_each_every_position_curve_with_its_labelled_one():
     names = {"CE only", "full KL", "MTT forward", "MTT reverse", "MTT forward, all positions",
              "full KL, all positions", "MTT forward, budget", "MTT forward T=2"}

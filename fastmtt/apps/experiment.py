@@ -70,6 +70,7 @@ class ExperimentConfig:
     task_steps: Dict[str, int] = dataclasses.field(default_factory=dict)  # a task's steps where not `steps`
     batch_size: int = 8
     lr: float = 2e-3
+    adapter_lrs: Dict[str, float] = dataclasses.field(default_factory=dict)  # an adapter's lr where not `lr`
     rank: int = 8
     adapted_layers: int = 10          # adapters on the last 10 of SmolLM2's 30 decoder layers
     temperature: float = 1.0
@@ -97,13 +98,14 @@ PRESETS = {
 
 def config_for(preset: str, **overrides) -> ExperimentConfig:
     """ExperimentConfig of a preset ('tiny', 'quick', 'full', 'far') with overrides (None values ignored; a
-    steps override applies to every task)."""
+    steps override applies to every task, an lr override to every adapter)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     values = {**PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v
                                     for k, v in overrides.items() if v is not None}}
-    if overrides.get("steps") is not None and overrides.get("task_steps") is None:  # --steps: every task's
-        values["task_steps"] = {}
+    for given, table in (("steps", "task_steps"), ("lr", "adapter_lrs")):  # --steps, --lr: every task's, adapter's
+        if overrides.get(given) is not None and overrides.get(table) is None:
+            values[table] = {}
     config = ExperimentConfig(**values)
     for name, allowed in (("tasks", TASKS), ("adapters", ADAPTERS), ("methods", METHODS),
                           ("directions", ("forward", "reverse"))):
@@ -391,7 +393,8 @@ def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: st
     budget = KLBudget(target_kl) if target_kl > 0 else None
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base_model), adapter_config(adapter, cfg.rank)).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.adapter_lrs.get(adapter, cfg.lr), weight_decay=0.0)
     order = torch.randperm(len(data.train["input_ids"]), generator=torch.Generator().manual_seed(seed))
     for step in range(cfg.steps):
         rows = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
