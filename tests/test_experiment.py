@@ -369,7 +369,7 @@ def test_an_adapter_trains_at_its_own_learning_rate_unless_the_command_line_sets
                                 adapted_layers=2)
     experiment.run_experiment(cfg, log=lambda line: None)
     assert learning_rates == [2e-3, 0.05]
-    assert experiment.config_for("far").adapter_lrs == {"randlora": 1e-4}
+    assert experiment.config_for("far").adapter_lrs == {"randlora": 1e-4, "sinelora": 1e-4}
     assert experiment.config_for("far", lr=0.01).adapter_lrs == {}
     assert experiment.config_for("far", lr=0.01, adapter_lrs={"dora": 0.1}).adapter_lrs == {"dora": 0.1}
 

@@ -35,12 +35,12 @@ case "${1:-grid}" in
 esac
 # 1. LoRA: CE only, full KL and MTT forward at lam 0.3 ... 100, seeds 0, 1, 2 (the preset's grid)
 run --adapters lora
-# 2. DoRA, RandLoRA (randlora_alpha = 20 r), SineLoRA: three lams, two seeds. RandLoRA at the preset's lr 1e-4
-#    (adapter_lrs), chosen by a learning-rate probe of CE only (OUT=probe-lrX sh run_far.sh probe randlora X, for
-#    X in 0.01 0.003 0.001 0.0003 0.0001); SineLoRA after its own probe (0.0003 0.0001: at 1e-3 CE only destroys
-#    the model). Lams 1, 3, 10: on LoRA they span both regularizers from a small loss of exact match to none
-#    left (30 and 100 add nothing there).
-run --adapters dora randlora --lams 1 3 10 --seeds 0 1
+# 2. DoRA, RandLoRA (randlora_alpha = 20 r), SineLoRA: three lams, two seeds. RandLoRA and SineLoRA at the
+#    preset's lr 1e-4 (adapter_lrs), chosen by learning-rate probes of CE only (OUT=probe-X sh run_far.sh probe
+#    ADAPTER X; RandLoRA X in 0.01 0.003 0.001 0.0003 0.0001 0.00003, SineLoRA 0.001 0.0003 0.0001). Lams 1, 3,
+#    10: on LoRA they span both regularizers from a small loss of exact match to none left (30 and 100 add
+#    nothing there).
+run --adapters dora randlora sinelora --lams 1 3 10 --seeds 0 1
 # 3. the near task (PSF license prose) with the same placement, 50 steps (the preset's task_steps: a probe of CE
 #    only at 25, 50, 100 and 150 steps, seed 0, found the least held-out task CE at 50)
 run --tasks license --adapters lora --lams 0.3 1 3 10 --seeds 0 1 2
