@@ -1,5 +1,6 @@
 """`fastmtt experiment`: its pieces on a tiny random Llama (seconds), and a tiny real run on SmolLM2-135M
 (needs `make experiment-setup`; about 30 s the first time the model is dequantized)."""
+import dataclasses
 import importlib.util
 import math
 import subprocess
@@ -432,6 +433,28 @@ def test_resume_scores_finished_runs_again_on_a_new_retention_length(tmp_path, m
         experiment.run_experiment(experiment.config_for("tiny", retention_tokens=641, **grid), log=quiet)
 
 
+def test_every_position_is_the_labelled_objective_on_a_fully_labelled_task_and_its_rows_say_so(monkeypatch):
+    """FULLY_LABELLED_TASKS are those whose every predicted position has a label; there kl_positions="all"
+    trains, and records, the labelled objective (no duplicate runs)."""
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    monkeypatch.setattr(experiment, "license_text", lambda: "1414213562373095" * 40)
+    monkeypatch.setattr(experiment, "RETENTION_TEXTS", {"retention": lambda: "2718281828459045" * 40,
+                                                        "kjv": lambda: "1618033988749894" * 40})
+    cfg = experiment.config_for("tiny", tasks=experiment.TASKS, methods=("kl",), kl_positions="all",
+                                adapted_layers=2)
+    for task in experiment.TASKS:
+        train = experiment.make_task(task, DigitTokenizer(), cfg, {"retention": [1, 2] * 200}).train
+        labelled, attended = experiment.predicted_positions(train["labels"], train["attention_mask"], -100)
+        assert torch.equal(labelled, attended) == (task in experiment.FULLY_LABELLED_TASKS), task
+    positions = []
+    objective = experiment.objective
+    monkeypatch.setattr(experiment, "objective", lambda *args: positions.append(args[-1]) or objective(*args))
+    rows = experiment.run_experiment(dataclasses.replace(cfg, tasks=("addition", "license")), log=lambda line: None)
+    assert {(r["task"], r["kl_positions"]) for r in rows if r["method"] == "kl"} == {("addition", "all"),
+                                                                                   ("license", "labels")}
+    assert positions == ["all"] * 2 + ["labels"] * 2  # tiny: 2 steps per run
+
+
 def test_a_task_trains_its_own_steps_unless_the_command_line_sets_them(monkeypatch):
     """task_steps gives one task its own step count (the far preset's near task); --steps sets every task's."""
     monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
@@ -472,7 +495,9 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
     rows = [dict(r, seed=float(seed)) for r in rows for seed in ([0] if r["method"] == "base" else range(3))]
     rows += [dict(row(task, "mtt", 0.5, 1.0, 0.3, acc=0.5, exact=0.5), seed=float(seed))  # 2 seeds: not a default
              for task in ("addition2", "license") for seed in range(2)]
-    rows += [dict(row("addition2", "mtt", 10.0, 1.0, 0.1, exact=0.5), kl_positions="all", seed=float(seed))
+    rows += [dict(row("addition2", "mtt", lam, 1.0, 0.1, exact=0.5), kl_positions="all", seed=float(seed))
+             for lam in (0.3, 10.0) for seed in range(3)]  # license (fully labelled) runs it as its labelled twin
+    rows += [dict(row("addition2", "kl", 3.0, 1.0, 0.1, exact=0.5), temperature=2.0, seed=float(seed))
              for seed in range(3)]  # a curve run on one task only: no default
     base = {r["task"]: r for r in rows if r["method"] == "base"}
     by_task = {task: points for (task, _), points in experiment.grouped(rows).items() if task in base}
@@ -481,10 +506,13 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
     lines = experiment.across_tasks(experiment.grouped(rows), base)
     assert "| MTT forward | 3 | 75% / 75% (75%) | 25% / 50% (50%) |" in lines
     assert "| MTT forward, budget | 0.02 | 25% / 88% (88%) | - |" in lines
+    assert "| MTT forward, all positions | 0.3 | 75% / 100% (100%) | 13% / 95% (95%) |" in lines
+    assert "| MTT forward, all positions | 10 | 75% / 100% (100%) | - |" in lines  # license did not run lam 10
+    assert "| full KL T=2 | 3 | 75% / 100% (100%) | - |" in lines
     # MTT lam 0.3 keeps 95% / 92% (exact) on addition2 and 95% / 95% (acc) on license; lam 0.1 ran on one task,
     # lam 0.5 with 2 seeds; full KL lam 0.3 keeps 88% of the exact match
     assert experiment.largest_lam_keeping(by_task, base) == {"MTT forward": 0.3, "full KL": pytest.approx(math.nan,
                                                                                                        nan_ok=True)}
-    assert "every task: MTT forward 0.3, full KL none." in lines[-1]
+    assert lines[-1].endswith("every task: MTT forward 0.3, MTT forward, all positions 0.3, full KL none.")
     license = [r for r in rows if r["task"] == "license"]
     assert experiment.across_tasks(experiment.grouped(license), base) == []

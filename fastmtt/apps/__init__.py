@@ -10,6 +10,7 @@ KNOWN_ARCHS = (70, 72, 75, 80, 86, 87, 89, 90, 100, 103, 110, 120, 121)
 # The grid axes of `fastmtt experiment` (fastmtt.apps.experiment documents each).
 ADDITION_DIGITS = {"addition": 3, "addition2": 2}  # task -> digits of its operands
 EXPERIMENT_TASKS = (*ADDITION_DIGITS, "license")
+FULLY_LABELLED_TASKS = ("license",)  # every predicted position has a label: kl_positions "all" is "labels" there
 EXPERIMENT_ADAPTERS = ("lora", "dora", "randlora", "sinelora")
 EXPERIMENT_METHODS = ("ce", "kl", "mtt")
 

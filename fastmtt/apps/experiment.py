@@ -12,7 +12,8 @@ One adapter is trained per (task, adapter kind, method, lam, seed) on the frozen
 Methods: "ce" (CE only), "kl" (CE + lam * full-vocabulary KL(base || adapted)) and "mtt" (CE + lam *
 target-masked KL, forward or reverse), all through `fastmtt.fused_linear_mtt_loss` at the predicted
 positions. kl_positions="all" also applies the regularizer at the prompt's positions (CE stays on the
-answer; the masked target there is the next prompt token), as MTTObjective(kl_positions="all") does.
+answer; the masked target there is the next prompt token), as MTTObjective(kl_positions="all") does; on
+the license task every position is labelled, so there "all" is "labels" and its rows say "labels".
 The frozen base's final hidden states of the training set and of the retention text are computed once
 per task and reused by every run (the base never changes), so a step costs the adapted forward and
 backward only.
@@ -42,7 +43,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastmtt.apps import ADDITION_DIGITS, UsageError, check_out_dir, first_line
+from fastmtt.apps import ADDITION_DIGITS, FULLY_LABELLED_TASKS, UsageError, check_out_dir, first_line
 from fastmtt.apps import EXPERIMENT_ADAPTERS as ADAPTERS
 from fastmtt.apps import EXPERIMENT_METHODS as METHODS
 from fastmtt.apps import EXPERIMENT_TASKS as TASKS
@@ -519,7 +520,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
         raise UsageError(f"--retention-tokens: at most {len(retention_tokens[shortest])} (the {shortest} text's "
                          f"length), got {cfg.retention_tokens}")
     for task in cfg.tasks:
-        task_cfg = dataclasses.replace(cfg, steps=cfg.task_steps.get(task, cfg.steps))
+        task_cfg = dataclasses.replace(cfg, steps=cfg.task_steps.get(task, cfg.steps),
+                                       kl_positions="labels" if task in FULLY_LABELLED_TASKS else cfg.kl_positions)
         data = make_task(task, tokenizer, task_cfg, retention_tokens)
         cache_frozen_states(model, [data.train, *data.task_eval, *itertools.chain(*data.retention.values())],
                             cfg.adapted_layers)
@@ -538,7 +540,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
             log(_run_line(rows[-1]))
         for adapter, method, lam, direction, seed, target_kl in planned_runs(cfg):
             row = dict(task=task, adapter=adapter, method=method, direction=direction,
-                       kl_positions="labels" if method == "ce" else cfg.kl_positions, lam=lam, target_kl=target_kl,
+                       kl_positions="labels" if method == "ce" else task_cfg.kl_positions, lam=lam, target_kl=target_kl,
                        temperature=1.0 if method == "ce" else cfg.temperature, seed=float(seed))
             if _key(row) in done:
                 continue
@@ -582,12 +584,15 @@ def _run_line(row) -> str:
             f"| KJV PPL {row['kjv_ppl']:.2f} KL {row['kjv_kl']:.4f}")
 
 
+ALL_POSITIONS = ", all positions"  # the suffix of an every-position curve's name
+
+
 def _curve_name(row) -> str:
     name = {"ce": "CE only", "kl": "full KL", "base": "base model"}.get(row["method"], f"MTT {row['direction']}")
     if row["method"] in ("ce", "base"):
         return name
     name += "" if row["temperature"] == 1 else f" T={row['temperature']:g}"
-    name += ", all positions" if row["kl_positions"] == "all" else ""
+    name += ALL_POSITIONS if row["kl_positions"] == "all" else ""
     return name + (", budget" if row["target_kl"] > 0 else "")
 
 
@@ -755,14 +760,16 @@ def across_tasks(groups, base) -> List[str]:
     """Markdown lines: does one setting (a lam, or a budget) do the same on every task? Per adapter run on two
     or more tasks, each setting's share of CE only's forgetting (retention KL) it removes, share of CE only's
     task-CE gain over the base it keeps and (in brackets) the least share it keeps over task CE, accuracy and
-    exact match, seed means; then the lam the package's defaults follow (`largest_lam_keeping`); nothing with
-    one task. groups: `grouped(rows)`, base: {task: the base model's row}."""
+    exact match, seed means (on a task of FULLY_LABELLED_TASKS an every-position setting is its labelled one:
+    `with_every_position_twins`); then the lam the package's defaults follow (`largest_lam_keeping`); nothing
+    with one task. groups: `grouped(rows)`, base: {task: the base model's row}."""
     lines = []
     for adapter in sorted({kind for _, kind in groups} - {""}):
         by_task = {task: points for (task, kind), points in groups.items()
                    if kind == adapter and task in base and ("CE only", 0.0) in points}
         if len(by_task) < 2:
             continue
+        by_task = with_every_position_twins(by_task)
         tasks = sorted(by_task)
         lines += ["", f"{adapter}, one setting on every task: share of CE only's forgetting removed (retention KL) / "
                       "share of its task-CE gain kept (least share kept of task CE, accuracy, exact match), seed "
@@ -785,6 +792,19 @@ def across_tasks(groups, base) -> List[str]:
                       "every task: " + ", ".join(f"{name} {'none' if math.isnan(lam) else f'{lam:g}'}"
                                                  for name, lam in chosen.items()) + "."]
     return lines
+
+
+def with_every_position_twins(by_task):
+    """by_task ({task: `grouped` points}) where, on each task of FULLY_LABELLED_TASKS, every every-position point
+    that another task ran is its labelled twin's (kl_positions "all" is "labels" on such a task)."""
+    every_position = {name for points in by_task.values() for name, _ in points if ALL_POSITIONS in name}
+
+    def twins(points):
+        return {(name, setting): stats for name in every_position for (twin, setting), stats in points.items()
+                if twin == name.replace(ALL_POSITIONS, "")}
+
+    return {task: {**twins(points), **points} if task in FULLY_LABELLED_TASKS else points
+            for task, points in by_task.items()}
 
 
 DEFAULT_SHARE = 0.9  # the package's default lams keep this share of CE only's learning (largest_lam_keeping)
@@ -826,7 +846,7 @@ def compared_pairs(names) -> List[tuple]:
     twin; only pairs whose curves both ran."""
     pairs = [(name, re.sub(r"^MTT (forward|reverse)", "full KL", name)) for name in sorted(names)
              if name.startswith("MTT")]
-    pairs += [(name, name.replace(", all positions", "")) for name in sorted(names) if ", all positions" in name]
+    pairs += [(name, name.replace(ALL_POSITIONS, "")) for name in sorted(names) if ALL_POSITIONS in name]
     return [(a, b) for a, b in pairs if b in names]
 
 
