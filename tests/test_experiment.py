@@ -13,6 +13,7 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from fastmtt.apps import experiment
+from fastmtt.objective import predicted_positions
 from fastmtt.reference import masked_kl_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,8 +103,8 @@ def test_objective_is_ce_plus_lam_times_the_methods_divergence(method, direction
 
 @pytest.mark.parametrize("method", ["kl", "mtt"])
 def test_regularizer_at_every_position_keeps_ce_on_the_answer(method):
-    """kl_positions="all": mean CE over the answer rows + lam T^2 * mean D over every predicted, unpadded row,
-    D's target on a prompt row being the next input token."""
+    """kl_positions="all": (sum of CE over the answer rows + lam T^2 * sum of D over every predicted, unpadded
+    row) / the answer rows' count, as MTTObjective; D's target on a prompt row being the next input token."""
     from peft import get_peft_model
 
     model = tiny_llama()
@@ -129,9 +130,9 @@ def test_regularizer_at_every_position_keeps_ce_on_the_answer(method):
     divergence = masked_kl_rows(logits, base_logits, next_tokens[predicted], temperature=temperature,
                                 direction="reverse" if method == "mtt" else "forward", mask_target=method == "mtt")
     ce = torch.nn.functional.cross_entropy(logits[answer[predicted]], targets[answer])
-    expected = ce + lam * temperature**2 * divergence.mean()
+    expected = ce + lam * temperature**2 * divergence.sum() / answer.sum()
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(out.kl.double(), divergence.mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.kl.double(), divergence.sum() / answer.sum(), rtol=1e-4, atol=1e-6)
     answer_only = experiment.objective(adapted, batch, method, lam, "reverse", temperature)
     assert abs(float(answer_only.loss.detach()) - float(out.loss.detach())) > 1e-3
 
@@ -444,7 +445,7 @@ def test_every_position_is_the_labelled_objective_on_a_fully_labelled_task_and_i
                                 adapted_layers=2)
     for task in experiment.TASKS:
         train = experiment.make_task(task, DigitTokenizer(), cfg, {"retention": [1, 2] * 200}).train
-        labelled, attended = experiment.predicted_positions(train["labels"], train["attention_mask"], -100)
+        labelled, attended = predicted_positions(train["labels"], train["attention_mask"], -100)
         assert torch.equal(labelled, attended) == (task in experiment.FULLY_LABELLED_TASKS), task
     positions = []
     objective = experiment.objective

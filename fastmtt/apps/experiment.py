@@ -48,7 +48,7 @@ from fastmtt.apps import EXPERIMENT_ADAPTERS as ADAPTERS
 from fastmtt.apps import EXPERIMENT_METHODS as METHODS
 from fastmtt.apps import EXPERIMENT_TASKS as TASKS
 from fastmtt.head import LinearHead
-from fastmtt.objective import KLBudget, causal_head_loss, predicted_positions
+from fastmtt.objective import KLBudget, causal_head_loss
 from fastmtt.options import KL_POSITIONS, MTTOptions
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -325,20 +325,16 @@ def final_hidden(model, batch):
 
 def objective(model, batch, method: str, lam: float, direction: str, temperature: float,
               kl_positions: str = "labels"):
-    """MTTOutput of mean CE + lam * T^2 * mean D through the fused head loss (`causal_head_loss`); D is the
-    target-masked KL for "mtt", the full-vocabulary KL(base || adapted) for "kl", and absent for "ce". CE is
-    on the labelled positions; D on the same ones, or with kl_positions="all" on every predicted position,
-    its mean then over all of them (MTTObjective divides its sum by the labelled count instead)."""
+    """MTTOutput of (sum of CE + lam * T^2 * sum of D) / the labelled count through the fused head loss
+    (`causal_head_loss`, as MTTObjective computes it); D is the target-masked KL for "mtt", the
+    full-vocabulary KL(base || adapted) for "kl", and absent for "ce". CE is on the labelled positions; D on
+    the same ones, or with kl_positions="all" on every predicted position."""
     hidden, weight = final_hidden(model, batch)
-    labelled, attended = predicted_positions(batch["labels"], batch["attention_mask"], -100)
-    regularized = attended if kl_positions == "all" and method != "ce" else labelled
-    share = float(labelled.sum()) / max(1, int(regularized.sum()))  # D's mean runs over the regularized rows
-    options = MTTOptions(lam=0.0 if method == "ce" else lam * share, temperature=temperature,
+    options = MTTOptions(lam=0.0 if method == "ce" else lam, temperature=temperature,
                          direction=direction if method == "mtt" else "forward", mask_target=method != "kl")
-    out = causal_head_loss(hidden, batch["base_hidden"], LinearHead(weight), batch["labels"], options,
-                           input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           kl_positions=kl_positions, num_items_in_batch=labelled.sum())
-    return out._replace(kl=out.kl * share)
+    return causal_head_loss(hidden, batch["base_hidden"], LinearHead(weight), batch["labels"], options,
+                            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            kl_positions=kl_positions)
 
 
 @torch.no_grad()
