@@ -248,7 +248,8 @@ class KLBudget:
     exp(0.2) every `horizon` steps.
 
     Args:
-        target_kl: the divergence to hold, > 0 (MTTOutput.kl's units: nats per regularized token).
+        target_kl: the divergence to hold, > 0 (MTTOutput.kl's units: nats per labelled token; with
+            kl_positions="all" the sum over every position per labelled token).
         horizon: steps per e-fold of the largest correction, > 0 (default 10).
     """
 
