@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmtt.head import LinearHead
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
-from fastmtt.options import KL_POSITIONS, MTTOptions, options_from
+from fastmtt.options import DEFAULT_KL_POSITIONS, KL_POSITIONS, MTTOptions, options_from
 from fastmtt.peft import _lora_linear_class
 from fastmtt.reduction import MTTOutput
 
@@ -197,22 +197,24 @@ def _unsharded(head: LinearHead) -> LinearHead:
 
 
 def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTTOptions, *, input_ids=None,
-                     attention_mask=None, kl_positions="labels", num_items_in_batch=None, backend="auto",
+                     attention_mask=None, kl_positions=DEFAULT_KL_POSITIONS, num_items_in_batch=None, backend="auto",
                      dtype=None) -> MTTOutput:
     """MTTOutput of the fused head loss on final hidden states [B, L, H] (adapted, base), the causal shift
     applied: CE + lam T^2 D at the labelled positions (labels [B, L], ignore_index where none) and, with
     kl_positions="all", D alone (ce_weight=0) at the other attended positions, their next input token
-    (input_ids [B, L]) being the target to mask; see `predicted_positions` for attention_mask [B, L]. Both
-    parts divide by num_items_in_batch (default: the labelled count). dtype: the rows' dtype in the head
-    loss (default theirs)."""
+    (input_ids [B, L]) being the target to mask (input_ids may be None where every attended position is
+    labelled); see `predicted_positions` for attention_mask [B, L]. Both parts divide by num_items_in_batch
+    (default: the labelled count). dtype: the rows' dtype in the head loss (default theirs)."""
     hidden, base_hidden, targets = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:]
     labelled, attended = predicted_positions(labels, attention_mask, options.ignore_index)  # rows of the head
     parts = [(labelled, targets, options)]
-    if kl_positions == "all" and options.lam > 0:
+    unlabelled = attended & ~labelled
+    if kl_positions == "all" and options.lam > 0 and (input_ids is not None or bool(unlabelled.any())):
         if input_ids is None:
-            raise ValueError("kl_positions='all' needs input_ids (inputs_embeds alone does not give them): the next "
-                             "input token is the target to mask at the positions without a label")
-        parts.append((attended & ~labelled, input_ids[:, 1:], options.replace(ce_weight=0.0)))
+            raise ValueError("kl_positions='all' (MTTObjective's default) needs input_ids where a position has no "
+                             "label (inputs_embeds alone does not give the next input token, the target to mask "
+                             "there): pass input_ids, or kl_positions='labels' with inputs_embeds")
+        parts.append((unlabelled, input_ids[:, 1:], options.replace(ce_weight=0.0)))
         if num_items_in_batch is None:
             num_items_in_batch = labelled.sum()
     dtype = dtype or hidden.dtype
@@ -289,10 +291,10 @@ class MTTObjective:
     ranks is the global value. 1 under a wrapper: each rank's own mean (the wrapper averages the means).
 
     Options: lam, temperature, direction, ignore_index, mask_target (see MTTOptions; None: its default), or
-    options= a ready MTTOptions (reduction 'mean'), not both. kl_positions: "labels" (default) puts the
-    divergence where CE is; "all" at every attended position, the prompt's too (their target to mask is the next
-    input token): loss = (sum of CE over labelled tokens + lam T^2 * sum of KL over all positions) / the
-    labelled count, so lam weighs one position's KL as one label's CE.
+    options= a ready MTTOptions (reduction 'mean'), not both. kl_positions: "all" (default) puts the divergence
+    at every attended position, the prompt's too (their target to mask is the next input token): loss = (sum
+    of CE over labelled tokens + lam T^2 * sum of KL over all positions) / the labelled count, so lam weighs
+    one position's KL as one label's CE; "labels" only where CE is.
     disable_dropout=True sets the base model's dropout to 0 (on the first call, permanently, as TRL does
     for reference-model comparisons): otherwise the two passes draw different masks, so KL > 0 for an
     adapter equal to the base and the regularizer pulls against dropout noise. LoRA's lora_dropout on the
@@ -308,7 +310,7 @@ class MTTObjective:
         backend: of the fused-linear loss, "auto" (default), "triton" or "torch".
         options: a ready MTTOptions (reduction 'mean') instead of the settings above (default None).
         disable_dropout: set the base model's dropout to 0 on the first call (default True).
-        kl_positions: "labels" (default) or "all".
+        kl_positions: "all" (default) or "labels".
         target_kl: None (default: lam is fixed) or the divergence to hold; kl_horizon: the KLBudget horizon,
             in calls (default 10).
 
@@ -335,8 +337,8 @@ class MTTObjective:
     def __init__(self, lam: Optional[float] = None, temperature: Optional[float] = None,
                  direction: Optional[str] = None, ignore_index: Optional[int] = None, backend: str = "auto", *,
                  mask_target: Optional[bool] = None, options: Optional[MTTOptions] = None,
-                 disable_dropout: bool = True, kl_positions: str = "labels", target_kl: Optional[float] = None,
-                 kl_horizon: float = 10.0):
+                 disable_dropout: bool = True, kl_positions: str = DEFAULT_KL_POSITIONS,
+                 target_kl: Optional[float] = None, kl_horizon: float = 10.0):
         keywords = dict(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index,
                         mask_target=mask_target)
         options = options_from(options, {name: value for name, value in keywords.items() if value is not None})

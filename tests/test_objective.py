@@ -26,7 +26,7 @@ def reference_loss(model, batch, **options):
 def test_matches_reference_with_lora_head_and_padding(direction, temperature):
     model, batch = tiny_peft(), padded_batch()
     options = dict(lam=0.7, temperature=temperature, direction=direction)
-    got = MTTObjective(**options)(model, **batch)
+    got = MTTObjective(kl_positions="labels", **options)(model, **batch)
     got.loss.backward()
     got_grads = trainable_grads(model)
     model.zero_grad()
@@ -45,12 +45,12 @@ def test_matches_reference_with_lora_head_and_padding(direction, temperature):
 
 @pytest.mark.parametrize("mask_target", [True, False])
 def test_kl_at_every_position_keeps_ce_on_the_labels(mask_target):
-    """kl_positions="all": (sum of CE over labelled rows + lam T^2 * sum of KL over every attended row) / the
-    labelled count; a row without a label masks its next input token. Padding takes no part."""
+    """kl_positions="all" (the default): (sum of CE over labelled rows + lam T^2 * sum of KL over every attended
+    row) / the labelled count; a row without a label masks its next input token. Padding takes no part."""
     model, batch = tiny_peft(), padded_batch(batch=4)
     batch["labels"][2, :7] = -100  # prompts of different lengths
     options = dict(lam=0.8, temperature=1.5, direction="reverse", mask_target=mask_target)
-    got = MTTObjective(kl_positions="all", **options)(model, **batch)
+    got = MTTObjective(**options)(model, **batch)
     got.loss.backward()
     got_grads = trainable_grads(model)
     model.zero_grad()
@@ -73,7 +73,7 @@ def test_kl_at_every_position_keeps_ce_on_the_labels(mask_target):
     for name, grad in trainable_grads(model).items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
-    labels_only = MTTObjective(**options)(model, **batch)
+    labels_only = MTTObjective(kl_positions="labels", **options)(model, **batch)
     assert float(labels_only.kl) < 0.8 * float(got.kl)  # the prompt's rows add to the divergence
     with pytest.raises(ValueError, match="kl_positions"):
         MTTObjective(kl_positions="prompt")
@@ -125,7 +125,7 @@ def test_head_loss_goes_through_the_fused_linear_loss(monkeypatch):
 
     monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss_with_options", fused)
     model, batch = tiny_peft(), padded_batch()
-    objective = MTTObjective(lam=0.5, mask_target=False)
+    objective = MTTObjective(lam=0.5, mask_target=False, kl_positions="labels")
     assert objective(model, **batch) == "fused result"
     ((head, options, kwargs),) = calls
     assert options is objective.options and options.lam == 0.5 and options.mask_target is False
@@ -243,7 +243,7 @@ def test_autocast_runs_the_head_loss_in_its_dtype_without_autocast(monkeypatch):
     monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss_with_options", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         MTTObjective()(model, **batch)
-    assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)]
+    assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)] * 2  # the labelled rows, the prompt's
 
 
 def padded(batch, left, right):
@@ -282,22 +282,31 @@ def test_padding_on_either_side_never_changes_the_loss(kl_positions):
         objective(model, **dict(unpadded, attention_mask=unpadded["attention_mask"][:, 1:]))
 
 
-def test_inputs_embeds_instead_of_input_ids():
+@pytest.mark.parametrize("prompt", [True, False])
+def test_inputs_embeds_instead_of_input_ids(prompt):
+    """inputs_embeds= gives the objective of input_ids=. At every position (the default) only where every
+    attended position has a label: a prompt's rows mask their next input token, which embeddings do not give."""
     model, batch = tiny_peft(), padded_batch()
-    want = MTTObjective(lam=0.7)(model, **batch)
+    if not prompt:
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    objective = MTTObjective(lam=0.7, kl_positions="labels" if prompt else "all")
+    want = objective(model, **batch)
     want.loss.backward()
     want_grads = trainable_grads(model)
     model.zero_grad()
     embeds = model.get_input_embeddings()(batch["input_ids"]).detach()
     inputs = dict(inputs_embeds=embeds, labels=batch["labels"], attention_mask=batch["attention_mask"])
-    got = MTTObjective(lam=0.7)(model, **inputs)
+    got = objective(model, **inputs)
     got.loss.backward()
     for name in ("loss", "ce", "kl"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-6)
     for name, grad in trainable_grads(model).items():
         torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
-    with pytest.raises(ValueError, match=r"kl_positions='all' needs input_ids \(inputs_embeds alone"):
-        MTTObjective(kl_positions="all")(model, **inputs)
+    if not prompt:
+        return
+    with pytest.raises(ValueError, match=r"kl_positions='all' \(MTTObjective's default\) needs input_ids where a "
+                                         r"position has no label .* or kl_positions='labels' with inputs_embeds"):
+        MTTObjective(lam=0.7)(model, **inputs)
     for wrong in (dict(labels=batch["labels"]), dict(batch, inputs_embeds=embeds)):
         with pytest.raises(ValueError, match="exactly one of input_ids .* and inputs_embeds"):
             MTTObjective()(model, **wrong)
@@ -348,8 +357,9 @@ def test_target_kl_moves_lam_towards_the_budget_after_each_training_call():
         MTTObjective(lam=0.0, target_kl=0.1)
 
 
-def test_every_entry_point_defaults_to_the_lam_the_experiment_chose():
-    """lam = 0.3 (docs/experiments.md#the-defaults) for MTT and for mask_target=False, wherever lam is not given."""
+def test_every_entry_point_defaults_to_the_settings_the_experiment_chose():
+    """lam = 0.3 (docs/experiments.md#the-defaults) for MTT and for mask_target=False, and the divergence at
+    every position, wherever they are not given."""
     import inspect
 
     from fastmtt.apps.cli import build_parser
@@ -361,4 +371,6 @@ def test_every_entry_point_defaults_to_the_lam_the_experiment_chose():
     for function in (fastmtt.mtt_loss, fastmtt.fused_linear_mtt_loss, run_finetune):
         assert inspect.signature(function).parameters["lam"].default == 0.3, function.__name__
     args = build_parser().parse_args(["finetune", "--model", "m", "--data", "d.jsonl", "--out", "o"])
-    assert args.lam == 0.3
+    assert args.lam == 0.3 and args.kl_positions == "all"
+    assert MTTObjective().kl_positions == MTTObjective(mask_target=False).kl_positions == "all"
+    assert inspect.signature(run_finetune).parameters["kl_positions"].default == "all"

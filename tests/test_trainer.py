@@ -79,7 +79,9 @@ def test_objective_and_lambda_arguments(tmp_path):
                        mtt_mask_target=False, mtt_disable_dropout=False).objective
     assert built.options == MTTOptions(lam=0.3, temperature=2.0, direction="reverse", mask_target=False)
     assert built.disable_dropout is False
-    assert MTTTrainer(model=tiny_peft(), args=args, mtt_lambda=None).objective.options == MTTOptions()
+    default = MTTTrainer(model=tiny_peft(), args=args, mtt_lambda=None).objective
+    assert default.options == MTTOptions() and default.kl_positions == "all"
+    assert MTTTrainer(model=tiny_peft(), args=args, mtt_kl_positions="labels").objective.kl_positions == "labels"
     for wrong in ("mtt_lam", "mtt_reduction_mode"):
         with pytest.raises(TypeError, match=f"unknown keyword {wrong}"):
             MTTTrainer(model=tiny_peft(), args=args, **{wrong: 1.0})

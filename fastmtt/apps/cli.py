@@ -21,7 +21,7 @@ from fastmtt.apps import (
     UsageError,
     check_out_dir,
 )
-from fastmtt.options import DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
+from fastmtt.options import DEFAULT_KL_POSITIONS, DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
 
 
 def check_options(**settings) -> MTTOptions:
@@ -226,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lam", type=lam_value, default=DEFAULT_LAM, help="MTT weight (default %(default)s)")
     tune.add_argument("--temperature", type=temperature_value, default=1.0)
     tune.add_argument("--direction", choices=DIRECTIONS, default="forward")
-    tune.add_argument("--kl-positions", choices=KL_POSITIONS, default="labels",
-                      help="where the KL applies: the labelled tokens (default) or every token, the prompt's too")
+    tune.add_argument("--kl-positions", choices=KL_POSITIONS, default=DEFAULT_KL_POSITIONS,
+                      help="where the KL applies: every token, the prompt's too, or the labelled tokens "
+                           "(default %(default)s)")
     tune.add_argument("--lora-r", type=_count(65536), default=8, help="LoRA rank (at most the model's hidden size)")
     tune.add_argument("--lora-alpha", type=_count(65536), default=16)
     tune.add_argument("--lora-dropout", type=probability, default=0.0)

@@ -23,7 +23,7 @@ import torch
 
 from fastmtt.apps import UsageError, check_out_dir, first_line
 from fastmtt.apps.evaluation import evaluate_lm, format_kl
-from fastmtt.options import DEFAULT_LAM
+from fastmtt.options import DEFAULT_KL_POSITIONS, DEFAULT_LAM
 from fastmtt.trainer import PadCollator  # also fastmtt.apps.finetune.PadCollator, as before
 
 
@@ -129,7 +129,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                  temperature: float = 1.0, direction: str = "forward", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
                  batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4, max_length: int = 512,
-                 seed: int = 0, device: str = "auto", kl_positions: str = "labels",
+                 seed: int = 0, device: str = "auto", kl_positions: str = DEFAULT_KL_POSITIONS,
                  log=print) -> Dict[str, Dict[str, float]]:
     """Train a LoRA adapter with MTTTrainer, save it (and metrics.json) to `out`; returns the metrics. Every
     argument is checked here, once, before the model loads (errors: UsageError naming the flag)."""
