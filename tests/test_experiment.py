@@ -345,13 +345,16 @@ def tiny_task(steps, batch_size=2):
 
 @pytest.mark.parametrize("method", ["kl", "mtt"])
 def test_a_forgetting_budget_moves_lam_by_the_clipped_controller_step(method):
-    """KLBudget after every step: the first step's divergence is 0 (the adapter starts at the base), so lam
-    shrinks by 2%; then a budget far below the divergence grows it 2% a step, one far above shrinks it."""
+    """KLBudget after every step, horizon steps / 30 (at least 1): the first step's divergence is 0 (the
+    adapter starts at the base), so lam shrinks by 0.2 / horizon; then a budget far below the divergence
+    grows it by that much a step, one far above shrinks it."""
     cfg, data, top = tiny_task(steps=5)
     _, below = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0, target_kl=1e-9)
     _, above = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0, target_kl=100.0)
     _, fixed = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0)
-    assert below == pytest.approx(0.98 * 1.02**4) and above == pytest.approx(0.98**5) and fixed == 1.0
+    assert below == pytest.approx(0.8 * 1.2**4) and above == pytest.approx(0.8**5) and fixed == 1.0
+    assert experiment.budget_horizon(300) == 10.0 and experiment.budget_horizon(50) == pytest.approx(50 / 30)
+    assert experiment.budget_horizon(5) == 1.0  # a horizon under 0.2 would let one step set lam to 0 or below
 
 
 def test_an_adapter_trains_at_its_own_learning_rate_unless_the_command_line_sets_one(monkeypatch):

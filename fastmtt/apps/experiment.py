@@ -383,16 +383,25 @@ def adapter_config(kind: str, rank: int):
 
 
 BUDGET_LAM = 1.0  # the lam a run with a forgetting budget starts from
+# A budget run's KLBudget horizon is its steps / BUDGET_MOVES (at least 1): lam can move by up to a factor
+# e^(0.2 * BUDGET_MOVES) either way in a run of any length (a fixed horizon of 10 lets the 50-step near task
+# move lam by e at most, less than its budgets need).
+BUDGET_MOVES = 30
+
+
+def budget_horizon(steps: int) -> float:
+    """KLBudget's horizon, in steps, for a run of `steps` steps."""
+    return max(1.0, steps / BUDGET_MOVES)
 
 
 def train_adapter(base_model, data: TaskData, cfg: ExperimentConfig, adapter: str, method: str, lam: float,
                   direction: str, seed: int, target_kl: float = 0.0):
     """A fresh adapter trained for one epoch of data.train (seeded init and order); target_kl > 0: lam moves
-    after each step to hold the step's divergence at target_kl (`KLBudget`, horizon 10 steps). Returns (the
-    PEFT model, the lam of the last step)."""
+    after each step to hold the step's divergence at target_kl (`KLBudget`, horizon `budget_horizon`).
+    Returns (the PEFT model, the lam of the last step)."""
     from peft import get_peft_model
 
-    budget = KLBudget(target_kl) if target_kl > 0 else None
+    budget = KLBudget(target_kl, budget_horizon(cfg.steps)) if target_kl > 0 else None
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base_model), adapter_config(adapter, cfg.rank)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
