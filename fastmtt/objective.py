@@ -252,13 +252,15 @@ class KLBudget:
     Args:
         target_kl: the divergence to hold, > 0 (MTTOutput.kl's units: nats per labelled token; with
             kl_positions="all" the sum over every position per labelled token).
-        horizon: steps per e-fold of the largest correction, > 0 (default 10).
+        horizon: steps per e-fold of the largest correction, >= 1 (default 10), so one step changes lam by
+            at most 20%.
     """
 
     def __init__(self, target_kl: float, horizon: float = 10.0):
-        for name, value in (("target_kl", target_kl), ("kl_horizon", horizon)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name, value, least in (("target_kl", target_kl, "> 0"), ("kl_horizon", horizon, ">= 1")):
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf")
+                    or not (value > 0 if name == "target_kl" else value >= 1)):
+                raise ValueError(f"{name} must be a finite number {least}, got {value!r}")
         self.target_kl, self.horizon = float(target_kl), float(horizon)
 
     def update(self, lam: float, kl: float) -> float:

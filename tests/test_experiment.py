@@ -354,7 +354,7 @@ def test_a_forgetting_budget_moves_lam_by_the_clipped_controller_step(method):
     _, fixed = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0)
     assert below == pytest.approx(0.8 * 1.2**4) and above == pytest.approx(0.8**5) and fixed == 1.0
     assert experiment.budget_horizon(300) == 10.0 and experiment.budget_horizon(50) == pytest.approx(50 / 30)
-    assert experiment.budget_horizon(5) == 1.0  # a horizon under 0.2 would let one step set lam to 0 or below
+    assert experiment.budget_horizon(5) == 1.0  # KLBudget's least horizon
 
 
 def test_an_adapter_trains_at_its_own_learning_rate_unless_the_command_line_sets_one(monkeypatch):

@@ -334,7 +334,8 @@ def test_kl_budget_follows_trls_adaptive_controller():
     assert budget.update(2.0, 5.0) == pytest.approx(2.0 * (1 + 0.2 / 4))  # the correction is clipped at +-20%
     assert budget.update(2.0, 0.0) == pytest.approx(2.0 * (1 - 0.2 / 4))
     assert budget.update(2.0, float("nan")) == 2.0
-    for name, value in (("target_kl", 0.0), ("target_kl", float("inf")), ("kl_horizon", -1.0), ("target_kl", True)):
+    for name, value in (("target_kl", 0.0), ("target_kl", float("inf")), ("kl_horizon", -1.0), ("kl_horizon", 0.5),
+                        ("target_kl", True)):
         with pytest.raises(ValueError, match=name):
             fastmtt.objective.KLBudget(**{"target_kl": 0.1, "horizon": 1.0,
                                           name.replace("kl_", ""): value})
