@@ -2,6 +2,7 @@
 (needs `make experiment-setup`; about 30 s the first time the model is dequantized)."""
 import dataclasses
 import importlib.util
+import itertools
 import math
 import subprocess
 import sys
@@ -520,3 +521,36 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
     assert lines[-1].endswith("every task: MTT forward 0.3, MTT forward, all positions 0.3, full KL none.")
     license = [r for r in rows if r["task"] == "license"]
     assert experiment.across_tasks(experiment.grouped(license), base) == []
+
+
+def test_a_setting_transfers_where_it_removes_the_same_share_of_forgetting_on_both_tasks():
+    """transfer_gaps: the share of CE only's forgetting a setting removes on the first task minus the second,
+    with a seed-bootstrap interval around it; settings with fewer than MIN_SEEDS seeds on a task are left out."""
+    def row(task, method, lam, kl, seed, target_kl=0.0, kjv=math.nan):
+        return dict(task=task, adapter="" if method == "base" else "lora", method=method,
+                    direction="forward" if method == "mtt" else "", kl_positions="labels", lam=lam,
+                    target_kl=target_kl, final_lam=lam, temperature=1.0, seed=float(seed), task_ce=1.0, task_acc=0.5,
+                    exact_match=0.5, retention_ppl=30.0, retention_kl=kl, kjv_kl=kjv)
+
+    rows = [row("addition2", "base", 0.0, 0.0, 0), row("license", "base", 0.0, 0.0, 0)]
+    rows += [row("addition2", "ce", 0.0, 0.4, s, kjv=0.2) for s in range(3)]
+    rows += [row("license", "ce", 0.0, 0.8, s, kjv=0.4) for s in range(3)]
+    rows += [row("addition2", "mtt", 1.0, kl, s, kjv=0.1) for s, kl in enumerate((0.1, 0.2, 0.3))]  # removes 50%
+    rows += [row("license", "mtt", 1.0, 0.6, s, kjv=0.2) for s in range(3)]  # removes 25%
+    rows += [row(task, "mtt", 1.0, 0.1, s, target_kl=0.05, kjv=0.1) for task in ("addition2", "license")
+             for s in range(3)]
+    rows += [row(task, "kl", 1.0, 0.1, s) for task in ("addition2", "license") for s in range(2)]  # 2 seeds
+    base = {r["task"]: r for r in rows if r["method"] == "base"}
+    gap, low, high = experiment.removal_gap(*(
+        [r for r in rows if (r["task"], (r["method"], r["target_kl"])) == key]
+        for key in itertools.product(("addition2", "license"), (("ce", 0.0), ("mtt", 0.0)))))
+    assert gap == pytest.approx(0.25) and 0.0 <= low < 0.25 < high <= 0.5
+    lines = experiment.transfer_gaps(rows, base)
+    assert lines[1].startswith("lora, does one setting transfer? Share of CE only's forgetting removed on addition2 "
+                               "minus on license")
+    assert lines[3] == "| method | lam (budget: target_kl) | Python prose | KJV |"
+    assert lines[5].startswith("| MTT forward | 1 | +25% [") and lines[5].endswith("| +0% [+0%, +0%] |")
+    # the budget removes 75% / 50% (Python prose / KJV) of the forgetting on addition2, 87.5% / 75% on license
+    assert lines[6] == "| MTT forward, budget | 0.05 | -12% [-12%, -12%] | -25% [-25%, -25%] |"
+    assert len(lines) == 7  # full KL: two seeds
+    assert experiment.transfer_gaps([r for r in rows if r["task"] == "license"], base) == []

@@ -609,6 +609,7 @@ def _setting(row) -> float:
 # ------------------------------------------------------------------------------------------------- summary
 
 METRICS = ("task_ce", "task_acc", "exact_match", "retention_ppl", "retention_kl")
+RETENTION_LABELS = {"retention_kl": "Python prose", "kjv_kl": "KJV"}  # forgetting: KL(base‖adapted) on each text
 
 
 def _mean_std(values):
@@ -757,7 +758,7 @@ def summarize(rows) -> str:
                 cells.append("-" if math.isnan(kl) else f"{kl:.4f} / " + ("-" if math.isnan(ppl) else f"{ppl:.2f}"))
             lines.append(f"| {level:.3f} ({share:.0%}) | " + " | ".join(cells) + " |")
         lines += compared_curves(rows, task, adapter, b, ce_only)
-    lines += across_tasks(groups, base)
+    lines += across_tasks(groups, base) + transfer_gaps(rows, base)
     return "\n".join(lines).lstrip("\n")
 
 
@@ -796,6 +797,49 @@ def across_tasks(groups, base) -> List[str]:
         lines += ["", f"The largest lam that keeps {DEFAULT_SHARE:.0%} of CE only's gain in every learning measure on "
                       "every task: " + ", ".join(f"{name} {'none' if math.isnan(lam) else f'{lam:g}'}"
                                                  for name, lam in chosen.items()) + "."]
+    return lines
+
+
+def removal_gap(ce_runs_a, runs_a, ce_runs_b, runs_b, forgetting: str = "retention_kl", draws: int = 2000,
+                seed: int = 0) -> tuple:
+    """(gap, low, high): the share of CE only's forgetting one setting removes on task a minus that on task b,
+    share = 1 - mean forgetting / CE only's mean, with its 90% seed-bootstrap interval (each of the four
+    points' seeds resampled with replacement). 0: the setting removes the same share on both tasks."""
+    def gap(runs):
+        ce_a, a, ce_b, b = ([r[forgetting] for r in group] for group in runs)
+        return sum(b) / len(b) / (sum(ce_b) / len(ce_b)) - sum(a) / len(a) / (sum(ce_a) / len(ce_a))
+
+    groups = (ce_runs_a, runs_a, ce_runs_b, runs_b)
+    rng = random.Random(seed)
+    draws_made = sorted(gap([[rng.choice(group) for _ in group] for group in groups]) for _ in range(draws))
+    return gap(groups), draws_made[int(0.05 * (draws - 1))], draws_made[int(math.ceil(0.95 * (draws - 1)))]
+
+
+def transfer_gaps(rows, base) -> List[str]:
+    """Markdown lines: per adapter run on exactly two tasks, each setting (a lam or a budget) with at least
+    MIN_SEEDS seeds on both: the share of CE only's forgetting it removes on the first task (sorted) minus the
+    second, on each retention text, with 90% seed-bootstrap intervals (`removal_gap`); a setting transfers
+    where the gap is near 0. Nothing for an adapter on one task."""
+    lines = []
+    runs = runs_by_point(rows)
+    for adapter in sorted({kind for _, kind in runs} - {""}):
+        by_task = {task: points for (task, kind), points in runs.items()
+                   if kind == adapter and task in base and len(points.get(("CE only", 0.0), [])) >= MIN_SEEDS}
+        if len(by_task) != 2:
+            continue
+        (first, a), (second, b) = sorted(with_every_position_twins(by_task).items())
+        settings = sorted(point for point in set(a) & set(b) - {("CE only", 0.0)}
+                          if min(len(a[point]), len(b[point])) >= MIN_SEEDS)
+        lines += ["", f"{adapter}, does one setting transfer? Share of CE only's forgetting removed on {first} minus "
+                      f"on {second}, 90% seed-bootstrap interval:", "",
+                  "| method | lam (budget: target_kl) | " + " | ".join(RETENTION_LABELS.values()) + " |",
+                  "|---|---|" + "---|" * len(RETENTION_LABELS)]
+        for name, setting in settings:
+            cells = [removal_gap(a[("CE only", 0.0)], a[(name, setting)], b[("CE only", 0.0)], b[(name, setting)],
+                                 forgetting) for forgetting in RETENTION_LABELS]
+            lines.append(f"| {name} | {setting:g} | " + " | ".join("-" if math.isnan(gap) else
+                                                                   f"{gap:+.0%} [{low:+.0%}, {high:+.0%}]"
+                                                                   for gap, low, high in cells) + " |")
     return lines
 
 
