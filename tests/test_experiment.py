@@ -523,34 +523,38 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
     assert experiment.across_tasks(experiment.grouped(license), base) == []
 
 
-def test_a_setting_transfers_where_it_removes_the_same_share_of_forgetting_on_both_tasks():
-    """transfer_gaps: the share of CE only's forgetting a setting removes on the first task minus the second,
-    with a seed-bootstrap interval around it; settings with fewer than MIN_SEEDS seeds on a task are left out."""
-    def row(task, method, lam, kl, seed, target_kl=0.0, kjv=math.nan):
+def test_a_setting_transfers_where_it_does_the_same_share_on_both_tasks():
+    """transfer_gaps: the share of CE only's forgetting a setting removes, and of its task-CE gain it keeps, on
+    the first task minus the second, with seed-bootstrap intervals; settings with fewer than MIN_SEEDS seeds on
+    a task are left out."""
+    def row(task, method, lam, kl, seed, target_kl=0.0, kjv=math.nan, task_ce=1.0):
         return dict(task=task, adapter="" if method == "base" else "lora", method=method,
                     direction="forward" if method == "mtt" else "", kl_positions="labels", lam=lam,
-                    target_kl=target_kl, final_lam=lam, temperature=1.0, seed=float(seed), task_ce=1.0, task_acc=0.5,
-                    exact_match=0.5, retention_ppl=30.0, retention_kl=kl, kjv_kl=kjv)
+                    target_kl=target_kl, final_lam=lam, temperature=1.0, seed=float(seed), task_ce=task_ce,
+                    task_acc=0.5, exact_match=0.5, retention_ppl=30.0, retention_kl=kl, kjv_kl=kjv)
 
-    rows = [row("addition2", "base", 0.0, 0.0, 0), row("license", "base", 0.0, 0.0, 0)]
+    rows = [row("addition2", "base", 0.0, 0.0, 0, task_ce=5.0), row("license", "base", 0.0, 0.0, 0, task_ce=4.0)]
     rows += [row("addition2", "ce", 0.0, 0.4, s, kjv=0.2) for s in range(3)]
     rows += [row("license", "ce", 0.0, 0.8, s, kjv=0.4) for s in range(3)]
-    rows += [row("addition2", "mtt", 1.0, kl, s, kjv=0.1) for s, kl in enumerate((0.1, 0.2, 0.3))]  # removes 50%
-    rows += [row("license", "mtt", 1.0, 0.6, s, kjv=0.2) for s in range(3)]  # removes 25%
+    rows += [row("addition2", "mtt", 1.0, kl, s, kjv=0.1, task_ce=3.0)  # removes 50%, keeps 50% of the gain
+             for s, kl in enumerate((0.1, 0.2, 0.3))]
+    rows += [row("license", "mtt", 1.0, 0.6, s, kjv=0.2, task_ce=3.25) for s in range(3)]  # 25%, 25%
     rows += [row(task, "mtt", 1.0, 0.1, s, target_kl=0.05, kjv=0.1) for task in ("addition2", "license")
              for s in range(3)]
     rows += [row(task, "kl", 1.0, 0.1, s) for task in ("addition2", "license") for s in range(2)]  # 2 seeds
     base = {r["task"]: r for r in rows if r["method"] == "base"}
-    gap, low, high = experiment.removal_gap(*(
-        [r for r in rows if (r["task"], (r["method"], r["target_kl"])) == key]
-        for key in itertools.product(("addition2", "license"), (("ce", 0.0), ("mtt", 0.0)))))
-    assert gap == pytest.approx(0.25) and 0.0 <= low < 0.25 < high <= 0.5
+    points = [[r for r in rows if (r["task"], (r["method"], r["target_kl"])) == key]
+              for key in itertools.product(("addition2", "license"), (("ce", 0.0), ("mtt", 0.0)))]
+    gap, low, high = experiment.kept_gap(*points, "retention_kl")  # 50% of the forgetting left minus 75%
+    assert gap == pytest.approx(-0.25) and -0.5 <= low < -0.25 < high <= 0.0
+    assert experiment.kept_gap(*points, "task_ce", 5.0, 4.0) == pytest.approx((0.25, 0.25, 0.25))
     lines = experiment.transfer_gaps(rows, base)
-    assert lines[1].startswith("lora, does one setting transfer? Share of CE only's forgetting removed on addition2 "
-                               "minus on license")
-    assert lines[3] == "| method | lam (budget: target_kl) | Python prose | KJV |"
-    assert lines[5].startswith("| MTT forward | 1 | +25% [") and lines[5].endswith("| +0% [+0%, +0%] |")
+    assert lines[1] == ("lora, does one setting transfer? On addition2 minus on license: the share of CE only's "
+                        "forgetting removed on each text and of its task-CE gain kept, 90% seed-bootstrap interval:")
+    assert lines[3] == "| method | lam (budget: target_kl) | Python prose: removed | KJV: removed | task CE: kept |"
+    assert lines[5].startswith("| MTT forward | 1 | +25% [")
+    assert lines[5].endswith("| +0% [+0%, +0%] | +25% [+25%, +25%] |")
     # the budget removes 75% / 50% (Python prose / KJV) of the forgetting on addition2, 87.5% / 75% on license
-    assert lines[6] == "| MTT forward, budget | 0.05 | -12% [-12%, -12%] | -25% [-25%, -25%] |"
+    assert lines[6] == "| MTT forward, budget | 0.05 | -12% [-12%, -12%] | -25% [-25%, -25%] | +0% [+0%, +0%] |"
     assert len(lines) == 7  # full KL: two seeds
     assert experiment.transfer_gaps([r for r in rows if r["task"] == "license"], base) == []

@@ -800,14 +800,15 @@ def across_tasks(groups, base) -> List[str]:
     return lines
 
 
-def removal_gap(ce_runs_a, runs_a, ce_runs_b, runs_b, forgetting: str = "retention_kl", draws: int = 2000,
-                seed: int = 0) -> tuple:
-    """(gap, low, high): the share of CE only's forgetting one setting removes on task a minus that on task b,
-    share = 1 - mean forgetting / CE only's mean, with its 90% seed-bootstrap interval (each of the four
-    points' seeds resampled with replacement). 0: the setting removes the same share on both tasks."""
-    def gap(runs):
-        ce_a, a, ce_b, b = ([r[forgetting] for r in group] for group in runs)
-        return sum(b) / len(b) / (sum(ce_b) / len(ce_b)) - sum(a) / len(a) / (sum(ce_a) / len(ce_a))
+def kept_gap(ce_runs_a, runs_a, ce_runs_b, runs_b, measure: str, base_a: float = 0.0, base_b: float = 0.0,
+             draws: int = 2000, seed: int = 0) -> tuple:
+    """(gap, low, high): a setting's share of CE only's change over the base model that it keeps, on task a minus
+    on task b, share = (mean - base) / (CE only's mean - base) of `measure` over seeds (for a forgetting measure,
+    base 0: the share of the forgetting left), with its 90% seed-bootstrap interval (each of the four points'
+    seeds resampled with replacement). 0: the setting does the same on both tasks."""
+    def gap(groups):
+        ce_a, a, ce_b, b = (sum(r[measure] for r in group) / len(group) for group in groups)
+        return (a - base_a) / (ce_a - base_a) - (b - base_b) / (ce_b - base_b)
 
     groups = (ce_runs_a, runs_a, ce_runs_b, runs_b)
     rng = random.Random(seed)
@@ -818,8 +819,9 @@ def removal_gap(ce_runs_a, runs_a, ce_runs_b, runs_b, forgetting: str = "retenti
 def transfer_gaps(rows, base) -> List[str]:
     """Markdown lines: per adapter run on exactly two tasks, each setting (a lam or a budget) with at least
     MIN_SEEDS seeds on both: the share of CE only's forgetting it removes on the first task (sorted) minus the
-    second, on each retention text, with 90% seed-bootstrap intervals (`removal_gap`); a setting transfers
-    where the gap is near 0. Nothing for an adapter on one task."""
+    second, on each retention text, and the same for the share of CE only's task-CE gain it keeps, with 90%
+    seed-bootstrap intervals (`kept_gap`); a setting transfers where the gaps are near 0. Nothing for an
+    adapter on one task."""
     lines = []
     runs = runs_by_point(rows)
     for adapter in sorted({kind for _, kind in runs} - {""}):
@@ -830,13 +832,16 @@ def transfer_gaps(rows, base) -> List[str]:
         (first, a), (second, b) = sorted(with_every_position_twins(by_task).items())
         settings = sorted(point for point in set(a) & set(b) - {("CE only", 0.0)}
                           if min(len(a[point]), len(b[point])) >= MIN_SEEDS)
-        lines += ["", f"{adapter}, does one setting transfer? Share of CE only's forgetting removed on {first} minus "
-                      f"on {second}, 90% seed-bootstrap interval:", "",
-                  "| method | lam (budget: target_kl) | " + " | ".join(RETENTION_LABELS.values()) + " |",
-                  "|---|---|" + "---|" * len(RETENTION_LABELS)]
+        lines += ["", f"{adapter}, does one setting transfer? On {first} minus on {second}: the share of CE only's "
+                      "forgetting removed on each text and of its task-CE gain kept, 90% seed-bootstrap interval:", "",
+                  "| method | lam (budget: target_kl) | " + " | ".join(f"{text}: removed" for text in
+                                                                  RETENTION_LABELS.values()) + " | task CE: kept |",
+                  "|---|---|" + "---|" * (len(RETENTION_LABELS) + 1)]
         for name, setting in settings:
-            cells = [removal_gap(a[("CE only", 0.0)], a[(name, setting)], b[("CE only", 0.0)], b[(name, setting)],
-                                 forgetting) for forgetting in RETENTION_LABELS]
+            points = (a[("CE only", 0.0)], a[(name, setting)], b[("CE only", 0.0)], b[(name, setting)])
+            left = [kept_gap(*points, forgetting) for forgetting in RETENTION_LABELS]  # removed = 1 - left
+            cells = [(0.0 - gap, 0.0 - high, 0.0 - low) for gap, low, high in left]  # no -0
+            cells.append(kept_gap(*points, "task_ce", base[first]["task_ce"], base[second]["task_ce"]))
             lines.append(f"| {name} | {setting:g} | " + " | ".join("-" if math.isnan(gap) else
                                                                    f"{gap:+.0%} [{low:+.0%}, {high:+.0%}]"
                                                                    for gap, low, high in cells) + " |")
