@@ -590,6 +590,7 @@ def _run_line(row) -> str:
 
 
 ALL_POSITIONS = ", all positions"  # the suffix of an every-position curve's name
+BUDGET = ", budget"  # the suffix of a forgetting-budget curve's name (it sweeps target_kl)
 
 
 def _curve_name(row) -> str:
@@ -598,7 +599,7 @@ def _curve_name(row) -> str:
         return name
     name += "" if row["temperature"] == 1 else f" T={row['temperature']:g}"
     name += ALL_POSITIONS if row["kl_positions"] == "all" else ""
-    return name + (", budget" if row["target_kl"] > 0 else "")
+    return name + (BUDGET if row["target_kl"] > 0 else "")
 
 
 def _setting(row) -> float:
@@ -739,7 +740,7 @@ def summarize(rows) -> str:
         for (name, lam), stats in sorted(points.items(), key=lambda item: (item[0][0] != "CE only",) + item[0]):
             cells = " | ".join("-" if math.isnan(stats[m][0]) else f"{stats[m][0]:.{4 if m == 'retention_kl' else 3}f}"
                                f" ± {stats[m][1]:.{4 if m == 'retention_kl' else 3}f}" for m in METRICS)
-            setting = f"{lam:g}, {stats['final_lam']:.3g}" if name.endswith("budget") else f"{lam:g}"
+            setting = f"{lam:g}, {stats['final_lam']:.3g}" if name.endswith(BUDGET) else f"{lam:g}"
             lines.append(f"| {name} | {setting} | {stats['seeds']} | {cells} |")
         ce_only = points.get(("CE only", 0.0))
         if b is None or ce_only is None:
@@ -881,7 +882,7 @@ def largest_lam_keeping(by_task, base, share: float = DEFAULT_SHARE) -> Dict[str
     `gains_kept` on every task (NaN: none does)}. by_task: {task: `grouped` points with CE only}, base: {task:
     the base model's row}."""
     names = sorted(name for name in set.intersection(*({name for name, _ in points} for points in by_task.values()))
-                   if name not in ("CE only", "base model") and not name.endswith("budget"))
+                   if name not in ("CE only", "base model") and not name.endswith(BUDGET))
     chosen = {}
     for name in names:
         lams = set.intersection(*({lam for (n, lam), stats in points.items() if n == name
@@ -896,11 +897,12 @@ def largest_lam_keeping(by_task, base, share: float = DEFAULT_SHARE) -> Dict[str
 
 def compared_pairs(names) -> List[tuple]:
     """(a, b) curve pairs compared at equal learning: each MTT curve with the full-KL curve of the same
-    temperature, positions and lam or budget sweep, and each every-position curve with its labelled-position
-    twin; only pairs whose curves both ran."""
+    temperature, positions and lam or budget sweep, each every-position curve with its labelled-position twin
+    and each budget curve with its fixed-lam twin; only pairs whose curves both ran."""
     pairs = [(name, re.sub(r"^MTT (forward|reverse)", "full KL", name)) for name in sorted(names)
              if name.startswith("MTT")]
     pairs += [(name, name.replace(ALL_POSITIONS, "")) for name in sorted(names) if ALL_POSITIONS in name]
+    pairs += [(name, name.removesuffix(BUDGET)) for name in sorted(names) if name.endswith(BUDGET)]
     return [(a, b) for a, b in pairs if b in names]
 
 
