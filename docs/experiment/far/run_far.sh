@@ -45,7 +45,7 @@ run --adapters dora randlora sinelora --lams 1 3 10 --seeds 0 1
 #    only at 25, 50, 100 and 150 steps, seed 0, found the least held-out task CE at 50)
 run --tasks license --adapters lora --lams 0.3 1 3 10 --seeds 0 1 2
 # 4. forgetting budgets (lam starts at 1 and adapts to hold MTT's training divergence) on both tasks
-run --tasks addition2 license --adapters lora --methods ce mtt --lams 1 --target-kls 0.01 0.03 0.1
+run --tasks addition2 license --adapters lora --methods ce mtt --lams 1 --target-kls 0.01 0.03 0.1 0.3 1
 # 5. lam 0.5, between the default (0.3) and lam 1, on both tasks: can the default rule pick a larger lam?
 run --tasks addition2 license --adapters lora --methods kl mtt --lams 0.5
 # 6. the regularizer at every position (the prompt's too) at lam 0.3, 1 and 3, on the far task (on the near
