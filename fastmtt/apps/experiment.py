@@ -695,11 +695,16 @@ def bootstrap_difference(point_runs: Dict[tuple, List[dict]], curve_a: str, curv
 
     draws_made = [difference({key: [rng.choice(runs) for _ in runs] for key, runs in point_runs.items()})
                   for _ in range(draws)]
-    finite = sorted(d for d in draws_made if not math.isnan(d))
+    finite = [d for d in draws_made if not math.isnan(d)]
     if not finite:
         return difference(point_runs), math.nan, math.nan, 0.0
-    low, high = finite[int(0.05 * (len(finite) - 1))], finite[int(math.ceil(0.95 * (len(finite) - 1)))]
-    return difference(point_runs), low, high, len(finite) / draws
+    return (difference(point_runs), *interval_90(finite), len(finite) / draws)
+
+
+def interval_90(draws: Sequence[float]) -> tuple:
+    """(low, high): the 5th and 95th percentiles of bootstrap draws (no NaN among them)."""
+    ordered = sorted(draws)
+    return ordered[int(0.05 * (len(ordered) - 1))], ordered[int(math.ceil(0.95 * (len(ordered) - 1)))]
 
 
 def verdict(difference: float, low: float, high: float) -> str:
@@ -813,8 +818,8 @@ def kept_gap(ce_runs_a, runs_a, ce_runs_b, runs_b, measure: str, base_a: float =
 
     groups = (ce_runs_a, runs_a, ce_runs_b, runs_b)
     rng = random.Random(seed)
-    draws_made = sorted(gap([[rng.choice(group) for _ in group] for group in groups]) for _ in range(draws))
-    return gap(groups), draws_made[int(0.05 * (draws - 1))], draws_made[int(math.ceil(0.95 * (draws - 1)))]
+    return gap(groups), *interval_90([gap([[rng.choice(group) for _ in group] for group in groups])
+                                      for _ in range(draws)])
 
 
 def transfer_gaps(rows, base) -> List[str]:
@@ -919,7 +924,7 @@ def compared_curves(rows, task, adapter, base, ce_only) -> List[str]:
              f"seed-bootstrap interval; {min(seeds)}-{max(seeds)} seeds per point):", "",
              "| learning at (share of CE only's gain) | forgetting | a - b | difference [90% interval] | verdict |",
              "|---|---|---|---|---|"]
-    texts = [m for m in ("retention_kl", "kjv_kl")
+    texts = [m for m in RETENTION_LABELS
              if not any(math.isnan(r.get(m, math.nan)) for r in rows if r["task"] == task)]
     for learning in LEARNING:
         gain = ce_only[learning][0] - base[learning]
