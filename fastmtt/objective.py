@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 from typing import Optional, Union
 
 import torch
@@ -196,6 +197,53 @@ def _unsharded(head: LinearHead) -> LinearHead:
     return head
 
 
+def batch_sequence_ids(labels, inputs):
+    """`sequence_ids` of a batch's model inputs (attention_mask, position_ids, seq_idx, cu_seq_lens_q / _k)."""
+    return sequence_ids(labels, inputs.get("attention_mask"), inputs.get("position_ids"), inputs.get("seq_idx"),
+                        [(name, inputs.get(name)) for name in _CU_SEQ_LENS])
+
+
+def _is_adapted(module) -> bool:
+    """Whether disabling the adapters changes what `module` computes (a PEFT tuner layer, modules_to_save)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    return isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper))
+
+
+def _smoothing_term(hidden, head: LinearHead, labels, rows_mask, ignore_index, num_items_in_batch):
+    """sum over the labelled rows of (mean over the vocabulary of -log p) - CE = z_y - mean_v z_v, divided as the
+    loss is (num_items_in_batch, default the labelled count): label smoothing's share beyond CE, exact for a head
+    z = h W^T + bias + s (h A^T) B^T (linear in W, bias, B, so mean_v z_v uses their means); fp32, differentiable."""
+    labelled, _ = predicted_positions(labels, rows_mask, ignore_index)
+    rows, targets = hidden[:, :-1][labelled].float(), labels[:, 1:][labelled]
+    weight = head.weight.float()
+    gap = (rows * (weight[targets] - weight.mean(0))).sum(-1)
+    if head.bias is not None:
+        gap = gap + head.bias.float()[targets] - head.bias.float().mean()
+    if head.has_lora:
+        lora_b = head.lora_B.float()
+        gap = gap + head.scaling * ((rows @ head.lora_A.float().T) * (lora_b[targets] - lora_b.mean(0))).sum(-1)
+    count = labelled.sum() if num_items_in_batch is None else num_items_in_batch
+    count = torch.as_tensor(count, device=gap.device).to(gap.dtype)
+    return gap.sum() / count.clamp(min=1)
+
+
+def _router_aux_loss(causal_lm, decoder_output, attention_mask):
+    """The load-balancing loss a MoE causal LM adds to its loss (Mixtral, Qwen-MoE, ...: its module's
+    load_balancing_loss_func of the adapted pass's router logits), or None without router logits."""
+    router_logits = getattr(decoder_output, "router_logits", None)
+    if router_logits is None or len(router_logits) == 0:
+        return None
+    module = sys.modules[type(causal_lm).__module__]
+    loss_fn = getattr(module, "load_balancing_loss_func", None)
+    needed = ("router_aux_loss_coef", "num_experts", "num_experts_per_tok")
+    if loss_fn is None or not all(hasattr(causal_lm, name) for name in needed):
+        raise ValueError(f"{type(causal_lm).__name__} returns router logits (output_router_logits) but its aux loss "
+                         "is not one MTTObjective knows how to add: set output_router_logits=False")
+    return loss_fn(router_logits, causal_lm.num_experts, causal_lm.num_experts_per_tok, attention_mask)
+
+
 def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTTOptions, *, input_ids=None,
                      attention_mask=None, kl_positions=DEFAULT_KL_POSITIONS, num_items_in_batch=None, backend="auto",
                      dtype=None) -> MTTOutput:
@@ -227,17 +275,58 @@ def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTT
 
 def predicted_positions(labels, attention_mask, ignore_index):
     """(labelled, attended): [B, L - 1] masks over the positions t, each predicting token t + 1: attended
-    where attention_mask [B, L] keeps both t and t + 1 (everywhere when it is None), labelled where moreover
-    labels[:, t + 1] is not ignore_index. So padding, left or right, takes no part."""
+    where attention_mask [B, L] keeps both t and t + 1 in one sequence (both nonzero and equal; everywhere
+    when it is None), labelled where moreover labels[:, t + 1] is not ignore_index. So padding, left or
+    right, takes no part, and a mask of sequence ids (`sequence_ids`: 1, 1, 2, 2, 2, 0 for two packed
+    sequences and a pad) ends every row set at a sequence boundary."""
     if attention_mask is None:
         attended = torch.ones_like(labels[:, 1:], dtype=torch.bool)
     elif tuple(attention_mask.shape) != tuple(labels.shape):
         raise ValueError(f"attention_mask must have the shape of labels {tuple(labels.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
     else:
-        mask = attention_mask.bool()
-        attended = mask[:, :-1] & mask[:, 1:]
+        attended = (attention_mask[:, :-1] != 0) & (attention_mask[:, :-1] == attention_mask[:, 1:])
     return attended & (labels[:, 1:] != ignore_index), attended
+
+
+# Keywords of packed (padding-free) batches that mark where sequences start, besides position_ids.
+_CU_SEQ_LENS = ("cu_seq_lens_q", "cu_seq_lens_k")
+
+
+def sequence_ids(labels, attention_mask=None, position_ids=None, seq_idx=None, cu_seq_lens=()):
+    """The attention mask `predicted_positions` reads for a packed batch: [B, L] int64, 0 where attention_mask
+    [B, L] is 0, elsewhere one id per sequence. A sequence starts at each row's first position and where
+    position_ids [B, L] or [1, L] do not step by one (as transformers' `find_packed_sequence_indices` reads
+    them: DataCollatorWithFlattening restarts them), seq_idx [B, L] changes, attention_mask changes value,
+    or at an offset of cu_seq_lens (FlashAttention's cu_seq_lens_q / _k, 1-D, from 0 to B * L over the
+    flattened batch). Returns attention_mask itself where none of position_ids, seq_idx, cu_seq_lens is given;
+    position_ids of another rank (multimodal rotary positions) are not read."""
+    cu_seq_lens = [(name, value) for name, value in cu_seq_lens if value is not None]
+    if position_ids is not None and position_ids.dim() != 2:
+        position_ids = None
+    if position_ids is None and seq_idx is None and not cu_seq_lens:
+        return attention_mask
+    shape = tuple(labels.shape)
+    starts = torch.zeros(shape, dtype=torch.bool, device=labels.device)
+    starts[:, 0] = True
+    for name, ids in (("position_ids", position_ids), ("seq_idx", seq_idx), ("attention_mask", attention_mask)):
+        if ids is None:
+            continue
+        if ids.dim() != 2 or ids.shape[1] != shape[1] or ids.shape[0] not in (1, shape[0]):
+            raise ValueError(f"{name} must have the shape of labels {shape} (or [1, {shape[1]}]), "
+                             f"got {tuple(ids.shape)}")
+        ids = ids.to(labels.device).expand(shape)
+        steps = ids[:, 1:] - ids[:, :-1]
+        starts[:, 1:] |= steps != 1 if name == "position_ids" else steps != 0
+    flat = starts.view(-1)
+    for name, offsets in cu_seq_lens:
+        if (offsets.dim() != 1 or offsets.is_floating_point() or offsets.numel() < 2
+                or int(offsets[0]) != 0 or int(offsets[-1]) != flat.numel() or bool((offsets.diff() < 0).any())):
+            raise ValueError(f"{name} must be the 1-D cumulative sequence lengths of the flattened batch, from 0 to "
+                             f"{flat.numel()} (B * L), got {offsets.tolist()}")
+        flat[offsets[:-1].to(device=flat.device, dtype=torch.int64)] = True
+    ids = flat.cumsum(0).view(shape)
+    return ids if attention_mask is None else ids * (attention_mask.to(ids.device) != 0)
 
 
 class KLBudget:
@@ -301,10 +390,19 @@ class MTTObjective:
     for reference-model comparisons): otherwise the two passes draw different masks, so KL > 0 for an
     adapter equal to the base and the regularizer pulls against dropout noise. LoRA's lora_dropout on the
     adapted side is unaffected.
-    target_kl: a forgetting budget (`KLBudget`): after each call under grad, lam (the starting value, > 0)
-    moves towards holding the divergence (`MTTOutput.kl`, averaged over ranks under data parallelism) at
-    target_kl; `objective.options.lam` is the current value. This reads the divergence on the host once
-    per call (a device sync on CUDA).
+    target_kl: a forgetting budget (`KLBudget`): lam (the starting value, > 0) moves once per optimizer step,
+    at `end_step()`, towards holding the step's divergence at target_kl: the KL summed over every call under
+    grad since the last end_step (all micro-batches) and over all ranks, per labelled token, so any
+    micro-batching, token averaging or number of ranks gives the same lam path; `objective.options.lam` is the
+    current value, `state_dict()` / `load_state_dict()` save and restore it. end_step reads the divergence on
+    the host once (a device sync on CUDA) and, under data parallelism, all-reduces it: every rank calls it.
+    MTTTrainer calls it after every optimizer step and saves lam in its checkpoints.
+    label_smoothing: eps in [0, 1), CE's label smoothing as transformers' (`label_smoothing_factor`):
+    (1 - eps) CE + eps * mean over the vocabulary of -log p, at the labelled positions.
+    Packed batches (DataCollatorWithFlattening: position_ids restarting, no attention mask; or seq_idx,
+    cu_seq_lens_q / cu_seq_lens_k) end every row set at a sequence boundary (`sequence_ids`). NEFTune's noise
+    (a forward hook on the input embeddings) is drawn once: both passes see the same embeddings. A MoE model's
+    router aux loss (output_router_logits) is added to the loss as the model adds it.
 
     Args:
         lam, temperature, direction, ignore_index, mask_target: the loss settings (MTTOptions' fields; None,
@@ -314,7 +412,8 @@ class MTTObjective:
         disable_dropout: set the base model's dropout to 0 on the first call (default True).
         kl_positions: "all" (default) or "labels".
         target_kl: None (default: lam is fixed) or the divergence to hold; kl_horizon: the KLBudget horizon,
-            in calls (default 10).
+            in optimizer steps (end_step calls; default 10).
+        label_smoothing: CE's label smoothing eps in [0, 1) (default 0).
 
     Calling it: objective(model, input_ids=None, labels=None, attention_mask=None, num_items_in_batch=None,
     data_parallel_size=None, *, inputs_embeds=None, **model_kwargs) with input_ids [B, L] (or inputs_embeds
@@ -340,7 +439,7 @@ class MTTObjective:
                  direction: Optional[str] = None, ignore_index: Optional[int] = None, backend: str = "auto", *,
                  mask_target: Optional[bool] = None, options: Optional[MTTOptions] = None,
                  disable_dropout: bool = True, kl_positions: str = DEFAULT_KL_POSITIONS,
-                 target_kl: Optional[float] = None, kl_horizon: float = 10.0):
+                 target_kl: Optional[float] = None, kl_horizon: float = 10.0, label_smoothing: float = 0.0):
         keywords = dict(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index,
                         mask_target=mask_target)
         options = options_from(options, {name: value for name, value in keywords.items() if value is not None})
@@ -354,31 +453,78 @@ class MTTObjective:
         self.kl_budget = None if target_kl is None else KLBudget(target_kl, kl_horizon)
         if self.kl_budget is not None and options.lam == 0:
             raise ValueError("lam must be > 0 with target_kl: the budget scales lam, and 0 stays 0")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+                or not 0 <= label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+        self.label_smoothing = float(label_smoothing)
+        self._step_kl, self._step_group = None, False  # [KL sum, labelled count] of this step's calls; their group
 
     def __repr__(self):
         return (f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout}, "
-                f"kl_positions={self.kl_positions!r}" + ("" if self.kl_budget is None else f", {self.kl_budget}") + ")")
+                f"kl_positions={self.kl_positions!r}" + ("" if self.kl_budget is None else f", {self.kl_budget}")
+                + (f", label_smoothing={self.label_smoothing:g}" if self.label_smoothing else "") + ")")
+
+    def end_step(self) -> float:
+        """Say that the optimizer step ended: with target_kl, lam moves by the step's divergence (the KL sum of
+        every call under grad since the last end_step, all-reduced over the ranks of their model's wrapper,
+        per labelled token; a step without labelled tokens leaves lam). Returns the current lam."""
+        step, group = self._step_kl, self._step_group
+        self._step_kl, self._step_group = None, False
+        if self.kl_budget is not None and step is not None:
+            if group is not False:
+                dist.all_reduce(step, group=group)
+            kl_sum, count = step.tolist()
+            kl = kl_sum / count if count > 0 else math.nan
+            self.options = self.options.replace(lam=self.kl_budget.update(self.options.lam, kl))
+        return self.options.lam
+
+    def state_dict(self) -> dict:
+        """What changes during training: {"lam": the current lam} (moved by a forgetting budget)."""
+        return {"lam": self.options.lam}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a `state_dict()` (e.g. when resuming a run)."""
+        if not isinstance(state, dict) or set(state) != {"lam"}:
+            raise ValueError(f"state must be a dict with the key 'lam' (from state_dict()), got {state!r}")
+        self.options = self.options.replace(lam=state["lam"])
+        self._step_kl, self._step_group = None, False
 
     def hidden_states(self, model, input_ids=None, attention_mask=None, **model_kwargs):
         """(adapted, base) final hidden states [B, L, D], outside any wrapper's forward (inspection)."""
         peft_model, _ = _unwrap(model)
-        return self._both_passes(peft_model, peft_model.get_base_model(),
-                                 dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs))
+        adapted, base_hidden = self._both_passes(peft_model, peft_model.get_base_model(),
+                                                 dict(input_ids=input_ids, attention_mask=attention_mask,
+                                                      **model_kwargs))
+        return adapted.last_hidden_state, base_hidden
 
     @staticmethod
     def _both_passes(peft_model, causal_lm, inputs):
-        """(adapted, base) final hidden states; the base pass runs without grad, adapters off."""
+        """(the adapted decoder's output, base final hidden states); the base pass runs without grad, adapters
+        off. Input embeddings with forward hooks (NEFTune's noise) are formed once, for both passes."""
         decoder = _decoder(causal_lm)
         inputs = dict(inputs, use_cache=False)
+        embedding = causal_lm.get_input_embeddings()
+        if inputs.get("input_ids") is not None and (embedding._forward_hooks or embedding._forward_pre_hooks):
+            if not _is_adapted(embedding):
+                inputs["inputs_embeds"] = embedding(inputs.pop("input_ids"))
+            elif getattr(embedding, "neftune_noise_alpha", None) is not None and embedding.training:
+                raise ValueError("NEFTune (neftune_noise_alpha) on input embeddings that carry a PEFT adapter: the "
+                                 "two passes would draw different noise; leave the embeddings out of "
+                                 "target_modules / modules_to_save, or set neftune_noise_alpha=None")
         with torch.no_grad(), peft_model.disable_adapter():
             base_hidden = decoder(**inputs).last_hidden_state
-        return decoder(**inputs).last_hidden_state, base_hidden
+        return decoder(**inputs), base_hidden
 
     def _loss_in_forward(self, peft_model, causal_lm, *, labels, num_items_in_batch, output_attentions=None,
                          output_hidden_states=None, return_dict=None, **inputs) -> MTTOutput:
         """What the patched causal-LM forward returns when asked for the MTT loss."""
         head = output_head(causal_lm)
-        hidden, base_hidden = self._both_passes(peft_model, causal_lm, inputs)
+        if self.label_smoothing and head.softcap is not None:
+            raise ValueError(f"label_smoothing (label_smoothing_factor) with final logit softcapping "
+                             f"(config.final_logit_softcapping={head.softcap}) is not supported")
+        adapted, base_hidden = self._both_passes(peft_model, causal_lm, inputs)
+        hidden = adapted.last_hidden_state
+        rows_mask = batch_sequence_ids(labels, inputs)
         device_type = hidden.device.type
         dtype = None
         if torch.is_autocast_enabled(device_type):  # e.g. Accelerator(mixed_precision=...) around this forward
@@ -386,10 +532,18 @@ class MTTObjective:
             dtype = torch.get_autocast_dtype(device_type)
             head = head.with_tensors(*(None if t is None else t.to(dtype) for t in head.tensors()))
         with torch.autocast(device_type, enabled=False):
-            return causal_head_loss(hidden, base_hidden, head, labels, self.options,
-                                    input_ids=inputs.get("input_ids"), attention_mask=inputs.get("attention_mask"),
-                                    kl_positions=self.kl_positions, num_items_in_batch=num_items_in_batch,
-                                    backend=self.backend, dtype=dtype)
+            output = causal_head_loss(hidden, base_hidden, head, labels, self.options,
+                                      input_ids=inputs.get("input_ids"), attention_mask=rows_mask,
+                                      kl_positions=self.kl_positions, num_items_in_batch=num_items_in_batch,
+                                      backend=self.backend, dtype=dtype)
+            if self.label_smoothing:
+                smoothing = self.label_smoothing * self.options.ce_weight * _smoothing_term(
+                    hidden, head, labels, rows_mask, self.options.ignore_index, num_items_in_batch)
+                output = MTTOutput(output.loss + smoothing, output.ce + smoothing.detach(), output.kl)
+        aux_loss = _router_aux_loss(causal_lm, adapted, inputs.get("attention_mask"))
+        if aux_loss is not None:
+            output = output._replace(loss=output.loss + causal_lm.router_aux_loss_coef * aux_loss.to(output.loss))
+        return output
 
     def __call__(self, model, input_ids: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None,
@@ -411,18 +565,23 @@ class MTTObjective:
             disable_model_dropout(peft_model)
         if data_parallel_size is None:
             data_parallel_size = 1 if group is False else dist.get_world_size(group)
+        budget_step = self.kl_budget is not None and torch.is_grad_enabled()
+        if data_parallel_size > 1 and num_items_in_batch is None or budget_step:
+            rows_mask = batch_sequence_ids(labels, dict(model_kwargs, attention_mask=attention_mask))
+            labelled = predicted_positions(labels, rows_mask, self.options.ignore_index)[0].sum()
         if data_parallel_size > 1 and num_items_in_batch is None:
-            num_items_in_batch = predicted_positions(labels, attention_mask, self.options.ignore_index)[0].sum()
+            num_items_in_batch = labelled.clone()
             dist.all_reduce(num_items_in_batch, group=None if group is False else group)
         loss_in_forward = functools.partial(self._loss_in_forward, peft_model, num_items_in_batch=num_items_in_batch)
         output = model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                        fastmtt_mtt=loss_in_forward, **model_kwargs)
+        if budget_step:  # this call's KL sum (its kl times the count it divided by) and labelled count
+            count = labelled if num_items_in_batch is None else num_items_in_batch
+            count = torch.as_tensor(count, device=output.kl.device).to(torch.float64)
+            step = torch.stack((output.kl.detach().to(torch.float64) * count, labelled.to(count)))
+            self._step_kl = step if self._step_kl is None else self._step_kl + step
+            if group is not False or data_parallel_size > 1:
+                self._step_group = None if group is False else group
         if data_parallel_size > 1:  # the wrapper averages gradients over ranks: undo that average for a global sum
             output = MTTOutput(*(value * data_parallel_size for value in output))
-        if self.kl_budget is not None and torch.is_grad_enabled():
-            kl = output.kl.detach().clone()
-            if data_parallel_size > 1:  # the mean over ranks of the outputs is the global value
-                dist.all_reduce(kl, group=None if group is False else group)
-                kl /= data_parallel_size
-            self.options = self.options.replace(lam=self.kl_budget.update(self.options.lam, float(kl)))
         return output

@@ -13,8 +13,9 @@ from typing import Optional
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
 
-from fastmtt.objective import MTTObjective, predicted_positions
+from fastmtt.objective import MTTObjective, batch_sequence_ids, predicted_positions
 
 
 class LogFirstAndLastStep(TrainerCallback):
@@ -25,13 +26,41 @@ class LogFirstAndLastStep(TrainerCallback):
             control.should_log = True
 
 
+class MTTObjectiveState(TrainerCallback, ExportableState):
+    """Ends the objective's step after every optimizer step (a forgetting budget moves lam there) and keeps
+    the objective's `state_dict()` in the Trainer's checkpoints (trainer_state.json, `stateful_callbacks`),
+    restored when training resumes from one. `objective`: a class attribute, so that the copy the Trainer
+    builds with restore_callback_states_from_checkpoint=True serves the same objective."""
+
+    objective: Optional[MTTObjective] = None
+
+    @classmethod
+    def serving(cls, objective: MTTObjective) -> MTTObjectiveState:
+        return type(cls.__name__, (cls,), {"objective": objective})()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        saved = saved[0] if isinstance(saved, list) else saved
+        if saved and "objective_state" in saved.get("attributes", {}):
+            self.objective.load_state_dict(saved["attributes"]["objective_state"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.objective.end_step()
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"objective_state": self.objective.state_dict()}}
+
+
 class MTTLossMixin:
     """compute_loss = MTTObjective on the batch; logs `ce` and `kl` next to `loss`.
 
     Exact under gradient accumulation and data parallelism: the Trainer counts the predicted tokens of
     all micro-batches of an optimizer step over all processes (num_items_in_batch, over the shifted
     labels), each micro-batch's loss is its sum divided by that count times the number of processes,
-    and DDP/FSDP average the gradients: the step's gradient is that of one large batch.
+    and DDP/FSDP average the gradients: the step's gradient is that of one large batch. The objective's
+    step ends after every optimizer step (`MTTObjectiveState`: a forgetting budget moves lam once per step,
+    logged as `lam`, saved in checkpoints and restored on resume_from_checkpoint). label_smoothing_factor
+    is the objective's label_smoothing.
     Keyword arguments: objective (an MTTObjective), or MTTObjective's keywords prefixed with `mtt_`
     (mtt_lambda for lam, mtt_temperature, mtt_direction, mtt_mask_target, mtt_disable_dropout, ...).
     """
@@ -51,6 +80,15 @@ class MTTLossMixin:
         self._loss_shifts_labels = True
         self._mtt_totals, self._mtt_steps = None, 0.0  # sum of [ce, kl] and optimizer steps since the last log
         self.add_callback(LogFirstAndLastStep)
+        self.add_callback(MTTObjectiveState.serving(self.objective))
+        smoothing = float(self.args.label_smoothing_factor or 0.0)  # the CE part's, in the fused loss
+        if smoothing:
+            if not 0 < smoothing < 1:
+                raise ValueError(f"label_smoothing_factor must be in [0, 1), got {smoothing}")
+            if self.objective.label_smoothing not in (0.0, smoothing):
+                raise ValueError(f"label_smoothing_factor={smoothing} and the objective's label_smoothing="
+                                 f"{self.objective.label_smoothing} differ: give one")
+            self.objective.label_smoothing = smoothing
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
@@ -82,7 +120,8 @@ class MTTLossMixin:
         counted = []
         for batch in batch_samples:
             if isinstance(batch, dict) and torch.is_tensor(batch.get("labels")) and "shift_labels" not in batch:
-                labelled, _ = predicted_positions(batch["labels"], batch.get("attention_mask"), ignore_index)
+                labelled, _ = predicted_positions(batch["labels"], batch_sequence_ids(batch["labels"], batch),
+                                                  ignore_index)
                 batch = {**batch, "shift_labels": batch["labels"][..., 1:].masked_fill(~labelled, -100)}
             counted.append(batch)
         return super()._get_num_items_in_batch(counted, device)
@@ -92,6 +131,8 @@ class MTTLossMixin:
             # Every process logs together (the Trainer gathers the loss the same way): mean over processes.
             ce, kl = (self.accelerator.reduce(self._mtt_totals, reduction="mean") / self._mtt_steps).tolist()
             logs["ce"], logs["kl"] = ce, kl  # full precision: a KL of 1e-6 stays visible
+            if self.objective.kl_budget is not None:
+                logs["lam"] = self.objective.options.lam
             self._mtt_totals, self._mtt_steps = None, 0.0
         return super().log(logs, *args, **kwargs)
 

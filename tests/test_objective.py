@@ -341,8 +341,9 @@ def test_kl_budget_follows_trls_adaptive_controller():
                                           name.replace("kl_", ""): value})
 
 
-def test_target_kl_moves_lam_towards_the_budget_after_each_training_call():
-    """A divergence above the budget raises lam, below it lowers lam; no update under no_grad (evaluation)."""
+def test_target_kl_moves_lam_towards_the_budget_at_each_end_step():
+    """A divergence above the budget raises lam, below it lowers lam, at end_step only; calls under no_grad
+    (evaluation) do not count."""
     model, batch = tiny_peft(), padded_batch()
     kl = float(MTTObjective(lam=1.0)(model, **batch).kl)
     assert kl > 1e-3
@@ -350,12 +351,201 @@ def test_target_kl_moves_lam_towards_the_budget_after_each_training_call():
     for objective in (above, below):
         with torch.no_grad():
             objective(model, **batch)
-        assert objective.options.lam == 1.0
+        assert objective.end_step() == 1.0
         objective(model, **batch).loss.backward()
+        assert objective.options.lam == 1.0  # not before the step ends
+        objective.end_step()
     assert above.options.lam == pytest.approx(1.0 + 0.2 / 10) and below.options.lam == pytest.approx(1.0 - 0.2 / 2)
+    assert above.end_step() == above.options.lam  # a step without calls leaves lam
     assert "KLBudget(target_kl=" in repr(above)
     with pytest.raises(ValueError, match="lam must be > 0 with target_kl"):
         MTTObjective(lam=0.0, target_kl=0.1)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.1])
+def test_budget_moves_lam_by_the_whole_steps_kl_for_any_micro_batching(ratio):
+    """Budget = the step's true KL / ratio, horizon 1, the model unchanged: three steps end at lam (1 + (ratio
+    - 1))^3 for one call of 4 rows, 2 x 2 with the step's count, 4 x 1 each with its own mean."""
+    model, batch = tiny_peft(), padded_batch(batch=4)
+    batch["labels"][2, :9] = -100  # the micro-batches have different numbers of predicted tokens
+    true_kl = float(MTTObjective(lam=1.0)(model, **batch).kl)
+    total = int((batch["labels"][:, 1:] != -100).sum())
+    for parts, count in ((1, None), (2, total), (4, None)):
+        objective = MTTObjective(lam=1.0, target_kl=true_kl / ratio, kl_horizon=1.0)
+        path = []
+        for _ in range(3):
+            for rows in torch.arange(4).chunk(parts):
+                objective(model, **{key: value[rows] for key, value in batch.items()}, num_items_in_batch=count)
+            path.append(objective.end_step())
+        assert path == pytest.approx([ratio, ratio**2, ratio**3], rel=1e-6), (parts, count)
+
+
+def test_state_dict_restores_lam():
+    model, batch = tiny_peft(), padded_batch()
+    trained = MTTObjective(lam=1.0, target_kl=1e-9, kl_horizon=1.0)
+    for _ in range(2):
+        trained(model, **batch).loss.backward()
+        trained.end_step()
+    assert trained.state_dict() == {"lam": pytest.approx(1.44)}
+    resumed = MTTObjective(lam=1.0, target_kl=1e-9, kl_horizon=1.0)
+    resumed.load_state_dict(trained.state_dict())
+    assert resumed.options.lam == trained.options.lam
+    for wrong in ({}, {"lam": -1.0}, {"lam": 1.0, "step": 3}):
+        with pytest.raises(ValueError, match="lam"):
+            resumed.load_state_dict(wrong)
+
+
+def packed_sequences():
+    """Three sequences of 5, 7 and 4 tokens (targets 0 and V - 1 among them)."""
+    seqs = [token_ids((n,), seed=seed) for n, seed in ((5, 4), (7, 5), (4, 6))]
+    seqs[0][2], seqs[1][3] = 0, VOCAB - 1
+    return seqs
+
+
+@pytest.mark.parametrize("kl_positions", ["all", "labels"])
+@pytest.mark.parametrize("layout", ["flattening", "flattening_flash_kwargs", "labels_everywhere"])
+def test_packed_sequences_equal_the_sequences_apart(kl_positions, layout):
+    """DataCollatorWithFlattening (position_ids restart, no attention mask; with FlashAttention's cu_seq_lens_q/k
+    too), or a hand-packed row labelled everywhere: no row predicts the next sequence's first token, so loss
+    and gradients are those of the three sequences apart (each summed, divided by the total count)."""
+    seqs = packed_sequences()
+    flash = layout == "flattening_flash_kwargs"
+    batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash)(
+        [{"input_ids": seq.tolist()} for seq in seqs])
+    batch = {key: value for key, value in batch.items() if torch.is_tensor(value)}  # max_length_*: for flash only
+    if layout == "labels_everywhere":
+        batch["labels"] = batch["input_ids"].clone()
+    objective = MTTObjective(lam=0.8, temperature=1.5, kl_positions=kl_positions)
+    model = tiny_peft()
+    got = objective(model, **batch)
+    got.loss.backward()
+    got_grads = trainable_grads(model)
+    model.zero_grad()
+    total = sum(len(seq) - 1 for seq in seqs)
+    want = [objective(model, input_ids=seq[None], labels=seq[None], num_items_in_batch=total) for seq in seqs]
+    sum(part.loss for part in want).backward()
+    for index, name in enumerate(("loss", "ce", "kl")):
+        torch.testing.assert_close(getattr(got, name), sum(part[index] for part in want).detach(), rtol=1e-5,
+                                   atol=1e-6)
+    assert float(got.kl) > 1e-3
+    for name, grad in trainable_grads(model).items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_sequence_ids_mark_every_sequence_start():
+    from fastmtt.objective import sequence_ids
+
+    labels = torch.zeros(1, 9, dtype=torch.int64)
+    position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    want = torch.tensor([[1, 1, 1, 2, 2, 3, 3, 3, 3]])
+    assert torch.equal(sequence_ids(labels, position_ids=position_ids), want)
+    assert torch.equal(sequence_ids(labels, position_ids=position_ids + 2), want)  # OPT-style offsets
+    cu = torch.tensor([0, 3, 5, 9], dtype=torch.int32)
+    assert torch.equal(sequence_ids(labels, cu_seq_lens=[("cu_seq_lens_q", cu)]), want)
+    assert torch.equal(sequence_ids(labels, seq_idx=torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2]])), want)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0]])
+    assert torch.equal(sequence_ids(labels, mask, position_ids), want * mask)
+    assert sequence_ids(labels, mask) is mask  # a padded batch: its own mask
+    labelled, attended = fastmtt.objective.predicted_positions(labels, want, -100)
+    assert attended.tolist() == [[True, True, False, True, False, True, True, True]]
+    with pytest.raises(ValueError, match="cu_seq_lens_k must be the 1-D cumulative sequence lengths"):
+        sequence_ids(labels, cu_seq_lens=[("cu_seq_lens_k", torch.tensor([0, 3, 8]))])
+    with pytest.raises(ValueError, match="position_ids must have the shape of labels"):
+        sequence_ids(labels, position_ids=position_ids[:, 1:])
+
+
+def identity_peft(target_modules=("q_proj", "v_proj")):
+    """PEFT LoRA initialized as the identity (lora_B = 0)."""
+    return peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=list(target_modules)))
+
+
+def neftune(model, alpha=20.0):
+    """Activate NEFTune on `model` as transformers' Trainer does (a forward hook on the input embeddings)."""
+    from transformers.integrations.neftune import activate_neftune
+
+    return activate_neftune(model, alpha)
+
+
+def test_neftune_noise_is_drawn_once_for_both_passes():
+    batch = padded_batch()
+    model = identity_peft().train()
+    clean = MTTObjective(lam=1.0)(model, **batch)
+    neftune(model)
+    noisy = MTTObjective(lam=1.0)(model, **batch)
+    assert float(noisy.kl) == 0.0 and abs(float(noisy.ce) - float(clean.ce)) > 1e-4  # noised, alike in both passes
+    adapted_embeddings = tiny_peft(target_modules=("q_proj", "embed_tokens")).train()
+    neftune(adapted_embeddings)
+    with pytest.raises(ValueError, match=r"NEFTune \(neftune_noise_alpha\) on input embeddings that carry a PEFT"):
+        MTTObjective()(adapted_embeddings, **batch)
+
+
+def smoothed_reference(model, batch, eps, lam):
+    """(loss, ce): (1 - eps) CE + eps * mean_v(-log p_v) (+ lam * KL for the loss) over the labelled rows, from
+    the full logits; the loss carries the gradient."""
+    want = reference_loss(model, batch, lam=lam)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labelled = batch["labels"][:, 1:] != -100
+    log_p = torch.log_softmax(logits[labelled].double(), -1)
+    nll = -log_p.gather(1, batch["labels"][:, 1:][labelled][:, None]).sum() / labelled.sum()
+    smooth = -log_p.mean(-1).sum() / labelled.sum()
+    shift = eps * (smooth - nll)
+    return want.loss + shift, (want.ce + shift).detach()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_label_smoothing_in_the_ce_part(bias):
+    base = tiny_llama()
+    if bias:
+        base.lm_head.bias = torch.nn.Parameter(torch.randn(VOCAB) * 0.5)
+    model, batch, eps = tiny_peft(base=base, target_modules=("q_proj", "v_proj", "lm_head")), padded_batch(), 0.3
+    got = MTTObjective(lam=0.7, kl_positions="labels", label_smoothing=eps)(model, **batch)
+    got.loss.backward()
+    got_grads = trainable_grads(model)
+    model.zero_grad()
+    want_loss, want_ce = smoothed_reference(model, batch, eps, 0.7)
+    want_loss.backward()
+    torch.testing.assert_close(got.ce.double(), want_ce, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss.double(), want_loss.detach(), rtol=1e-5, atol=1e-6)
+    plain = MTTObjective(lam=0.7, kl_positions="labels")(model, **batch)
+    assert abs(float(plain.ce) - float(got.ce)) > 1e-3
+    for name, grad in trainable_grads(model).items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for wrong in (1.0, -0.1, True):
+        with pytest.raises(ValueError, match="label_smoothing must be a number in"):
+            MTTObjective(label_smoothing=wrong)
+    model.get_base_model().config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="label_smoothing .* final logit softcapping"):
+        MTTObjective(label_smoothing=eps)(model, **batch)
+
+
+def tiny_mixtral_peft(coef=0.5):
+    config = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=32, output_router_logits=True,
+                                        router_aux_loss_coef=coef)
+    torch.manual_seed(0)
+    return peft.get_peft_model(transformers.MixtralForCausalLM(config),
+                               peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+
+def test_moe_router_aux_loss_is_added_as_the_model_adds_it():
+    """lam 0: the model's own loss (CE + router_aux_loss_coef * load-balancing loss) and its gradients."""
+    model, batch = tiny_mixtral_peft(), padded_batch()
+    got = MTTObjective(lam=0.0)(model, **batch)
+    got.loss.backward()
+    got_grads = trainable_grads(model)
+    model.zero_grad()
+    want = model(**batch)
+    want.loss.backward()
+    assert float(want.aux_loss.detach()) > 0.1
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.loss - got.ce, 0.5 * want.aux_loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, grad in trainable_grads(model).items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    regularized = MTTObjective(lam=0.7)(model, **batch)
+    torch.testing.assert_close(regularized.loss, regularized.ce + 0.7 * regularized.kl + 0.5 * want.aux_loss.detach(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_every_entry_point_defaults_to_the_settings_the_experiment_chose():
