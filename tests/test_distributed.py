@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from fastmtt.objective import KLBudget, MTTObjective
+from fastmtt.objective import MTTObjective
 from fastmtt.reference import MTTOutput
 from fastmtt.trainer import MTTTrainer
 from tests.test_objective import tiny_peft, trainable_grads
@@ -20,7 +20,7 @@ from tests.utils import WORLD, close_gloo, init_gloo, launch_gloo
 transformers = pytest.importorskip("transformers")
 
 LAM = 0.7
-BUDGET = 1e-3  # target_kl
+BUDGET_RATIO = 1.1  # target_kl = the whole batch's KL / BUDGET_RATIO: with horizon 1, one step moves lam to LAM * 1.1
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 
 
@@ -53,9 +53,13 @@ def ddp_worker(rank, rendezvous, out_dir, device="cpu"):
     output = MTTObjective(lam=LAM)(model, **batch)
     output.loss.backward()
     grads = {name: grad.cpu() for name, grad in trainable_grads(model.module).items()}
-    budgeted = MTTObjective(lam=LAM, target_kl=BUDGET)  # lam moves by the global divergence, alike on every rank
-    budgeted(model, **batch).loss.backward()
-    torch.save(dict(output=[t.detach().cpu() for t in output], grads=grads, budget_lam=budgeted.options.lam),
+    budget_lams = []  # lam moves by the global step's divergence, alike on every rank, whatever the token averaging
+    target_kl = float(whole_batch_reference()[0].kl) / BUDGET_RATIO
+    for data_parallel_size in (None, 1):
+        budgeted = MTTObjective(lam=LAM, target_kl=target_kl, kl_horizon=1.0)
+        budgeted(model, **batch, data_parallel_size=data_parallel_size).loss.backward()
+        budget_lams.append(budgeted.end_step())
+    torch.save(dict(output=[t.detach().cpu() for t in output], grads=grads, budget_lams=budget_lams),
                f"{out_dir}/rank{rank}.pt")
     del model, output
     close_gloo()
@@ -101,9 +105,8 @@ def assert_global_batch_results(results, device="cpu", rtol=1e-5, atol=1e-7):
 def test_ddp_gradients_equal_the_whole_batch_gradient(tmp_path):
     results = launch_gloo(ddp_worker, tmp_path)
     assert_global_batch_results(results)
-    want, _ = whole_batch_reference()
-    lam = KLBudget(BUDGET).update(LAM, float(want.kl))
-    assert lam != LAM and all(result["budget_lam"] == pytest.approx(lam, rel=1e-6) for result in results)
+    for result in results:  # the global count (default) and each rank's own mean (data_parallel_size=1)
+        assert result["budget_lams"] == pytest.approx([LAM * BUDGET_RATIO] * 2, rel=1e-6)
 
 
 @pytest.mark.cuda
@@ -135,7 +138,9 @@ def trainer_worker(rank, rendezvous, out_dir, average_tokens):
     model = tiny_peft()
     args = training_args(out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=1,
                          average_tokens_across_devices=average_tokens)
-    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset_of(four_examples()), mtt_lambda=LAM)
+    target_kl = float(whole_batch_reference()[0].kl) / BUDGET_RATIO
+    trainer = RecordingTrainer(model=model, args=args, train_dataset=dataset_of(four_examples()), mtt_lambda=LAM,
+                               mtt_target_kl=target_kl, mtt_kl_horizon=1.0)
     assert trainer.accelerator.num_processes == WORLD and trainer.accelerator.distributed_type == "MULTI_CPU"
     evaluator = MTTTrainer(model=tiny_peft(), args=args, mtt_lambda=LAM)  # evaluates unwrapped, counts over processes
     evaluation = evaluator.evaluate(dataset_of(four_examples()))
@@ -143,7 +148,7 @@ def trainer_worker(rank, rendezvous, out_dir, average_tokens):
     trainer.train()
     assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
     torch.save(dict(weights=adapter_weights(model), log=trainer.state.log_history, seen=trainer.seen,
-                    eval_loss=evaluation["eval_loss"]), f"{out_dir}/rank{rank}.pt")
+                    eval_loss=evaluation["eval_loss"], lam=trainer.objective.options.lam), f"{out_dir}/rank{rank}.pt")
     close_gloo()
 
 
@@ -163,7 +168,8 @@ def mean_of_rank_means(rows_by_rank):
 @pytest.mark.parametrize("average_tokens", [True, False])
 def test_trainer_step_under_accelerate_multi_process_cpu(tmp_path, average_tokens):
     """average_tokens_across_devices (the default): the step of the whole batch; without it, as the
-    Trainer does for CE, the mean over processes of each process's token mean."""
+    Trainer does for CE, the mean over processes of each process's token mean. Either way a forgetting
+    budget moves lam on every rank by the whole step's KL (all-reduced): target_kl = that KL / 1.1, horizon 1."""
     results = launch_gloo(trainer_worker, tmp_path, average_tokens)
     batch = four_examples()
     rows_by_rank = [[i for seen in result["seen"] for ids in seen for i, row in enumerate(batch["input_ids"])
@@ -185,3 +191,4 @@ def test_trainer_step_under_accelerate_multi_process_cpu(tmp_path, average_token
         (logged,) = [entry for entry in result["log"] if "kl" in entry]
         assert logged["ce"] == pytest.approx(want_ce, rel=1e-5)
         assert logged["kl"] == pytest.approx(want_kl, rel=1e-5)
+        assert result["lam"] == pytest.approx(LAM * BUDGET_RATIO, rel=1e-6)

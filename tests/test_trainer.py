@@ -147,3 +147,115 @@ def tiny_tokenizer():
 def data_as_dataset(rows):
     datasets = pytest.importorskip("datasets")
     return datasets.Dataset.from_list(rows)
+
+
+def eight_examples():
+    batch = padded_batch(seed=5, batch=8, length=10)
+    batch["labels"][3, :7] = -100  # micro-batches with different numbers of predicted tokens
+    return batch
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.1])
+@pytest.mark.parametrize("micro_batch,accumulation", [(8, 1), (4, 2), (2, 4), (1, 8)])
+def test_budget_lam_path_is_the_same_for_any_micro_batching(tmp_path, micro_batch, accumulation, ratio):
+    """lr 0 (the model never changes), budget = the step's true KL / ratio, horizon 1: lam moves once per
+    optimizer step by the whole step's KL, to ratio, ratio^2, ratio^3 after 3 steps."""
+    batch = eight_examples()
+    true_kl = float(MTTObjective(lam=1.0)(tiny_peft(), **batch).kl)
+    args = training_args(tmp_path, learning_rate=0.0, max_steps=3, per_device_train_batch_size=micro_batch,
+                         gradient_accumulation_steps=accumulation)
+    trainer = MTTTrainer(model=tiny_peft(), args=args, train_dataset=dataset_of(batch), mtt_lambda=1.0,
+                         mtt_target_kl=true_kl / ratio, mtt_kl_horizon=1.0)
+    trainer.train()
+    logged = [entry["lam"] for entry in trainer.state.log_history if "lam" in entry]
+    assert logged == pytest.approx([ratio, ratio**2, ratio**3], rel=1e-6)
+    assert trainer.objective.options.lam == pytest.approx(ratio**3, rel=1e-6)
+
+
+def test_budget_lam_is_saved_in_checkpoints_and_restored_on_resume(tmp_path):
+    """Horizon 1 and a budget far below the KL: lam grows by 20% per step, 1.2^4 = 2.0736 after four steps,
+    whether straight or two steps, then resumed from checkpoint-2 by a fresh trainer."""
+    import json
+
+    def run(out_dir, max_steps, resume=None):
+        args = training_args(out_dir, max_steps=max_steps, per_device_train_batch_size=4, save_strategy="steps",
+                             save_steps=2)
+        model = tiny_peft()
+        trainer = MTTTrainer(model=model, args=args, train_dataset=dataset_of(four_examples()), mtt_lambda=1.0,
+                             mtt_target_kl=1e-9, mtt_kl_horizon=1.0)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer.objective.options.lam, adapter_weights(model)
+
+    straight_lam, straight = run(tmp_path / "straight", 4)
+    assert straight_lam == pytest.approx(1.2**4)
+    first_lam, _ = run(tmp_path / "resumed", 2)
+    saved = json.loads((tmp_path / "resumed" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["MTTObjectiveState"]["attributes"] == {"objective_state": {"lam": first_lam}}
+    assert first_lam == pytest.approx(1.44)
+    resumed_lam, resumed = run(tmp_path / "resumed", 4, resume=str(tmp_path / "resumed" / "checkpoint-2"))
+    assert resumed_lam == pytest.approx(straight_lam, rel=1e-12)
+    for name, weight in straight.items():
+        torch.testing.assert_close(resumed[name], weight, msg=name)
+
+
+def packed_dataset():
+    from tests.test_objective import packed_sequences
+
+    return [{"input_ids": seq.tolist()} for seq in packed_sequences()]
+
+
+def test_packed_batches_are_counted_per_sequence(tmp_path):
+    """DataCollatorWithFlattening's one row, labels on every token (hand-packed): the Trainer's count stops at
+    each sequence boundary, as the objective's rows do."""
+    collate = transformers.DataCollatorWithFlattening()
+    batch = collate(packed_dataset())
+    batch["labels"] = batch["input_ids"].clone()
+    trainer = MTTTrainer(model=tiny_peft(), args=training_args(tmp_path), mtt_lambda=0.8)
+    count = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    assert int(count) == sum(len(example["input_ids"]) - 1 for example in packed_dataset()) == 13
+
+
+def test_neftune_base_pass_sees_the_adapted_pass_embeddings(tmp_path):
+    """TrainingArguments(neftune_noise_alpha=20) with an identity adapter: KL exactly 0 at step 1, the noise
+    applied (CE differs from the noiseless run's)."""
+    from tests.test_objective import identity_peft
+
+    logged = {}
+    for alpha in (None, 20.0):
+        trainer = MTTTrainer(model=identity_peft(), args=training_args(tmp_path, neftune_noise_alpha=alpha,
+                                                                       per_device_train_batch_size=4),
+                             train_dataset=dataset_of(four_examples()), mtt_lambda=1.0)
+        trainer.train()
+        (logged[alpha],) = [entry for entry in trainer.state.log_history if "kl" in entry]
+    assert logged[20.0]["kl"] == 0.0 and logged[None]["kl"] == 0.0
+    assert abs(logged[20.0]["ce"] - logged[None]["ce"]) > 1e-4
+
+
+def test_label_smoothing_factor_is_the_objectives_label_smoothing(tmp_path):
+    batch = four_examples()
+    want = MTTObjective(lam=0.8, label_smoothing=0.3)(tiny_peft(), **batch)
+    plain = MTTObjective(lam=0.8)(tiny_peft(), **batch)
+    args = training_args(tmp_path, label_smoothing_factor=0.3, per_device_train_batch_size=4)
+    trainer = MTTTrainer(model=tiny_peft(), args=args, train_dataset=dataset_of(batch), mtt_lambda=0.8)
+    assert trainer.objective.label_smoothing == 0.3
+    trainer.train()
+    (logged,) = [entry for entry in trainer.state.log_history if "ce" in entry]
+    assert logged["ce"] == pytest.approx(float(want.ce), rel=1e-5)
+    assert abs(logged["ce"] - float(plain.ce)) > 1e-3
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.3 and the objective's label_smoothing=0.1"):
+        MTTTrainer(model=tiny_peft(), args=args, mtt_label_smoothing=0.1)
+
+
+def test_moe_aux_loss_is_in_the_trainers_loss(tmp_path):
+    """A tiny Mixtral (output_router_logits=True, router_aux_loss_coef=0.5) at lam 0: the logged loss is the
+    model's own loss, CE + 0.5 * its load-balancing loss."""
+    from tests.test_objective import tiny_mixtral_peft
+
+    batch = four_examples()
+    want = tiny_mixtral_peft()(**batch)
+    trainer = MTTTrainer(model=tiny_mixtral_peft(), args=training_args(tmp_path, per_device_train_batch_size=4),
+                         train_dataset=dataset_of(batch), mtt_lambda=0.0)
+    trainer.train()
+    (logged,) = [entry for entry in trainer.state.log_history if "ce" in entry]
+    assert logged["loss"] == pytest.approx(float(want.loss.detach()), rel=1e-4)
+    assert logged["loss"] - logged["ce"] == pytest.approx(0.5 * float(want.aux_loss.detach()), rel=1e-3)
