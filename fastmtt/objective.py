@@ -13,6 +13,7 @@ gradient synchronization as for any forward, and FSDP has the parameters unshard
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
@@ -201,6 +202,38 @@ def batch_sequence_ids(labels, inputs):
     """`sequence_ids` of a batch's model inputs (attention_mask, position_ids, seq_idx, cu_seq_lens_q / _k)."""
     return sequence_ids(labels, inputs.get("attention_mask"), inputs.get("position_ids"), inputs.get("seq_idx"),
                         [(name, inputs.get(name)) for name in _CU_SEQ_LENS])
+
+
+@contextlib.contextmanager
+def _embeddings_drawn_once(embedding):
+    """Within it, an input embedding module with forward hooks (NEFTune adds noise in one) returns, for the same
+    input tensor, its first output again: both passes see one draw. Refused with NEFTune where the embeddings
+    are trained (an adapter or trainable weights: the passes' embeddings differ, or the gradient needs the
+    second draw)."""
+    if not embedding._forward_hooks:
+        yield
+        return
+    if _is_adapted(embedding) or any(p.requires_grad for p in embedding.parameters()):
+        if getattr(embedding, "neftune_noise_alpha", None) is not None and embedding.training:
+            raise ValueError("NEFTune (neftune_noise_alpha) on input embeddings that are trained (a PEFT adapter, "
+                             "modules_to_save or trainable weights): the two passes would draw different noise; "
+                             "freeze the embeddings (leave them out of target_modules / modules_to_save), or set "
+                             "neftune_noise_alpha=None")
+        yield
+        return
+    first = {}
+
+    def replay(module, args, output):
+        if first and args and args[0] is first["input"]:
+            return first["output"]
+        first.update(input=args[0] if args else None, output=output)
+        return output
+
+    handle = embedding.register_forward_hook(replay)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _is_adapted(module) -> bool:
@@ -500,20 +533,13 @@ class MTTObjective:
     @staticmethod
     def _both_passes(peft_model, causal_lm, inputs):
         """(the adapted decoder's output, base final hidden states); the base pass runs without grad, adapters
-        off. Input embeddings with forward hooks (NEFTune's noise) are formed once, for both passes."""
+        off. Input embeddings with forward hooks (NEFTune's noise) give the adapted pass the base pass's output."""
         decoder = _decoder(causal_lm)
         inputs = dict(inputs, use_cache=False)
-        embedding = causal_lm.get_input_embeddings()
-        if inputs.get("input_ids") is not None and (embedding._forward_hooks or embedding._forward_pre_hooks):
-            if not _is_adapted(embedding):
-                inputs["inputs_embeds"] = embedding(inputs.pop("input_ids"))
-            elif getattr(embedding, "neftune_noise_alpha", None) is not None and embedding.training:
-                raise ValueError("NEFTune (neftune_noise_alpha) on input embeddings that carry a PEFT adapter: the "
-                                 "two passes would draw different noise; leave the embeddings out of "
-                                 "target_modules / modules_to_save, or set neftune_noise_alpha=None")
-        with torch.no_grad(), peft_model.disable_adapter():
-            base_hidden = decoder(**inputs).last_hidden_state
-        return decoder(**inputs), base_hidden
+        with _embeddings_drawn_once(causal_lm.get_input_embeddings()):
+            with torch.no_grad(), peft_model.disable_adapter():
+                base_hidden = decoder(**inputs).last_hidden_state
+            return decoder(**inputs), base_hidden
 
     def _loss_in_forward(self, peft_model, causal_lm, *, labels, num_items_in_batch, output_attentions=None,
                          output_hidden_states=None, return_dict=None, **inputs) -> MTTOutput:

@@ -476,8 +476,13 @@ def test_neftune_noise_is_drawn_once_for_both_passes():
     assert float(noisy.kl) == 0.0 and abs(float(noisy.ce) - float(clean.ce)) > 1e-4  # noised, alike in both passes
     adapted_embeddings = tiny_peft(target_modules=("q_proj", "embed_tokens")).train()
     neftune(adapted_embeddings)
-    with pytest.raises(ValueError, match=r"NEFTune \(neftune_noise_alpha\) on input embeddings that carry a PEFT"):
+    with pytest.raises(ValueError, match=r"NEFTune \(neftune_noise_alpha\) on input embeddings that are trained"):
         MTTObjective()(adapted_embeddings, **batch)
+    trained_weights = identity_peft().train()
+    trained_weights.get_input_embeddings().weight.requires_grad_(True)
+    neftune(trained_weights)
+    with pytest.raises(ValueError, match="neftune_noise_alpha=None"):
+        MTTObjective()(trained_weights, **batch)
 
 
 def smoothed_reference(model, batch, eps, lam):
