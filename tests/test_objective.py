@@ -534,7 +534,7 @@ def tiny_mixtral_peft(coef=0.5):
                                peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
 
 
-def test_moe_router_aux_loss_is_added_as_the_model_adds_it():
+def test_moe_router_aux_loss_is_added_as_the_model_adds_it(monkeypatch):
     """lam 0: the model's own loss (CE + router_aux_loss_coef * load-balancing loss) and its gradients."""
     model, batch = tiny_mixtral_peft(), padded_batch()
     got = MTTObjective(lam=0.0)(model, **batch)
@@ -551,6 +551,9 @@ def test_moe_router_aux_loss_is_added_as_the_model_adds_it():
     regularized = MTTObjective(lam=0.7)(model, **batch)
     torch.testing.assert_close(regularized.loss, regularized.ce + 0.7 * regularized.kl + 0.5 * want.aux_loss.detach(),
                                rtol=1e-5, atol=1e-6)
+    monkeypatch.delattr(transformers.models.mixtral.modeling_mixtral, "load_balancing_loss_func")
+    with pytest.raises(ValueError, match="MixtralForCausalLM returns router logits .* output_router_logits=False"):
+        MTTObjective()(model, **batch)
 
 
 def test_every_entry_point_defaults_to_the_settings_the_experiment_chose():
