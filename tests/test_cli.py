@@ -382,7 +382,25 @@ def test_held_out_metrics_ignore_the_prediction_made_from_a_pad():
 
 def test_an_option_error_about_two_flags_names_both():
     from fastmtt.apps import UsageError
-    from fastmtt.apps.cli import check_options
+    from fastmtt.apps.arguments import check_options
 
     with pytest.raises(UsageError, match=r"^--lam/--temperature: lam \* temperature\*\*2 must be"):
         check_options(lam=1e300, temperature=1.0)
+
+
+def test_the_apps_import_the_command_line_never_and_finetune_has_no_moved_names():
+    """cli.py imports the apps (downward); no app imports cli.py back; PadCollator lives in fastmtt.trainer only."""
+    import ast
+
+    import fastmtt.apps.finetune
+    from tests.utils import ROOT
+
+    for path in (ROOT / "fastmtt" / "apps").glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # at the top or inside a function
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        assert "fastmtt.apps.cli" not in imported or path.name == "cli.py", path.name
+    assert not hasattr(fastmtt.apps.finetune, "PadCollator")

@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from fastmtt.apps import UsageError, check_out_dir, first_line
+from fastmtt.apps.arguments import check_file, check_options, resolve_device
 from fastmtt.apps.evaluation import evaluate_lm, format_kl
 from fastmtt.options import DEFAULT_KL_POSITIONS, DEFAULT_LAM
-from fastmtt.trainer import PadCollator  # also fastmtt.apps.finetune.PadCollator, as before
 
 
 def read_jsonl(path: str) -> List[Tuple[int, dict]]:
@@ -137,9 +137,8 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, set_seed
     from transformers.utils import logging as transformers_logging
 
-    from fastmtt.apps.cli import check_file, check_options, resolve_device
     from fastmtt.objective import MTTObjective
-    from fastmtt.trainer import MTTTrainer
+    from fastmtt.trainer import MTTTrainer, PadCollator
 
     check_file("--data", data)
     if retain:
