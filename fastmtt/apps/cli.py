@@ -19,6 +19,7 @@ from fastmtt.apps import (
     SMOLLM2_LAYERS,
     UsageError,
     check_out_dir,
+    first_line,
 )
 from fastmtt.apps.arguments import resolve_device
 from fastmtt.options import DEFAULT_KL_POSITIONS, DEFAULT_LAM, DIRECTIONS, KL_POSITIONS
@@ -214,13 +215,25 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if not sys.stderr.isatty():  # library progress bars (transformers, gguf) would fill a log file with \r lines
         os.environ.setdefault("TQDM_DISABLE", "1")
+    debug = args.debug or os.environ.get("FASTMTT_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except UsageError as exc:
-        if args.debug or os.environ.get("FASTMTT_DEBUG", "") not in ("", "0"):
+        if debug:
             raise
         print(f"fastmtt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"fastmtt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a fault of fastmtt or a library, not of the input: one line too, exit status 1
+        if debug:
+            raise
+        print(f"fastmtt {args.command}: internal error: {type(exc).__name__}: {first_line(exc)} (fastmtt --debug "
+              f"{args.command} ... shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
