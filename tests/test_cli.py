@@ -132,8 +132,10 @@ def test_finetune_user_errors_are_one_line_before_loading_the_model(tmp_path, ca
         "--model", model, "--data", outside)
     bad_label = write_jsonl(tmp_path / "label.jsonl", [{"input_ids": [3, 4], "labels": [-100, -5]}])
     assert "line 1: token id -5 is outside" in run("--model", model, "--data", bad_label)
-    assert "retain.jsonl line 1: expected keys" in run(
+    assert 'retain.jsonl line 1: unknown key "words"' in run(
         "--model", model, "--data", good, "--retain", write_jsonl(tmp_path / "retain.jsonl", [{"words": "cat"}]))
+    assert "retain.jsonl line 1: expected keys" in run(
+        "--model", model, "--data", good, "--retain", write_jsonl(tmp_path / "retain.jsonl", [{}]))
     text = write_jsonl(tmp_path / "text.jsonl", [{"text": "the cat"}])
     assert "line 1: text records need a tokenizer" in run("--model", bare_model, "--data", text)
     assert "no JSON lines" in run("--model", model, "--data", write_jsonl(tmp_path / "empty.jsonl", []))
@@ -167,6 +169,14 @@ BAD_RECORDS = [  # (JSONL line, expected message): each once silently accepted o
     ('{"prompt": ["the"], "completion": "cat"}', '"prompt" must be a string, got ["the"]'),
     ('{"prompt": "the cat sat on the", "completion": "mat"}', "or lies past --max-length 4"),
     (b'{"input_ids": [3, 4]}\n{"text": "caf\xe9"}', "line 2: not UTF-8 text (byte 0xe9 at column 14)"),
+    # a typo for "labels" once trained on every token; a record of two formats silently used "text"
+    (b'{"input_ids": [3, 4]}\n\n{"input_ids": [3, 4, 5], "label": [-100, -100, 5]}',
+     'line 3: unknown key "label" (did you mean "labels"?)'),
+    ('{"text": "the cat", "prompt": "the", "completion": "cat"}',
+     'line 1: ambiguous record: it has "text" and "completion"/"prompt"; give one format per record'),
+    ('{"input_ids": [3, 4], "text": "the cat"}', 'line 1: ambiguous record: it has "input_ids" and "text"'),
+    ('{"prompt": "the cat"}', 'line 1: a prompt/completion record needs "completion" too'),
+    ('{"text": "the cat", "source": "web"}', 'line 1: unknown key "source"; a record has "input_ids"'),
 ]
 
 
@@ -382,7 +392,98 @@ def test_held_out_metrics_ignore_the_prediction_made_from_a_pad():
 
 def test_an_option_error_about_two_flags_names_both():
     from fastmtt.apps import UsageError
-    from fastmtt.apps.cli import check_options
+    from fastmtt.apps.arguments import check_options
 
     with pytest.raises(UsageError, match=r"^--lam/--temperature: lam \* temperature\*\*2 must be"):
         check_options(lam=1e300, temperature=1.0)
+
+
+def test_the_apps_import_the_command_line_never_and_finetune_has_no_moved_names():
+    """cli.py imports the apps (downward); no app imports cli.py back; PadCollator lives in fastmtt.trainer only."""
+    import ast
+
+    import fastmtt.apps.finetune
+    from tests.utils import ROOT
+
+    for path in (ROOT / "fastmtt" / "apps").glob("*.py"):
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):  # at the top or inside a function
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        assert "fastmtt.apps.cli" not in imported or path.name == "cli.py", path.name
+    assert not hasattr(fastmtt.apps.finetune, "PadCollator")
+
+
+def test_records_left_without_labels_are_dropped_with_a_count(tmp_path, capsys, monkeypatch):
+    """--max-length 4 cuts the first completion off entirely: the record once trained with no label at all."""
+    from fastmtt.trainer import MTTTrainer
+
+    trained = []
+    monkeypatch.setattr(MTTTrainer, "train", lambda trainer, *a, **k: trained.extend(trainer.train_dataset))
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "the cat sat on the", "completion": "mat"},
+                                              {"text": "the cat sat"}, {"input_ids": [3, 4, 5], "labels": [3, 4, 5]},
+                                              {"input_ids": [3, 4, 5], "labels": [-100, -100, -100]}])
+    capsys.readouterr()
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--max-length", "4"]) == 0
+    assert f"{data}: dropped 2 of 4 records with no token to predict" in capsys.readouterr().out
+    assert [example["input_ids"] for example in trained] == [[3, 5, 7, 2], [3, 4, 5]]  # "the cat sat" + EOS
+    assert all(any(label != -100 for label in example["labels"][1:]) for example in trained)
+
+
+def test_lora_dropout_on_the_output_head_is_found_before_loading(tmp_path, capsys, no_model_loading):
+    """--lora-dropout applies to every target; the fused head has none: once a 61-line traceback after loading."""
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    capsys.readouterr()
+    run = lambda *flags: finetune_error(capsys, "--model", model, "--data", data, "--out",  # noqa: E731
+                                        str(tmp_path / "out"), "--device", "cpu", *flags)
+    assert ("--target-modules/--lora-dropout: the output head lm_head is a target, and the fused MTT loss applies no "
+            "dropout to it: leave lm_head out of --target-modules, or give --lora-dropout 0") in run(
+        "--lora-dropout", "0.1", "--target-modules", "lm_head", "q_proj")
+    assert "Target modules {'no_such_layer'} not found" in run("--target-modules", "no_such_layer")
+    long = write_jsonl(tmp_path / "long.jsonl", [{"input_ids": [3, 4]}, {"input_ids": [3] * 40}])
+    assert f"--max-length: {long} line 2 keeps 40 tokens, more than the model's 32 positions (give --max-length 32)" \
+        in finetune_error(capsys, "--model", model, "--data", long, "--out", str(tmp_path / "out"), "--device", "cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_output_head_trains_without_dropout(tmp_path, capsys):
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5, 6]}] * 2)
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(out), "--device", "cpu", "--max-steps", "1",
+                 "--target-modules", "lm_head", "q_proj"]) == 0
+    assert sorted(json.loads((out / "adapter_config.json").read_text())["target_modules"]) == ["lm_head", "q_proj"]
+
+
+@pytest.mark.parametrize("fault, status, message", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"), 2,
+     "fastmtt finetune: error: out of memory on cpu (CUDA out of memory. Tried to allocate 2.00 GiB): lower "
+     "--batch-size or --max-length"),
+    (RuntimeError("something broke\nin detail"), 1,
+     "fastmtt finetune: internal error: RuntimeError: something broke (fastmtt --debug finetune ... shows"),
+    (KeyboardInterrupt(), 130, "fastmtt finetune: interrupted"),
+], ids=["out-of-memory", "internal", "interrupted"])
+def test_faults_during_training_are_one_line(tmp_path, capsys, monkeypatch, fault, status, message):
+    from fastmtt.trainer import MTTTrainer
+
+    def fail(trainer, *args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(MTTTrainer, "train", fail)
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    capsys.readouterr()
+    assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "out"), "--device", "cpu"]) \
+        == status
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err
+    from fastmtt.apps import UsageError
+
+    with pytest.raises((type(fault), UsageError)):  # --debug: the exception itself (out of memory: as a UsageError)
+        main(["--debug", "finetune", "--model", model, "--data", data, "--out", str(tmp_path / "out"), "--device",
+              "cpu"])

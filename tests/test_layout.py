@@ -46,15 +46,12 @@ def test_pytorch_implementations_import_neither_ops_nor_kernels(path):
 
 def test_moved_names_import_from_where_they_were():
     import fastmtt
-    import fastmtt.apps.finetune
     import fastmtt.pytorch.mtt_loss
     import fastmtt.reduction
     import fastmtt.reference
-    import fastmtt.trainer
 
     assert fastmtt.reference.MTTOutput is fastmtt.MTTOutput is fastmtt.reduction.MTTOutput
     assert fastmtt.pytorch.mtt_loss.accumulator_dtype is fastmtt.reduction.accumulator_dtype
-    assert fastmtt.apps.finetune.PadCollator is fastmtt.trainer.PadCollator
 
 
 def test_vocab_parallel_rows_fn_is_row_function_of_the_backend(monkeypatch):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 import warnings
 
@@ -20,46 +19,10 @@ from fastmtt.apps import (
     SMOLLM2_LAYERS,
     UsageError,
     check_out_dir,
+    first_line,
 )
-from fastmtt.options import DEFAULT_KL_POSITIONS, DEFAULT_LAM, DIRECTIONS, KL_POSITIONS, MTTOptions
-
-
-def check_options(**settings) -> MTTOptions:
-    """MTTOptions(**settings), its errors as a UsageError naming the command-line flag."""
-    try:
-        return MTTOptions(**settings)
-    except (TypeError, ValueError) as exc:
-        subject = re.findall(r"\w+", str(exc).split(" must ")[0])  # "lam * temperature**2 must ..." names both
-        flags = "/".join(f"--{name}" for name in settings if name in subject)
-        raise UsageError(f"{flags}: {exc}" if flags else str(exc)) from exc
-
-
-def check_file(flag: str, path: str) -> str:
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag}: no such file: {path}")
-    return path
-
-
-def resolve_device(name: str) -> str:
-    """'auto' -> 'cuda' when CUDA is present, else 'cpu'; any other name must be a device torch can use here."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}") from exc
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: not a device to run on (use cpu, cuda, cuda:N or mps)")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available on this machine (use --device cpu)")
-    return "cpu" if device.type == "cpu" else name
+from fastmtt.apps.arguments import resolve_device
+from fastmtt.options import DEFAULT_KL_POSITIONS, DEFAULT_LAM, DIRECTIONS, KL_POSITIONS
 
 
 def _number(kind, test, requirement):
@@ -252,13 +215,25 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     if not sys.stderr.isatty():  # library progress bars (transformers, gguf) would fill a log file with \r lines
         os.environ.setdefault("TQDM_DISABLE", "1")
+    debug = args.debug or os.environ.get("FASTMTT_DEBUG", "") not in ("", "0")
     try:
         return args.func(args)
     except UsageError as exc:
-        if args.debug or os.environ.get("FASTMTT_DEBUG", "") not in ("", "0"):
+        if debug:
             raise
         print(f"fastmtt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"fastmtt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a fault of fastmtt or a library, not of the input: one line too, exit status 1
+        if debug:
+            raise
+        print(f"fastmtt {args.command}: internal error: {type(exc).__name__}: {first_line(exc)} (fastmtt --debug "
+              f"{args.command} ... shows the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Nothing is downloaded: the model (and its tokenizer, if any) load from the local
 arguments and both data files are checked before the model loads; mistakes raise UsageError naming the
 argument, or the file and line of the record.
 
-JSONL formats (one object per line; all lines of a file in one format):
+JSONL formats (one object per line, each in one of these; a key of none of them is an error):
   {"input_ids": [...]}                       pre-tokenized; every token after the first is predicted
   {"input_ids": [...], "labels": [...]}      pre-tokenized with explicit labels (-100 = no loss)
   {"text": "..."}                            tokenized with the model directory's tokenizer (+ EOS)
@@ -14,6 +14,7 @@ before and after training.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -22,9 +23,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from fastmtt.apps import UsageError, check_out_dir, first_line
+from fastmtt.apps.arguments import check_file, check_options, resolve_device
 from fastmtt.apps.evaluation import evaluate_lm, format_kl
 from fastmtt.options import DEFAULT_KL_POSITIONS, DEFAULT_LAM
-from fastmtt.trainer import PadCollator  # also fastmtt.apps.finetune.PadCollator, as before
 
 
 def read_jsonl(path: str) -> List[Tuple[int, dict]]:
@@ -67,23 +68,56 @@ def _field(where: str, record: dict, key: str, kind: str, default=None):
     raise UsageError(f"{where}: \"{key}\" must be {wanted}, got {shown}")
 
 
+# Record formats: name -> (keys it needs, keys it may have).
+RECORD_FORMATS = {
+    "pre-tokenized": ({"input_ids"}, {"labels"}),
+    "text": ({"text"}, set()),
+    "prompt/completion": ({"prompt", "completion"}, set()),
+}
+
+
+def record_format(where: str, record: dict) -> str:
+    """The name of the one format in RECORD_FORMATS `record` is written in; a UsageError naming `where` and the
+    key when it has a key of no format (a typo), keys of two formats, or lacks one its format needs."""
+    known = {key for needed, optional in RECORD_FORMATS.values() for key in needed | optional}
+    unknown = sorted(record.keys() - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        raise UsageError(f'{where}: unknown key "{unknown[0]}"{hint}; a record has "input_ids" (and "labels"), '
+                         f'"text", or "prompt" and "completion"')
+    matched = [name for name, (needed, optional) in RECORD_FORMATS.items() if record.keys() & (needed | optional)]
+    if len(matched) > 1:
+        keys = " and ".join("/".join(f'"{k}"' for k in sorted(record.keys() & (needed | optional)))
+                            for needed, optional in (RECORD_FORMATS[name] for name in matched))
+        raise UsageError(f"{where}: ambiguous record: it has {keys}; give one format per record")
+    if not matched:
+        raise UsageError(f"{where}: expected keys 'input_ids', 'text' or 'prompt'+'completion', got {sorted(record)}")
+    missing = sorted(RECORD_FORMATS[matched[0]][0] - record.keys())
+    if missing:
+        raise UsageError(f'{where}: a {matched[0]} record needs "{missing[0]}" too, got {sorted(record)}')
+    return matched[0]
+
+
 def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, vocab_size: Optional[int],
-                   source: str = "data") -> List[Dict[str, list]]:
-    """Each (line number, record) -> dict(input_ids, labels), truncated to max_length (formats: see module
-    docstring). Token ids must lie in [0, vocab_size) (vocab_size None: >= 0), labels too or be -100; some
-    label after the first position must remain to predict."""
+                   source: str = "data", max_positions: Optional[int] = None, log=print) -> List[Dict[str, list]]:
+    """Each (line number, record) -> dict(input_ids, labels), truncated to max_length (formats: RECORD_FORMATS
+    and the module docstring). Token ids must lie in [0, vocab_size) (vocab_size None: >= 0), labels too or be
+    -100, and a truncated record must fit the model's max_positions. A record left with no label to predict
+    (after the first position, within max_length) is dropped, their count logged; none left is a UsageError."""
     examples = []
     for number, record in records:
         where = f"{source} line {number}"
-        if "input_ids" in record:
+        kind = record_format(where, record)
+        if kind == "pre-tokenized":
             input_ids = _field(where, record, "input_ids", "ids")
             labels = _field(where, record, "labels", "ids", default=input_ids)
-        elif "text" in record or {"prompt", "completion"} <= record.keys():
+        else:
             if tokenizer is None:
                 raise UsageError(f"{where}: text records need a tokenizer in the model directory; "
                                  "give pre-tokenized {\"input_ids\": [...]} records instead")
             eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-            if "text" in record:
+            if kind == "text":
                 input_ids = tokenizer(_field(where, record, "text", "text"), add_special_tokens=True)["input_ids"] + eos
                 labels = list(input_ids)
             else:
@@ -91,9 +125,6 @@ def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, 
                 completion = tokenizer(_field(where, record, "completion", "text"),
                                        add_special_tokens=False)["input_ids"] + eos
                 input_ids, labels = prompt + completion, [-100] * len(prompt) + completion
-        else:
-            raise UsageError(f"{where}: expected keys 'input_ids', 'text' or 'prompt'+'completion', "
-                             f"got {sorted(record)}")
         if len(labels) != len(input_ids) or len(input_ids) < 2:
             raise UsageError(f"{where}: need at least 2 tokens and labels as long as input_ids")
         limit = float("inf") if vocab_size is None else vocab_size
@@ -101,9 +132,17 @@ def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, 
         if outside:
             reason = "is negative" if vocab_size is None else f"is outside the model's vocabulary [0, {vocab_size})"
             raise UsageError(f"{where}: token id {outside[0]} {reason}")
-        examples.append(dict(input_ids=input_ids[:max_length], labels=labels[:max_length]))
-    if all(label == -100 for e in examples for label in e["labels"][1:]):  # the first label is never predicted
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if max_positions is not None and len(input_ids) > max_positions:
+            raise UsageError(f"--max-length: {where} keeps {len(input_ids)} tokens, more than the model's "
+                             f"{max_positions} positions (give --max-length {max_positions})")
+        if any(label != -100 for label in labels[1:]):  # the first label is never predicted
+            examples.append(dict(input_ids=input_ids, labels=labels))
+    if not examples:
         raise UsageError(f"{source}: no token to predict: every label is -100, or lies past --max-length {max_length}")
+    if len(examples) < len(records):
+        log(f"{source}: dropped {len(records) - len(examples)} of {len(records)} records with no token to predict "
+            f"(every label -100, or past --max-length {max_length})")
     return examples
 
 
@@ -114,6 +153,36 @@ def check_model_dir(model_dir: str) -> str:
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UsageError(f"--model: {model_dir} has no config.json: not a Hugging Face model directory")
     return model_dir
+
+
+def check_adapter(config, lora, model_dir: str) -> None:
+    """The LoRA config applied to a weightless copy of the model (meta tensors), and the output head the MTT loss
+    reads checked, before any weights load: --target-modules matching nothing, --lora-dropout on a targeted head,
+    a head MTTObjective cannot serve: UsageError. A model that cannot be built without weights is left to loading."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fastmtt.objective import output_head
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except Exception:  # whatever the reason, loading the real model reports it (as one line)
+        return
+    try:
+        adapted = get_peft_model(skeleton, lora)
+    except ValueError as exc:  # e.g. --target-modules names no module of this model
+        raise UsageError(f"cannot add LoRA to {model_dir}: {first_line(exc)}") from exc
+    head = adapted.get_output_embeddings()
+    if lora.lora_dropout > 0 and hasattr(head, "lora_dropout"):
+        name = next(path for path, module in skeleton.named_modules() if module is head)
+        raise UsageError(f"--target-modules/--lora-dropout: the output head {name} is a target, and the fused MTT "
+                         f"loss applies no dropout to it: leave {name} out of --target-modules, or give "
+                         "--lora-dropout 0")
+    try:
+        output_head(adapted.train())
+    except ValueError as exc:
+        raise UsageError(f"--model: {model_dir}: {first_line(exc)}") from exc
 
 
 def _load_tokenizer(model_dir: str):
@@ -137,9 +206,8 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     from transformers import AutoConfig, AutoModelForCausalLM, TrainingArguments, set_seed
     from transformers.utils import logging as transformers_logging
 
-    from fastmtt.apps.cli import check_file, check_options, resolve_device
     from fastmtt.objective import MTTObjective
-    from fastmtt.trainer import MTTTrainer
+    from fastmtt.trainer import MTTTrainer, PadCollator
 
     check_file("--data", data)
     if retain:
@@ -159,10 +227,19 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     if isinstance(hidden_size, int) and lora_r > hidden_size:
         raise UsageError(f"--lora-r: {lora_r} exceeds the model's hidden size {hidden_size}")
     vocab_size = getattr(text_config, "vocab_size", None)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    positions = positions if isinstance(positions, int) and positions > 0 else None
     tokenizer = _load_tokenizer(model_dir)
-    train_examples = encode_records(read_jsonl(data), tokenizer, max_length, vocab_size, source=data)
-    retain_examples = (encode_records(read_jsonl(retain), tokenizer, max_length, vocab_size, source=retain)
-                       if retain else None)
+
+    def encode(path):
+        return encode_records(read_jsonl(path), tokenizer, max_length, vocab_size, source=path,
+                              max_positions=positions, log=log)
+
+    train_examples = encode(data)
+    retain_examples = encode(retain) if retain else None
+    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
+                      task_type="CAUSAL_LM")
+    check_adapter(config, lora, model_dir)
     check_out_dir("--out", out, "the adapter", create=True)
     set_seed(seed)
     try:
@@ -172,8 +249,6 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     pad_id = next((i for i in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None),
                                config.pad_token_id, config.eos_token_id) if isinstance(i, int)), 0)
     collate = PadCollator(pad_id)
-    lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-                      task_type="CAUSAL_LM")
     try:
         model = get_peft_model(model, lora).to(device)
     except ValueError as exc:  # e.g. --target-modules names no module of this model
@@ -194,7 +269,11 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                              remove_unused_columns=False, disable_tqdm=not sys.stderr.isatty())
     trainer = MTTTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collate,
                          objective=MTTObjective(options=options, kl_positions=kl_positions))
-    trainer.train()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError as exc:
+        raise UsageError(f"out of memory on {device} ({first_line(exc)}): lower --batch-size or --max-length "
+                         "(raise --grad-accum to keep the step's size)") from exc
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad):
         raise UsageError("training diverged: the adapter has NaN or infinite weights, nothing saved "
                          "(lower --lr, --lam or --lora-alpha)")
