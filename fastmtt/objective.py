@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import os
 from typing import Optional, Union
 
 import torch
@@ -315,6 +316,8 @@ class MTTObjective:
         kl_positions: "all" (default) or "labels".
         target_kl: None (default: lam is fixed) or the divergence to hold; kl_horizon: the KLBudget horizon,
             in calls (default 10).
+        base_cache: None (default) or a `fastmtt.BaseCache` (or its path) of the base's final hidden states on
+            the training examples: each batch row's states are read from it and the base pass is skipped.
 
     Calling it: objective(model, input_ids=None, labels=None, attention_mask=None, num_items_in_batch=None,
     data_parallel_size=None, *, inputs_embeds=None, **model_kwargs) with input_ids [B, L] (or inputs_embeds
@@ -340,7 +343,7 @@ class MTTObjective:
                  direction: Optional[str] = None, ignore_index: Optional[int] = None, backend: str = "auto", *,
                  mask_target: Optional[bool] = None, options: Optional[MTTOptions] = None,
                  disable_dropout: bool = True, kl_positions: str = DEFAULT_KL_POSITIONS,
-                 target_kl: Optional[float] = None, kl_horizon: float = 10.0):
+                 target_kl: Optional[float] = None, kl_horizon: float = 10.0, base_cache=None):
         keywords = dict(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index,
                         mask_target=mask_target)
         options = options_from(options, {name: value for name, value in keywords.items() if value is not None})
@@ -354,6 +357,16 @@ class MTTObjective:
         self.kl_budget = None if target_kl is None else KLBudget(target_kl, kl_horizon)
         if self.kl_budget is not None and options.lam == 0:
             raise ValueError("lam must be > 0 with target_kl: the budget scales lam, and 0 stays 0")
+        if base_cache is not None:
+            from fastmtt.base_cache import BaseCache
+
+            base_cache = BaseCache.open(base_cache) if isinstance(base_cache, (str, os.PathLike)) else base_cache
+            if not isinstance(base_cache, BaseCache):
+                raise TypeError(f"base_cache must be a fastmtt.BaseCache or its path, got {type(base_cache).__name__}")
+            if not self.disable_dropout:
+                raise ValueError("base_cache holds the base model without dropout: disable_dropout=False asks for a "
+                                 "base pass with dropout, which a cache cannot reproduce")
+        self.base_cache = base_cache
 
     def __repr__(self):
         return (f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout}, "
@@ -365,13 +378,16 @@ class MTTObjective:
         return self._both_passes(peft_model, peft_model.get_base_model(),
                                  dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs))
 
-    @staticmethod
-    def _both_passes(peft_model, causal_lm, inputs):
-        """(adapted, base) final hidden states; the base pass runs without grad, adapters off."""
+    def _both_passes(self, peft_model, causal_lm, inputs):
+        """(adapted, base) final hidden states; the base pass runs without grad, adapters off (or the base
+        cache serves the base states)."""
         decoder = _decoder(causal_lm)
         inputs = dict(inputs, use_cache=False)
-        with torch.no_grad(), peft_model.disable_adapter():
-            base_hidden = decoder(**inputs).last_hidden_state
+        if self.base_cache is not None:
+            base_hidden = self.base_cache.base_hidden_for(peft_model, decoder, inputs)
+        else:
+            with torch.no_grad(), peft_model.disable_adapter():
+                base_hidden = decoder(**inputs).last_hidden_state
         return decoder(**inputs).last_hidden_state, base_hidden
 
     def _loss_in_forward(self, peft_model, causal_lm, *, labels, num_items_in_batch, output_attentions=None,
