@@ -2,6 +2,9 @@
 gradients whatever the batch layout (padding side, order, packing), under gradient accumulation and DDP."""
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ from fastmtt.base_cache import BaseCache, example_key, fingerprint, row_segments
 from fastmtt.objective import MTTObjective
 from fastmtt.trainer import MTTTrainer
 from tests.utils import (
+    ROOT,
     VOCAB,
     assert_parity,
     close_gloo,
@@ -241,22 +245,31 @@ def test_what_a_cache_cannot_reproduce_is_refused(cache):
     assert MTTObjective(base_cache=cache.path).base_cache.entries == cache.entries  # a path opens the cache
 
 
-class Interrupted(Exception):
-    pass
+KILLED_BUILD = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import tests  # fastmtt first (Hugging Face's `kernels`, not the checkout's)
+from fastmtt.base_cache import BaseCache
+from tests.test_base_cache import some_examples
+from tests.utils import tiny_peft
 
+def examples():  # killed (SIGKILL) when asked for the sixth example: two shards of two are written by then
+    for number, example in enumerate(some_examples()):
+        if number == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield example
 
-def interrupted_after(examples, count):
-    yield from examples[:count]
-    raise Interrupted
+BaseCache.build(tiny_peft(), examples(), sys.argv[1], batch_size=2, shard_bytes=1, progress=False)
+"""
 
 
 def test_a_killed_build_resumes_where_it_stopped(tmp_path):
-    """Interrupted after two shards (and with a half-written shard left over), the cache is unfinished; the
+    """Killed (SIGKILL) after two shards, with a half-written shard left over, the cache is unfinished; the
     next build computes only the examples no shard holds and ends with the uninterrupted build's cache."""
     examples, path = some_examples(), tmp_path / "cache"
-    with pytest.raises(Interrupted):
-        BaseCache.build(tiny_peft(), interrupted_after(examples, 5), path, batch_size=2, shard_bytes=1,
-                        progress=False)
+    killed = subprocess.run([sys.executable, "-c", KILLED_BUILD, str(path)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     shards = sorted(name for name in os.listdir(path) if name.endswith(".safetensors"))
     assert shards == ["shard-r0-00000.safetensors", "shard-r0-00001.safetensors"]
     (path / "shard-r0-00002.safetensors.tmp123").write_bytes(b"half a shard")  # killed while writing
