@@ -332,3 +332,39 @@ def test_ddp_build_and_training_with_the_cache(tmp_path):
         assert result["forwards"] == 1
         assert {name.split("-")[1] for name in result["shards"]} == {"r0", "r1"}  # each rank wrote its own
 
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+def test_cache_base_then_finetune_with_the_cache_trains_as_without(tmp_path, capsys):
+    """`fastmtt cache-base` caches the data finetune trains on; `finetune --base-cache` then takes the steps
+    of the run without a cache (same adapter), and builds the cache on first use where there is none."""
+    from safetensors.torch import load_file
+
+    from fastmtt.apps.cli import main
+    from tests.test_cli import cli_error, save_tiny_model, write_jsonl
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": "the cat sat on the mat"}, {"text": "a dog ran under a log"},
+                                                   {"prompt": "the cat", "completion": "sat on the log"}] * 2)
+    capsys.readouterr()
+    assert main(["cache-base", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / "cache"),
+                 "--device", "cpu", "--batch-size", "2"]) == 0
+    assert "base cache: 3 examples, 21 tokens" in capsys.readouterr().out
+    assert len(BaseCache.open(tmp_path / "cache")) == 3
+    runs = {}
+    for name, flags in (("live", []), ("cached", ["--base-cache", str(tmp_path / "cache")]),
+                        ("first use", ["--base-cache", str(tmp_path / "new")])):
+        assert main(["finetune", "--model", str(model_dir), "--data", data, "--out", str(tmp_path / name),
+                     "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--lam", "0.5", "--device", "cpu",
+                     *flags]) == 0
+        runs[name] = load_file(tmp_path / name / "adapter_model.safetensors")
+    assert "base cache: 3 examples" in capsys.readouterr().out and len(BaseCache.open(tmp_path / "new")) == 3
+    for name, weight in runs["live"].items():
+        for other in ("cached", "first use"):
+            torch.testing.assert_close(runs[other][name], weight, rtol=1e-5, atol=1e-7, msg=f"{other} {name}")
+    other_model = save_tiny_model(tmp_path / "other")
+    tiny_llama(seed=5, vocab_size=15, pad_token_id=0, eos_token_id=2, bos_token_id=2).save_pretrained(other_model)
+    message = cli_error(capsys, "cache-base", "--model", str(other_model), "--data", data, "--out",
+                        str(tmp_path / "cache"), "--device", "cpu")
+    assert "--out: " in message and "holds a base cache of another base model" in message
