@@ -454,6 +454,9 @@ LLAMA_SHAPES = {
                  num_key_value_heads=2, vocab_size=128),
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=512),
+    # A decoder-dominated model (issue 37): SmolLM2-135M's width, 12 layers, an 8192-token vocabulary.
+    "12l": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=12, num_attention_heads=9,
+                num_key_value_heads=3, vocab_size=8192),
     # Llama-3.2-1B's shape (1.2B parameters, Llama-3's 128256-token vocabulary).
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
@@ -482,9 +485,10 @@ def _llama_inputs(sizes, dtype, device):
     return dict(model=model, input_ids=input_ids, labels=labels)
 
 
-def _train_step(objective: bool, patched: bool):
+def _train_step(objective: bool, patched: bool, cached: bool = False):
     """Forward of one batch to its loss: the model's own CE (logits materialized), or MTTObjective
-    (base pass with adapters off, then the fused linear MTT loss); patched: patch_lora first."""
+    (base pass with adapters off, then the fused linear MTT loss); patched: patch_lora first; cached: the
+    base states read from a BaseCache of the batch (built here, untimed) instead of the base pass."""
     def build(inputs):
         model, input_ids, labels = inputs["model"], inputs["input_ids"], inputs["labels"]
         if patched:
@@ -492,7 +496,14 @@ def _train_step(objective: bool, patched: bool):
 
             patch_lora(model)
         if objective:
-            mtt = fastmtt.MTTObjective(lam=LAM)
+            cache = None
+            if cached:
+                import tempfile
+
+                inputs["cache_dir"] = tempfile.TemporaryDirectory()  # removed with the inputs
+                cache = fastmtt.BaseCache.build(model, [dict(input_ids=input_ids)], inputs["cache_dir"].name,
+                                                progress=False)
+            mtt = fastmtt.MTTObjective(lam=LAM, base_cache=cache)
             return lambda: mtt(model, input_ids=input_ids, labels=labels).loss
         return lambda: model(input_ids=input_ids, labels=labels, use_cache=False).loss
 
@@ -505,6 +516,8 @@ LORA_TRAIN_STEP = Op(
     make_inputs=_llama_inputs,
     impls=(
         Impl("MTTObjective", "fastmtt", _train_step(objective=True, patched=False), _needs_transformers),
+        Impl("MTTObjective (base cache)", "fastmtt", _train_step(objective=True, patched=False, cached=True),
+             _fastmtt_missing("BaseCache"), agrees_with="MTTObjective"),
         Impl("CE (PEFT)", "reference", _train_step(objective=False, patched=False), _needs_transformers),
         Impl("patch_lora + CE", "fastmtt", _train_step(objective=False, patched=True), _needs_transformers,
              agrees_with="CE (PEFT)"),
@@ -515,7 +528,7 @@ LORA_TRAIN_STEP = Op(
     presets={
         "tiny": _configs(torch.float32, ("model", "B", "L", "r", "dropout"), ("tiny", 2, 16, 4, 0.0)),
         "cpu": _configs(torch.float32, ("model", "B", "L", "r", "dropout"), ("small", 4, 128, 16, 0.0),
-                        ("small", 4, 128, 16, 0.1)),
+                        ("small", 4, 128, 16, 0.1), ("12l", 4, 256, 8, 0.0)),
         # Issue 11: a ~1B model, 8192 tokens; issue 12: the small model, patched against unpatched PEFT.
         "gpu": _configs(torch.bfloat16, ("model", "B", "L", "r", "dropout"), ("1b", 4, 2048, 16, 0.0),
                         ("small", 4, 128, 16, 0.0), ("small", 4, 128, 16, 0.1)),

@@ -16,10 +16,11 @@
 #   2. fused linear loss N=8192 H=4096 V=128256 bf16      100  fastmtt chunked and tiled first, the 3-GEMM floor
 #      (forward+backward, determinism), then eager,           (~33 ms: 2NHV = 8.6 TFLOP per GEMM), peers last;
 #      Liger (CE; CE + KL), Cut Cross-Entropy                  Triton compiles ~20 s, Liger's compiled loss ~30 s
-#   3. LoRA training step, ~1B Llama shape, 4 x 2048       50  MTTObjective vs CE (+ patch_lora): ~0.1-0.2 s a
-#                                                               step, a model build per variant (~3 s)
-#   4. MTT row kernel N=8192 V=128256 bf16 vs copy bound   45  3 N V elements moved: 6.3 GB, ~1.5 ms
-#   5. LoRA linear 8192 x 4096 -> 14336 r=16 vs x W^T      40  0.96 TFLOP forward, ~1.2 ms
+#   3. LoRA training step, ~1B Llama shape, 4 x 2048       60  CE, MTTObjective live and with a base cache
+#                                                               (+ patch_lora): ~0.1-0.2 s a step, a model build
+#                                                               per variant (~3 s), the cache's build (one forward)
+#   4. MTT row kernel N=8192 V=128256 bf16 vs copy bound   40  3 N V elements moved: 6.3 GB, ~1.5 ms
+#   5. LoRA linear 8192 x 4096 -> 14336 r=16 vs x W^T      35  0.96 TFLOP forward, ~1.2 ms
 #   tables (reserve)                                        15
 #   sum                                                    360  (with the ~20 s of set-up)
 # What is left after that runs the remaining preset rows (other shapes, modes, torch.compile baselines).
@@ -164,13 +165,13 @@ check() {
     run_capped "fused linear MTT loss, $FUSED_SHAPE" 100 benchmark --ops fused_linear_mtt_loss \
         --shape $FUSED_SHAPE --exclude compile --modes forward+backward determinism
     # shellcheck disable=SC2086
-    run_capped "LoRA training step: MTTObjective vs CE, $STEP_SHAPE" 50 benchmark --ops lora_train_step \
-        --shape $STEP_SHAPE
+    run_capped "LoRA training step: CE, MTTObjective live and cached, $STEP_SHAPE" 60 benchmark \
+        --ops lora_train_step --shape $STEP_SHAPE
     # shellcheck disable=SC2086
-    run_capped "MTT row kernel vs the copy bound, $ROW_SHAPE" 45 benchmark --ops mtt_loss --shape $ROW_SHAPE \
+    run_capped "MTT row kernel vs the copy bound, $ROW_SHAPE" 40 benchmark --ops mtt_loss --shape $ROW_SHAPE \
         --exclude compile --modes forward+backward
     # shellcheck disable=SC2086
-    run_capped "LoRA linear vs x W^T, $LORA_SHAPE" 40 benchmark --ops lora_linear --shape $LORA_SHAPE \
+    run_capped "LoRA linear vs x W^T, $LORA_SHAPE" 35 benchmark --ops lora_linear --shape $LORA_SHAPE \
         --modes forward forward+backward
     run_capped "the rest of preset $PRESET (other shapes and modes, torch.compile baselines)" 9999 benchmark \
         --preset "$PRESET"

@@ -17,6 +17,7 @@ _LAZY = {
     "MTTLoss": "fastmtt.ops.mtt_loss",
     "mtt_loss": "fastmtt.ops.mtt_loss",
     "lora_linear": "fastmtt.ops.lora_linear",
+    "BaseCache": "fastmtt.base_cache",
     "MTTObjective": "fastmtt.objective",
     "MTTOutput": "fastmtt.reduction",
     "VocabParallel": "fastmtt.parallel",

@@ -17,6 +17,7 @@ import contextlib
 import functools
 import inspect
 import math
+import os
 import sys
 from typing import Optional, Union
 
@@ -447,6 +448,8 @@ class MTTObjective:
         target_kl: None (default: lam is fixed) or the divergence to hold; kl_horizon: the KLBudget horizon,
             in optimizer steps (end_step calls; default 10).
         label_smoothing: CE's label smoothing eps in [0, 1) (default 0).
+        base_cache: None (default) or a `fastmtt.BaseCache` (or its path) of the base's final hidden states on
+            the training examples: each batch row's states are read from it and the base pass is skipped.
 
     Calling it: objective(model, input_ids=None, labels=None, attention_mask=None, num_items_in_batch=None,
     data_parallel_size=None, *, inputs_embeds=None, **model_kwargs) with input_ids [B, L] (or inputs_embeds
@@ -472,7 +475,8 @@ class MTTObjective:
                  direction: Optional[str] = None, ignore_index: Optional[int] = None, backend: str = "auto", *,
                  mask_target: Optional[bool] = None, options: Optional[MTTOptions] = None,
                  disable_dropout: bool = True, kl_positions: str = DEFAULT_KL_POSITIONS,
-                 target_kl: Optional[float] = None, kl_horizon: float = 10.0, label_smoothing: float = 0.0):
+                 target_kl: Optional[float] = None, kl_horizon: float = 10.0, label_smoothing: float = 0.0,
+                 base_cache=None):
         keywords = dict(lam=lam, temperature=temperature, direction=direction, ignore_index=ignore_index,
                         mask_target=mask_target)
         options = options_from(options, {name: value for name, value in keywords.items() if value is not None})
@@ -491,6 +495,16 @@ class MTTObjective:
             raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
         self.label_smoothing = float(label_smoothing)
         self._step_kl, self._step_group = None, False  # [KL sum, labelled count] of this step's calls; their group
+        if base_cache is not None:
+            from fastmtt.base_cache import BaseCache
+
+            base_cache = BaseCache.open(base_cache) if isinstance(base_cache, (str, os.PathLike)) else base_cache
+            if not isinstance(base_cache, BaseCache):
+                raise TypeError(f"base_cache must be a fastmtt.BaseCache or its path, got {type(base_cache).__name__}")
+            if not self.disable_dropout:
+                raise ValueError("base_cache holds the base model without dropout: disable_dropout=False asks for a "
+                                 "base pass with dropout, which a cache cannot reproduce")
+        self.base_cache = base_cache
 
     def __repr__(self):
         return (f"MTTObjective({self.options}, backend={self.backend!r}, disable_dropout={self.disable_dropout}, "
@@ -530,12 +544,14 @@ class MTTObjective:
                                                       **model_kwargs))
         return adapted.last_hidden_state, base_hidden
 
-    @staticmethod
-    def _both_passes(peft_model, causal_lm, inputs):
+    def _both_passes(self, peft_model, causal_lm, inputs):
         """(the adapted decoder's output, base final hidden states); the base pass runs without grad, adapters
-        off. Input embeddings with forward hooks (NEFTune's noise) give the adapted pass the base pass's output."""
+        off, or the base cache serves the base states. Input embeddings with forward hooks (NEFTune's noise) give
+        the adapted pass the base pass's output."""
         decoder = _decoder(causal_lm)
         inputs = dict(inputs, use_cache=False)
+        if self.base_cache is not None:
+            return decoder(**inputs), self.base_cache.base_hidden_for(peft_model, decoder, inputs)
         with _embeddings_drawn_once(causal_lm.get_input_embeddings()):
             with torch.no_grad(), peft_model.disable_adapter():
                 base_hidden = decoder(**inputs).last_hidden_state

@@ -85,7 +85,15 @@ def _finetune(args) -> int:
                  lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
                  epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                  grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, seed=args.seed,
-                 device=args.device, kl_positions=args.kl_positions)
+                 device=args.device, kl_positions=args.kl_positions, base_cache=args.base_cache)
+    return 0
+
+
+def _cache_base(args) -> int:
+    from fastmtt.apps.cache_base import run_cache_base
+
+    run_cache_base(args.model, args.data, args.out, batch_size=args.batch_size, max_length=args.max_length,
+                   device=args.device, dtype=args.dtype)
     return 0
 
 
@@ -205,7 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--max-length", type=_number(int, lambda v: v >= 2, "at least 2"), default=512)
     tune.add_argument("--seed", type=seed_value, default=0)
     tune.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
+    tune.add_argument("--base-cache", help="folder of the base model's cached hidden states (`fastmtt cache-base`): "
+                                           "read instead of running the base pass; built there first when absent")
     tune.set_defaults(func=_finetune)
+
+    cache = sub.add_parser("cache-base", help="cache the base model's final hidden states on a JSONL file, for "
+                                              "finetune --base-cache (an interrupted build resumes)")
+    cache.add_argument("--model", required=True, help="local Hugging Face model directory (nothing is downloaded)")
+    cache.add_argument("--data", required=True, help="training JSONL (the formats of finetune)")
+    cache.add_argument("--out", required=True, help="folder of the cache")
+    cache.add_argument("--batch-size", type=positive_int, default=8)
+    cache.add_argument("--max-length", type=_number(int, lambda v: v >= 2, "at least 2"), default=512,
+                       help="truncation, as finetune's (default %(default)s)")
+    cache.add_argument("--dtype", choices=("model", "float32", "bfloat16", "float16"), default="model",
+                       help="of the stored states (default: the model's)")
+    cache.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when present)")
+    cache.set_defaults(func=_cache_base)
     return parser
 
 

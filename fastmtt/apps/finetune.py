@@ -199,7 +199,7 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                  lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
                  batch_size: int = 8, grad_accum: int = 1, lr: float = 2e-4, max_length: int = 512,
                  seed: int = 0, device: str = "auto", kl_positions: str = DEFAULT_KL_POSITIONS,
-                 log=print) -> Dict[str, Dict[str, float]]:
+                 base_cache: Optional[str] = None, log=print) -> Dict[str, Dict[str, float]]:
     """Train a LoRA adapter with MTTTrainer, save it (and metrics.json) to `out`; returns the metrics. Every
     argument is checked here, once, before the model loads (errors: UsageError naming the flag)."""
     from peft import LoraConfig, get_peft_model
@@ -213,6 +213,8 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
     if retain:
         check_file("--retain", retain)
     check_out_dir("--out", out, "the adapter")
+    if base_cache:
+        check_out_dir("--base-cache", base_cache, "the base cache")
     device = resolve_device(device)
     check_model_dir(model_dir)
     options = check_options(lam=lam, temperature=temperature, direction=direction)
@@ -267,8 +269,14 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                              learning_rate=lr, logging_steps=max(1, min(10, max_steps if max_steps > 0 else 10)),
                              save_strategy="no", report_to=[], seed=seed, use_cpu=device == "cpu",
                              remove_unused_columns=False, disable_tqdm=not sys.stderr.isatty())
+    if base_cache:  # built on first use (an interrupted build resumes), reused after
+        from fastmtt.apps.cache_base import build_base_cache
+
+        base_cache = build_base_cache(model, train_examples, base_cache, batch_size=batch_size, flag="--base-cache",
+                                      log=log)
     trainer = MTTTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collate,
-                         objective=MTTObjective(options=options, kl_positions=kl_positions))
+                         objective=MTTObjective(options=options, kl_positions=kl_positions,
+                                                base_cache=base_cache or None))
     try:
         trainer.train()
     except torch.OutOfMemoryError as exc:
