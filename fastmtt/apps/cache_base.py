@@ -40,7 +40,7 @@ def run_cache_base(model_dir: str, data: str, out: str, *, batch_size: int = 8, 
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
-    from fastmtt.apps.cli import check_file, resolve_device
+    from fastmtt.apps.arguments import check_file, resolve_device
     from fastmtt.apps.finetune import _load_tokenizer, check_model_dir, encode_records, read_jsonl
 
     check_file("--data", data)
