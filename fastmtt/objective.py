@@ -224,9 +224,9 @@ def _embeddings_drawn_once(embedding):
         return
     first = {}
 
-    def replay(module, args, output):
+    def replay(module, args, output):  # the first output, needing grad as this one does (enable_input_require_grads)
         if first and args and args[0] is first["input"]:
-            return first["output"]
+            return first["output"].detach().requires_grad_(output.requires_grad)
         first.update(input=args[0] if args else None, output=output)
         return output
 

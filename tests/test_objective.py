@@ -412,7 +412,6 @@ def test_packed_sequences_equal_the_sequences_apart(kl_positions, layout):
     flash = layout == "flattening_flash_kwargs"
     batch = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=flash)(
         [{"input_ids": seq.tolist()} for seq in seqs])
-    batch = {key: value for key, value in batch.items() if torch.is_tensor(value)}  # max_length_*: for flash only
     if layout == "labels_everywhere":
         batch["labels"] = batch["input_ids"].clone()
     objective = MTTObjective(lam=0.8, temperature=1.5, kl_positions=kl_positions)
@@ -474,6 +473,14 @@ def test_neftune_noise_is_drawn_once_for_both_passes():
     neftune(model)
     noisy = MTTObjective(lam=1.0)(model, **batch)
     assert float(noisy.kl) == 0.0 and abs(float(noisy.ce) - float(clean.ce)) > 1e-4  # noised, alike in both passes
+    checkpointed = identity_peft().train()  # PEFT with gradient checkpointing: the embeddings' output needs grad
+    checkpointed.get_base_model().gradient_checkpointing_enable(dict(use_reentrant=True))
+    checkpointed.enable_input_require_grads()
+    neftune(checkpointed)
+    output = MTTObjective(lam=1.0)(checkpointed, **batch)
+    output.loss.backward()
+    assert float(output.kl) == 0.0 and all(grad.abs().max() > 0 for name, grad in
+                                           trainable_grads(checkpointed).items() if "lora_B" in name)
     adapted_embeddings = tiny_peft(target_modules=("q_proj", "embed_tokens")).train()
     neftune(adapted_embeddings)
     with pytest.raises(ValueError, match=r"NEFTune \(neftune_noise_alpha\) on input embeddings that are trained"):

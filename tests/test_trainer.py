@@ -172,14 +172,16 @@ def test_budget_lam_path_is_the_same_for_any_micro_batching(tmp_path, micro_batc
     assert trainer.objective.options.lam == pytest.approx(ratio**3, rel=1e-6)
 
 
-def test_budget_lam_is_saved_in_checkpoints_and_restored_on_resume(tmp_path):
+@pytest.mark.parametrize("restore_callbacks", [False, True])
+def test_budget_lam_is_saved_in_checkpoints_and_restored_on_resume(tmp_path, restore_callbacks):
     """Horizon 1 and a budget far below the KL: lam grows by 20% per step, 1.2^4 = 2.0736 after four steps,
-    whether straight or two steps, then resumed from checkpoint-2 by a fresh trainer."""
+    whether straight or two steps, then resumed from checkpoint-2 by a fresh trainer (also where the Trainer
+    rebuilds the callbacks from the checkpoint: restore_callback_states_from_checkpoint)."""
     import json
 
     def run(out_dir, max_steps, resume=None):
         args = training_args(out_dir, max_steps=max_steps, per_device_train_batch_size=4, save_strategy="steps",
-                             save_steps=2)
+                             save_steps=2, restore_callback_states_from_checkpoint=restore_callbacks)
         model = tiny_peft()
         trainer = MTTTrainer(model=model, args=args, train_dataset=dataset_of(four_examples()), mtt_lambda=1.0,
                              mtt_target_kl=1e-9, mtt_kl_horizon=1.0)
