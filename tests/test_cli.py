@@ -487,3 +487,18 @@ def test_faults_during_training_are_one_line(tmp_path, capsys, monkeypatch, faul
     with pytest.raises((type(fault), UsageError)):  # --debug: the exception itself (out of memory: as a UsageError)
         main(["--debug", "finetune", "--model", model, "--data", data, "--out", str(tmp_path / "out"), "--device",
               "cpu"])
+
+
+def test_target_modules_all_linear_given_explicitly_is_the_default(tmp_path, capsys, monkeypatch):
+    from fastmtt.trainer import MTTTrainer
+
+    monkeypatch.setattr(MTTTrainer, "train", lambda trainer, *args, **kwargs: None)
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    targets = []
+    for flags in ([], ["--target-modules", "all-linear"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["finetune", "--model", model, "--data", data, "--out", str(out), "--device", "cpu", *flags]) == 0
+        saved = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+        targets.append(sorted(name.rsplit(".", 1)[-1] for name in saved))
+    assert targets[0] == targets[1] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
