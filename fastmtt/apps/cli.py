@@ -1,7 +1,10 @@
 """The `fastmtt` command line.
 
 Kept free of torch imports at module level: `fastmtt --help` answers at once. Every user error is one
-line on stderr and exit status 2; `--debug` (or FASTMTT_DEBUG=1) shows the traceback instead.
+line on stderr and exit status 2 (an interrupt: 130; any other fault: one line naming it, status 1);
+`--debug` (or FASTMTT_DEBUG=1) shows the traceback instead. A subcommand is a parser in `build_parser`
+whose `func` takes the parsed arguments and returns the exit status; argument checks shared by the
+commands live in `fastmtt/apps/arguments.py`.
 """
 from __future__ import annotations
 
