@@ -15,10 +15,12 @@ before and after training.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
 import sys
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -175,7 +177,9 @@ def check_adapter(config, lora, model_dir: str) -> None:
     except Exception:  # whatever the reason, loading the real model reports it (as one line)
         return
     try:
-        adapted = get_peft_model(skeleton, lora)
+        with warnings.catch_warnings():  # PEFT's warnings come once, when the real model is adapted
+            warnings.simplefilter("ignore")
+            adapted = get_peft_model(skeleton, copy.deepcopy(lora))  # PEFT resolves and edits the config it gets
     except ValueError as exc:  # e.g. --target-modules names no module of this model
         raise UsageError(f"cannot add LoRA to {model_dir}: {first_line(exc)}") from exc
     head = adapted.get_output_embeddings()
