@@ -177,6 +177,8 @@ BAD_RECORDS = [  # (JSONL line, expected message): each once silently accepted o
     ('{"input_ids": [3, 4], "text": "the cat"}', 'line 1: ambiguous record: it has "input_ids" and "text"'),
     ('{"prompt": "the cat"}', 'line 1: a prompt/completion record needs "completion" too'),
     ('{"text": "the cat", "source": "web"}', 'line 1: unknown key "source"; a record has "input_ids"'),
+    ('{"input_ids": [3, 4, 5], "attention_mask": [0, 1, 1]}', 'line 1: "attention_mask" must be all 1, as long as'),
+    ('{"input_ids": [3, 4, 5], "attention_mask": [1, 1]}', 'line 1: "attention_mask" must be all 1, as long as'),
 ]
 
 
@@ -424,7 +426,8 @@ def test_records_left_without_labels_are_dropped_with_a_count(tmp_path, capsys, 
     monkeypatch.setattr(MTTTrainer, "train", lambda trainer, *a, **k: trained.extend(trainer.train_dataset))
     model = str(save_tiny_model(tmp_path / "model"))
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "the cat sat on the", "completion": "mat"},
-                                              {"text": "the cat sat"}, {"input_ids": [3, 4, 5], "labels": [3, 4, 5]},
+                                              {"text": "the cat sat"},
+                                              {"input_ids": [3, 4, 5], "labels": [3, 4, 5], "attention_mask": [1] * 3},
                                               {"input_ids": [3, 4, 5], "labels": [-100, -100, -100]}])
     capsys.readouterr()
     assert main(["finetune", "--model", model, "--data", data, "--out", str(tmp_path / "out"), "--device", "cpu",
@@ -487,3 +490,18 @@ def test_faults_during_training_are_one_line(tmp_path, capsys, monkeypatch, faul
     with pytest.raises((type(fault), UsageError)):  # --debug: the exception itself (out of memory: as a UsageError)
         main(["--debug", "finetune", "--model", model, "--data", data, "--out", str(tmp_path / "out"), "--device",
               "cpu"])
+
+
+def test_target_modules_all_linear_given_explicitly_is_the_default(tmp_path, capsys, monkeypatch):
+    from fastmtt.trainer import MTTTrainer
+
+    monkeypatch.setattr(MTTTrainer, "train", lambda trainer, *args, **kwargs: None)
+    model = str(save_tiny_model(tmp_path / "model"))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    targets = []
+    for flags in ([], ["--target-modules", "all-linear"]):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["finetune", "--model", model, "--data", data, "--out", str(out), "--device", "cpu", *flags]) == 0
+        saved = json.loads((out / "adapter_config.json").read_text())["target_modules"]
+        targets.append(sorted(name.rsplit(".", 1)[-1] for name in saved))
+    assert targets[0] == targets[1] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

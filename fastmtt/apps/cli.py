@@ -1,7 +1,10 @@
 """The `fastmtt` command line.
 
 Kept free of torch imports at module level: `fastmtt --help` answers at once. Every user error is one
-line on stderr and exit status 2; `--debug` (or FASTMTT_DEBUG=1) shows the traceback instead.
+line on stderr and exit status 2 (an interrupt: 130; any other fault: one line naming it, status 1);
+`--debug` (or FASTMTT_DEBUG=1) shows the traceback instead. A subcommand is a parser in `build_parser`
+whose `func` takes the parsed arguments and returns the exit status; argument checks shared by the
+commands live in `fastmtt/apps/arguments.py`.
 """
 from __future__ import annotations
 
@@ -77,12 +80,18 @@ def _demo(args) -> int:
     return 0
 
 
+def _target_modules(names):
+    """--target-modules as PEFT takes it: none given, or just all-linear, is PEFT's "all-linear" (every linear
+    layer but the output head); else the list of names."""
+    return "all-linear" if names in (None, ["all-linear"]) else names
+
+
 def _finetune(args) -> int:
     from fastmtt.apps.finetune import run_finetune  # checks every argument, once, before the model loads
 
     run_finetune(args.model, args.data, args.out, retain=args.retain, lam=args.lam, temperature=args.temperature,
                  direction=args.direction, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                 lora_dropout=args.lora_dropout, target_modules=args.target_modules or "all-linear",
+                 lora_dropout=args.lora_dropout, target_modules=_target_modules(args.target_modules),
                  epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                  grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length, seed=args.seed,
                  device=args.device, kl_positions=args.kl_positions, base_cache=args.base_cache)
@@ -203,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lora-r", type=_count(65536), default=8, help="LoRA rank (at most the model's hidden size)")
     tune.add_argument("--lora-alpha", type=_count(65536), default=16)
     tune.add_argument("--lora-dropout", type=probability, default=0.0)
-    tune.add_argument("--target-modules", nargs="+", help="LoRA target modules (default: all linear layers)")
+    tune.add_argument("--target-modules", nargs="+", help="LoRA target modules (default all-linear: every linear "
+                                                          "layer but the output head)")
     tune.add_argument("--epochs", type=epoch_count, default=1.0)
     tune.add_argument("--max-steps", type=_number(int, lambda v: v == -1 or v > 0, "-1 or a positive integer"),
                       default=-1, help="overrides --epochs when > 0")

@@ -6,7 +6,8 @@ argument, or the file and line of the record.
 
 JSONL formats (one object per line, each in one of these; a key of none of them is an error):
   {"input_ids": [...]}                       pre-tokenized; every token after the first is predicted
-  {"input_ids": [...], "labels": [...]}      pre-tokenized with explicit labels (-100 = no loss)
+  {"input_ids": [...], "labels": [...]}      pre-tokenized with explicit labels (-100 = no loss); an
+                                             "attention_mask" of ones (no padding) may come with them
   {"text": "..."}                            tokenized with the model directory's tokenizer (+ EOS)
   {"prompt": "...", "completion": "..."}     loss on the completion tokens only
 An optional "retain" JSONL (same formats) measures forgetting: perplexity and KL(base || adapted)
@@ -14,10 +15,12 @@ before and after training.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import os
 import sys
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -70,7 +73,7 @@ def _field(where: str, record: dict, key: str, kind: str, default=None):
 
 # Record formats: name -> (keys it needs, keys it may have).
 RECORD_FORMATS = {
-    "pre-tokenized": ({"input_ids"}, {"labels"}),
+    "pre-tokenized": ({"input_ids"}, {"labels", "attention_mask"}),  # the mask all ones: no padding inside
     "text": ({"text"}, set()),
     "prompt/completion": ({"prompt", "completion"}, set()),
 }
@@ -84,8 +87,8 @@ def record_format(where: str, record: dict) -> str:
     if unknown:
         close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
         hint = f' (did you mean "{close[0]}"?)' if close else ""
-        raise UsageError(f'{where}: unknown key "{unknown[0]}"{hint}; a record has "input_ids" (and "labels"), '
-                         f'"text", or "prompt" and "completion"')
+        raise UsageError(f'{where}: unknown key "{unknown[0]}"{hint}; a record has "input_ids" (and "labels", '
+                         f'"attention_mask"), "text", or "prompt" and "completion"')
     matched = [name for name, (needed, optional) in RECORD_FORMATS.items() if record.keys() & (needed | optional)]
     if len(matched) > 1:
         keys = " and ".join("/".join(f'"{k}"' for k in sorted(record.keys() & (needed | optional)))
@@ -112,6 +115,10 @@ def encode_records(records: List[Tuple[int, dict]], tokenizer, max_length: int, 
         if kind == "pre-tokenized":
             input_ids = _field(where, record, "input_ids", "ids")
             labels = _field(where, record, "labels", "ids", default=input_ids)
+            mask = _field(where, record, "attention_mask", "ids", default=[1] * len(input_ids))
+            if mask != [1] * len(input_ids):
+                raise UsageError(f'{where}: "attention_mask" must be all 1, as long as input_ids (give records '
+                                 "without padding; batches are padded for you)")
         else:
             if tokenizer is None:
                 raise UsageError(f"{where}: text records need a tokenizer in the model directory; "
@@ -170,7 +177,9 @@ def check_adapter(config, lora, model_dir: str) -> None:
     except Exception:  # whatever the reason, loading the real model reports it (as one line)
         return
     try:
-        adapted = get_peft_model(skeleton, lora)
+        with warnings.catch_warnings():  # PEFT's warnings come once, when the real model is adapted
+            warnings.simplefilter("ignore")
+            adapted = get_peft_model(skeleton, copy.deepcopy(lora))  # PEFT resolves and edits the config it gets
     except ValueError as exc:  # e.g. --target-modules names no module of this model
         raise UsageError(f"cannot add LoRA to {model_dir}: {first_line(exc)}") from exc
     head = adapted.get_output_embeddings()
