@@ -284,6 +284,9 @@ def test_a_killed_build_resumes_where_it_stopped(tmp_path):
     assert sorted(resumed.entries) == sorted(whole.entries) == sorted(map(example_key, examples))
     for tokens in examples:
         torch.testing.assert_close(resumed[tokens], whole[tokens], rtol=1e-6, atol=1e-6)
+    with CountForwards(model) as forwards:  # a finished cache is extended by the new examples only
+        extended = BaseCache.build(model, examples + [[4, 5, 6]], path, batch_size=2, progress=False)
+    assert forwards.count == 1 and len(extended) == len(examples) + 1 and [4, 5, 6] in extended
 
 
 def test_build_arguments_are_checked(tmp_path):
