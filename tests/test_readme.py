@@ -148,7 +148,9 @@ def test_auto_backend_of_lora_linear_is_pytorch_until_a_gpu_measurement(monkeypa
     monkeypatch.setattr(op.LoRALinearFunction, "apply", lambda *args: seen.append(args[-1]) or real(*args))
     x, weight, lora_a, lora_b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
     op.lora_linear(x, weight, lora_a, lora_b, 2.0)  # CPU tensors
-    monkeypatch.setattr(op, "resolve_backend", lambda backend, *tensors: "triton")  # what CUDA tensors resolve to
+    # what CUDA tensors resolve to: "auto" runs the kernel only where the op says it serves the call
+    monkeypatch.setattr(op, "resolve_backend", lambda backend, *tensors, auto_kernel: "triton"
+                        if backend == "triton" or auto_kernel else "torch")
     op.lora_linear(x, weight, lora_a, lora_b, 2.0)
     op.lora_linear(x, weight, lora_a, lora_b, 2.0, backend="triton")
     assert seen == ["torch", "torch", "triton"]
