@@ -1,9 +1,31 @@
 """Argument validation shared by the public functions: clear errors that name the argument."""
 from __future__ import annotations
 
-from numbers import Integral
+import math
+from numbers import Integral, Real
 
 import torch
+
+
+def check_bool(name, value):
+    """A bool (not a truthy stand-in such as "y" or 1)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_number(name, value, *, least=None, above=None, optional=False):
+    """A real number (not a bool or a string), finite, >= least or > above where given; None too when optional."""
+    if value is None and optional:
+        return
+    kind = "None or a finite real number" if optional else "a finite real number"
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if least is not None and not value >= least:
+        raise ValueError(f"{name} must be >= {least}, got {value!r}")
+    if above is not None and not value > above:
+        raise ValueError(f"{name} must be > {above}, got {value!r}")
 
 
 def check_float_tensor(name, tensor, *, shape=None, min_dim=1):
@@ -33,6 +55,17 @@ def check_labels(labels, shape):
         raise TypeError(f"labels must be an integer tensor, got {labels.dtype}")
     if tuple(labels.shape) != tuple(shape):
         raise ValueError(f"labels must have shape {tuple(shape)} to match the rows, got {tuple(labels.shape)}")
+
+
+def check_ce_rows(ce_rows, labels):
+    """ce_rows: None or a bool tensor of labels' shape and device (the rows whose CE counts)."""
+    if ce_rows is None:
+        return
+    if not isinstance(ce_rows, torch.Tensor) or ce_rows.dtype != torch.bool:
+        raise TypeError(f"ce_rows must be None or a bool tensor, got {getattr(ce_rows, 'dtype', type(ce_rows))}")
+    if tuple(ce_rows.shape) != tuple(labels.shape) or ce_rows.device != labels.device:
+        raise ValueError(f"ce_rows must have labels' shape {tuple(labels.shape)} on {labels.device}, got "
+                         f"{tuple(ce_rows.shape)} on {ce_rows.device}")
 
 
 def check_values(labels, n_cols, ignore_index, num_items_in_batch=None, *, count_predicted=False):

@@ -50,22 +50,28 @@ def _warn_no_triton():
                   RuntimeWarning, stacklevel=3)
 
 
-def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
+def check_backend(backend) -> None:
+    """backend: one of BACKENDS (at a Module's or objective's construction, and at every call)."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor, auto_kernel: bool = True) -> str:
     """Map `backend` ("auto", "triton" or "torch") to the path that runs: "triton" or "torch".
 
-    "auto" picks Triton for CUDA tensors of a kernel dtype and PyTorch otherwise. "triton" on CPU
-    tensors needs TRITON_INTERPRET=1 set before fastmtt is imported (the kernels are then interpreted).
+    "auto" picks Triton for CUDA tensors of a kernel dtype where the op's kernel serves the call
+    (`auto_kernel`), PyTorch otherwise. "triton" on CPU tensors needs TRITON_INTERPRET=1 set before fastmtt
+    is imported (the kernels are then interpreted).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     on_cuda = all(t.is_cuda for t in tensors)
     kernel_dtypes = all(t.dtype in TRITON_DTYPES for t in tensors if t.is_floating_point())
     if backend == "torch":
         return "torch"
     if backend == "auto":
-        if on_cuda and kernel_dtypes and not triton_available():
+        if on_cuda and kernel_dtypes and auto_kernel and not triton_available():
             _warn_no_triton()
-        return "triton" if on_cuda and kernel_dtypes and triton_available() else "torch"
+        return "triton" if on_cuda and kernel_dtypes and auto_kernel and triton_available() else "torch"
     if not triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not installed")
     if not kernel_dtypes:

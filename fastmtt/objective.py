@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from fastmtt._dispatch import check_backend
 from fastmtt.head import LinearHead
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
 from fastmtt.options import DEFAULT_KL_POSITIONS, KL_POSITIONS, MTTOptions, options_from
@@ -285,26 +286,25 @@ def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTT
     applied: CE + lam T^2 D at the labelled positions (labels [B, L], ignore_index where none) and, with
     kl_positions="all", D alone (ce_weight=0) at the other attended positions, their next input token
     (input_ids [B, L]) being the target to mask (input_ids may be None where every attended position is
-    labelled); see `predicted_positions` for attention_mask [B, L]. Both parts divide by num_items_in_batch
-    (default: the labelled count). dtype: the rows' dtype in the head loss (default theirs)."""
+    labelled); see `predicted_positions` for attention_mask [B, L]. One fused call (`ce_rows` marks the
+    labelled rows); both parts divide by num_items_in_batch (default: the labelled count). dtype: the rows'
+    dtype in the head loss (default theirs)."""
     hidden, base_hidden, targets = hidden[:, :-1], base_hidden[:, :-1], labels[:, 1:]
     labelled, attended = predicted_positions(labels, attention_mask, options.ignore_index)  # rows of the head
-    parts = [(labelled, targets, options)]
-    unlabelled = attended & ~labelled
-    if kl_positions == "all" and options.lam > 0 and (input_ids is not None or bool(unlabelled.any())):
+    rows, ce_rows = labelled, None
+    if kl_positions == "all" and options.lam > 0 and (input_ids is not None or bool((attended & ~labelled).any())):
         if input_ids is None:
             raise ValueError("kl_positions='all' (MTTObjective's default) needs input_ids where a position has no "
                              "label (inputs_embeds alone does not give the next input token, the target to mask "
                              "there): pass input_ids, or kl_positions='labels' with inputs_embeds")
-        parts.append((unlabelled, input_ids[:, 1:], options.replace(ce_weight=0.0)))
+        rows, targets = attended, torch.where(labelled, targets, input_ids[:, 1:])  # one fused call for both
+        ce_rows = labelled[rows]
         if num_items_in_batch is None:
             num_items_in_batch = labelled.sum()
     dtype = dtype or hidden.dtype
-    outputs = [fused_linear_mtt_loss_with_options(
-        hidden[rows].to(dtype), base_hidden[rows].to(dtype), head, row_targets[rows], row_options,
-        num_items_in_batch=num_items_in_batch, return_components=True, backend=backend)
-        for rows, row_targets, row_options in parts]
-    return outputs[0] if len(outputs) == 1 else MTTOutput(*(a + b for a, b in zip(*outputs)))
+    return fused_linear_mtt_loss_with_options(
+        hidden[rows].to(dtype), base_hidden[rows].to(dtype), head, targets[rows], options,
+        num_items_in_batch=num_items_in_batch, return_components=True, backend=backend, ce_rows=ce_rows)
 
 
 def predicted_positions(labels, attention_mask, ignore_index):
@@ -380,7 +380,7 @@ class KLBudget:
     """
 
     def __init__(self, target_kl: float, horizon: float = 10.0):
-        for name, value, least in (("target_kl", target_kl, "> 0"), ("kl_horizon", horizon, ">= 1")):
+        for name, value, least in (("target_kl", target_kl, "> 0"), ("horizon", horizon, ">= 1")):
             if (isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf")
                     or not (value > 0 if name == "target_kl" else value >= 1)):
                 raise ValueError(f"{name} must be a finite number {least}, got {value!r}")
@@ -483,6 +483,7 @@ class MTTObjective:
         if options.reduction != "mean":
             raise ValueError(f"MTTObjective averages over predicted tokens: options.reduction must be 'mean', "
                              f"got {options.reduction!r}")
+        check_backend(backend)
         if kl_positions not in KL_POSITIONS:
             raise ValueError(f"kl_positions must be one of {KL_POSITIONS}, got {kl_positions!r}")
         self.options, self.backend, self.disable_dropout = options, backend, bool(disable_dropout)

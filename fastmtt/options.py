@@ -22,6 +22,8 @@ KL_POSITIONS = ("labels", "all")
 # MTTObjective's default: every attended position, which left less forgetting at equal learning than the
 # labelled positions alone on the SmolLM2 experiment's far task (docs/experiments.md#where-the-regularizer-applies).
 DEFAULT_KL_POSITIONS = "all"
+# fused_linear_mtt_loss's tiled path, lam = 0 only: Cut Cross-Entropy's filter of gradient tiles for 16-bit inputs.
+DEFAULT_GRAD_THRESHOLD = 2.0**-12
 # torch.finfo(torch.float32).max: the kernels take 1/T and lam * T^2 as float32 scalars.
 FLOAT32_MAX = 3.4028234663852886e38
 

@@ -1,8 +1,9 @@
 """Vocabulary-parallel MTT: each rank holds columns [start, stop) of the logits (or rows of the output head).
 
-The ranks exchange only per-row partial statistics (fastmtt/partials.py: N_PARTIALS floats per row and
-rank, through one all_gather), merge and finalize them identically, and each writes the gradient of its
-own columns. The loss, CE and KL are the same on every rank. Gradients that sum over the vocabulary
+`VocabParallel` only describes the split and communicates: the ranks exchange only per-row partial
+statistics (fastmtt/partials.py: N_PARTIALS floats per row and rank, through one all_gather), which
+fastmtt/rows.py merges and finalizes identically on every rank; each rank writes the gradient of its own
+columns. The loss, CE and KL are the same on every rank. Gradients that sum over the vocabulary
 (hidden states, a replicated LoRA A of the head) are all-reduced unless the caller does it.
 """
 from __future__ import annotations
@@ -11,8 +12,6 @@ import dataclasses
 from typing import Any, Optional
 
 import torch
-
-from fastmtt.pytorch.partials import finalize, merge_partials
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,44 +76,3 @@ class VocabParallel:
         for tensor in tensors:
             if tensor is not None:
                 dist.all_reduce(tensor, group=self.group)
-
-    def merged_statistics(self, parts: torch.Tensor, labels, options, need_kl) -> torch.Tensor:
-        """Finalized statistics [N_STATS, N] of the whole vocabulary from this rank's partials ([K, N_PARTIALS,
-        N] or [N_PARTIALS, N]), identical on every rank."""
-        parts = parts if parts.dim() == 3 else parts[None]
-        gathered = self.all_gather(parts).flatten(0, 1)
-        return finalize(merge_partials(gathered, options), labels, options, need_kl=need_kl)
-
-    def row_function(self, implementations):
-        """An MTT row function with the signature of `mtt_rows` for this rank's columns: partials, exchanged
-        and merged, then the gradient of its columns.
-
-        Args:
-            implementations: a row implementation module (`fastmtt.ops.mtt_loss.row_implementations`) whose
-                `mtt_partials` and `mtt_gradient` run on this rank's columns.
-
-        Returns:
-            rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None) -> the
-            finalized statistics [N_STATS, N] of the whole vocabulary, identical on every rank; the gradient
-            of this rank's columns [N, stop - start] is written into grad_out when given.
-        """
-        partials_fn, gradient_fn = implementations.mtt_partials, implementations.mtt_gradient
-
-        def rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None):
-            self.check_columns("logits", logits.shape[1])
-            parts = partials_fn(logits, base_logits, labels, options, vocab_start=self.start, need_kl=need_kl)
-            stats = self.merged_statistics(parts, labels, options, need_kl)
-            if grad_out is not None:
-                if grad_scale is None:
-                    grad_scale = torch.ones(1, dtype=stats.dtype, device=logits.device)
-                gradient_fn(logits, base_logits, labels, stats, options, vocab_start=self.start, grad_scale=grad_scale,
-                            grad_out=grad_out)
-            return stats
-
-        return rows
-
-    def rows_fn(self, backend: str):
-        """`row_function` of the implementations on `backend` ("torch" or "triton"): the earlier spelling."""
-        from fastmtt.ops.mtt_loss import row_implementations
-
-        return self.row_function(row_implementations(backend))

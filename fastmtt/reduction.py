@@ -59,11 +59,13 @@ def reduce_loss(rows, reduction, scale):
     return total if reduction == "sum" else total * scale.to(total.dtype).squeeze(0)
 
 
-def reduced_outputs(ctx, ce, kl, options, scale):
+def reduced_outputs(ctx, ce, kl, options, scale, ce_rows=None):
     """(loss, ce, kl) of an autograd Function's forward, reduced from the per-row terms with
     loss_i = ce_weight * ce_i + lam * T^2 * kl_i (CE alone when lam == 0, even where KL is inf; KL alone when
-    ce_weight == 0, even where CE is inf); the ce output is the weighted term. ce and kl are marked
-    non-differentiable, so loss must be a distinct tensor."""
+    ce_weight == 0 or on a row that ce_rows [N] (bool, where given) leaves out, even where CE is inf); the ce
+    output is the weighted term. ce and kl are marked non-differentiable, so loss must be a distinct tensor."""
+    if ce_rows is not None:
+        ce = torch.where(ce_rows, ce, 0.0)
     if options.ce_weight != 1:
         ce = torch.zeros_like(ce) if options.ce_weight == 0 else ce * options.ce_weight
     loss_rows = ce.clone() if options.lam == 0 else ce + options.kl_weight * kl

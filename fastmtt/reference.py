@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from fastmtt.reduction import MTTOutput
+import fastmtt.reduction
 
 
 def masked_kl_rows(logits, base_logits, labels, *, temperature=1.0, direction="forward", ignore_index=-100,
@@ -87,7 +87,7 @@ def mtt_loss(
     reduction: str = "mean",
     num_items_in_batch: Optional[int] = None,
     ce_weight: float = 1.0,
-) -> MTTOutput:
+) -> fastmtt.reduction.MTTOutput:
     """loss_i = ce_weight * CE_i + lam * T^2 * KL_i, reduced; gradient (autograd) flows to `logits` only.
     The components are the two terms: ce = ce_weight * CE, kl = KL."""
     base_logits = base_logits.detach()
@@ -98,7 +98,7 @@ def mtt_loss(
     loss = ce if lam == 0 else ce + lam * temperature**2 * kl  # lam = 0 is plain CE, even where KL is inf
     reduce = dict(labels=labels, ignore_index=ignore_index, reduction=reduction,
                   num_items_in_batch=num_items_in_batch)
-    return MTTOutput(reduce_rows(loss, **reduce), reduce_rows(ce, **reduce).detach(),
+    return fastmtt.reduction.MTTOutput(reduce_rows(loss, **reduce), reduce_rows(ce, **reduce).detach(),
                      reduce_rows(kl, **reduce).detach())
 
 
@@ -116,7 +116,7 @@ def linear_logits(hidden, weight, *, bias=None, lora_A=None, lora_B=None, lora_s
 
 
 def fused_linear_mtt_loss(hidden, base_hidden, weight, labels, *, bias=None, lora_A=None, lora_B=None, lora_scaling=1.0,
-                          softcap=None, **mtt_options) -> MTTOutput:
+                          softcap=None, **mtt_options) -> fastmtt.reduction.MTTOutput:
     """mtt_loss on materialized logits: adapted side with the LoRA head, base side (from the frozen
     base pass, detached) without it; both softcapped. `mtt_options` are those of `mtt_loss`."""
     logits = linear_logits(hidden, weight, bias=bias, lora_A=lora_A, lora_B=lora_B, lora_scaling=lora_scaling,

@@ -27,6 +27,7 @@ from fastmtt.kernels.mtt_math import (
     accumulate_tile,
     gradient_constants,
     load_statistics,
+    row_ce_weight,
     store_partials,
     tile_gradient,
 )
@@ -141,7 +142,7 @@ def _linear_mtt_fwd_kernel(
 
 @triton.jit
 def _linear_mtt_bwd_kernel(
-    hidden_ptr, base_ptr, weight_ptr, bias_ptr, lora_h_ptr, lora_b_ptr, labels_ptr,
+    hidden_ptr, base_ptr, weight_ptr, bias_ptr, lora_h_ptr, lora_b_ptr, labels_ptr, ce_rows_ptr,
     stats_ptr, coef_ptr,
     grad_hidden_ptr, grad_weight_ptr, grad_bias_ptr, grad_lora_h_ptr, grad_lora_b_ptr,
     stride_h, stride_b, stride_w, stride_lh, stride_lb,
@@ -151,7 +152,7 @@ def _linear_mtt_bwd_kernel(
     KL_GRAD: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr, MASK_TARGET: tl.constexpr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SOFTCAP: tl.constexpr,
     HIDDEN_GRAD: tl.constexpr, WEIGHT_GRAD: tl.constexpr, BIAS_GRAD: tl.constexpr,
-    LORA_H_GRAD: tl.constexpr, LORA_B_GRAD: tl.constexpr, FILTER: tl.constexpr,
+    LORA_H_GRAD: tl.constexpr, LORA_B_GRAD: tl.constexpr, FILTER: tl.constexpr, CE_ROWS: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,9 +167,10 @@ def _linear_mtt_bwd_kernel(
                         BLOCK_N, BLOCK_V, BLOCK_H, R_PAD, KL_GRAD, HAS_BIAS, LORA, SOFTCAP, UPCAST, PRECISION)
     ref, lse, z_ref, z_lse, b_ref, b_lse, value = load_statistics(stats_ptr, n_rows, rows, live)
     unit = tl.full((BLOCK_N,), 1.0, tl.float32)  # coef scales the gradient below, after the filter
+    ce_w = row_ce_weight(ce_rows_ptr, rows, row_mask, ce_weight, BLOCK_N, CE_ROWS)
     lse2, zc2, bc2, soft, kl_coef, shift = gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, unit, inv_t,
-                                                              kl_weight, ce_weight, DIVERGENCE, UNIT_TEMPERATURE)
-    grad = tile_gradient(z, b, col_mask, cols[None, :] == (labels - vocab_start)[:, None], unit * ce_weight,
+                                                              kl_weight, ce_w, DIVERGENCE, UNIT_TEMPERATURE)
+    grad = tile_gradient(z, b, col_mask, cols[None, :] == (labels - vocab_start)[:, None], ce_w,
                          inv_t * LOG2E, inv_t, ref, z_ref, b_ref, lse2, zc2, bc2, soft, kl_coef, shift, KL_GRAD,
                          DIVERGENCE, UNIT_TEMPERATURE, MASK_TARGET)
     if SOFTCAP:  # dz_pre = dz * (1 - tanh^2), tanh = z / c
@@ -317,18 +319,18 @@ def linear_mtt_forward(hidden, base_hidden, head, lora_hidden, labels, options, 
 
 
 def _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef, grads, options, *, threshold,
-                     vocab_start):
+                     vocab_start, ce_rows):
     flags, num_warps = _head_flags(hidden, head, lora_hidden, options)
     args = _head_args(hidden, base_hidden, head, lora_hidden, labels, vocab_start, options)
     dummy = _dummy(hidden.device)
     names = ("grad_hidden_ptr", "grad_weight_ptr", "grad_bias_ptr", "grad_lora_h_ptr", "grad_lora_b_ptr")
     args.update({name: dummy if g is None else g for name, g in zip(names, grads)})
     args.update(stats_ptr=stats, coef_ptr=coef, kl_weight=options.kl_weight, ce_weight=options.ce_weight,
-                threshold=float(threshold))
+                threshold=float(threshold), ce_rows_ptr=labels if ce_rows is None else ce_rows.to(torch.int8))
     flags.update(KL_GRAD=options.lam > 0, UNIT_TEMPERATURE=options.temperature == 1.0,
                  HIDDEN_GRAD=grads[0] is not None, WEIGHT_GRAD=grads[1] is not None, BIAS_GRAD=grads[2] is not None,
                  LORA_H_GRAD=grads[3] is not None, LORA_B_GRAD=grads[4] is not None,
-                 FILTER=threshold > 0 and options.lam == 0)
+                 FILTER=threshold > 0 and options.lam == 0, CE_ROWS=ce_rows is not None)
     grid = (triton.cdiv(hidden.shape[0], flags["BLOCK_N"]), triton.cdiv(head.weight.shape[0], flags["BLOCK_V"]))
     return Launch(_linear_mtt_bwd_kernel, grid, args, flags, num_warps)
 
@@ -346,12 +348,12 @@ def _alert_not_deterministic(what):
 
 
 def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, coef, options, *, threshold, needs,
-                        vocab_start=0):
-    """fp32 gradients of sum_i coef_i * loss_i as a LinearGrads (hidden [N, H], weight [V, H], bias [V],
-    lora_A [r, H], lora_B [V, r]), None where `needs` (a LinearGrads of bools) is False; stats: finalized
-    statistics [N_STATS, N]. The kernel forms g B [N, r] for a LoRA head; dh += s (g B) A and
-    dA = s (g B)^T h follow here (O(N r H)). With lam = 0, tiles whose |dL/dz| is everywhere below
-    `threshold` are skipped (0: exact)."""
+                        vocab_start=0, ce_rows=None):
+    """fp32 gradients of sum_i coef_i * loss_i (CE only on the rows ce_rows [N] marks, where given) as a
+    LinearGrads (hidden [N, H], weight [V, H], bias [V], lora_A [r, H], lora_B [V, r]), None where `needs` (a
+    LinearGrads of bools) is False; stats: finalized statistics [N_STATS, N]. The kernel forms g B [N, r] for
+    a LoRA head; dh += s (g B) A and dA = s (g B)^T h follow here (O(N r H)). With lam = 0, tiles whose
+    |dL/dz| is everywhere below `threshold` are skipped (0: exact)."""
     n_rows, n_hidden = hidden.shape
     n_cols = head.weight.shape[0]
     rank = 1 if lora_hidden is None else lora_hidden.shape[1]
@@ -363,7 +365,7 @@ def linear_mtt_backward(hidden, base_hidden, head, lora_hidden, labels, stats, c
     if n_rows and any(kernel_needs):
         _alert_not_deterministic("fused_linear_mtt_loss(tiled=True) backward")
         _backward_launch(hidden, base_hidden, head, lora_hidden, labels, stats, coef, grads, options,
-                         threshold=threshold, vocab_start=vocab_start).run()
+                         threshold=threshold, vocab_start=vocab_start, ce_rows=ce_rows).run()
     d_hidden, d_weight, d_bias, grad_lora_h, d_lora_B = grads
     d_lora_A = None
     if grad_lora_h is not None:
@@ -379,15 +381,15 @@ def _specs():
     """The launches of linear_mtt_forward and linear_mtt_backward at N=8192, H=4096, V=128256 as the tiled
     op makes them: on fp32, fp16 and bf16, the plain head (frozen or trained), a biased softcapped head
     (frozen or trained) and a LoRA head (r=16), by default and as plain CE (with the op's default
-    gradient filter); on bf16 also each FEATURE_COVER setting."""
+    gradient filter); on bf16 also each FEATURE_COVER setting, and CE on some rows only."""
     from fastmtt.head import LinearHead
-    from fastmtt.options import MTTOptions
+    from fastmtt.options import DEFAULT_GRAD_THRESHOLD, MTTOptions
 
     n_rows, n_hidden, n_cols, rank = 8192, 4096, 128256, 16
     labels = meta_tensor(n_rows, dtype=torch.int64)
     stats, coef = meta_tensor(P.N_STATS, n_rows, dtype=torch.float32), meta_tensor(n_rows, dtype=torch.float32)
 
-    def loss(dtype, options, head="plain", trained=False):
+    def loss(dtype, options, head="plain", trained=False, ce_rows=None):
         weight = meta_tensor(n_cols, n_hidden, dtype=dtype)
         bias = meta_tensor(n_cols, dtype=dtype) if head == "biased" else None
         lora = head == "lora"
@@ -398,9 +400,9 @@ def _specs():
         lora_hidden = meta_tensor(n_rows, rank, dtype=torch.float32) if lora else None
         linear_mtt_forward(hidden, base, linear_head, lora_hidden, labels, options, need_kl=False)
         needs = LinearGrads(True, trained, trained and bias is not None, lora, lora)
-        threshold = 2.0**-12 if dtype != torch.float32 and options.lam == 0 else 0.0
+        threshold = DEFAULT_GRAD_THRESHOLD if dtype != torch.float32 and options.lam == 0 else 0.0
         linear_mtt_backward(hidden, base, linear_head, lora_hidden, labels, stats, coef, options,
-                            threshold=threshold, needs=needs)
+                            threshold=threshold, needs=needs, ce_rows=ce_rows)
 
     with planning_for_gpu() as specs:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -410,4 +412,6 @@ def _specs():
             loss(dtype, MTTOptions(lam=0.0))
         for settings in FEATURE_COVER:
             loss(torch.bfloat16, MTTOptions(**settings))
+        for head in ("plain", "lora"):  # CE on some rows only
+            loss(torch.bfloat16, MTTOptions(), head, ce_rows=meta_tensor(n_rows, dtype=torch.bool))
     yield from specs

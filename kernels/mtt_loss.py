@@ -26,6 +26,7 @@ from fastmtt.kernels.mtt_math import (
     gradient_constants,
     load_statistics,
     logit_gradient,
+    row_ce_weight,
     row_statistics,
     store_partials,
     store_statistics,
@@ -79,7 +80,7 @@ def _load_tiles(z_ptrs, b_ptrs, valid, mask, MASKED: tl.constexpr, EVICT: tl.con
 def _mtt_loss_kernel(
     logits_ptr, logits_stride,
     base_ptr, base_stride,
-    labels_ptr,
+    labels_ptr, ce_rows_ptr,
     grad_ptr, grad_stride,
     out_ptr,
     scale_ptr,
@@ -87,10 +88,11 @@ def _mtt_loss_kernel(
     inv_t, kl_weight, ce_weight,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     MODE: tl.constexpr, DIVERGENCE: tl.constexpr, UNIT_TEMPERATURE: tl.constexpr, MASK_TARGET: tl.constexpr,
-    HAS_KL: tl.constexpr, KL_GRAD: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    HAS_KL: tl.constexpr, KL_GRAD: tl.constexpr, COMPUTE_GRAD: tl.constexpr, CE_ROWS: tl.constexpr,
 ):
     """out_ptr: statistics [N_STATS, n_rows] (written in MODE_WHOLE, read in MODE_GRADIENT) or partials
-    [N_PARTIALS, n_rows] (written in MODE_PARTIALS). scale_ptr: 1 element, the gradient's factor."""
+    [N_PARTIALS, n_rows] (written in MODE_PARTIALS). scale_ptr: 1 element, the gradient's factor. CE_ROWS:
+    ce_rows_ptr (int8 [n_rows]) marks the rows whose CE enters the gradient (`row_ce_weight`)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < n_rows
     labels = tl.load(labels_ptr + rows, mask=row_mask, other=ignore_index).to(tl.int64)
@@ -145,10 +147,11 @@ def _mtt_loss_kernel(
         n_tiles = tl.cdiv(n_cols, BLOCK_V)
         if any_valid:
             scale = tl.where(valid, tl.load(scale_ptr).to(tl.float32), 0.0)
+            ce_w = row_ce_weight(ce_rows_ptr, rows, row_mask, ce_weight, BLOCK_N, CE_ROWS)
             lse2, zc2, bc2, soft, kl_coef, shift = gradient_constants(ref, lse, z_ref, z_lse, b_lse, value, scale,
-                                                                      inv_t, kl_weight, ce_weight, DIVERGENCE,
+                                                                      inv_t, kl_weight, ce_w, DIVERGENCE,
                                                                       UNIT_TEMPERATURE)
-            ce_scale = scale * ce_weight
+            ce_scale = scale * ce_w
             for index in range(0, n_tiles):
                 start = (n_tiles - 1 - index) * BLOCK_V  # last tile first: pass 1 read it most recently
                 cols = start + offsets
@@ -216,21 +219,24 @@ def _block_sizes(n_cols: int) -> tuple[int, int, int]:
     return block_n, block_v, num_warps
 
 
-def _plan(logits, base_logits, labels, out, grad_out, grad_scale, options, *, mode, vocab_start, need_kl):
+def _plan(logits, base_logits, labels, out, grad_out, grad_scale, options, *, mode, vocab_start, need_kl,
+          ce_rows=None):
     n_rows, n_cols = logits.shape
     block_n, block_v, num_warps = _block_sizes(n_cols)
     compute_grad = grad_out is not None
+    ce_rows = ce_rows if compute_grad else None  # only the gradient reads it
     if not compute_grad:
         grad_out = out[:1]  # never written; gives the kernel a valid pointer and dtype
     args = dict(logits_ptr=logits, logits_stride=logits.stride(0), base_ptr=base_logits,
-                base_stride=base_logits.stride(0), labels_ptr=labels, grad_ptr=grad_out,
+                base_stride=base_logits.stride(0), labels_ptr=labels,
+                ce_rows_ptr=labels if ce_rows is None else ce_rows.to(torch.int8), grad_ptr=grad_out,
                 grad_stride=grad_out.stride(0), out_ptr=out, scale_ptr=grad_scale, n_rows=n_rows, n_cols=n_cols,
                 vocab_start=vocab_start, ignore_index=options.ignore_index, inv_t=1.0 / options.temperature,
                 kl_weight=options.kl_weight, ce_weight=options.ce_weight)
     constexprs = dict(BLOCK_N=block_n, BLOCK_V=block_v, MODE=mode.value, DIVERGENCE=DIVERGENCE_IDS[options.direction],
                       UNIT_TEMPERATURE=options.temperature == 1.0, MASK_TARGET=options.mask_target,
                       HAS_KL=need_kl or options.lam > 0 or mode.value == MODE_GRADIENT.value, KL_GRAD=options.lam > 0,
-                      COMPUTE_GRAD=compute_grad)
+                      COMPUTE_GRAD=compute_grad, CE_ROWS=ce_rows is not None)
     return Launch(_mtt_loss_kernel, (triton.cdiv(n_rows, block_n),), args, constexprs, num_warps)
 
 
@@ -240,14 +246,14 @@ def _prepare(logits, grad_scale):
     return grad_scale.float()
 
 
-def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None):
+def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None, ce_rows=None):
     """Row statistics [N_STATS, N] fp32 (LSE, Z', B', D, CE; fastmtt.kernels.mtt_math) of [N, V] logits;
-    writes grad_scale * dL_i/dlogits into `grad_out` if given (it may be `logits` itself). Rows must have
-    unit column stride."""
+    writes grad_scale * dL_i/dlogits into `grad_out` if given (it may be `logits` itself), CE's part only on
+    the rows ce_rows [N] (bool) marks where it is given. Rows must have unit column stride."""
     stats = torch.empty(P.N_STATS, logits.shape[0], dtype=torch.float32, device=logits.device)
     if logits.shape[0]:
         _plan(logits, base_logits, labels, stats, grad_out, _prepare(logits, grad_scale), options,
-              mode=MODE_WHOLE, vocab_start=0, need_kl=need_kl).run()
+              mode=MODE_WHOLE, vocab_start=0, need_kl=need_kl, ce_rows=ce_rows).run()
     return stats
 
 
@@ -261,11 +267,12 @@ def mtt_partials(logits, base_logits, labels, options, *, vocab_start, need_kl):
     return parts
 
 
-def mtt_gradient(logits, base_logits, labels, stats, options, *, vocab_start, grad_scale, grad_out):
-    """grad_scale * dL_i/dlogits of a vocabulary range into grad_out, from merged statistics [N_STATS, N]."""
+def mtt_gradient(logits, base_logits, labels, stats, options, *, vocab_start, grad_scale, grad_out, ce_rows=None):
+    """grad_scale * dL_i/dlogits of a vocabulary range into grad_out, from merged statistics [N_STATS, N]
+    (CE's part only on the rows ce_rows marks, as in `mtt_rows`)."""
     if logits.shape[0]:
         _plan(logits, base_logits, labels, stats, grad_out, _prepare(logits, grad_scale), options,
-              mode=MODE_GRADIENT, vocab_start=vocab_start, need_kl=True).run()
+              mode=MODE_GRADIENT, vocab_start=vocab_start, need_kl=True, ce_rows=ce_rows).run()
     return grad_out
 
 
@@ -274,7 +281,8 @@ def _specs():
     """The launches of mtt_rows, mtt_partials and mtt_gradient at N=8192, V=128256 as their callers make
     them: mtt_loss on fp32, fp16 and bf16 logits and the chunked fused-linear path (fp32 slabs, the
     gradient in the model's dtype), for each FEATURE_COVER setting; with the KL value asked for, and
-    without the gradient (evaluation); a vocabulary range's partials and gradient (vocab_parallel) on
+    without the gradient (evaluation); with CE on some rows only (MTTObjective); a vocabulary range's
+    partials and gradient (vocab_parallel) on
     16-bit logits and fp32 slabs, forward and reverse."""
     from fastmtt.options import MTTOptions
 
@@ -297,6 +305,11 @@ def _specs():
             logits, base, grad = rows(torch.bfloat16, torch.bfloat16)
             mtt_rows(logits, base, labels, options, need_kl=True, grad_out=grad)
             mtt_rows(logits, base, labels, options, need_kl=True)
+        ce_rows = meta_tensor(n_rows, dtype=torch.bool)  # MTTObjective's every-position KL: CE on some rows
+        for grad_dtype, options in [*((torch.bfloat16, options) for options in every),
+                                    (torch.float16, every[0]), (torch.float32, every[0])]:
+            logits, base, grad = rows(torch.float32, grad_dtype)
+            mtt_rows(logits, base, labels, options, need_kl=True, grad_out=grad, ce_rows=ce_rows)
         for dtype, options in itertools.product((torch.bfloat16, torch.float32), every[:3:2]):
             logits, base, grad = rows(dtype, dtype)
             mtt_partials(logits, base, labels, options, vocab_start=n_cols, need_kl=True)

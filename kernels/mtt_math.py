@@ -115,13 +115,6 @@ def divergence_update(w, d, mw_old, mw, sw_old, aw, ew, wr, mo_old, mo, ao, eo, 
 
 
 @triton.jit
-def logaddexp(a, b):
-    hi = tl.maximum(a, b)
-    hi_safe = tl.where(hi == float("-inf"), 0.0, hi)
-    return hi_safe + tl.log(tl.exp(a - hi_safe) + tl.exp(b - hi_safe))
-
-
-@triton.jit
 def _at_least_minus_one(y):
     """max(y, -1) with NaN kept (an explicit where: max's NaN semantics differ between GPU and interpreter)."""
     return tl.where(y < -1.0, -1.0, y)
@@ -212,6 +205,16 @@ def accumulate_tile(z, b, col_mask, is_label, scale2, m_z, s_z, m_r, s_r, m_b, s
         tl.where(kept, b, float("-inf")), scale2, m_z, s_z, m_r, s_r, m_b, s_b, w, d, HAS_KL, DIVERGENCE,
         UNIT_TEMPERATURE)
     return m_z, s_z, m_r, s_r, m_b, s_b, w, d, z_label, b_label
+
+
+@triton.jit
+def row_ce_weight(ce_rows_ptr, rows, row_mask, ce_weight, BLOCK_N: tl.constexpr, CE_ROWS: tl.constexpr):
+    """[BLOCK_N] CE weights: ce_weight, and with CE_ROWS 0 on the rows whose entry of ce_rows_ptr (int8 [N])
+    is 0 (the divergence alone there)."""
+    weight = tl.full([BLOCK_N], 1.0, tl.float32) * ce_weight
+    if CE_ROWS:
+        weight = tl.where(tl.load(ce_rows_ptr + rows, mask=row_mask, other=0) != 0, weight, 0.0)
+    return weight
 
 
 @triton.jit

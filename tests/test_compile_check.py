@@ -65,8 +65,8 @@ def test_an_unknown_arch_is_a_one_line_error_before_compiling():
 def _public_calls():
     """The public calls users make, by path, at sizes that are multiples of 16 (as real ones are): the row
     kernel (fp32/fp16/bf16, CE only, reverse, per-token), the chunked and tiled fused linear loss (plain,
-    biased, trained and LoRA heads, CE only) and the LoRA linear layer (PEFT's dtype pairs, dropout, bias,
-    row-major and transposed weights), each forward and backward."""
+    biased, trained and LoRA heads, CE only; CE on some rows only) and the LoRA linear layer (PEFT's dtype
+    pairs, dropout, bias, row-major and transposed weights), each forward and backward."""
     import fastmtt
 
     n_rows, n_hidden, n_cols, rank = 32, 32, 96, 8
@@ -90,6 +90,15 @@ def _public_calls():
                                  lora_B=torch.randn(n_cols, rank, dtype=dtype, requires_grad=True))
                 yield fastmtt.fused_linear_mtt_loss(hidden, torch.randn_like(hidden), weight, labels, backend="triton",
                                                     tiled=tiled, **extra, **options)
+    from fastmtt.head import LinearHead
+    from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
+
+    for tiled in (False, True):  # MTTObjective's every-position KL: CE on some rows only
+        hidden = torch.randn(n_rows, n_hidden, dtype=torch.bfloat16, requires_grad=True)
+        weight = torch.randn(n_cols, n_hidden, dtype=torch.bfloat16) / 4
+        yield fused_linear_mtt_loss_with_options(hidden, torch.randn_like(hidden), LinearHead(weight), labels,
+                                                 fastmtt.MTTOptions(), ce_rows=torch.arange(n_rows) % 2 == 0,
+                                                 return_components=True, backend="triton", tiled=tiled).loss
     for x_dtype, adapter_dtype in ((torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                    (torch.float16, torch.float16), (torch.bfloat16, torch.float32)):
         for dropout_p, bias, transposed in ((0.0, False, False), (0.1, True, False), (0.0, False, True)):

@@ -252,6 +252,12 @@ def test_module_matches_function():
     (dict(lora_A=torch.randn(RANK, HIDDEN - 1), lora_B=torch.randn(VOCAB, RANK)), "lora_A"),
     (dict(lam=-1.0), "lam"),
     (dict(ce_weight=-0.5), "ce_weight"),
+    (dict(softcap=float("inf")), "softcap must be None or a finite real number, got inf"),
+    (dict(softcap="30"), "softcap must be None or a finite real number, got '30'"),
+    (dict(grad_threshold="0.1"), "grad_threshold must be None or a finite real number, got '0.1'"),
+    (dict(tiled="y"), "tiled must be a bool, got 'y'"),
+    (dict(return_components="y"), "return_components must be a bool, got 'y'"),
+    (dict(lora_scaling=float("nan")), "lora_scaling must be a finite real number"),
 ])
 def test_bad_arguments_are_named(change, message):
     inputs, labels, _ = fused_linear_inputs(18)
@@ -569,3 +575,51 @@ def test_default_gpu_chunks_are_equal_multiples_of_128_within_the_memory(n_rows,
     assert sizes[0] - sizes[-1] < 128 * chunks  # equal but for the rounding to 128 rows
     assert rows * vocab * SLAB_BYTES_PER_ENTRY <= max(min(1 << 32, free // 2), 1024 * vocab * SLAB_BYTES_PER_ENTRY)
     assert rows >= min(1024, -(-n_rows // 128) * 128)
+
+
+def _two_part_loss(fn, leaves, labels, ce_rows, **options):
+    """The loss of two calls: CE and the divergence on ce_rows, the divergence alone (ce_weight=0) elsewhere."""
+    outs = [fn(leaves["hidden"][rows], leaves["base_hidden"][rows], leaves["weight"], labels[rows],
+               bias=leaves["bias"], lora_A=leaves["lora_A"], lora_B=leaves["lora_B"], **options, ce_weight=weight)
+            for rows, weight in ((ce_rows, 1.0), (~ce_rows, 0.0))]
+    return fastmtt.MTTOutput(*(a + b for a, b in zip(*outs)))
+
+
+@pytest.mark.parametrize("backend,tiled", [("torch", False), ("triton", False), ("triton", True)])
+def test_ce_rows_in_one_call_equal_two_calls_and_the_reference(backend, tiled):
+    """ce_rows (MTTObjective's every-position KL): CE where it marks a row, the divergence alone elsewhere, in
+    one call; equal to the two calls it replaces and, by the parity rule, to the fp64 reference."""
+    from fastmtt.head import LinearHead
+    from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
+
+    inputs, labels, trainable = fused_linear_inputs(23, bias=True, lora=True, weight_grad=True)
+    ce_rows = torch.rand(N_ROWS, generator=torch.Generator().manual_seed(3)) < 0.5
+    ce_rows[:2] = torch.tensor([True, False])  # targets 0 and V-1 on either side
+    settings = dict(lam=0.8, temperature=1.5, direction="forward", num_items_in_batch=40)
+    names = [k for k in FUSED_LINEAR_GRADS if k in trainable]
+
+    def run(dtype, one_call, fn=fastmtt.fused_linear_mtt_loss):
+        leaves = {k: v.detach().to(dtype).requires_grad_(k in trainable) for k, v in inputs.items()}
+        if one_call:
+            options = fastmtt.MTTOptions(**{k: v for k, v in settings.items() if k != "num_items_in_batch"})
+            head = LinearHead(leaves["weight"], leaves["bias"], leaves["lora_A"], leaves["lora_B"])
+            out = fused_linear_mtt_loss_with_options(
+                leaves["hidden"], leaves["base_hidden"], head, labels, options, ce_rows=ce_rows,
+                num_items_in_batch=40, return_components=True, backend=backend, tiled=tiled,
+                chunk_size=None if tiled else 16)
+        else:
+            extra = {} if fn is not fastmtt.fused_linear_mtt_loss else dict(return_components=True, backend=backend)
+            out = _two_part_loss(fn, leaves, labels, ce_rows, **settings, **extra)
+        return out, dict(zip(names, torch.autograd.grad(out.loss * 1.5, [leaves[k] for k in names])))
+
+    one, two = run(torch.float32, True), run(torch.float32, False)
+    same, truth = run(torch.float32, False, reference.fused_linear_mtt_loss), run(torch.float64, False,
+                                                                                  reference.fused_linear_mtt_loss)
+    assert bool(torch.isfinite(one[0].loss)) and one[0].ce > 0 and one[0].kl > 0
+    for what, got, want in zip(("loss", "ce", "kl"), one[0], two[0]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=what)
+        assert_parity(what, got, getattr(same[0], what), getattr(truth[0], what), torch.float32)
+    assert one[1].keys() == truth[1].keys() and one[1]
+    for name, grad in one[1].items():
+        torch.testing.assert_close(grad, two[1][name], rtol=1e-4, atol=1e-6, msg=name)
+        assert_parity(f"d{name}", grad, same[1][name], truth[1][name], torch.float32)

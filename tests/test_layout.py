@@ -1,5 +1,5 @@
-"""The layering of docs/architecture.md, checked on the imports; the names that moved still import from where
-they were; the Example: blocks of the public docstrings run."""
+"""The layering of docs/architecture.md, checked on the imports (no import cycle among them); the Example: blocks
+of the public docstrings run."""
 import ast
 import doctest
 
@@ -44,25 +44,93 @@ def test_pytorch_implementations_import_neither_ops_nor_kernels(path):
     assert not upward
 
 
-def test_moved_names_import_from_where_they_were():
-    import fastmtt
+def module_files():
+    """{module name: file} of every module of fastmtt/ and kernels/ (installed as fastmtt.kernels)."""
+    files = {}
+    for package, folder in (("fastmtt", ROOT / "fastmtt"), ("fastmtt.kernels", ROOT / "kernels")):
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            files[".".join((package, *parts[:-1], *(() if parts[-1] == "__init__" else parts[-1:])))] = path
+    return files
+
+
+def import_graph():
+    """{module: the fastmtt modules it imports}, at the top or inside a function, a package's `__init__` only
+    where the package itself is imported (`from fastmtt import partials` is fastmtt.partials)."""
+    files = module_files()
+
+    def resolve(name):
+        while name not in files and "." in name:
+            name = name.rpartition(".")[0]
+        return name if name in files else None
+
+    graph = {}
+    for module, path in files.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not node.level, f"{path}: a relative import"
+                names = (f"{node.module}.{alias.name}" for alias in node.names)
+                targets.update(resolve(name) if name in files else resolve(node.module) for name in names)
+            elif isinstance(node, ast.Import):
+                targets.update(resolve(alias.name) for alias in node.names)
+        graph[module] = {target for target in targets if target and target != module}
+    return graph
+
+
+def import_cycles(graph):
+    """Every cycle of `graph` found by a depth-first walk, each as the list of its modules."""
+    cycles, state, stack = [], {}, []
+
+    def visit(module):
+        state[module] = "open"
+        stack.append(module)
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target)
+        stack.pop()
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module)
+    return cycles
+
+
+def test_no_compatibility_names():
+    """Names that moved (to fastmtt.reduction, fastmtt.rows) are imported from their home only."""
+    import fastmtt.parallel
     import fastmtt.pytorch.mtt_loss
-    import fastmtt.reduction
     import fastmtt.reference
 
-    assert fastmtt.reference.MTTOutput is fastmtt.MTTOutput is fastmtt.reduction.MTTOutput
-    assert fastmtt.pytorch.mtt_loss.accumulator_dtype is fastmtt.reduction.accumulator_dtype
+    assert not hasattr(fastmtt.reference, "MTTOutput")
+    assert not hasattr(fastmtt.pytorch.mtt_loss, "accumulator_dtype")
+    assert not any(hasattr(fastmtt.parallel.VocabParallel, name) for name in ("rows_fn", "row_function"))
 
 
-def test_vocab_parallel_rows_fn_is_row_function_of_the_backend(monkeypatch):
-    import fastmtt.ops.mtt_loss as op
-    from fastmtt import VocabParallel
+SHARED = ("fastmtt.partials", "fastmtt.parallel", "fastmtt.reduction", "fastmtt.options", "fastmtt.head",
+          "fastmtt._checks", "fastmtt._dispatch")
 
-    split = VocabParallel(0, 4)
-    seen = []
-    monkeypatch.setattr(VocabParallel, "row_function", lambda self, implementations: seen.append(implementations))
-    split.rows_fn("torch")
-    assert seen == [op.row_implementations("torch")]
+
+def test_the_shared_layer_imports_only_itself():
+    graph = import_graph()
+    assert {module: sorted(graph[module] - set(SHARED)) for module in SHARED if graph[module] - set(SHARED)} == {}
+
+
+def test_import_cycles_are_found():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle_in_fastmtt_or_kernels():
+    graph = import_graph()
+    assert {"fastmtt.ops.mtt_loss", "fastmtt.kernels.mtt_loss", "fastmtt.rows"} <= set(graph)
+    assert "fastmtt.kernels.mtt_loss" in graph["fastmtt.rows"]  # an import inside a function counts
+    assert [" -> ".join(cycle) for cycle in import_cycles(graph)] == []
+
+
 def public_objects():
     import fastmtt
     import fastmtt.trainer

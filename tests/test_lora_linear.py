@@ -201,6 +201,7 @@ def test_no_grad_and_empty_input():
     (dict(lora_B=torch.randn(6, 2, dtype=torch.float16)), "lora_B must have lora_A's dtype"),
     (dict(x=torch.ones(3, 10, dtype=torch.int64)), "x must be a floating-point tensor"),
     (dict(dropout_p=1.0), "dropout_p must lie in"),
+    (dict(dropout_p="0.1"), "dropout_p must lie in"),
     (dict(scaling="2"), "scaling must be a real number"),
     (dict(backend="cuda"), "backend must be one of"),
 ])
@@ -298,7 +299,9 @@ def test_auto_runs_the_fused_kernel_only_where_it_was_measured_faster(monkeypatc
     seen = []
     real = op.LoRALinearFunction.apply
     monkeypatch.setattr(op.LoRALinearFunction, "apply", lambda *args: seen.append(args[-1]) or real(*args))
-    monkeypatch.setattr(op, "resolve_backend", lambda backend, *tensors: "triton")  # as for CUDA tensors
+    # as "auto" resolves for CUDA tensors: the kernel where the op says it serves the call (auto_kernel)
+    monkeypatch.setattr(op, "resolve_backend", lambda backend, *tensors, auto_kernel: "triton" if auto_kernel
+                        else "torch")
     x, weight = torch.randn(5, 8), torch.randn(6, 8)
     lora_a, lora_b = torch.randn(2, 8), torch.randn(6, 2)
     lora_linear(x, weight, lora_a, lora_b, 2.0)

@@ -211,6 +211,23 @@ def test_overwrite_logits_stores_the_gradient_in_place(backend):
     torch.testing.assert_close(x.grad, expected)
 
 
+def test_rows_are_read_in_place_where_they_flatten_and_copied_otherwise():
+    """docs/api.md, guarantees.md: [N, V] rows with any row stride are read (and with overwrite_logits written)
+    in place; leading dims that do not flatten (logits[:, :-1] of [B, T, V]) are copied once."""
+    logits, base, labels = mtt_inputs(12, 50, torch.float32, seed=31)
+    wide = torch.cat([logits, torch.zeros(12, 7)], 1).requires_grad_(True)
+    rows = wide[:, :50]  # row stride 57
+    with torch.no_grad():
+        before = wide.detach().clone()
+    fastmtt.mtt_loss(rows, base, labels, overwrite_logits=True, backend="torch")
+    assert not torch.equal(wide.detach()[:, :50], before[:, :50])  # the gradient went into the caller's rows
+    full = torch.cat([logits.reshape(3, 4, 50), torch.zeros(3, 1, 50)], 1).requires_grad_(True)  # [3, 5, 50]
+    kept = full.detach().clone()
+    fastmtt.mtt_loss(full[:, :-1], base.reshape(3, 4, 50), labels.reshape(3, 4), overwrite_logits=True,
+                     backend="torch")
+    assert torch.equal(full.detach(), kept)  # written into a copy: [3, 4] rows of batch stride 250 do not flatten
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_work_without_requires_grad(backend, monkeypatch):
     seen = spy_on_row_gradients(monkeypatch)
@@ -339,6 +356,8 @@ def test_kl_of_close_rows_with_offset_logits_keeps_its_digits(backend, direction
     (lambda a: a.update(num_items_in_batch=2.5), ValueError, "num_items_in_batch"),
     (lambda a: a.update(num_items_in_batch=4, reduction="sum"), ValueError, "num_items_in_batch"),
     (lambda a: a.update(backend="cuda"), ValueError, "backend"),
+    (lambda a: a.update(return_components="y"), TypeError, "return_components must be a bool, got 'y'"),
+    (lambda a: a.update(overwrite_logits=1), TypeError, "overwrite_logits must be a bool"),
 ])
 def test_bad_arguments_name_the_argument(change, error, match):
     logits, base, labels = mtt_inputs(6, 11, torch.float32, seed=21)
@@ -543,6 +562,54 @@ def test_vocabulary_split_in_two_and_merged_equals_whole_vocabulary(backend, dir
         torch.testing.assert_close(grad, whole_grad[:, a:b], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ce_rows_equal_ce_weight_zero_on_the_other_rows_whole_and_split(backend):
+    """ce_rows: CE on the rows it marks, the divergence alone (ce_weight=0) on the others: equal to the two
+    calls it replaces, to the reference, and across a vocabulary split (each range's gradient from the merged
+    statistics)."""
+    from fastmtt.ops.mtt_loss import mtt_loss_with_options
+    from fastmtt.options import MTTOptions
+
+    logits, base, labels = mtt_inputs(21, 130, torch.float32, seed=8)
+    ce_rows = torch.arange(21) % 3 != 0
+    options = MTTOptions(lam=0.9, temperature=1.5)
+
+    def run(fn, dtype, **kwargs):
+        leaf = logits.to(dtype, copy=True).requires_grad_(True)
+        out = fn(leaf, base.to(dtype), **kwargs)
+        (grad,) = torch.autograd.grad(out[0], leaf)
+        return (*out, grad)
+
+    def two_calls(fn, leaf, base_logits, **kwargs):
+        parts = [fn(leaf[rows], base_logits[rows], labels[rows], lam=0.9, temperature=1.5, num_items_in_batch=30,
+                    ce_weight=weight, **kwargs) for rows, weight in ((ce_rows, 1.0), (~ce_rows, 0.0))]
+        return [a + b for a, b in zip(*parts)]
+
+    one = run(lambda leaf, b: mtt_loss_with_options(leaf, b, labels, options, ce_rows=ce_rows, num_items_in_batch=30,
+                                                    return_components=True, backend=backend), torch.float32)
+    two = run(lambda leaf, b: two_calls(fastmtt.mtt_loss, leaf, b, return_components=True, backend=backend),
+              torch.float32)
+    same, truth = (run(lambda leaf, b: two_calls(reference.mtt_loss, leaf, b), dtype)
+                   for dtype in (torch.float32, torch.float64))
+    assert one[1] > 0 and one[2] > 0
+    for what, got, want, s, t in zip(("loss", "ce", "kl", "grad"), one, two, same, truth):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=what)
+        assert_parity(what, got, s, t, torch.float32)
+
+    from fastmtt.rows import merged_statistics, mtt_gradient, mtt_partials
+
+    scale = torch.tensor([1 / 30])
+    ranges = [(0, 62), (62, 130)]
+    parts = torch.stack([mtt_partials(logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels, options,
+                                      backend=backend, vocab_start=a, need_kl=True) for a, b in ranges])
+    merged = merged_statistics(parts.float(), labels, options, True)
+    for a, b in ranges:
+        grad = torch.empty(21, b - a)
+        mtt_gradient(logits[:, a:b].contiguous(), base[:, a:b].contiguous(), labels, merged, options, backend=backend,
+                     vocab_start=a, grad_scale=scale, grad_out=grad, ce_rows=ce_rows)
+        torch.testing.assert_close(grad, one[3][:, a:b], rtol=1e-5, atol=1e-6)
+
+
 # --- the regularizer's gradient on its own, on realistic rows ---
 
 def confident_rows(n, v, seed):
@@ -632,6 +699,22 @@ def test_non_finite_or_overflowing_settings_are_refused_up_front(settings, match
         with pytest.raises(ValueError, match=match):
             build(**settings)
     assert fastmtt.MTTOptions(lam=0.0, temperature=1e20).kl_weight == 0.0  # no divergence term: nothing overflows
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (lambda: fastmtt.MTTLoss(backend="x"), ValueError, "backend must be one of"),
+    (lambda: fastmtt.MTTLoss(return_components="y"), TypeError, "return_components must be a bool"),
+    (lambda: fastmtt.FusedLinearMTTLoss(tiled="y"), TypeError, "tiled must be a bool, got 'y'"),
+    (lambda: fastmtt.FusedLinearMTTLoss(backend="x"), ValueError, "backend must be one of"),
+    (lambda: fastmtt.FusedLinearMTTLoss(softcap=float("inf")), ValueError, "softcap must be None or a finite"),
+    (lambda: fastmtt.FusedLinearMTTLoss(softcap="30"), TypeError, "softcap must be None or a finite real number"),
+    (lambda: fastmtt.FusedLinearMTTLoss(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (lambda: fastmtt.FusedLinearMTTLoss(lora_scaling="2"), TypeError, "lora_scaling must be a finite real number"),
+    (lambda: fastmtt.MTTObjective(backend="x"), ValueError, "backend must be one of"),
+])
+def test_modules_and_the_objective_check_their_settings_at_construction(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
 
 
 def test_options_with_keywords_is_refused_by_every_entry_point():

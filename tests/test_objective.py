@@ -116,6 +116,22 @@ def test_all_ignored_batch_gives_zero_loss():
     assert all(torch.all(g == 0) for g in trainable_grads(model).values())
 
 
+def test_every_position_kl_is_one_fused_call(monkeypatch):
+    """kl_positions="all": labelled and unlabelled rows go through one fused call, CE marked by ce_rows (the
+    result against the reference: test_kl_at_every_position_keeps_ce_on_the_labels)."""
+    real, calls = fastmtt.objective.fused_linear_mtt_loss_with_options, []
+    monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss_with_options",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or real(*args, **kwargs))
+    model, batch = tiny_peft(), padded_batch(batch=4)
+    batch["labels"][2, :7] = -100
+    MTTObjective(lam=0.8)(model, **batch)
+    ((args, kwargs),) = calls
+    labelled = batch["labels"][:, 1:] != -100
+    attended = batch["attention_mask"][:, :-1].bool() & batch["attention_mask"][:, 1:].bool()
+    assert args[3].shape == (int(attended.sum()),) and int(kwargs["ce_rows"].sum()) == int(labelled.sum())
+    assert int(kwargs["num_items_in_batch"]) == int(labelled.sum()) < int(attended.sum())
+
+
 def test_head_loss_goes_through_the_fused_linear_loss(monkeypatch):
     calls = []
 
@@ -243,7 +259,7 @@ def test_autocast_runs_the_head_loss_in_its_dtype_without_autocast(monkeypatch):
     monkeypatch.setattr(fastmtt.objective, "fused_linear_mtt_loss_with_options", spy)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         MTTObjective()(model, **batch)
-    assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)] * 2  # the labelled rows, the prompt's
+    assert seen == [(torch.bfloat16, torch.bfloat16, {torch.bfloat16}, False)]  # one call: labelled rows and prompt
 
 
 def padded(batch, left, right):
@@ -334,11 +350,10 @@ def test_kl_budget_follows_trls_adaptive_controller():
     assert budget.update(2.0, 5.0) == pytest.approx(2.0 * (1 + 0.2 / 4))  # the correction is clipped at +-20%
     assert budget.update(2.0, 0.0) == pytest.approx(2.0 * (1 - 0.2 / 4))
     assert budget.update(2.0, float("nan")) == 2.0
-    for name, value in (("target_kl", 0.0), ("target_kl", float("inf")), ("kl_horizon", -1.0), ("kl_horizon", 0.5),
+    for name, value in (("target_kl", 0.0), ("target_kl", float("inf")), ("horizon", -1.0), ("horizon", 0.5),
                         ("target_kl", True)):
-        with pytest.raises(ValueError, match=name):
-            fastmtt.objective.KLBudget(**{"target_kl": 0.1, "horizon": 1.0,
-                                          name.replace("kl_", ""): value})
+        with pytest.raises(ValueError, match=f"^{name} "):
+            fastmtt.objective.KLBudget(**{"target_kl": 0.1, "horizon": 1.0, name: value})
 
 
 def test_target_kl_moves_lam_towards_the_budget_at_each_end_step():

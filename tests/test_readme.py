@@ -148,7 +148,9 @@ def test_auto_backend_of_lora_linear_is_pytorch_until_a_gpu_measurement(monkeypa
     monkeypatch.setattr(op.LoRALinearFunction, "apply", lambda *args: seen.append(args[-1]) or real(*args))
     x, weight, lora_a, lora_b = torch.randn(5, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2)
     op.lora_linear(x, weight, lora_a, lora_b, 2.0)  # CPU tensors
-    monkeypatch.setattr(op, "resolve_backend", lambda backend, *tensors: "triton")  # what CUDA tensors resolve to
+    # what CUDA tensors resolve to: "auto" runs the kernel only where the op says it serves the call
+    monkeypatch.setattr(op, "resolve_backend", lambda backend, *tensors, auto_kernel: "triton"
+                        if backend == "triton" or auto_kernel else "torch")
     op.lora_linear(x, weight, lora_a, lora_b, 2.0)
     op.lora_linear(x, weight, lora_a, lora_b, 2.0, backend="triton")
     assert seen == ["torch", "torch", "triton"]
@@ -232,7 +234,8 @@ def test_chunk_rows_on_the_cpu():
 
 def test_chunk_rows_on_a_gpu():
     """docs/kernels.md: on a GPU, equal chunks in multiples of 128 rows, as few as fit half the free memory
-    capped at 4 GiB of slabs (10 bytes per entry: two fp32 slabs and a 16-bit gradient), at least 1024 rows."""
+    capped at 4 GiB of slabs (10 bytes per entry: two fp32 slabs and a 16-bit gradient; 8 for fp32, 12 with
+    softcap), at least 1024 rows (which overrides the cap above V of about 419k)."""
     from fastmtt.ops import chunked_linear_mtt as chunked
 
     cuda = torch.device("cuda")
@@ -240,6 +243,10 @@ def test_chunk_rows_on_a_gpu():
     assert size(8192, 80 << 30) == 2816  # at most 3328 rows fit 4 GiB: 3 equal chunks of 2731 -> 2816 rows
     assert size(8192, 2 << 30) == 1024  # 1 GiB fits 768 rows: the floor, 1024
     assert size(1000, 80 << 30) == 1024
+    assert [chunked.slab_bytes_per_entry(dtype, softcap) for dtype, softcap in (
+        (torch.bfloat16, None), (torch.float16, 30.0), (torch.float32, None), (torch.float32, 30.0))] == [10, 10, 8, 12]
+    big = 500_000  # above 4 GiB / (10 bytes x 1024 rows): the 1024-row floor overrides the 4 GiB cap
+    assert chunked.default_chunk_size(8192, 4096, big, cuda, free_bytes=80 << 30) == 1024
 
 
 def test_vocab_parallel_exchanges_the_partials_of_each_row(monkeypatch, tmp_path):
@@ -280,8 +287,7 @@ def test_gpu_launch_configurations(monkeypatch):
     from fastmtt.kernels import lora_linear as lora
     from fastmtt.kernels import mtt_loss as rows
 
-    from fastmtt.ops import fused_linear_mtt_loss as op
-
+    from fastmtt import options
     monkeypatch.setattr(tiled, "interpreting", lambda: False)
     monkeypatch.setattr(rows, "interpreting", lambda: False)
     monkeypatch.setattr(tiled, "sm_count", lambda device: 132)
@@ -296,7 +302,7 @@ def test_gpu_launch_configurations(monkeypatch):
     assert {rows._block_sizes(v)[1] for v in (128256, 32000, 2048)} == {2048, 4096}
     assert {rows._block_sizes(v)[2] for v in (128256, 512, 128)} == {4, 8}
     assert rows._block_sizes(1024)[0] > 1 and rows._block_sizes(2048)[0] == 1
-    assert op.DEFAULT_GRAD_THRESHOLD == 2**-12
+    assert options.DEFAULT_GRAD_THRESHOLD == 2**-12
     assert lora.MAX_RANK == 128
 
 

@@ -256,10 +256,12 @@ ROW_IMPLEMENTATIONS = ("torch", "triton")
 
 def implementation(op, backend):
     """fastmtt's row function `op` ("mtt_rows", "mtt_partials" or "mtt_gradient") on backend "torch" or
-    "triton", as the ops call it."""
-    from fastmtt.ops.mtt_loss import row_implementations
+    "triton", as the ops call it (fastmtt/rows.py)."""
+    import functools
 
-    return getattr(row_implementations(backend), op)
+    import fastmtt.rows
+
+    return functools.partial(getattr(fastmtt.rows, op), backend=backend)
 
 
 def mtt_rows(backend, logits, base, labels, *, grad_out=None, **options):
@@ -275,19 +277,12 @@ def mtt_rows(backend, logits, base, labels, *, grad_out=None, **options):
 
 def spy_on_row_gradients(monkeypatch):
     """Records the grad_out argument of every call of a row implementation made by mtt_loss."""
-    from types import SimpleNamespace
-
     import fastmtt.ops.mtt_loss as op
 
     seen = []
-    real = op.row_implementations
-
-    def spying(backend):
-        rows = real(backend).mtt_rows
-        spy = lambda *args, **kwargs: seen.append(kwargs["grad_out"]) or rows(*args, **kwargs)  # noqa: E731
-        return SimpleNamespace(mtt_rows=spy)
-
-    monkeypatch.setattr(op, "row_implementations", spying)
+    real = op.mtt_rows
+    monkeypatch.setattr(op, "mtt_rows", lambda *args, **kwargs: seen.append(kwargs["grad_out"]) or real(*args,
+                                                                                                          **kwargs))
     return seen
 
 

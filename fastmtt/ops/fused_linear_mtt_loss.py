@@ -19,21 +19,22 @@ from typing import Optional, Union
 import torch
 
 from fastmtt._checks import (
+    check_bool,
+    check_ce_rows,
     check_float_tensor,
     check_labels,
     check_num_items,
+    check_number,
     check_same_device,
     check_values,
     check_vocab_parallel,
 )
-from fastmtt._dispatch import resolve_backend
+from fastmtt._dispatch import check_backend, resolve_backend
 from fastmtt.head import LinearGrads, LinearHead
-from fastmtt.ops.chunked_linear_mtt import chunked_linear_mtt, default_chunk_size
-from fastmtt.ops.mtt_loss import row_function
-from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
+from fastmtt.ops.chunked_linear_mtt import chunked_linear_mtt, default_chunk_size, slab_bytes_per_entry
+from fastmtt.options import DEFAULT_GRAD_THRESHOLD, DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL
-from fastmtt.pytorch.partials import finalize, merge_partials
 from fastmtt.reduction import (
     MTTOutput,
     accumulator_dtype,
@@ -43,8 +44,7 @@ from fastmtt.reduction import (
     reduced_outputs,
     take_gradients,
 )
-
-DEFAULT_GRAD_THRESHOLD = 2.0**-12  # tiled path, lam = 0 only: Cut Cross-Entropy's filter for 16-bit inputs
+from fastmtt.rows import merged_statistics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +61,7 @@ class _Plan:
     grad_threshold: float
     splits: Optional[int]
     vocab_parallel: Optional[VocabParallel]
+    ce_rows: Optional[torch.Tensor]  # [N] bool: the rows with CE (None: all)
 
     def head_with(self, weight, bias, lora_A, lora_B) -> LinearHead:
         """The LinearHead of these tensors with the plan's scalars."""
@@ -82,7 +83,7 @@ class FusedLinearMTTFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels)
         ctx.plan, ctx.needs = plan, needs
         keep_gradients(ctx, *(() if deferred else grads))
-        return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale)
+        return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale, plan.ce_rows)
 
     @staticmethod
     @once_differentiable("fused_linear_mtt_loss")
@@ -97,12 +98,12 @@ class FusedLinearMTTFunction(torch.autograd.Function):
 
 
 def _walk(hidden, base_hidden, labels, head, plan, needs, row_weights=None):
-    """The chunk walk; across a vocabulary split the row function exchanges statistics and the gradients
-    that sum over the vocabulary (dh, dA) are summed across ranks."""
+    """The chunk walk; across a vocabulary split the rows exchange statistics and the gradients that sum over
+    the vocabulary (dh, dA) are summed across ranks."""
     vocab_parallel = plan.vocab_parallel
-    stats, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, plan.options,
-                                      rows_fn=row_function(plan.backend, vocab_parallel),
-                                      need_kl=plan.need_kl, scale=plan.scale, chunk_size=plan.chunk_size, needs=needs,
+    stats, grads = chunked_linear_mtt(hidden, base_hidden, labels, head, plan.options, backend=plan.backend,
+                                      vocab_parallel=vocab_parallel, ce_rows=plan.ce_rows, need_kl=plan.need_kl,
+                                      scale=plan.scale, chunk_size=plan.chunk_size, needs=needs,
                                       row_weights=row_weights)
     if vocab_parallel is not None:
         vocab_parallel.sum_across_ranks(grads.hidden, grads.lora_A)
@@ -123,14 +124,10 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         partials = linear_mtt_forward(
             hidden, base_hidden, head, lora_hidden, labels, plan.options, need_kl=plan.need_kl, splits=plan.splits,
             vocab_start=0 if vocab_parallel is None else vocab_parallel.start)
-        if vocab_parallel is None:
-            stats = finalize(merge_partials(partials, plan.options), labels, plan.options,
-                             need_kl=plan.need_kl)
-        else:
-            stats = vocab_parallel.merged_statistics(partials, labels, plan.options, plan.need_kl)
+        stats = merged_statistics(partials, labels, plan.options, plan.need_kl, vocab_parallel)
         ctx.save_for_backward(hidden, weight, bias, lora_A, lora_B, base_hidden, labels, lora_hidden, stats)
         ctx.plan = plan
-        return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale)
+        return reduced_outputs(ctx, stats[CE], stats[KL], plan.options, plan.scale, plan.ce_rows)
 
     @staticmethod
     @once_differentiable("fused_linear_mtt_loss")
@@ -144,7 +141,7 @@ class TiledFusedLinearMTTFunction(torch.autograd.Function):
         grads = linear_mtt_backward(
             hidden, base_hidden, plan.head_with(weight, bias, lora_A, lora_B), lora_hidden, labels, stats,
             row_coef, plan.options, threshold=plan.grad_threshold, needs=LinearGrads(*ctx.needs_input_grad[:5]),
-            vocab_start=0 if vocab_parallel is None else vocab_parallel.start)
+            vocab_start=0 if vocab_parallel is None else vocab_parallel.start, ce_rows=plan.ce_rows)
         if vocab_parallel is not None:
             vocab_parallel.sum_across_ranks(grads.hidden, grads.lora_A)
         inputs = (hidden, weight, bias, lora_A, lora_B)
@@ -163,7 +160,21 @@ def _eager_apply():
     return torch.compiler.disable(lambda function, *args: function.apply(*args))
 
 
-def _check_head(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap):
+def _check_settings(*, lora_scaling=1.0, softcap=None, return_components=False, backend="auto", tiled=False,
+                    chunk_size=None, grad_threshold=None):
+    """The settings of `fused_linear_mtt_loss` and `FusedLinearMTTLoss` that are not tensors."""
+    check_number("lora_scaling", lora_scaling)
+    check_number("softcap", softcap, above=0, optional=True)
+    check_bool("return_components", return_components)
+    check_backend(backend)
+    check_bool("tiled", tiled)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_number("grad_threshold", grad_threshold, least=0, optional=True)
+
+
+def _check_head(hidden, weight, bias, lora_A, lora_B):
     hidden_size = hidden.shape[-1]
     check_float_tensor("weight", weight, min_dim=2)
     if weight.dim() != 2 or weight.shape[1] != hidden_size:
@@ -183,10 +194,6 @@ def _check_head(hidden, weight, bias, lora_A, lora_B, lora_scaling, softcap):
         if lora_A.dim() != 2 or lora_A.shape[1] != hidden_size:
             raise ValueError(f"lora_A must have shape [r, {hidden_size}], got {tuple(lora_A.shape)}")
         check_float_tensor("lora_B", lora_B, shape=(vocab_size, lora_A.shape[0]))
-    if isinstance(lora_scaling, bool) or not isinstance(lora_scaling, (int, float)):
-        raise TypeError(f"lora_scaling must be a float, got {type(lora_scaling).__name__}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be None or > 0, got {softcap}")
 
 
 def fused_linear_mtt_loss(
@@ -218,15 +225,18 @@ def fused_linear_mtt_loss(
         base_hidden: [..., H], the frozen base pass's; never gets a gradient.
         weight: [V, H] in hidden's dtype, the output head; gets a gradient when it requires one.
         labels: [...] integers in [0, V) or ignore_index, aligned with the rows (no shifting).
-        bias: [V] or None (default). lora_A: [r, H] and lora_B: [V, r], or None (default): LoRA on the head,
-            adapted side only; lora_scaling: its s (default 1.0). All get gradients when they require them.
+        bias: [V] or None (default); gets a gradient when it requires one.
+        lora_A, lora_B: [r, H] and [V, r], or None (defaults None, None): LoRA on the head, adapted side only;
+            they get gradients when they require them.
+        lora_scaling: the LoRA s (default 1.0).
         softcap: c > 0 or None (default): logits c * tanh(x / c) on both sides.
         lam, temperature, direction, mask_target, ignore_index, reduction, ce_weight, num_items_in_batch,
             return_components, backend: as in `mtt_loss`.
         tiled: False (default): the chunked path. True: the tiled Triton kernels (least memory, about 5/3
             the matrix work; CUDA, or backend="triton" with TRITON_INTERPRET=1).
         chunk_size: rows per chunk of the chunked path (default None: `default_chunk_size`, on a GPU equal
-            chunks in multiples of 128 rows whose slabs take at most half the free memory and 4 GiB).
+            chunks in multiples of 128 rows whose slabs take at most half the free memory and 4 GiB, but at
+            least 1024 rows).
         grad_threshold: tiled path with lam = 0 only: skips tiles whose |dL/dz| is below it (default None:
             2**-12 for fp16/bf16, 0 for fp32).
         vocab_parallel: a VocabParallel(start, stop): weight, bias and lora_B hold this rank's vocabulary
@@ -263,7 +273,7 @@ def fused_linear_mtt_loss(
 def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, labels, options: MTTOptions, *,
                                        num_items_in_batch=None, return_components=False, backend="auto",
                                        tiled=False, chunk_size=None, grad_threshold=None, splits=None,
-                                       vocab_parallel=None):
+                                       vocab_parallel=None, ce_rows=None):
     """`fused_linear_mtt_loss` with the head in one LinearHead and the loss settings in one MTTOptions.
 
     Args:
@@ -271,6 +281,8 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
         head: a LinearHead (weight, bias, lora_A, lora_B, scaling, softcap).
         options: an MTTOptions.
         splits: tiled path: vocabulary splits of the forward (default None: enough to fill the GPU).
+        ce_rows: None (default: CE on every row) or a bool tensor of labels' shape: the rows with CE, as in
+            `mtt_loss_with_options` (MTTObjective's every-position KL in one call).
         Others: as in `fused_linear_mtt_loss`.
 
     Returns:
@@ -279,20 +291,16 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
     options = options_from(options, {})
     check_float_tensor("hidden", hidden, min_dim=2)
     check_float_tensor("base_hidden", base_hidden, shape=hidden.shape)
-    _check_head(hidden, head.weight, head.bias, head.lora_A, head.lora_B, head.scaling, head.softcap)
+    _check_head(hidden, head.weight, head.bias, head.lora_A, head.lora_B)
+    _check_settings(lora_scaling=head.scaling, softcap=head.softcap, return_components=return_components,
+                    backend=backend, tiled=tiled, chunk_size=chunk_size, grad_threshold=grad_threshold)
     check_same_device(hidden=hidden, base_hidden=base_hidden, weight=head.weight, labels=labels, bias=head.bias,
                       lora_A=head.lora_A, lora_B=head.lora_B)
     check_num_items(num_items_in_batch, options.reduction)
     vocab_size, hidden_size = head.weight.shape
     check_vocab_parallel(vocab_parallel, "weight", vocab_size)
     check_labels(labels, hidden.shape[:-1])
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if grad_threshold is not None and not grad_threshold >= 0:
-        raise ValueError(f"grad_threshold must be None or >= 0, got {grad_threshold!r}")
-    if not isinstance(tiled, bool):
-        raise TypeError(f"tiled must be a bool, got {tiled!r}")
+    check_ce_rows(ce_rows, labels)
     n_predicted = check_values(labels, vocab_size if vocab_parallel is None else None, options.ignore_index,
                                num_items_in_batch, count_predicted=True)
 
@@ -303,6 +311,7 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
     flat_hidden = hidden.reshape(-1, hidden_size)
     flat_base = base_hidden.detach().to(hidden.dtype).reshape(-1, hidden_size)
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    flat_ce_rows = None if ce_rows is None else ce_rows.reshape(-1)
     scale = gradient_scale(options.reduction, flat_labels, options.ignore_index, num_items_in_batch, hidden.device,
                            accumulator_dtype(hidden))
     # Only predicted rows enter the products; 'none' puts the ignored rows' zeros back afterwards.
@@ -312,15 +321,18 @@ def fused_linear_mtt_loss_with_options(hidden, base_hidden, head: LinearHead, la
     compact = kept.numel() < flat_labels.numel()
     if compact:
         flat_hidden, flat_base, flat_labels = (t.index_select(0, kept) for t in (flat_hidden, flat_base, flat_labels))
+        flat_ce_rows = None if flat_ce_rows is None else flat_ce_rows.index_select(0, kept)
     if head.has_lora:  # autograd carries the gradient back through the casts
         head = head.with_tensors(head.weight, head.bias, head.lora_A.to(hidden.dtype), head.lora_B.to(hidden.dtype))
     if grad_threshold is None:
         grad_threshold = DEFAULT_GRAD_THRESHOLD if hidden.dtype in (torch.float16, torch.bfloat16) else 0.0
     plan = _Plan(lora_scaling=head.scaling, softcap=head.softcap, options=options, scale=scale,
                  need_kl=return_components, backend=backend,
-                 chunk_size=chunk_size or default_chunk_size(flat_hidden.shape[0], hidden_size, vocab_size,
-                                                             hidden.device),
-                 grad_threshold=float(grad_threshold), splits=splits, vocab_parallel=vocab_parallel)
+                 chunk_size=chunk_size or default_chunk_size(
+                     flat_hidden.shape[0], hidden_size, vocab_size, hidden.device,
+                     bytes_per_entry=slab_bytes_per_entry(hidden.dtype, head.softcap)),
+                 grad_threshold=float(grad_threshold), splits=splits, vocab_parallel=vocab_parallel,
+                 ce_rows=None if flat_ce_rows is None else flat_ce_rows.contiguous())
     tensors = (flat_hidden, *head.tensors(), flat_base)
     function = FusedLinearMTTFunction
     if tiled:
@@ -357,6 +369,8 @@ class FusedLinearMTTLoss(torch.nn.Module):
                  softcap: Optional[float] = None, return_components: bool = False, backend: str = "auto",
                  tiled: bool = False, chunk_size: Optional[int] = None, **option_kwargs):
         super().__init__()
+        _check_settings(lora_scaling=lora_scaling, softcap=softcap, return_components=return_components,
+                        backend=backend, tiled=tiled, chunk_size=chunk_size)
         self.options = options_from(options, option_kwargs)
         self.lora_scaling, self.softcap = lora_scaling, softcap
         self.return_components, self.backend = return_components, backend

@@ -111,19 +111,19 @@ def lora_linear(
         raise TypeError(f"lora_B must have lora_A's dtype {lora_A.dtype}, got {lora_B.dtype}")
     if isinstance(scaling, bool) or not isinstance(scaling, Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
-    if not 0.0 <= dropout_p < 1.0:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
     check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
 
-    requested = backend
-    backend = resolve_backend(backend, x, weight, lora_A, lora_B, *([] if bias is None else [bias]))
+    measured_faster = (in_features, out_features, rank, x.dtype, dropout_p > 0) in FUSED_KERNEL_MEASURED_FASTER
+    backend = resolve_backend(backend, x, weight, lora_A, lora_B, *([] if bias is None else [bias]),
+                              auto_kernel=measured_faster)
     if backend == "triton":
         from fastmtt.kernels.lora_linear import MAX_RANK
 
-        if rank > MAX_RANK and requested == "triton":
+        if rank > MAX_RANK:
             raise ValueError(f"backend='triton' supports lora rank up to {MAX_RANK}, got r={rank}")
-        measured_faster = (in_features, out_features, rank, x.dtype, dropout_p > 0) in FUSED_KERNEL_MEASURED_FASTER
-        if rank > MAX_RANK or x.numel() == 0 or (requested == "auto" and not measured_faster):
+        if x.numel() == 0:
             backend = "torch"
     x2d = x.reshape(-1, in_features)
     y = LoRALinearFunction.apply(x2d, weight.detach(), lora_A, lora_B, bias, float(scaling), float(dropout_p), backend)

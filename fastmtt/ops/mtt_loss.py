@@ -8,6 +8,8 @@ from typing import Optional, Union
 import torch
 
 from fastmtt._checks import (
+    check_bool,
+    check_ce_rows,
     check_float_tensor,
     check_labels,
     check_num_items,
@@ -15,7 +17,7 @@ from fastmtt._checks import (
     check_values,
     check_vocab_parallel,
 )
-from fastmtt._dispatch import resolve_backend
+from fastmtt._dispatch import check_backend, resolve_backend
 from fastmtt.options import DEFAULT_LAM, MTTOptions, options_from
 from fastmtt.parallel import VocabParallel
 from fastmtt.partials import CE, KL, N_STATS
@@ -29,49 +31,26 @@ from fastmtt.reduction import (
     take_gradients,
     take_gradients_of,
 )
-
-
-def row_implementations(backend: str):
-    """The module implementing the MTT rows on `backend`, imported on first use (Triton only when a kernel runs).
-
-    Args:
-        backend: "triton" (fastmtt/kernels/mtt_loss.py) or "torch" (fastmtt/pytorch/mtt_loss.py).
-
-    Returns:
-        The module; both define `mtt_rows` (statistics of whole rows and their gradient), `mtt_partials`
-        (partial statistics of a vocabulary range) and `mtt_gradient` (a range's gradient from merged
-        statistics), with the same signatures.
-    """
-    if backend == "triton":
-        from fastmtt.kernels import mtt_loss as implementations
-    else:
-        from fastmtt.pytorch import mtt_loss as implementations
-    return implementations
-
-
-def row_function(backend: str, vocab_parallel: Optional[VocabParallel] = None):
-    """The function with the signature of `mtt_rows` that computes the rows on `backend`: the backend's
-    `mtt_rows`, or across a vocabulary split its partials, exchanged and merged, then its gradient."""
-    implementations = row_implementations(backend)
-    return implementations.mtt_rows if vocab_parallel is None else vocab_parallel.row_function(implementations)
+from fastmtt.rows import mtt_rows
 
 
 @torch.library.custom_op("fastmtt::mtt_rows", mutates_args=())
-def mtt_rows(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor,
+def _mtt_rows_op(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor,
              lam: float, temperature: float, direction: str, mask_target: bool, ignore_index: int, ce_weight: float,
-             need_kl: bool, compute_grad: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+             need_kl: bool, compute_grad: bool, backend: str,
+             ce_rows: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Row statistics [N_STATS, N] (fastmtt/partials.py) and grad_scale * dL/dlogits ([N, V], or empty when
     not compute_grad), as one opaque op so that torch.compile treats the kernel as a single call."""
     options = MTTOptions(lam, temperature, direction, mask_target, ignore_index, ce_weight=ce_weight)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    stats = row_implementations(backend).mtt_rows(logits, base_logits, labels, options, need_kl=need_kl,
-                                                  grad_scale=grad_scale, grad_out=grad if compute_grad else None)
+    stats = mtt_rows(logits, base_logits, labels, options, backend=backend, need_kl=need_kl, grad_scale=grad_scale,
+                     grad_out=grad if compute_grad else None, ce_rows=ce_rows)
     return stats, grad
 
 
-@mtt_rows.register_fake
+@_mtt_rows_op.register_fake
 def _mtt_rows_fake(logits, base_logits, labels, grad_scale, lam, temperature, direction, mask_target, ignore_index,
-                   ce_weight, need_kl, compute_grad, backend):
+                   ce_weight, need_kl, compute_grad, backend, ce_rows):
     stats = logits.new_empty(N_STATS, logits.shape[0], dtype=accumulator_dtype(logits, base_logits))
     return stats, torch.empty_like(logits) if compute_grad else logits.new_empty(0)
 
@@ -84,24 +63,24 @@ class MTTLossFunction(torch.autograd.Function):
     gradient)."""
 
     @staticmethod
-    def forward(ctx, logits, base_logits, labels, options, scale, need_kl, backend, overwrite_logits, vocab_parallel,
-                sources):
+    def forward(ctx, logits, base_logits, labels, ce_rows, options, scale, need_kl, backend, overwrite_logits,
+                vocab_parallel, sources):
         compute_grad = ctx.needs_input_grad[0]
         in_place = compute_grad and overwrite_logits and not torch.compiler.is_compiling()
         if in_place or vocab_parallel is not None:
             grad = logits if in_place else (torch.empty_like(logits) if compute_grad else None)
-            stats = _rows_with_gradient(logits, base_logits, labels, options, scale, need_kl, backend, vocab_parallel,
-                                        grad)
+            stats = _rows_with_gradient(logits, base_logits, labels, ce_rows, options, scale, need_kl, backend,
+                                        vocab_parallel, grad)
             if in_place:  # a kernel's write does not count as one: autograd must see that logits changed
                 torch.autograd.graph.increment_version(logits)
         else:
-            stats, grad = mtt_rows(logits, base_logits, labels, scale, options.lam, options.temperature,
-                                   options.direction, options.mask_target, options.ignore_index, options.ce_weight,
-                                   need_kl, compute_grad, backend)
+            stats, grad = _mtt_rows_op(logits, base_logits, labels, scale, options.lam, options.temperature,
+                                       options.direction, options.mask_target, options.ignore_index,
+                                       options.ce_weight, need_kl, compute_grad, backend, ce_rows)
         keep_gradients(ctx, grad)
-        ctx.recompute = None if in_place or sources is None else _Recompute(sources, labels, options, scale, backend,
-                                                                             vocab_parallel)
-        return reduced_outputs(ctx, stats[CE], stats[KL], options, scale)
+        ctx.recompute = None if in_place or sources is None else _Recompute(sources, labels, ce_rows, options, scale,
+                                                                             backend, vocab_parallel)
+        return reduced_outputs(ctx, stats[CE], stats[KL], options, scale, ce_rows)
 
     @staticmethod
     @once_differentiable("mtt_loss")
@@ -109,13 +88,14 @@ class MTTLossFunction(torch.autograd.Function):
         grads = take_gradients(ctx, grad_loss)
         if grads is None:
             grads = (_recompute_gradient(ctx.recompute, grad_loss),)
-        return grads[0], None, None, None, None, None, None, None, None, None
+        return grads[0], None, None, None, None, None, None, None, None, None, None
 
 
-def _rows_with_gradient(logits, base_logits, labels, options, scale, need_kl, backend, vocab_parallel, grad_out):
+def _rows_with_gradient(logits, base_logits, labels, ce_rows, options, scale, need_kl, backend, vocab_parallel,
+                        grad_out):
     """The row statistics, writing the gradient into grad_out (None: no gradient)."""
-    rows = row_function(backend, vocab_parallel)
-    return rows(logits, base_logits, labels, options, need_kl=need_kl, grad_scale=scale, grad_out=grad_out)
+    return mtt_rows(logits, base_logits, labels, options, backend=backend, need_kl=need_kl, grad_scale=scale,
+                    grad_out=grad_out, ce_rows=ce_rows, vocab_parallel=vocab_parallel)
 
 
 def _recompute_gradient(recompute, grad_loss):
@@ -128,8 +108,8 @@ def _recompute_gradient(recompute, grad_loss):
             "keep them, or compute the loss again")
     logits, base_logits = inputs
     grad = torch.empty_like(logits)
-    _rows_with_gradient(logits, base_logits, recompute.labels, recompute.options, recompute.scale, False,
-                        recompute.backend, recompute.vocab_parallel, grad)
+    _rows_with_gradient(logits, base_logits, recompute.labels, recompute.ce_rows, recompute.options, recompute.scale,
+                        False, recompute.backend, recompute.vocab_parallel, grad)
     return take_gradients_of(grad, grad_loss)
 
 
@@ -161,6 +141,7 @@ class _Recompute:
 
     sources: _Sources
     labels: torch.Tensor
+    ce_rows: Optional[torch.Tensor]
     options: MTTOptions
     scale: torch.Tensor
     backend: str
@@ -207,7 +188,7 @@ def mtt_loss(
         base_logits: [..., V] floating, the frozen base model's; never gets a gradient.
         labels: [...] integers in [0, V) or ignore_index, aligned with the logit rows (no shifting).
         lam, temperature, direction, mask_target, ignore_index, reduction, ce_weight: the loss settings, as in
-            `MTTOptions` (defaults 1.0, 1.0, "forward", True, -100, "mean", 1.0).
+            `MTTOptions` (defaults 0.3, 1.0, "forward", True, -100, "mean", 1.0).
         num_items_in_batch: with reduction "mean", the divisor instead of the number of valid labels (an int
             or one-element integer tensor >= 0; exact gradient accumulation). Default None.
         return_components: return MTTOutput(loss, ce, kl) instead of the loss alone (default False).
@@ -242,13 +223,16 @@ def mtt_loss(
 
 
 def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, num_items_in_batch=None,
-                          return_components=False, backend="auto", overwrite_logits=False, vocab_parallel=None):
+                          return_components=False, backend="auto", overwrite_logits=False, vocab_parallel=None,
+                          ce_rows=None):
     """`mtt_loss` with its loss settings in one MTTOptions.
 
     Args:
         logits, base_logits, labels: as in `mtt_loss`.
         options: an MTTOptions.
         num_items_in_batch, return_components, backend, overwrite_logits, vocab_parallel: as in `mtt_loss`.
+        ce_rows: None (default: CE on every row) or a bool tensor of labels' shape: the rows with CE; on the
+            others the divergence alone, their label being only the target to mask (ce_weight=0 there).
 
     Returns:
         As `mtt_loss`.
@@ -261,8 +245,9 @@ def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, n
     check_num_items(num_items_in_batch, options.reduction)
     check_vocab_parallel(vocab_parallel, "logits", n_cols)
     check_labels(labels, logits.shape[:-1])
-    if not isinstance(overwrite_logits, bool):
-        raise TypeError(f"overwrite_logits must be a bool, got {overwrite_logits!r}")
+    check_bool("return_components", return_components)
+    check_bool("overwrite_logits", overwrite_logits)
+    check_ce_rows(ce_rows, labels)
     check_values(labels, n_cols if vocab_parallel is None else None, options.ignore_index, num_items_in_batch)
 
     backend = resolve_backend(backend, logits, base_logits)
@@ -271,11 +256,12 @@ def mtt_loss_with_options(logits, base_logits, labels, options: MTTOptions, *, n
         raise ValueError(f"overwrite_logits=True needs logits whose entries do not share memory, got strides "
                          f"{logits.stride()} (expanded?); pass a copy or overwrite_logits=False")
     flat_labels = labels.reshape(-1).to(torch.int64).contiguous()
+    flat_ce_rows = None if ce_rows is None else ce_rows.reshape(-1).contiguous()
     scale = gradient_scale(options.reduction, flat_labels, options.ignore_index, num_items_in_batch, logits.device,
                            accumulator_dtype(logits, base_logits))
     sources = None if overwrite_logits or torch.compiler.is_compiling() else _Sources(logits, base_logits)
-    loss, ce, kl = MTTLossFunction.apply(flat_logits, flat_base, flat_labels, options, scale, return_components,
-                                         backend, overwrite_logits, vocab_parallel, sources)
+    loss, ce, kl = MTTLossFunction.apply(flat_logits, flat_base, flat_labels, flat_ce_rows, options, scale,
+                                         return_components, backend, overwrite_logits, vocab_parallel, sources)
     if options.reduction == "none":
         loss, ce, kl = (t.reshape(labels.shape) for t in (loss, ce, kl))
     return MTTOutput(loss, ce, kl) if return_components else loss
@@ -312,6 +298,8 @@ class MTTLoss(torch.nn.Module):
     def __init__(self, options: Optional[MTTOptions] = None, *, return_components: bool = False,
                  backend: str = "auto", **option_kwargs):
         super().__init__()
+        check_bool("return_components", return_components)
+        check_backend(backend)
         self.options = options_from(options, option_kwargs)
         self.return_components, self.backend = return_components, backend
 

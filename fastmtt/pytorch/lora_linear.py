@@ -43,12 +43,6 @@ def _torch_backward(dy, x_dtype, weight, lora_A, lora_B, x_lora, xa, scaling, ke
     return dx, dA, dB
 
 
-def draw_dropout_seed() -> int:
-    """Seed for the Triton path's in-kernel dropout mask, drawn from torch's default CPU generator
-    (so torch.manual_seed makes runs reproducible)."""
-    return int(torch.randint(0, 2**31 - 1, (1,)).item())
-
-
 def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p):
     """(y, saved tensors (x_lora, xa, keep), None): keep is the rescaled dropout mask (None without dropout),
     the same draw as torch.nn.functional.dropout on x in the adapters' dtype."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from fastmtt.pytorch import partials as P
+from fastmtt import partials as P
+from fastmtt import reduction
 from fastmtt.pytorch.divergences import DIVERGENCES
-from fastmtt.reduction import accumulator_dtype
+from fastmtt.pytorch.partials import finalize, reference
 
 # Temporaries of 512 KiB (fp32) stay near the core: faster on a CPU than 16 MiB ones, whose elementwise passes
 # (about 20 per chunk with the forward KL at T = 1) each go to memory.
@@ -23,7 +24,7 @@ class _Rows:
     their exponentials at T (e_z, e_b) for `_chunk_gradient`, which then forms no exponential of its own."""
 
     def __init__(self, z, b, labels, options, vocab_start, need_base):
-        acc = accumulator_dtype(z, b)
+        acc = reduction.accumulator_dtype(z, b)
         self.options = options
         self.inv_t = 1.0 / options.temperature
         self.valid = labels != options.ignore_index
@@ -55,7 +56,7 @@ class _Rows:
         """(M, kept(x) - R, exp((kept(x) - R) / T), the row sums of the latter): M the kept max, R = reference(M)."""
         xk = self.kept(x)
         m = xk.amax(1)
-        xr, e = self.relative(xk, P.reference(m))
+        xr, e = self.relative(xk, reference(m))
         return m, xr, e, e.sum(1)
 
 
@@ -66,7 +67,7 @@ def _chunk_partials(rows: _Rows, need_kl):
     parts[P.M_R] = float("-inf")
     if options.temperature != 1.0:  # CE over all columns at T = 1
         parts[P.M_R] = rows.z.amax(1)
-        parts[P.S_R] = torch.sub(rows.z, P.reference(parts[P.M_R])[:, None]).exp_().sum(1)
+        parts[P.S_R] = torch.sub(rows.z, reference(parts[P.M_R])[:, None]).exp_().sum(1)
     parts[P.Z_LABEL] = rows.label_logit(rows.z)
     parts[P.LABEL_FOUND] = rows.found.to(parts.dtype)
     if need_kl:
@@ -86,8 +87,9 @@ def _inverse_sum(lse):
     return torch.where(lse == float("-inf"), 0.0, (-lse).exp())
 
 
-def _chunk_gradient(rows: _Rows, stats, grad_scale, out):
-    """out <- grad_scale * dL/dz of the chunk, from its finalized statistics [N_STATS, r].
+def _chunk_gradient(rows: _Rows, stats, grad_scale, out, ce_rows):
+    """out <- grad_scale * dL/dz of the chunk, from its finalized statistics [N_STATS, r] (CE's part only on
+    the rows ce_rows [r] marks, where it is given).
 
     dL/dz = ce_weight (softmax(z) - onehot(t)) + kl_weight / T * dD/d(z / T), from the kept exponentials e_z,
     e_b of `_chunk_partials` (or, for a vocabulary range, formed here against the merged references): at
@@ -103,6 +105,8 @@ def _chunk_gradient(rows: _Rows, stats, grad_scale, out):
             rows.br, rows.e_b = rows.relative(rows.kept(rows.b), stats[P.B_REF])
     row_scale = torch.where(rows.valid, grad_scale.to(rows.z.dtype).reshape(()), 0.0)
     ce_scale = options.ce_weight * row_scale
+    if ce_rows is not None:
+        ce_scale = torch.where(ce_rows, ce_scale, 0.0)
     grad = out if out.dtype == rows.z.dtype else torch.empty_like(rows.z)
     if inv_t == 1.0:  # softmax(z) from e_z, a row factor (the target's entry set below)
         e_z_scale = ce_scale * torch.where(stats[P.Z_LSE] == float("-inf"), 0.0,
@@ -150,10 +154,11 @@ def _has_kl(options, need_kl):
     return need_kl or options.lam > 0
 
 
-def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None):
+def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, grad_out=None, ce_rows=None):
     """Row statistics [N_STATS, N] (fastmtt/partials.py) of [N, V] logits; writes
-    grad_scale * dL_i/dlogits into `grad_out` if given (it may be `logits` itself)."""
-    acc = accumulator_dtype(logits, base_logits)
+    grad_scale * dL_i/dlogits into `grad_out` if given (it may be `logits` itself), CE's part only on the rows
+    ce_rows [N] (bool) marks where it is given."""
+    acc = reduction.accumulator_dtype(logits, base_logits)
     stats = torch.zeros(P.N_STATS, logits.shape[0], dtype=acc, device=logits.device)
     has_kl = _has_kl(options, need_kl)
     scale = _scale(grad_scale, acc, logits.device)
@@ -163,9 +168,9 @@ def mtt_rows(logits, base_logits, labels, options, *, need_kl, grad_scale=None, 
                 grad_out[rows] = 0.0
             continue
         chunk = _Rows(logits[rows], base_logits[rows], labels[rows], options, 0, has_kl)
-        stats[:, rows] = P.finalize(_chunk_partials(chunk, has_kl), labels[rows], options, need_kl=need_kl)
+        stats[:, rows] = finalize(_chunk_partials(chunk, has_kl), labels[rows], options, need_kl=need_kl)
         if grad_out is not None:
-            _chunk_gradient(chunk, stats[:, rows], scale, grad_out[rows])
+            _chunk_gradient(chunk, stats[:, rows], scale, grad_out[rows], None if ce_rows is None else ce_rows[rows])
     return stats
 
 
@@ -173,7 +178,7 @@ def mtt_partials(logits, base_logits, labels, options, *, vocab_start, need_kl):
     """Partial statistics [N_PARTIALS, N] of a vocabulary range: logits [N, n] hold columns
     [vocab_start, vocab_start + n) of the rows; labels are global ids."""
     has_kl = _has_kl(options, need_kl)
-    parts = torch.empty(P.N_PARTIALS, logits.shape[0], dtype=accumulator_dtype(logits, base_logits),
+    parts = torch.empty(P.N_PARTIALS, logits.shape[0], dtype=reduction.accumulator_dtype(logits, base_logits),
                         device=logits.device)
     for rows in _chunks(*logits.shape):
         chunk = _Rows(logits[rows], base_logits[rows], labels[rows], options, vocab_start, has_kl)
@@ -181,13 +186,15 @@ def mtt_partials(logits, base_logits, labels, options, *, vocab_start, need_kl):
     return parts
 
 
-def mtt_gradient(logits, base_logits, labels, stats, options, *, vocab_start, grad_scale, grad_out):
-    """grad_scale * dL_i/dlogits of a vocabulary range into grad_out, from merged statistics [N_STATS, N]."""
-    acc = accumulator_dtype(logits, base_logits)
+def mtt_gradient(logits, base_logits, labels, stats, options, *, vocab_start, grad_scale, grad_out, ce_rows=None):
+    """grad_scale * dL_i/dlogits of a vocabulary range into grad_out, from merged statistics [N_STATS, N]
+    (CE's part only on the rows ce_rows marks, as in `mtt_rows`)."""
+    acc = reduction.accumulator_dtype(logits, base_logits)
     scale = _scale(grad_scale, acc, logits.device)
     for rows in _chunks(*logits.shape):
         chunk = _Rows(logits[rows], base_logits[rows], labels[rows], options, vocab_start, options.lam > 0)
-        _chunk_gradient(chunk, stats[:, rows].to(acc), scale, grad_out[rows])
+        _chunk_gradient(chunk, stats[:, rows].to(acc), scale, grad_out[rows],
+                        None if ce_rows is None else ce_rows[rows])
     return grad_out
 
 

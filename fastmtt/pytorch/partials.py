@@ -1,12 +1,12 @@
 """Merging and finalizing the per-row partial statistics of fastmtt/partials.py, in PyTorch: the one
 implementation, which the PyTorch rows, the vocabulary-parallel exchange and the tiled Triton path's host
-side all call. Re-exports the layout, so the PyTorch rows read one module (`P.M_Z`, `P.finalize`).
+side all call.
 """
 from __future__ import annotations
 
 import torch
 
-from fastmtt.partials import (  # noqa: F401  (re-exported: the layout)
+from fastmtt.partials import (
     B_LABEL,
     B_LSE,
     B_REF,
@@ -17,7 +17,6 @@ from fastmtt.partials import (  # noqa: F401  (re-exported: the layout)
     M_B,
     M_R,
     M_Z,
-    N_PARTIALS,
     N_STATS,
     REF,
     S_B,
