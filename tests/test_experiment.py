@@ -599,3 +599,87 @@ def test_a_setting_transfers_where_it_does_the_same_share_on_both_tasks():
     assert lines[6] == "| MTT forward, budget | 0.05 | -12% [-12%, -12%] | -25% [-25%, -25%] | +0% [+0%, +0%] |"
     assert len(lines) == 7  # full KL: two seeds
     assert summary.transfer_gaps([r for r in rows if r["task"] == "license"], base) == []
+
+
+def problems_of(examples):
+    """The (a, b) of addition examples on DigitTokenizer."""
+    texts = ["".join("0123456789+="[t] for t in e["input_ids"] if t < 12).split("=")[0] for e in examples]
+    return [tuple(int(n) for n in text.split("+")) for text in texts]
+
+
+def test_held_out_addition_problems_are_new_swaps_included():
+    """Scored and validation problems are never training problems, nor b + a of one, nor each other's; drawn
+    from one stream without that rule (as the committed far runs were) they would overlap."""
+    cfg = experiment.config_for("tiny", steps=400, batch_size=8, task_eval_examples=300)  # 3200 of 8100 pairs
+    data = tasks.make_task("addition2", DigitTokenizer(), cfg, {})
+    train = problems_of(data.train)
+    scored, validation = (problems_of([dict(input_ids=row.tolist()) for batch in batches for row in batch["input_ids"]])
+                          for batches in (data.task_eval, data.validation))
+    assert len(train) == 3200 and len(scored) == len(validation) == 300
+    seen = {tasks.unordered(p) for p in train}
+    assert not seen & {tasks.unordered(p) for p in scored + validation}
+    assert not {tasks.unordered(p) for p in scored} & {tasks.unordered(p) for p in validation}
+    assert data.train_overlap == 0 == tasks.train_overlap(train, scored)
+    generator = torch.Generator().manual_seed(0)
+    assert tasks.train_overlap(train, tasks.addition_problems(300, generator, 2)) > 100  # about 45% of 300
+    assert tasks.train_overlap([(12, 34)], [(34, 12), (12, 34), (12, 43)]) == 2
+    with pytest.raises(ValueError, match="count: 6 new 1-digit problems asked for, 5 left"):
+        tasks.addition_problems(6, generator, 1, exclude=set(sorted((a, b) for a in range(1, 10)
+                                                                     for b in range(a, 10))[:40]))  # of 45
+
+
+def test_the_committed_far_runs_record_how_many_scored_problems_were_training_ones():
+    """docs/experiment/far/results.csv predates the rule above: its addition2 rows say 55 of 128 (swaps
+    counted; 32 without), the overlap of its draw (2400 training problems, then 128 from the same stream)."""
+    from tests.utils import ROOT
+
+    generator = torch.Generator().manual_seed(1234)
+    train, scored = tasks.addition_problems(2400, generator, 2), tasks.addition_problems(128, generator, 2)
+    assert tasks.train_overlap(train, scored) == 55 and sum(p in set(train) for p in scored) == 32
+    rows = experiment.read_csv(str(ROOT / "docs" / "experiment" / "far" / "results.csv"))
+    assert {r["train_overlap"] for r in rows if r["task"] == "addition2"} == {55.0}
+    assert all(math.isnan(r["train_overlap"]) for r in rows if r["task"] == "license")  # not recorded
+
+
+class PositionTokenizer:
+    """Each character's token is its position in the text: a window's tokens say where it lies."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text)))}
+
+
+def test_the_license_text_trains_validates_and_scores_apart(monkeypatch):
+    monkeypatch.setattr(tasks, "license_text", lambda: "x" * 1000)
+    cfg = experiment.config_for("tiny", steps=50, batch_size=8, task_eval_examples=100)
+    data = tasks.make_task("license", PositionTokenizer(), cfg, {})
+    train = [t for example in data.train for t in example["input_ids"]]
+    validation, scored = ([t for batch in batches for t in batch["input_ids"].flatten().tolist()]
+                          for batches in (data.validation, data.task_eval))
+    assert len(data.train) == 400 and max(train) < 700 and min(validation) >= 700 and max(validation) < 800
+    assert min(scored) >= 800 and len(scored) == 12 * 16 and len(validation) == 6 * 16
+
+
+def test_the_step_count_is_chosen_on_the_validation_split():
+    cfg, data, model = tiny_task(steps=3)
+    curve = training.validation_curve(model, data, cfg, checkpoints=(1, 3), seeds=(0,))
+    trained, _ = training.train_adapter(model, data, cfg, "lora", "ce", 0.0, "", 0)
+    assert sorted(curve) == [1, 3] and curve[1] != curve[3]
+    assert curve[3] == pytest.approx(evaluate_lm(trained, data.validation, with_kl=False)["ce"], rel=1e-6)
+    assert curve[3] != pytest.approx(evaluate_lm(trained, data.task_eval, with_kl=False)["ce"], rel=1e-6)
+    with pytest.raises(ValueError, match="checkpoints: at most cfg.steps = 3"):
+        training.validation_curve(model, data, cfg, checkpoints=(4,), seeds=(0,))
+
+
+def test_resuming_into_runs_scored_on_other_held_out_examples_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    monkeypatch.setattr(experiment, "RETENTION_TEXTS", {"retention": lambda: "2718281828459045" * 40,
+                                                        "kjv": lambda: "1618033988749894" * 40})
+    cfg = experiment.config_for("tiny", methods=("ce",), adapted_layers=2)
+    rows = experiment.run_experiment(cfg, str(tmp_path), log=lambda line: None)
+    assert [r["train_overlap"] for r in rows] == [0, 0]
+    experiment.write_csv([dict(r, train_overlap=55) for r in rows], str(tmp_path / "results.csv"))
+    with pytest.raises(experiment.UsageError, match="holds runs of addition scored on other held-out examples "
+                                                     r"\(train_overlap 55, now 0\)"):
+        experiment.run_experiment(cfg, str(tmp_path), resume=True, log=lambda line: None)

@@ -49,7 +49,13 @@ from fastmtt.apps.experiment_scoring import cache_base_states, score, score_rete
 from fastmtt.apps.experiment_statistics import curve_name
 from fastmtt.apps.experiment_summary import summarize
 from fastmtt.apps.experiment_tasks import RETENTION_TEXTS, make_task
-from fastmtt.apps.experiment_training import BUDGET_LAM, adapted_layer_indices, load_adapter, train_adapter
+from fastmtt.apps.experiment_training import (
+    BUDGET_LAM,
+    adapted_layer_indices,
+    load_adapter,
+    train_adapter,
+    validation_curve,
+)
 from fastmtt.options import KL_POSITIONS
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -173,11 +179,12 @@ def _cache_from_gguf(cache_dir: str):
 
 COLUMNS = ("task", "adapter", "method", "direction", "kl_positions", "lam", "target_kl", "temperature", "seed",
            "task_ce", "task_acc", "exact_match", "retention_ppl", "retention_kl", "kjv_ppl", "kjv_kl",
-           "retention_tokens", "final_lam", "seconds")
+           "retention_tokens", "final_lam", "train_overlap", "seconds")
 # absent from older files: their runs regularized the labels only with a fixed lam, had no KJV scores and did
-# not record the retention tokens or the last lam
+# not record the retention tokens, the last lam or how many scored problems were training ones (train_overlap:
+# the scored examples that are training ones, a swap b + a counting as a + b; 0 since they are drawn apart)
 LATER_COLUMNS = {"kl_positions": "labels", "target_kl": 0.0, "kjv_ppl": math.nan, "kjv_kl": math.nan,
-                 "retention_tokens": math.nan, "final_lam": math.nan}
+                 "retention_tokens": math.nan, "final_lam": math.nan, "train_overlap": math.nan}
 KEY = ("task", "adapter", "method", "direction", "kl_positions", "lam", "target_kl", "temperature", "seed")
 TEXT_COLUMNS = ("task", "adapter", "method", "direction", "kl_positions")
 
@@ -251,6 +258,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
         task_cfg = dataclasses.replace(cfg, steps=cfg.task_steps.get(task, cfg.steps),
                                        kl_positions="labels" if task in FULLY_LABELLED_TASKS else cfg.kl_positions)
         data = make_task(task, tokenizer, task_cfg, retention_tokens)
+        stale = [r for r in rows if r["task"] == task and not r["train_overlap"] == data.train_overlap]
+        if stale:  # NaN: a file from before the held-out examples were drawn apart from the training ones
+            raise UsageError(f"--resume: {csv_path} holds runs of {task} scored on other held-out examples "
+                             f"(train_overlap {stale[0]['train_overlap']:g}, now {data.train_overlap}); "
+                             "give a new --out")
         cache_base_states(model, data)
         for row in rows:
             if row["task"] == task and row["retention_tokens"] != cfg.retention_tokens:
@@ -262,7 +274,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
                 row.update(score_retention(adapted, data), retention_tokens=cfg.retention_tokens)
                 log(_run_line(row) + f"  [scored again on {cfg.retention_tokens} tokens per text]")
         base_row = dict(task=task, adapter="", method="base", direction="", kl_positions="labels", lam=0.0,
-                        target_kl=0.0, final_lam=0.0, temperature=1.0, seed=0.0, seconds=0.0)
+                        target_kl=0.0, final_lam=0.0, temperature=1.0, seed=0.0, seconds=0.0,
+                        train_overlap=data.train_overlap)
         if _key(base_row) not in done:
             rows.append({**base_row, **score(model, data), "retention_tokens": cfg.retention_tokens})
             log(_run_line(rows[-1]))
@@ -275,7 +288,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
             run_start = time.time()
             adapted, final_lam = train_adapter(model, data, task_cfg, adapter, method, lam, direction, seed, target_kl)
             row.update(score(adapted, data), retention_tokens=cfg.retention_tokens, final_lam=final_lam,
-                       seconds=time.time() - run_start)
+                       train_overlap=data.train_overlap, seconds=time.time() - run_start)
             if out_dir:
                 adapted.save_pretrained(os.path.join(out_dir, "adapters", run_name(row)))
             rows.append(row)
@@ -292,6 +305,20 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
         log(f"wrote results.csv, summary.md and frontier.png to {out_dir}")
     log(f"({len(rows)} rows in {time.time() - started:.0f}s)")
     return rows
+
+
+def select_steps(task: str, checkpoints: Sequence[int], seeds: Sequence[int], preset: str = "far",
+                 cache_dir: Optional[str] = None, log=print) -> int:
+    """The step count among checkpoints with the least validation task CE of CE only (LoRA, the preset's other
+    settings, mean over seeds; `validation_curve`), each one's logged; the scored examples take no part."""
+    cfg = config_for(preset, tasks=(task,), steps=max(checkpoints))
+    model, tokenizer = load_smollm2(cache_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    curve = validation_curve(model, make_task(task, tokenizer, cfg, {}), cfg, checkpoints, seeds)
+    for steps, ce in curve.items():
+        log(f"{task}: CE only after {steps} steps: validation task CE {ce:.3f} (mean over seeds {list(seeds)})")
+    return min(curve, key=curve.get)
 
 
 RUN_NAME_PREFIXES = {"lam": "lam", "target_kl": "budget", "temperature": "T", "seed": "seed"}  # numeric keys

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import os
 import sysconfig
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -44,10 +44,36 @@ def license_text() -> str:
         return handle.read()
 
 
-def addition_problems(count: int, generator: torch.Generator, digits: int) -> List[tuple]:
-    """`count` (a, b) pairs of random `digits`-digit numbers, drawn with replacement."""
-    return [tuple(pair) for pair in torch.randint(10 ** (digits - 1), 10 ** digits, (count, 2),
-                                                  generator=generator).tolist()]
+def addition_problems(count: int, generator: torch.Generator, digits: int,
+                      exclude: Optional[set] = None) -> List[tuple]:
+    """`count` (a, b) pairs of random `digits`-digit numbers. Without exclude, drawn with replacement; with it
+    (a set of `unordered` pairs), each pair is new: neither it nor its swap (b, a) is in exclude or drawn before
+    (a ValueError naming count where too few are left)."""
+    low, high = 10 ** (digits - 1), 10 ** digits
+    draw = lambda n: [tuple(pair) for pair in torch.randint(low, high, (n, 2), generator=generator).tolist()]  # noqa: E731
+    if exclude is None:
+        return draw(count)
+    left = (high - low) * (high - low + 1) // 2 - len(exclude)
+    if count > left:
+        raise ValueError(f"count: {count} new {digits}-digit problems asked for, {left} left")
+    seen, problems = set(exclude), []
+    while len(problems) < count:
+        for pair in draw(count):
+            if unordered(pair) not in seen and len(problems) < count:
+                seen.add(unordered(pair))
+                problems.append(pair)
+    return problems
+
+
+def unordered(pair: tuple) -> tuple:
+    """(a, b) and (b, a) as one problem: (min, max)."""
+    return min(pair), max(pair)
+
+
+def train_overlap(train: Sequence[tuple], held_out: Sequence[tuple]) -> int:
+    """How many held-out problems are training problems, a swap (b + a for a + b) counting as the same."""
+    seen = {unordered(pair) for pair in train}
+    return sum(unordered(pair) in seen for pair in held_out)
 
 
 def addition_examples(tokenizer, problems: Sequence[tuple]) -> List[Dict[str, list]]:
@@ -90,37 +116,53 @@ def operand_blind_bound(digits: int) -> Dict[str, float]:
 @dataclasses.dataclass
 class TaskData:
     """Training examples (one epoch of the run, padded a batch at a time by `collate`), held-out task batches
-    and, per retention text (the column prefixes of RETENTION_TEXTS), its held-out batches."""
+    (scored), validation batches (for choosing a setting such as the step count; never scored), per retention
+    text (the column prefixes of RETENTION_TEXTS) its held-out batches, and how many scored examples are
+    training ones (`train_overlap`; 0 by construction)."""
 
     name: str
     train: List[Dict[str, list]]
     task_eval: List[Dict[str, torch.Tensor]]
+    validation: List[Dict[str, torch.Tensor]]
     retention: Dict[str, List[Dict[str, torch.Tensor]]]
     has_answers: bool  # exact match is meaningful
     collate: PadCollator
+    train_overlap: int = 0
+
+
+LICENSE_SPLITS = (0.7, 0.8)  # the license text: train before the first share, validate up to the second, score after
 
 
 def make_task(name: str, tokenizer, cfg, retention_tokens: Dict[str, List[int]]) -> TaskData:
-    """Data of one task: cfg.steps * cfg.batch_size training examples and the held-out sets (fixed seed);
-    cfg: an ExperimentConfig."""
+    """Data of one task (fixed seed; cfg an ExperimentConfig): cfg.steps * cfg.batch_size training examples and
+    cfg.task_eval_examples scored and validation examples each, the three disjoint. Addition: the training
+    problems drawn with replacement, then the scored and the validation ones, each new (`addition_problems`:
+    no problem, nor its swap, seen before). License: 16-token windows drawn from the first 70% of the text,
+    consecutive ones of the next 10% validate, of the last 20% are scored (LICENSE_SPLITS)."""
     generator = torch.Generator().manual_seed(1234)
     collate = PadCollator(tokenizer.eos_token_id)
-    n_train = cfg.steps * cfg.batch_size
+    n_train, n_eval, length = cfg.steps * cfg.batch_size, cfg.task_eval_examples, cfg.prose_length
+    overlap = 0
     if name in ADDITION_DIGITS:
         digits = ADDITION_DIGITS[name]
-        train = addition_examples(tokenizer, addition_problems(n_train, generator, digits))
-        held_out = addition_examples(tokenizer, addition_problems(cfg.task_eval_examples, generator, digits))
+        train_problems = addition_problems(n_train, generator, digits)
+        seen = {unordered(pair) for pair in train_problems}
+        scored = addition_problems(n_eval, generator, digits, exclude=seen)
+        validation = addition_problems(n_eval, generator, digits, exclude=seen | {unordered(p) for p in scored})
+        overlap = train_overlap(train_problems, scored)
+        train, held_out, validation = (addition_examples(tokenizer, problems)
+                                       for problems in (train_problems, scored, validation))
     else:
         tokens = tokenizer(license_text(), add_special_tokens=False)["input_ids"]
-        split = int(0.8 * len(tokens))  # train on the first 80%, score the rest
-        train = windows(tokens, cfg.prose_length,
-                        torch.randint(0, split - cfg.prose_length, (n_train,), generator=generator).tolist())
-        held_out = windows(tokens, cfg.prose_length, range(split, len(tokens) - cfg.prose_length + 1,
-                                                           cfg.prose_length))[:cfg.task_eval_examples]
+        train_end, scored_start = (int(share * len(tokens)) for share in LICENSE_SPLITS)
+        train = windows(tokens, length, torch.randint(0, train_end - length, (n_train,), generator=generator).tolist())
+        validation = windows(tokens, length, range(train_end, scored_start - length + 1, length))[:n_eval]
+        held_out = windows(tokens, length, range(scored_start, len(tokens) - length + 1, length))[:n_eval]
     size = cfg.retention_length
     n_windows = max(1, cfg.retention_tokens // size)
     batch = lambda examples: [collate(examples[i:i + cfg.eval_batch_size])  # noqa: E731
                               for i in range(0, len(examples), cfg.eval_batch_size)]
     retention = {text: batch(windows(tokens, size, [i * ((len(tokens) - size) // n_windows) for i in range(n_windows)]))
                  for text, tokens in retention_tokens.items()}
-    return TaskData(name, train, batch(held_out), retention, has_answers=name in ADDITION_DIGITS, collate=collate)
+    return TaskData(name, train, batch(held_out), batch(validation), retention, has_answers=name in ADDITION_DIGITS,
+                    collate=collate, train_overlap=overlap)

@@ -2,12 +2,14 @@
 as a user trains), the seeded run and the step count chosen on a validation split."""
 from __future__ import annotations
 
+import collections
 import copy
 import os
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fastmtt.apps.evaluation import evaluate_lm
 from fastmtt.objective import MTTObjective
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -99,3 +101,21 @@ def load_adapter(base_model, adapter: str, path: str):
         return None
     load = load_sine_lora if adapter == "sinelora" else PeftModel.from_pretrained
     return load(copy.deepcopy(base_model), path).eval()
+
+
+def validation_curve(base_model, data, cfg, checkpoints: Sequence[int], seeds: Sequence[int],
+                     adapter: str = "lora") -> Dict[int, float]:
+    """{steps: CE only's task CE on data.validation after that many steps, mean over seeds} for each of
+    checkpoints: one run of cfg.steps steps per seed (the data built for them), scored at every checkpoint. The
+    scored held-out examples take no part: a step count chosen here is not fitted to them."""
+    if max(checkpoints) > cfg.steps:
+        raise ValueError(f"checkpoints: at most cfg.steps = {cfg.steps}, got {max(checkpoints)}")
+    scores = collections.defaultdict(list)
+
+    def after_step(step, model):
+        if step in checkpoints:
+            scores[step].append(evaluate_lm(model, data.validation, with_kl=False)["ce"])
+
+    for seed in seeds:
+        train_adapter(base_model, data, cfg, adapter, "ce", 0.0, "", seed, after_step=after_step)
+    return {step: sum(values) / len(values) for step, values in sorted(scores.items())}
