@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import itertools
 import math
+import re
 import subprocess
 import sys
 
@@ -14,8 +15,14 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 from fastmtt.apps import experiment
+from fastmtt.apps import experiment_statistics as stats
+from fastmtt.apps import experiment_summary as summary
+from fastmtt.apps import experiment_tasks as tasks
+from fastmtt.apps import experiment_training as training
+from fastmtt.apps.evaluation import add_base_hidden, evaluate_lm
 from fastmtt.objective import predicted_positions
 from fastmtt.reference import masked_kl_rows
+from fastmtt.trainer import PadCollator
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,7 +46,8 @@ def tiny_llama(vocab_size=13, layers=3):
 
 
 def test_addition_examples_put_the_loss_on_the_answer_only():
-    examples = experiment.addition_examples(DigitTokenizer(), 5, torch.Generator().manual_seed(3))
+    problems = tasks.addition_problems(5, torch.Generator().manual_seed(3), 3)
+    examples = tasks.addition_examples(DigitTokenizer(), problems)
     for example in examples:
         text = "".join("0123456789+=|"[t] for t in example["input_ids"])
         a, rest = text.split("+")
@@ -50,42 +58,58 @@ def test_addition_examples_put_the_loss_on_the_answer_only():
         assert "".join("0123456789+=|"[t] for t in answered) == answer
 
 
-def test_top_layers_on_cached_prefix_reproduce_the_full_model():
+def lora_away_from_the_base(model, layers=None):
+    """A LoRA adapter (rank 4) on tiny_llama whose lora_B is random, so the adapted model differs from its base."""
+    from peft import get_peft_model
+
+    adapted = get_peft_model(model, training.adapter_config("lora", 4, layers))
+    for name, param in adapted.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.3)
+    return adapted
+
+
+def test_cached_base_states_give_the_scores_of_a_second_base_pass():
+    """add_base_hidden + evaluate_lm: the base's final hidden states through the head are its logits, padding
+    skipped; an adapter on the top 2 of 3 layers only (adapted_layer_indices) leaves the first untouched."""
+    batch = PadCollator(12)([dict(input_ids=[1, 2, 3, 4, 5], labels=[-100, -100, 3, 4, 5]),
+                             dict(input_ids=[6, 7, 8], labels=[-100, 7, 8])])
     model = tiny_llama()
-    batch = experiment._pad([dict(input_ids=[1, 2, 3, 4, 5], labels=[-100, -100, 3, 4, 5]),
-                             dict(input_ids=[6, 7, 8], labels=[-100, 7, 8])], pad_id=12)
-    experiment.cache_frozen_states(model, [batch], adapted_layers=2)
-    top = experiment.top_layers(model, 2)
-    assert len(top.model.layers) == 2 and len(model.model.layers) == 3
-    hidden, weight = experiment.final_hidden(top, batch)
-    keep = batch["attention_mask"].bool()
-    torch.testing.assert_close(hidden[keep], batch["base_hidden"][keep])
-    assert weight is top.model.embed_tokens.weight
-    metrics = experiment.evaluate(top, [batch])
-    assert abs(metrics["kl"]) < 1e-6 and metrics["ppl"] == pytest.approx(math.exp(metrics["ce"]))
-    with pytest.raises(ValueError, match="adapted_layers"):
-        experiment.top_layers(model, 4)
+    assert training.adapted_layer_indices(model, 2) == [1, 2]
+    with pytest.raises(ValueError, match="adapted_layers must be in"):
+        training.adapted_layer_indices(model, 4)
+    cached = dict(batch)
+    add_base_hidden(model, [cached])
+    assert cached["base_hidden"].shape == (2, 5, 32)
+    adapted = lora_away_from_the_base(model, layers=[1, 2])
+    assert not any("layers.0." in name for name, _ in adapted.named_parameters() if "lora" in name)
+    with_cache, second_pass = evaluate_lm(adapted, [cached]), evaluate_lm(adapted, [batch])
+    assert with_cache["kl_to_base"] > 1e-3 and with_cache == pytest.approx(second_pass, rel=1e-5)
+    assert with_cache["ppl"] == pytest.approx(math.exp(with_cache["ce"])) and with_cache["tokens"] == 5
+
+
+def logits_and_base_logits(adapted, batch):
+    """fp64 next-token logits [B, L, V] of the adapted model and of its base (adapters off)."""
+    logits = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    with torch.no_grad(), adapted.disable_adapter():
+        base = adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    return logits[:, :-1], base[:, :-1]
 
 
 @pytest.mark.parametrize("method, direction", [("ce", ""), ("kl", "forward"), ("mtt", "forward"), ("mtt", "reverse")])
 def test_objective_is_ce_plus_lam_times_the_methods_divergence(method, direction):
-    from peft import get_peft_model
-
-    model = tiny_llama()
-    batch = experiment._pad(experiment.addition_examples(DigitTokenizer(), 4, torch.Generator().manual_seed(1)), 12)
-    experiment.cache_frozen_states(model, [batch], adapted_layers=2)
-    adapted = get_peft_model(experiment.top_layers(model, 2), experiment.adapter_config("lora", 4))
-    for name, param in adapted.named_parameters():
-        if "lora_B" in name:  # a nonzero update, so the adapted model differs from its base
-            torch.nn.init.normal_(param, std=0.3)
+    """build_objective (an MTTObjective) on the answer rows: CE + lam T^2 D, D the method's divergence."""
+    batch = PadCollator(12)(tasks.addition_examples(DigitTokenizer(), tasks.addition_problems(
+        4, torch.Generator().manual_seed(1), 3)))
+    adapted = lora_away_from_the_base(tiny_llama())
     lam, temperature = 0.7, 1.5
-    out = experiment.objective(adapted, batch, method, lam, direction, temperature)
+    cfg = experiment.config_for("tiny", temperature=temperature, kl_positions="labels")
+    out = training.build_objective(cfg, method, lam, direction)(adapted, **batch)
 
-    hidden, weight = experiment.final_hidden(adapted, batch)
+    logits, base_logits = logits_and_base_logits(adapted, batch)
     targets = batch["labels"][:, 1:]
     keep = targets != -100
-    logits = (hidden[:, :-1][keep] @ weight.T).double()
-    base_logits = (batch["base_hidden"][:, :-1][keep] @ weight.T).double()
+    logits, base_logits = logits[keep], base_logits[keep]
     ce = torch.nn.functional.cross_entropy(logits, targets[keep])
     if method == "kl":
         log_q, log_p = (logits / temperature).log_softmax(-1), (base_logits / temperature).log_softmax(-1)
@@ -106,35 +130,30 @@ def test_objective_is_ce_plus_lam_times_the_methods_divergence(method, direction
 def test_regularizer_at_every_position_keeps_ce_on_the_answer(method):
     """kl_positions="all": (sum of CE over the answer rows + lam T^2 * sum of D over every predicted, unpadded
     row) / the answer rows' count, as MTTObjective; D's target on a prompt row being the next input token."""
-    from peft import get_peft_model
-
-    model = tiny_llama()
-    examples = experiment.addition_examples(DigitTokenizer(), 4, torch.Generator().manual_seed(2))
+    problems = tasks.addition_problems(4, torch.Generator().manual_seed(2), 3)
+    examples = tasks.addition_examples(DigitTokenizer(), problems)
     examples[1] = {key: value[:-2] for key, value in examples[1].items()}  # a shorter row: padding to skip
-    batch = experiment._pad(examples, 12)
+    batch = PadCollator(12)(examples)
     assert not batch["attention_mask"].all()
-    experiment.cache_frozen_states(model, [batch], adapted_layers=2)
-    adapted = get_peft_model(experiment.top_layers(model, 2), experiment.adapter_config("lora", 4))
-    for name, param in adapted.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.3)
+    adapted = lora_away_from_the_base(tiny_llama())
     lam, temperature = 0.7, 1.5
-    out = experiment.objective(adapted, batch, method, lam, "reverse", temperature, kl_positions="all")
+    cfg = experiment.config_for("tiny", temperature=temperature, kl_positions="all")
+    out = training.build_objective(cfg, method, lam, "reverse")(adapted, **batch)
 
-    hidden, weight = experiment.final_hidden(adapted, batch)
+    logits, base_logits = logits_and_base_logits(adapted, batch)
     targets, next_tokens = batch["labels"][:, 1:], batch["input_ids"][:, 1:]
     answer = targets != -100
     predicted = batch["attention_mask"][:, 1:].bool()
     assert (predicted & ~answer).sum() > answer.sum()  # the prompt holds most of the rows
-    logits = (hidden[:, :-1][predicted] @ weight.T).double()
-    base_logits = (batch["base_hidden"][:, :-1][predicted] @ weight.T).double()
+    logits, base_logits = logits[predicted], base_logits[predicted]
     divergence = masked_kl_rows(logits, base_logits, next_tokens[predicted], temperature=temperature,
                                 direction="reverse" if method == "mtt" else "forward", mask_target=method == "mtt")
     ce = torch.nn.functional.cross_entropy(logits[answer[predicted]], targets[answer])
     expected = ce + lam * temperature**2 * divergence.sum() / answer.sum()
     torch.testing.assert_close(out.loss.double(), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.kl.double(), divergence.sum() / answer.sum(), rtol=1e-4, atol=1e-6)
-    answer_only = experiment.objective(adapted, batch, method, lam, "reverse", temperature)
+    labelled = dataclasses.replace(cfg, kl_positions="labels")
+    answer_only = training.build_objective(labelled, method, lam, "reverse")(adapted, **batch)
     assert abs(float(answer_only.loss.detach()) - float(out.loss.detach())) > 1e-3
 
 
@@ -150,21 +169,24 @@ def test_equal_learning_interpolates_along_each_curve():
             row("kl", 1.0, 0, 2.0, 0.10, 31.0), row("kl", 1.0, 1, 2.0, 0.10, 31.0),
             row("kl", 3.0, 0, 2.8, 0.05, 32.0), row("kl", 3.0, 1, 2.8, 0.05, 32.0),  # dominated in PPL
             row("mtt", 1.0, 0, 1.5, 0.30, 35.0), row("mtt", 1.0, 1, 1.5, 0.30, 35.0)]
-    points = experiment.grouped(rows)[("addition", "lora")]
+    points = stats.grouped(rows)[("addition", "lora")]
     mean, std, low, high = points[("CE only", 0.0)]["retention_kl"]
     assert (mean, low, high) == pytest.approx((0.5, 0.4, 0.6)) and std == pytest.approx(math.sqrt(0.02))
-    curves = experiment.curves_of(points)
+    curves = stats.curves_of(points)
     assert sorted(curves) == ["MTT forward", "full KL"] and [lam for lam, _ in curves["full KL"]] == [0.0, 1.0, 3.0]
     # CE only at task CE 1.1 (KL 0.5); full KL at 2.0 (KL 0.1): at 1.55, halfway, KL 0.3.
-    assert experiment.at_equal_learning(curves["full KL"], 1.55, "retention_kl") == pytest.approx(0.3)
-    assert math.isnan(experiment.at_equal_learning(curves["MTT forward"], 1.8, "retention_kl"))
-    summary = experiment.summarize(rows)
-    assert "| full KL | 1 | 2 | 2.000 ± 0.000 |" in summary
+    assert stats.at_equal_learning(curves["full KL"], 1.55, "retention_kl") == pytest.approx(0.3)
+    assert math.isnan(stats.at_equal_learning(curves["MTT forward"], 1.8, "retention_kl"))
+    text = summary.summarize(rows)
+    assert "| full KL | 1 | 2 | 2.000 ± 0.000 |" in text
     # levels: base task CE 3.0 minus 50/75/90% of CE only's gain 1.9; full KL at 1.575: KL 0.5 - 0.4 * 0.475 / 0.9;
     # at 2.05 KL 0.1 - 0.05 * 0.05 / 0.8, while lam 3 (PPL 32 > 31) is off the PPL front, which ends at 2.0
-    assert "| 2.050 (50%) | - | 0.0969 / - |" in summary and "| 1.575 (75%) | - | 0.2889 / 35.72 |" in summary
-    assert ("| task_ce 1.575 (75%) | retention_kl | MTT forward - full KL | - | no verdict: 2 seed(s) at a point |"
-            in summary)
+    assert "| 2.050 (50%) | - | 0.0969 / - |" in text and "| 1.575 (75%) | - | 0.2889 / 35.72 |" in text
+    assert ("| exploratory | task_ce 1.575 (75%) | KL, Python prose | MTT forward - full KL | 0 | - | not comparable "
+            "(a curve does not reach the level) |" in text)
+    # at 90% (task CE 1.290) both seeds' curves reach the level; on the addition task the primary pair is the
+    # every-position one (the default kl_positions), so this row is exploratory
+    assert "| exploratory | task_ce 1.290 (90%) | KL, Python prose | MTT forward - full KL | 2 | " in text
 
 
 @pytest.fixture
@@ -272,13 +294,13 @@ def test_each_adapter_kind_starts_at_the_base_and_gets_gradients():
 
     from fastmtt.sine_lora import SineLoraConfig, SineLoraLinear
 
-    assert experiment.adapter_config("randlora", 8).randlora_alpha == 160
-    assert isinstance(experiment.adapter_config("sinelora", 8), SineLoraConfig)
+    assert training.adapter_config("randlora", 8).randlora_alpha == 160
+    assert isinstance(training.adapter_config("sinelora", 8), SineLoraConfig)
     ids = torch.randint(0, 13, (2, 6))
     for kind in experiment.ADAPTERS:
         model = tiny_llama()
         base = model(input_ids=ids).logits
-        adapted = peft.get_peft_model(model, experiment.adapter_config(kind, 4))
+        adapted = peft.get_peft_model(model, training.adapter_config(kind, 4))
         torch.testing.assert_close(adapted(input_ids=ids).logits, base)
         adapted(input_ids=ids).logits.square().mean().backward()
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adapted.parameters() if p.requires_grad), kind
@@ -300,48 +322,66 @@ def test_operand_blind_bound_is_the_entropy_of_the_sum_per_answer_token():
     counts = {total: 9 - abs(total - 10) for total in range(2, 19)}
     entropy = -sum(c / 81 * math.log(c / 81) for c in counts.values())  # the whole answer: H(sum)
     tokens = sum(c * (len(str(total)) + 1) for total, c in counts.items()) / 81
-    assert experiment.operand_blind_bound(1)["task_ce"] == pytest.approx(entropy / tokens)
-    assert experiment.operand_blind_bound(1)["exact_match"] == pytest.approx(9 / 81)
-    bound = experiment.operand_blind_bound(3)  # the issue's held-out estimate: CE 1.603, 187 of 442 tokens right
+    assert tasks.operand_blind_bound(1)["task_ce"] == pytest.approx(entropy / tokens)
+    assert tasks.operand_blind_bound(1)["exact_match"] == pytest.approx(9 / 81)
+    bound = tasks.operand_blind_bound(3)  # the issue's held-out estimate: CE 1.603, 187 of 442 tokens right
     assert bound["task_ce"] == pytest.approx(1.586, abs=1e-3) and bound["task_acc"] == pytest.approx(0.417, abs=1e-3)
     tokenizer = DigitTokenizer()
-    examples = experiment.addition_examples(tokenizer, 50, torch.Generator().manual_seed(0), digits=2)
+    examples = tasks.addition_examples(tokenizer, tasks.addition_problems(50, torch.Generator().manual_seed(0), 2))
     prompts = ["".join("0123456789+="[t] for t in e["input_ids"][:6]) for e in examples]
     assert all(len(p) == 6 and p[2] == "+" and p[5] == "=" and p[0] != "0" and p[3] != "0" for p in prompts)
 
 
-def test_pareto_points_and_the_bootstrap_verdict():
-    assert experiment.pareto([(1.0, 0.5), (2.0, 0.1), (1.5, 0.6), (3.0, 0.1)]) == [(1.0, 0.5), (2.0, 0.1)]
-    assert experiment.interpolate([(1.0, 0.5), (2.0, 0.1)], 1.5) == pytest.approx(0.3)
-    assert math.isnan(experiment.interpolate([(1.0, 0.5), (2.0, 0.1)], 2.5))
+@pytest.mark.parametrize("p, df, quantile", [(0.95, 1, 6.313752), (0.95, 2, 2.919986), (0.95, 3, 2.353363),
+                                              (0.95, 4, 2.131847), (0.95, 9, 1.833113), (0.95, 29, 1.699127),
+                                              (0.975, 4, 2.776445), (0.05, 5, -2.015048)])
+def test_t_quantiles_match_the_tables(p, df, quantile):
+    assert stats.t_quantile(p, df) == pytest.approx(quantile, abs=1e-6)
+    assert stats.t_cdf(quantile, df) == pytest.approx(p, abs=1e-7)  # the tables round to 6 decimals
 
-    def runs(curve_kl, noise, seeds=3):
-        """CE only at (1.0, 0.5); one regularized point at task CE 2.0 with forgetting curve_kl + noise."""
-        return [dict(task_ce=2.0, retention_kl=curve_kl + noise * (seed - 1)) for seed in range(seeds)]
 
-    ce_only = [dict(task_ce=1.0, retention_kl=0.5) for _ in range(3)]
-    clear = {("CE only", 0.0): ce_only, ("MTT forward", 1.0): runs(0.1, 0.001), ("full KL", 1.0): runs(0.2, 0.001)}
-    diff, low, high, share = experiment.bootstrap_difference(clear, "MTT forward", "full KL", 1.5)
-    # halfway between CE only and each point: 0.3 against 0.35
-    assert diff == pytest.approx(-0.05) and low < diff < high < 0 and share == 1.0
-    assert experiment.verdict(diff, low, high) == "forgets less"
-    noisy = {**clear, ("MTT forward", 1.0): runs(0.1, 0.3)}
-    diff, low, high, _ = experiment.bootstrap_difference(noisy, "MTT forward", "full KL", 1.5)
-    assert low < 0 < high and experiment.verdict(diff, low, high).startswith("tie")
-    assert experiment.verdict(*experiment.bootstrap_difference(clear, "full KL", "MTT forward", 1.5)[:3]) == \
-        "forgets more"
-    assert experiment.verdict(*experiment.bootstrap_difference(clear, "MTT forward", "full KL", 2.5)[:3]).startswith(
-        "not comparable")
+def test_a_t_interval_covers_the_mean_by_the_t_quantile():
+    mean, low, high = stats.t_interval([1.0, 2.0, 6.0])  # mean 3, std sqrt(7), n 3: half width 2.919986 sqrt(7/3)
+    half = 2.919986 * math.sqrt(7 / 3)
+    assert (mean, high - mean, mean - low) == pytest.approx((3.0, half, half))
+    assert all(math.isnan(v) for v in stats.t_interval([1.0])[1:])
+
+
+def test_pareto_points_and_the_seed_paired_verdict():
+    assert stats.pareto([(1.0, 0.5), (2.0, 0.1), (1.5, 0.6), (3.0, 0.1)]) == [(1.0, 0.5), (2.0, 0.1)]
+    assert stats.interpolate([(1.0, 0.5), (2.0, 0.1)], 1.5) == pytest.approx(0.3)
+    assert math.isnan(stats.interpolate([(1.0, 0.5), (2.0, 0.1)], 2.5))
+
+    def runs(kl, shift=0.0, seeds=5):
+        """A point at task CE 2.0 with forgetting kl + shift * seed per seed (CE only: (1.0, 0.5) for every seed)."""
+        return [dict(seed=float(seed), task_ce=2.0, retention_kl=kl + shift * seed) for seed in range(seeds)]
+
+    ce_only = [dict(seed=float(seed), task_ce=1.0, retention_kl=0.5) for seed in range(5)]
+    # seed effects shared by both curves cancel in the paired differences: halfway, 0.3 + 0.01 s vs 0.35 + 0.01 s
+    clear = {("CE only", 0.0): ce_only, ("MTT forward", 1.0): runs(0.1, 0.02), ("full KL", 1.0): runs(0.2, 0.02)}
+    diff, low, high, seeds = stats.paired_difference(clear, "MTT forward", "full KL", 1.5)
+    assert (diff, low, high, seeds) == pytest.approx((-0.05, -0.05, -0.05, 5))
+    assert stats.verdict(diff, low, high, seeds) == "forgets less"
+    assert stats.verdict(diff, low, high, 3) == "forgets less (preliminary: 3 seeds)"
+    assert stats.verdict(diff, low, high, 2) == "no verdict: 2 seed(s)"
+    # another curve's rows never move the interval; a seed missing from a curve drops out of the pairs
+    unrelated = {**clear, ("MTT forward, all positions", 1.0): runs(0.0, 0.3)}
+    assert stats.paired_difference(unrelated, "MTT forward", "full KL", 1.5) == (diff, low, high, seeds)
+    noisy = {**clear, ("MTT forward", 1.0): [dict(r, retention_kl=0.1 + 0.3 * (-1) ** i)
+                                             for i, r in enumerate(runs(0.1))]}
+    diff, low, high, seeds = stats.paired_difference(noisy, "MTT forward", "full KL", 1.5)
+    assert low < 0 < high and stats.verdict(diff, low, high, seeds).startswith("tie")
+    assert stats.paired_difference(clear, "full KL", "MTT forward", 1.5)[0] == pytest.approx(0.05)
+    assert stats.verdict(*stats.paired_difference(clear, "MTT forward", "full KL", 2.5)).startswith("not comparable")
+    short = {**clear, ("full KL", 1.0): runs(0.2, 0.02, seeds=4)}
+    assert stats.paired_difference(short, "MTT forward", "full KL", 1.5)[3] == 4
 
 
 def tiny_task(steps, batch_size=2):
-    """cfg and TaskData of the addition task on DigitTokenizer, frozen states of tiny_llama's top 2 layers cached."""
+    """cfg, TaskData of the addition task on DigitTokenizer and tiny_llama (its top 2 layers adapted)."""
     cfg = experiment.config_for("tiny", steps=steps, batch_size=batch_size, adapted_layers=2)
     digits = {"retention": [int(c) for c in "31415926535897932384626433832795" * 8]}
-    model = tiny_llama()
-    data = experiment.make_task("addition", DigitTokenizer(), cfg, digits)
-    experiment.cache_frozen_states(model, [data.train, *data.task_eval, *data.retention["retention"]], 2)
-    return cfg, data, experiment.top_layers(model, 2)
+    return cfg, tasks.make_task("addition", DigitTokenizer(), cfg, digits), tiny_llama()
 
 
 @pytest.mark.parametrize("method", ["kl", "mtt"])
@@ -350,12 +390,12 @@ def test_a_forgetting_budget_moves_lam_by_the_clipped_controller_step(method):
     adapter starts at the base), so lam shrinks by 0.2 / horizon; then a budget far below the divergence
     grows it by that much a step, one far above shrinks it."""
     cfg, data, top = tiny_task(steps=5)
-    _, below = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0, target_kl=1e-9)
-    _, above = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0, target_kl=100.0)
-    _, fixed = experiment.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0)
+    _, below = training.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0, target_kl=1e-9)
+    _, above = training.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0, target_kl=100.0)
+    _, fixed = training.train_adapter(top, data, cfg, "lora", method, 1.0, "forward", 0)
     assert below == pytest.approx(0.8 * 1.2**4) and above == pytest.approx(0.8**5) and fixed == 1.0
-    assert experiment.budget_horizon(300) == 10.0 and experiment.budget_horizon(50) == pytest.approx(50 / 30)
-    assert experiment.budget_horizon(5) == 1.0  # KLBudget's least horizon
+    assert training.budget_horizon(300) == 10.0 and training.budget_horizon(50) == pytest.approx(50 / 30)
+    assert training.budget_horizon(5) == 1.0  # KLBudget's least horizon
 
 
 def test_an_adapter_trains_at_its_own_learning_rate_unless_the_command_line_sets_one(monkeypatch):
@@ -383,17 +423,17 @@ def test_an_adapter_trains_at_its_own_learning_rate_unless_the_command_line_sets
 def test_each_curve_is_compared_with_its_full_kl_labelled_position_and_fixed_lam_twins():
     names = {"CE only", "full KL", "MTT forward", "MTT reverse", "MTT forward, all positions",
              "full KL, all positions", "MTT forward, budget", "MTT forward T=2"}
-    assert experiment.compared_pairs(names) == [
+    assert stats.compared_pairs(names) == [
         ("MTT forward", "full KL"), ("MTT forward, all positions", "full KL, all positions"),
         ("MTT reverse", "full KL"), ("MTT forward, all positions", "MTT forward"),
         ("full KL, all positions", "full KL"), ("MTT forward, budget", "MTT forward")]
-    assert experiment.compared_pairs({"CE only", "MTT forward"}) == []
+    assert stats.compared_pairs({"CE only", "MTT forward"}) == []
 
 
 def test_budget_runs_are_planned_named_and_summarized_as_their_own_curve():
     cfg = experiment.config_for("tiny", methods=("ce", "mtt"), lams=(3.0,), target_kls=(0.02,))
     assert experiment.planned_runs(cfg) == [("lora", "ce", 0.0, "", 0, 0.0), ("lora", "mtt", 3.0, "forward", 0, 0.0),
-                                            ("lora", "mtt", experiment.BUDGET_LAM, "forward", 0, 0.02)]
+                                            ("lora", "mtt", training.BUDGET_LAM, "forward", 0, 0.02)]
     row = dict(task="addition2", adapter="lora", method="mtt", direction="forward", kl_positions="labels", lam=1.0,
                target_kl=0.02, temperature=1.0, seed=2.0)
     assert experiment.run_name(row) == "addition2-lora-mtt-forward-labels-lam1-budget0.02-T1-seed2"
@@ -402,7 +442,7 @@ def test_budget_runs_are_planned_named_and_summarized_as_their_own_curve():
     rows = [dict(row, method="base", adapter="", target_kl=0.0, final_lam=0.0, **scores),
             dict(row, method="ce", target_kl=0.0, final_lam=0.0, **scores),
             dict(row, final_lam=4.0, **scores), dict(row, seed=1.0, final_lam=6.0, **scores)]
-    assert "| MTT forward, budget | 0.02, 5 | 2 | 1.000 ± 0.000 |" in experiment.summarize(rows)
+    assert "| MTT forward, budget | 0.02, 5 | 2 | 1.000 ± 0.000 |" in summary.summarize(rows)
 
 
 def test_resume_scores_finished_runs_again_on_a_new_retention_length(tmp_path, monkeypatch):
@@ -442,22 +482,24 @@ def test_every_position_is_the_labelled_objective_on_a_fully_labelled_task_and_i
     """FULLY_LABELLED_TASKS are those whose every predicted position has a label; there kl_positions="all"
     trains, and records, the labelled objective (no duplicate runs)."""
     monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
-    monkeypatch.setattr(experiment, "license_text", lambda: "1414213562373095" * 40)
+    monkeypatch.setattr(tasks, "license_text", lambda: "1414213562373095" * 40)
     monkeypatch.setattr(experiment, "RETENTION_TEXTS", {"retention": lambda: "2718281828459045" * 40,
                                                         "kjv": lambda: "1618033988749894" * 40})
     cfg = experiment.config_for("tiny", tasks=experiment.TASKS, methods=("kl",), kl_positions="all",
                                 adapted_layers=2)
     for task in experiment.TASKS:
-        train = experiment.make_task(task, DigitTokenizer(), cfg, {"retention": [1, 2] * 200}).train
+        data = tasks.make_task(task, DigitTokenizer(), cfg, {"retention": [1, 2] * 200})
+        train = data.collate(data.train)
         labelled, attended = predicted_positions(train["labels"], train["attention_mask"], -100)
         assert torch.equal(labelled, attended) == (task in experiment.FULLY_LABELLED_TASKS), task
     positions = []
-    objective = experiment.objective
-    monkeypatch.setattr(experiment, "objective", lambda *args: positions.append(args[-1]) or objective(*args))
+    build_objective = training.build_objective
+    monkeypatch.setattr(training, "build_objective", lambda cfg, *args: positions.append(cfg.kl_positions) or
+                        build_objective(cfg, *args))
     rows = experiment.run_experiment(dataclasses.replace(cfg, tasks=("addition", "license")), log=lambda line: None)
     assert {(r["task"], r["kl_positions"]) for r in rows if r["method"] == "kl"} == {("addition", "all"),
                                                                                    ("license", "labels")}
-    assert positions == ["all"] * 2 + ["labels"] * 2  # tiny: 2 steps per run
+    assert positions == ["all", "labels"]  # one objective per run
 
 
 def test_a_task_trains_its_own_steps_unless_the_command_line_sets_them(monkeypatch):
@@ -469,7 +511,7 @@ def test_a_task_trains_its_own_steps_unless_the_command_line_sets_them(monkeypat
     train_adapter = experiment.train_adapter
 
     def recording(top, data, cfg, *args, **kwargs):
-        trained.append((data.name, cfg.steps, len(data.train["input_ids"])))
+        trained.append((data.name, cfg.steps, len(data.train)))
         return train_adapter(top, data, cfg, *args, **kwargs)
 
     monkeypatch.setattr(experiment, "train_adapter", recording)
@@ -505,10 +547,10 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
     rows += [dict(row("addition2", "kl", 3.0, 1.0, 0.1, exact=0.5), temperature=2.0, seed=float(seed))
              for seed in range(3)]  # a curve run on one task only: no default
     base = {r["task"]: r for r in rows if r["method"] == "base"}
-    by_task = {task: points for (task, _), points in experiment.grouped(rows).items() if task in base}
-    assert experiment.gains_kept(by_task["addition2"][("MTT forward", 3.0)], by_task["addition2"][("CE only", 0.0)],
+    by_task = {task: points for (task, _), points in stats.grouped(rows).items() if task in base}
+    assert stats.gains_kept(by_task["addition2"][("MTT forward", 3.0)], by_task["addition2"][("CE only", 0.0)],
                                  base["addition2"]) == pytest.approx(dict(task_ce=0.75, exact_match=0.8))
-    lines = experiment.across_tasks(experiment.grouped(rows), base)
+    lines = summary.across_tasks(stats.grouped(rows), base)
     assert "| MTT forward | 3 | 75% / 75% (75%) | 25% / 50% (50%) |" in lines
     assert "| MTT forward, budget | 0.02 | 25% / 88% (88%) | - |" in lines
     assert "| MTT forward, all positions | 0.3 | 75% / 100% (100%) | 13% / 95% (95%) |" in lines
@@ -516,11 +558,11 @@ def test_one_setting_on_two_tasks_reports_the_forgetting_removed_the_gain_kept_a
     assert "| full KL T=2 | 3 | 75% / 100% (100%) | - |" in lines
     # MTT lam 0.3 keeps 95% / 92% (exact) on addition2 and 95% / 95% (acc) on license; lam 0.1 ran on one task,
     # lam 0.5 with 2 seeds; full KL lam 0.3 keeps 88% of the exact match
-    assert experiment.largest_lam_keeping(by_task, base) == {"MTT forward": 0.3, "full KL": pytest.approx(math.nan,
+    assert stats.largest_lam_keeping(by_task, base) == {"MTT forward": 0.3, "full KL": pytest.approx(math.nan,
                                                                                                        nan_ok=True)}
     assert lines[-1].endswith("every task: MTT forward 0.3, MTT forward, all positions 0.3, full KL none.")
     license = [r for r in rows if r["task"] == "license"]
-    assert experiment.across_tasks(experiment.grouped(license), base) == []
+    assert summary.across_tasks(stats.grouped(license), base) == []
 
 
 def test_a_setting_transfers_where_it_does_the_same_share_on_both_tasks():
@@ -545,10 +587,10 @@ def test_a_setting_transfers_where_it_does_the_same_share_on_both_tasks():
     base = {r["task"]: r for r in rows if r["method"] == "base"}
     points = [[r for r in rows if (r["task"], (r["method"], r["target_kl"])) == key]
               for key in itertools.product(("addition2", "license"), (("ce", 0.0), ("mtt", 0.0)))]
-    gap, low, high = experiment.kept_gap(*points, "retention_kl")  # 50% of the forgetting left minus 75%
+    gap, low, high = stats.kept_gap(*points, "retention_kl")  # 50% of the forgetting left minus 75%
     assert gap == pytest.approx(-0.25) and -0.5 <= low < -0.25 < high <= 0.0
-    assert experiment.kept_gap(*points, "task_ce", 5.0, 4.0) == pytest.approx((0.25, 0.25, 0.25))
-    lines = experiment.transfer_gaps(rows, base)
+    assert stats.kept_gap(*points, "task_ce", 5.0, 4.0) == pytest.approx((0.25, 0.25, 0.25))
+    lines = summary.transfer_gaps(rows, base)
     assert lines[1] == ("lora, does one setting transfer? On addition2 minus on license: the share of CE only's "
                         "forgetting removed on each text and of its task-CE gain kept, 90% seed-bootstrap interval:")
     assert lines[3] == "| method | lam (budget: target_kl) | Python prose: removed | KJV: removed | task CE: kept |"
@@ -557,4 +599,142 @@ def test_a_setting_transfers_where_it_does_the_same_share_on_both_tasks():
     # the budget removes 75% / 50% (Python prose / KJV) of the forgetting on addition2, 87.5% / 75% on license
     assert lines[6] == "| MTT forward, budget | 0.05 | -12% [-12%, -12%] | -25% [-25%, -25%] | +0% [+0%, +0%] |"
     assert len(lines) == 7  # full KL: two seeds
-    assert experiment.transfer_gaps([r for r in rows if r["task"] == "license"], base) == []
+    assert summary.transfer_gaps([r for r in rows if r["task"] == "license"], base) == []
+
+
+def problems_of(examples):
+    """The (a, b) of addition examples on DigitTokenizer."""
+    texts = ["".join("0123456789+="[t] for t in e["input_ids"] if t < 12).split("=")[0] for e in examples]
+    return [tuple(int(n) for n in text.split("+")) for text in texts]
+
+
+def test_held_out_addition_problems_are_new_swaps_included():
+    """Scored and validation problems are never training problems, nor b + a of one, nor each other's; drawn
+    from one stream without that rule (as the committed far runs were) they would overlap."""
+    cfg = experiment.config_for("tiny", steps=400, batch_size=8, task_eval_examples=300)  # 3200 of 8100 pairs
+    data = tasks.make_task("addition2", DigitTokenizer(), cfg, {})
+    train = problems_of(data.train)
+    scored, validation = (problems_of([dict(input_ids=row.tolist()) for batch in batches for row in batch["input_ids"]])
+                          for batches in (data.task_eval, data.validation))
+    assert len(train) == 3200 and len(scored) == len(validation) == 300
+    seen = {tasks.unordered(p) for p in train}
+    assert not seen & {tasks.unordered(p) for p in scored + validation}
+    assert not {tasks.unordered(p) for p in scored} & {tasks.unordered(p) for p in validation}
+    assert data.train_overlap == 0 == tasks.train_overlap(train, scored)
+    generator = torch.Generator().manual_seed(0)
+    assert tasks.train_overlap(train, tasks.addition_problems(300, generator, 2)) > 100  # about 45% of 300
+    assert tasks.train_overlap([(12, 34)], [(34, 12), (12, 34), (12, 43)]) == 2
+    with pytest.raises(ValueError, match="count: 6 new 1-digit problems asked for, 5 left"):
+        tasks.addition_problems(6, generator, 1, exclude=set(sorted((a, b) for a in range(1, 10)
+                                                                     for b in range(a, 10))[:40]))  # of 45
+
+
+def test_the_committed_far_runs_record_how_many_scored_problems_were_training_ones():
+    """docs/experiment/far/results.csv predates the rule above: its addition2 rows say 55 of 128 (swaps
+    counted; 32 without), the overlap of its draw (2400 training problems, then 128 from the same stream)."""
+    from tests.utils import ROOT
+
+    generator = torch.Generator().manual_seed(1234)
+    train, scored = tasks.addition_problems(2400, generator, 2), tasks.addition_problems(128, generator, 2)
+    assert tasks.train_overlap(train, scored) == 55 and sum(p in set(train) for p in scored) == 32
+    rows = experiment.read_csv(str(ROOT / "docs" / "experiment" / "far" / "results.csv"))
+    assert {r["train_overlap"] for r in rows if r["task"] == "addition2"} == {55.0}
+    assert all(math.isnan(r["train_overlap"]) for r in rows if r["task"] == "license")  # not recorded
+
+
+class PositionTokenizer:
+    """Each character's token is its position in the text: a window's tokens say where it lies."""
+
+    eos_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(range(len(text)))}
+
+
+def test_the_license_text_trains_validates_and_scores_apart(monkeypatch):
+    monkeypatch.setattr(tasks, "license_text", lambda: "x" * 1000)
+    cfg = experiment.config_for("tiny", steps=50, batch_size=8, task_eval_examples=100)
+    data = tasks.make_task("license", PositionTokenizer(), cfg, {})
+    train = [t for example in data.train for t in example["input_ids"]]
+    validation, scored = ([t for batch in batches for t in batch["input_ids"].flatten().tolist()]
+                          for batches in (data.validation, data.task_eval))
+    assert len(data.train) == 400 and max(train) < 700 and min(validation) >= 700 and max(validation) < 800
+    assert min(scored) >= 800 and len(scored) == 12 * 16 and len(validation) == 6 * 16
+
+
+def test_the_step_count_is_chosen_on_the_validation_split():
+    cfg, data, model = tiny_task(steps=3)
+    curve = training.validation_curve(model, data, cfg, checkpoints=(1, 3), seeds=(0,))
+    trained, _ = training.train_adapter(model, data, cfg, "lora", "ce", 0.0, "", 0)
+    assert sorted(curve) == [1, 3] and curve[1] != curve[3]
+    assert curve[3] == pytest.approx(evaluate_lm(trained, data.validation, with_kl=False)["ce"], rel=1e-6)
+    assert curve[3] != pytest.approx(evaluate_lm(trained, data.task_eval, with_kl=False)["ce"], rel=1e-6)
+    with pytest.raises(ValueError, match="checkpoints: at most cfg.steps = 3"):
+        training.validation_curve(model, data, cfg, checkpoints=(4,), seeds=(0,))
+
+
+def test_resuming_into_runs_scored_on_other_held_out_examples_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    monkeypatch.setattr(experiment, "RETENTION_TEXTS", {"retention": lambda: "2718281828459045" * 40,
+                                                        "kjv": lambda: "1618033988749894" * 40})
+    cfg = experiment.config_for("tiny", methods=("ce",), adapted_layers=2)
+    rows = experiment.run_experiment(cfg, str(tmp_path), log=lambda line: None)
+    assert [r["train_overlap"] for r in rows] == [0, 0]
+    experiment.write_csv([dict(r, train_overlap=55) for r in rows], str(tmp_path / "results.csv"))
+    with pytest.raises(experiment.UsageError, match="holds runs of addition scored on other held-out examples "
+                                                     r"\(train_overlap 55, now 0\)"):
+        experiment.run_experiment(cfg, str(tmp_path), resume=True, log=lambda line: None)
+
+
+def committed_far_runs():
+    from tests.utils import ROOT
+
+    return experiment.read_csv(str(ROOT / "docs" / "experiment" / "far" / "results.csv"))
+
+
+LORA_CUT = "-0.0615 [-0.0843, -0.0387]"  # experiments.md: LoRA's far task on the other adapters' lams only
+
+
+def test_the_other_adapters_sparse_grid_widens_the_gap():
+    """LoRA's far task cut to lam 1, 3 and 10 (DoRA's, SineLoRA's and RandLoRA's grid): MTT minus full KL at 90%
+    of CE only's task-CE gain is about twice the full grid's -0.0286, as experiments.md says."""
+    rows = [r for r in committed_far_runs() if r["task"] == "addition2" and r["adapter"] in ("lora", "")
+            and (r["method"] in ("base", "ce") or r["lam"] in (1.0, 3.0, 10.0) and r["kl_positions"] == "labels"
+                 and r["target_kl"] == 0)]
+    base = next(r for r in rows if r["method"] == "base")["task_ce"]
+    ce_only = stats.grouped(rows)[("addition2", "lora")][("CE only", 0.0)]["task_ce"][0]
+    diff, low, high, seeds = stats.paired_difference(stats.runs_by_point(rows)[("addition2", "lora")], "MTT forward",
+                                                     "full KL", base - 0.9 * (base - ce_only))
+    assert f"{diff:+.4f} [{low:+.4f}, {high:+.4f}]" == LORA_CUT and seeds == 3
+
+
+def test_the_numbers_of_the_answer_come_from_the_summary():
+    """Every interval and every mean ± std that README's Results paragraph and experiments.md's "The answer"
+    quote is in docs/experiment/far/summary.md as written there (LORA_CUT: computed by its own test)."""
+    from tests.utils import ROOT
+
+    summary_text = (ROOT / "docs" / "experiment" / "far" / "summary.md").read_text()
+    page = (ROOT / "docs" / "experiments.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    quoted = [page[page.index("### The answer"):page.index("### The 5-seed reruns")],
+              readme[readme.index("**On a real model**"):readme.index("## Documentation")]]
+    numbers = [re.findall(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]|\d+\.\d{3,4} ± \d+\.\d{3,4}",
+                          " ".join(text.split())) for text in quoted]
+    assert len(numbers[0]) > 30 and len(numbers[1]) > 5
+    missing = [n for n in itertools.chain(*numbers) if n not in summary_text and n != LORA_CUT]
+    assert not missing, missing
+
+
+def test_the_rerun_plan_has_five_seeds_and_five_lams_per_regularizer_at_the_default_positions():
+    from tests.utils import ROOT
+
+    script = (ROOT / "docs" / "experiment" / "disjoint" / "run_disjoint.sh").read_text()
+    assert 'SEEDS=${SEEDS:-0 1 2 3 4}' in script and "--kl-positions all" in script and "--resume" in script
+    lams = {}
+    for task, methods, values in re.findall(r"^run --tasks (\S+)(?: --steps \S+)? --methods ([a-z ]+?)(?: --lams "
+                                            r"([\d. ]+))?$", script, flags=re.M):
+        for method in methods.split():
+            lams.setdefault((task, method), set()).update(float(v) for v in values.split())
+    assert set(lams) == {(task, method) for task in ("addition2", "license") for method in ("ce", "kl", "mtt")}
+    assert all(len(values) >= 5 for (task, method), values in lams.items() if method != "ce")
+    assert {0.5, 0.7, 1.0} <= lams[("addition2", "kl")] and {1.0, 2.0, 3.0, 5.0} <= lams[("addition2", "mtt")]

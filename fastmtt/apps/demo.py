@@ -24,7 +24,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from fastmtt.apps import check_out_dir
+from fastmtt.apps import check_out_dir, presets
 from fastmtt.apps.evaluation import evaluate_lm, format_kl, tensor_batches
 from fastmtt.objective import MTTObjective
 
@@ -288,8 +288,4 @@ def draw_frontier(rows, ax, cfg: DemoConfig):
 
 def config_for(preset: str, **overrides) -> DemoConfig:
     """DemoConfig of a preset ('tiny', 'quick', 'full') with overrides (None values ignored)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    values = {**PRESETS[preset], **{k: tuple(v) if isinstance(v, list) else v
-                                    for k, v in overrides.items() if v is not None}}
-    return DemoConfig(**values)
+    return presets.config_for(DemoConfig, PRESETS, preset, **overrides)

@@ -14,7 +14,9 @@ merge() {  # merge FOLDER...: their results.csv rows (each run once, the last fo
          # results.csv, then its summary.md and frontier.png
     .venv/bin/python - "$@" <<'PY'
 import os, sys
-from fastmtt.apps.experiment import KEY, plot_frontier, read_csv, summarize, write_csv
+from fastmtt.apps.experiment import KEY, read_csv, write_csv
+from fastmtt.apps.experiment_plots import plot_frontier
+from fastmtt.apps.experiment_summary import summarize
 target = "docs/experiment/far/results.csv"
 rows = {}
 for path in [target, *(os.path.join(folder, "results.csv") for folder in sys.argv[1:])]:
