@@ -505,3 +505,14 @@ def test_target_modules_all_linear_given_explicitly_is_the_default(tmp_path, cap
         saved = json.loads((out / "adapter_config.json").read_text())["target_modules"]
         targets.append(sorted(name.rsplit(".", 1)[-1] for name in saved))
     assert targets[0] == targets[1] == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+
+
+def test_a_head_the_loss_cannot_serve_is_found_before_loading(tmp_path, capsys, no_model_loading):
+    """A config that scales the logits (Cohere's logit_scale): once found only at the first training step."""
+    model = save_tiny_model(tmp_path / "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "logit_scale": 0.5}))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"input_ids": [3, 4, 5]}])
+    capsys.readouterr()
+    assert f"--model: {model}: LlamaForCausalLM scales its logits (config.logit_scale=0.5)" in finetune_error(
+        capsys, "--model", str(model), "--data", data, "--out", str(tmp_path / "out"), "--device", "cpu")

@@ -179,17 +179,17 @@ def check_adapter(config, lora, model_dir: str) -> None:
     try:
         with warnings.catch_warnings():  # PEFT's warnings come once, when the real model is adapted
             warnings.simplefilter("ignore")
-            adapted = get_peft_model(skeleton, copy.deepcopy(lora))  # PEFT resolves and edits the config it gets
+            get_peft_model(skeleton, copy.deepcopy(lora))  # PEFT resolves and edits the config it gets
     except ValueError as exc:  # e.g. --target-modules names no module of this model
         raise UsageError(f"cannot add LoRA to {model_dir}: {first_line(exc)}") from exc
-    head = adapted.get_output_embeddings()
+    head = skeleton.get_output_embeddings()  # PEFT adapted the skeleton in place
     if lora.lora_dropout > 0 and hasattr(head, "lora_dropout"):
         name = next(path for path, module in skeleton.named_modules() if module is head)
         raise UsageError(f"--target-modules/--lora-dropout: the output head {name} is a target, and the fused MTT "
                          f"loss applies no dropout to it: leave {name} out of --target-modules, or give "
                          "--lora-dropout 0")
     try:
-        output_head(adapted.train())
+        output_head(skeleton.train())
     except ValueError as exc:
         raise UsageError(f"--model: {model_dir}: {first_line(exc)}") from exc
 
