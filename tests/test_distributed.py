@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastmtt.objective import MTTObjective
-from fastmtt.reference import MTTOutput
+from fastmtt.reduction import MTTOutput
 from fastmtt.trainer import MTTTrainer
 from tests.test_objective import tiny_peft, trainable_grads
 from tests.test_trainer import LR, adapter_weights, dataset_of, four_examples, training_args
