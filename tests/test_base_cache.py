@@ -288,6 +288,8 @@ def test_a_killed_build_resumes_where_it_stopped(tmp_path):
     with CountForwards(model) as forwards:  # a finished cache is extended by the new examples only
         extended = BaseCache.build(model, examples + [[4, 5, 6]], path, batch_size=2, progress=False)
     assert forwards.count == 1 and len(extended) == len(examples) + 1 and [4, 5, 6] in extended
+    with pytest.raises(ValueError, match="holds float32 states; this build would add bfloat16 ones"):
+        BaseCache.build(model, [[7, 8]], path, dtype=torch.bfloat16, progress=False)
 
 
 def test_build_arguments_are_checked(tmp_path):
