@@ -341,7 +341,8 @@ class BaseCache:
                    == str(rank)]
         if world > 1:  # every rank has read the same finished shards before any writes new ones
             dist.barrier()
-        writer = _ShardWriter(path, rank, max(numbers, default=-1) + 1, built["digest"], shard_bytes)
+        writer = _ShardWriter(path, rank, max(numbers, default=-1) + 1, built["digest"], shard_bytes,
+                              _layout_of(path, done) if done else None)
         bar = _progress(len(examples) if hasattr(examples, "__len__") else None, progress and rank == 0)
         pending: List[Tuple[str, torch.Tensor]] = []
         seen = set(done)
@@ -486,14 +487,19 @@ class _ShardWriter:
     """Collects examples' states and writes them as shard-r<rank>-<n>.safetensors, atomically, once
     shard_bytes are collected (and on close)."""
 
-    def __init__(self, path: str, rank: int, number: int, digest: str, shard_bytes: int):
+    def __init__(self, path: str, rank: int, number: int, digest: str, shard_bytes: int,
+                 layout: Optional[Tuple[int, str]] = None):
         self.path, self.rank, self.number, self.digest, self.shard_bytes = path, rank, number, digest, shard_bytes
         self.tensors: Dict[str, torch.Tensor] = {}
-        self.layout: Optional[Tuple[int, str]] = None
+        self.layout = layout  # (hidden size, dtype name) of the cache's tensors, once known
 
     def add(self, states: List[torch.Tensor], keys: List[str]) -> None:
+        layout = (states[0].shape[1], str(states[0].dtype).removeprefix("torch."))
+        if self.layout not in (None, layout):
+            raise ValueError(f"the base cache at {self.path} holds {self.layout[1]} states; this build would add "
+                             f"{layout[1]} ones: pass dtype=torch.{self.layout[1]}")
         self.tensors.update(zip(keys, states))
-        self.layout = (states[0].shape[1], str(states[0].dtype).removeprefix("torch."))
+        self.layout = layout
         if sum(t.numel() * t.element_size() for t in self.tensors.values()) >= self.shard_bytes:
             self.close()
 

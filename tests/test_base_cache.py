@@ -2,6 +2,7 @@
 gradients whatever the batch layout (padding side, order, packing), under gradient accumulation and DDP."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -287,6 +288,8 @@ def test_a_killed_build_resumes_where_it_stopped(tmp_path):
     with CountForwards(model) as forwards:  # a finished cache is extended by the new examples only
         extended = BaseCache.build(model, examples + [[4, 5, 6]], path, batch_size=2, progress=False)
     assert forwards.count == 1 and len(extended) == len(examples) + 1 and [4, 5, 6] in extended
+    with pytest.raises(ValueError, match="holds float32 states; this build would add bfloat16 ones"):
+        BaseCache.build(model, [[7, 8]], path, dtype=torch.bfloat16, progress=False)
 
 
 def test_build_arguments_are_checked(tmp_path):
@@ -371,3 +374,20 @@ def test_cache_base_then_finetune_with_the_cache_trains_as_without(tmp_path, cap
     message = cli_error(capsys, "cache-base", "--model", str(other_model), "--data", data, "--out",
                         str(tmp_path / "cache"), "--device", "cpu")
     assert "--out: " in message and "holds a base cache of another base model" in message
+
+
+def test_cache_base_user_errors_are_one_line_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    from tests.test_cli import cli_error, write_jsonl
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded before the error was found"))
+    data = write_jsonl(tmp_path / "train.jsonl", [{"input_ids": [3, 4, 5]}])
+    (tmp_path / "file").write_text("")
+    for flags, message in ((["--data", str(tmp_path / "none.jsonl")], "--data: no such file"),
+                           (["--model", str(tmp_path)], "has no config.json"),
+                           (["--out", str(tmp_path / "file")], "--out: .* is a file"),
+                           (["--dtype", "int8"], "argument --dtype: invalid choice")):
+        settings = {"--model": str(tmp_path / "nowhere"), "--data": data, "--out": str(tmp_path / "cache"),
+                    **dict(zip(flags[::2], flags[1::2]))}  # the files and folders are checked before --model
+        argv = [part for pair in settings.items() for part in pair]
+        assert re.search(message, cli_error(capsys, "cache-base", *argv, "--device", "cpu")), message
