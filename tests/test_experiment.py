@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -738,3 +739,20 @@ def test_the_rerun_plan_has_five_seeds_and_five_lams_per_regularizer_at_the_defa
     assert set(lams) == {(task, method) for task in ("addition2", "license") for method in ("ce", "kl", "mtt")}
     assert all(len(values) >= 5 for (task, method), values in lams.items() if method != "ce")
     assert {0.5, 0.7, 1.0} <= lams[("addition2", "kl")] and {1.0, 2.0, 3.0, 5.0} <= lams[("addition2", "mtt")]
+
+
+def test_exact_match_counts_the_sequences_with_every_predicted_token_right():
+    """evaluate_lm's exact: a sequence counts where the argmax is right at each of its labelled positions."""
+    class Fixed(torch.nn.Module):
+        """Logits that put the most mass on token (position + 1) mod 5 at every position."""
+
+        def forward(self, input_ids, attention_mask=None):
+            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot((positions + 1) % 5, 5).float())
+
+    right, wrong_once = [0, 1, 2, 3], [0, 1, 4, 3]  # token t + 1 follows t, but for the 4 at position 2
+    batch = PadCollator(0)([dict(input_ids=right, labels=[-100, 1, 2, 3]),
+                            dict(input_ids=wrong_once, labels=[-100, 1, 4, 3]),
+                            dict(input_ids=wrong_once, labels=[-100, 1, -100, -100])])  # its wrong token unlabelled
+    metrics = evaluate_lm(Fixed(), [batch], with_kl=False)
+    assert metrics["exact"] == pytest.approx(2 / 3) and metrics["acc"] == pytest.approx(6 / 7)
