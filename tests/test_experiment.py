@@ -756,3 +756,15 @@ def test_exact_match_counts_the_sequences_with_every_predicted_token_right():
                             dict(input_ids=wrong_once, labels=[-100, 1, -100, -100])])  # its wrong token unlabelled
     metrics = evaluate_lm(Fixed(), [batch], with_kl=False)
     assert metrics["exact"] == pytest.approx(2 / 3) and metrics["acc"] == pytest.approx(6 / 7)
+
+
+def test_select_steps_returns_the_checkpoint_of_least_validation_ce(monkeypatch):
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    curves = []
+    validation_curve = experiment.validation_curve
+    monkeypatch.setattr(experiment, "validation_curve",
+                        lambda *args: curves.append(validation_curve(*args)) or curves[-1])
+    lines = []
+    best = experiment.select_steps("addition", (1, 2), (0,), preset="tiny", log=lines.append, adapted_layers=2)
+    assert best == min(curves[0], key=curves[0].get) and len(lines) == 2
+    assert lines[0].startswith("addition: CE only after 1 steps: validation task CE ")
