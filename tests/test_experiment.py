@@ -592,8 +592,9 @@ def test_a_setting_transfers_where_it_does_the_same_share_on_both_tasks():
     assert gap == pytest.approx(-0.25) and -0.5 <= low < -0.25 < high <= 0.0
     assert stats.kept_gap(*points, "task_ce", 5.0, 4.0) == pytest.approx((0.25, 0.25, 0.25))
     lines = summary.transfer_gaps(rows, base)
-    assert lines[1] == ("lora, does one setting transfer? On addition2 minus on license: the share of CE only's "
-                        "forgetting removed on each text and of its task-CE gain kept, 90% seed-bootstrap interval:")
+    assert lines[1] == ("Exploratory: lora, does one setting transfer? On addition2 minus on license: the share "
+                        "of CE only's forgetting removed on each text and of its task-CE gain kept, 90% "
+                        "seed-bootstrap interval:")
     assert lines[3] == "| method | lam (budget: target_kl) | Python prose: removed | KJV: removed | task CE: kept |"
     assert lines[5].startswith("| MTT forward | 1 | +25% [")
     assert lines[5].endswith("| +0% [+0%, +0%] | +25% [+25%, +25%] |")
