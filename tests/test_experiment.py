@@ -7,6 +7,7 @@ import math
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -591,8 +592,9 @@ def test_a_setting_transfers_where_it_does_the_same_share_on_both_tasks():
     assert gap == pytest.approx(-0.25) and -0.5 <= low < -0.25 < high <= 0.0
     assert stats.kept_gap(*points, "task_ce", 5.0, 4.0) == pytest.approx((0.25, 0.25, 0.25))
     lines = summary.transfer_gaps(rows, base)
-    assert lines[1] == ("lora, does one setting transfer? On addition2 minus on license: the share of CE only's "
-                        "forgetting removed on each text and of its task-CE gain kept, 90% seed-bootstrap interval:")
+    assert lines[1] == ("Exploratory: lora, does one setting transfer? On addition2 minus on license: the share "
+                        "of CE only's forgetting removed on each text and of its task-CE gain kept, 90% "
+                        "seed-bootstrap interval:")
     assert lines[3] == "| method | lam (budget: target_kl) | Python prose: removed | KJV: removed | task CE: kept |"
     assert lines[5].startswith("| MTT forward | 1 | +25% [")
     assert lines[5].endswith("| +0% [+0%, +0%] | +25% [+25%, +25%] |")
@@ -738,3 +740,32 @@ def test_the_rerun_plan_has_five_seeds_and_five_lams_per_regularizer_at_the_defa
     assert set(lams) == {(task, method) for task in ("addition2", "license") for method in ("ce", "kl", "mtt")}
     assert all(len(values) >= 5 for (task, method), values in lams.items() if method != "ce")
     assert {0.5, 0.7, 1.0} <= lams[("addition2", "kl")] and {1.0, 2.0, 3.0, 5.0} <= lams[("addition2", "mtt")]
+
+
+def test_exact_match_counts_the_sequences_with_every_predicted_token_right():
+    """evaluate_lm's exact: a sequence counts where the argmax is right at each of its labelled positions."""
+    class Fixed(torch.nn.Module):
+        """Logits that put the most mass on token (position + 1) mod 5 at every position."""
+
+        def forward(self, input_ids, attention_mask=None):
+            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            return types.SimpleNamespace(logits=torch.nn.functional.one_hot((positions + 1) % 5, 5).float())
+
+    right, wrong_once = [0, 1, 2, 3], [0, 1, 4, 3]  # token t + 1 follows t, but for the 4 at position 2
+    batch = PadCollator(0)([dict(input_ids=right, labels=[-100, 1, 2, 3]),
+                            dict(input_ids=wrong_once, labels=[-100, 1, 4, 3]),
+                            dict(input_ids=wrong_once, labels=[-100, 1, -100, -100])])  # its wrong token unlabelled
+    metrics = evaluate_lm(Fixed(), [batch], with_kl=False)
+    assert metrics["exact"] == pytest.approx(2 / 3) and metrics["acc"] == pytest.approx(6 / 7)
+
+
+def test_select_steps_returns_the_checkpoint_of_least_validation_ce(monkeypatch):
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    curves = []
+    validation_curve = experiment.validation_curve
+    monkeypatch.setattr(experiment, "validation_curve",
+                        lambda *args: curves.append(validation_curve(*args)) or curves[-1])
+    lines = []
+    best = experiment.select_steps("addition", (1, 2), (0,), preset="tiny", log=lines.append, adapted_layers=2)
+    assert best == min(curves[0], key=curves[0].get) and len(lines) == 2
+    assert lines[0].startswith("addition: CE only after 1 steps: validation task CE ")

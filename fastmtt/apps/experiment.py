@@ -308,10 +308,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
 
 
 def select_steps(task: str, checkpoints: Sequence[int], seeds: Sequence[int], preset: str = "far",
-                 cache_dir: Optional[str] = None, log=print) -> int:
+                 cache_dir: Optional[str] = None, log=print, **overrides) -> int:
     """The step count among checkpoints with the least validation task CE of CE only (LoRA, the preset's other
-    settings, mean over seeds; `validation_curve`), each one's logged; the scored examples take no part."""
-    cfg = config_for(preset, tasks=(task,), steps=max(checkpoints))
+    settings with `config_for` overrides, mean over seeds; `validation_curve`), each one's logged; the scored
+    examples take no part."""
+    cfg = config_for(preset, **{**overrides, "tasks": (task,), "steps": max(checkpoints)})
     model, tokenizer = load_smollm2(cache_dir)
     for p in model.parameters():
         p.requires_grad_(False)

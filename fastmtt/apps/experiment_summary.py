@@ -96,9 +96,9 @@ def across_tasks(groups, base) -> List[str]:
             continue
         by_task = with_every_position_twins(by_task)
         tasks = sorted(by_task)
-        lines += ["", f"{adapter}, one setting on every task: share of CE only's forgetting removed (retention KL) / "
-                      "share of its task-CE gain kept (least share kept of task CE, accuracy, exact match), seed "
-                      "means:", "",
+        lines += ["", f"Exploratory: {adapter}, one setting on every task: share of CE only's forgetting removed "
+                      "(retention KL) / share of its task-CE gain kept (least share kept of task CE, accuracy, "
+                      "exact match), seed means:", "",
                   "| method | lam (budget: target_kl) | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
         settings = sorted({point for points in by_task.values() for point in points} - {("CE only", 0.0)})
         for name, setting in settings:
@@ -135,8 +135,9 @@ def transfer_gaps(rows, base) -> List[str]:
         (first, a), (second, b) = sorted(with_every_position_twins(by_task).items())
         settings = sorted(point for point in set(a) & set(b) - {("CE only", 0.0)}
                           if min(len(a[point]), len(b[point])) >= MIN_SEEDS)
-        lines += ["", f"{adapter}, does one setting transfer? On {first} minus on {second}: the share of CE only's "
-                      "forgetting removed on each text and of its task-CE gain kept, 90% seed-bootstrap interval:", "",
+        lines += ["", f"Exploratory: {adapter}, does one setting transfer? On {first} minus on {second}: the "
+                      "share of CE only's forgetting removed on each text and of its task-CE gain kept, 90% "
+                      "seed-bootstrap interval:", "",
                   "| method | lam (budget: target_kl) | " + " | ".join(f"{text}: removed" for text in
                                                                   RETENTION_LABELS.values()) + " | task CE: kept |",
                   "|---|---|" + "---|" * (len(RETENTION_LABELS) + 1)]
