@@ -3,8 +3,9 @@ it replaced (labelled rows with CE, unlabelled rows with ce_weight=0), forward +
 
     python -m benchmarks.every_position_kl [--rows 4096] [--hidden 512] [--vocab 32000] [--repeats 5]
 
-Prints a markdown table (median time, the speed-up, and the largest difference of the loss and the hidden
-gradient between the two). CPU by default (the PyTorch path); on CUDA it times the Triton row kernel.
+Prints a markdown table (median time: the process's CPU time on the CPU, wall time on CUDA; the speed-up;
+the largest difference of the loss and of the hidden gradient between the two). CPU by default (the PyTorch
+path); on CUDA it times the Triton row kernel.
 """
 from __future__ import annotations
 
@@ -44,18 +45,22 @@ def two_calls(h, base, weight, targets, ce_rows, options):
     return [a + b for a, b in zip(*outputs)]
 
 
-def timed(fn, args, repeats):
-    """(median seconds of forward + backward, loss, hidden gradient)."""
-    times = []
-    for _ in range(repeats + 1):
-        h = args[0].detach().requires_grad_(True)
-        start = time.perf_counter()
-        loss = fn(h, *args[1:])[0]
-        loss.backward()
-        if h.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), loss.detach(), h.grad
+def timed(fns, args, repeats):
+    """[(median seconds of forward + backward, loss, hidden gradient)] of each fn, the runs interleaved (so a
+    change in the machine's load hits both alike): CPU time of this process on the CPU, wall time on CUDA."""
+    clock = time.perf_counter if args[0].is_cuda else time.process_time
+    times, results = [[] for _ in fns], [None] * len(fns)
+    for repeat in range(repeats + 1):
+        for index in (range(len(fns)) if repeat % 2 else reversed(range(len(fns)))):
+            h = args[0].detach().requires_grad_(True)
+            start = clock()
+            loss = fns[index](h, *args[1:])[0]
+            loss.backward()
+            if h.is_cuda:
+                torch.cuda.synchronize()
+            times[index].append(clock() - start)
+            results[index] = loss.detach(), h.grad
+    return [(statistics.median(t[1:]), *result) for t, result in zip(times, results)]
 
 
 def main(argv=None):
@@ -72,10 +77,10 @@ def main(argv=None):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     tensors = inputs(args.rows, args.hidden, args.vocab, args.labelled, device, dtype)
     options = MTTOptions(lam=0.3)
-    before = timed(two_calls, (*tensors, options), args.repeats)
-    after = timed(one_call, (*tensors, options), args.repeats)
+    before, after = timed((two_calls, one_call), (*tensors, options), args.repeats)
     print(f"N={args.rows} H={args.hidden} V={args.vocab} labelled={args.labelled} {device} {dtype} "
-          f"threads={args.threads}, forward + backward, median of {args.repeats}\n")
+          f"threads={args.threads}, forward + backward, median of {args.repeats} "
+          f"({'wall' if device == 'cuda' else 'CPU'} time)\n")
     print("| head loss | ms | speed-up |\n|---|---|---|")
     print(f"| two calls (before) | {before[0] * 1e3:.1f} | 1.00 |")
     print(f"| one call, ce_rows (after) | {after[0] * 1e3:.1f} | {before[0] / after[0]:.2f} |")

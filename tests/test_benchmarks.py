@@ -1,6 +1,7 @@
 """The benchmark harness on tiny CPU sizes, so it cannot rot (timings themselves live in benchmarks/)."""
 import csv
 import os
+import re
 import subprocess
 import sys
 import time
@@ -291,3 +292,15 @@ def test_gpu_check_rehearsal_runs_the_parity_tests_first_and_writes_the_tables(t
                for row in rows)
     assert "fused_linear_mtt_loss" in table.with_suffix(".md").read_text()
     assert (out / "gpu_check.log").read_text() == log
+
+
+def test_every_position_kl_benchmark_times_one_call_against_two(capsys):
+    """benchmarks/every_position_kl.py: the one fused call (ce_rows) and the two it replaced give the same loss
+    and hidden gradient, and both are timed."""
+    from benchmarks import every_position_kl
+
+    every_position_kl.main(["--rows", "64", "--hidden", "16", "--vocab", "100", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "| two calls (before) |" in out and "| one call, ce_rows (after) |" in out
+    loss_difference, grad_difference = (float(x) for x in re.findall(r"difference\| ([0-9.e+-]+)", out))
+    assert loss_difference < 1e-6 and grad_difference < 1e-6

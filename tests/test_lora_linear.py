@@ -201,7 +201,7 @@ def test_no_grad_and_empty_input():
     (dict(lora_B=torch.randn(6, 2, dtype=torch.float16)), "lora_B must have lora_A's dtype"),
     (dict(x=torch.ones(3, 10, dtype=torch.int64)), "x must be a floating-point tensor"),
     (dict(dropout_p=1.0), "dropout_p must lie in"),
-    (dict(dropout_p="0.1"), "dropout_p must lie in"),
+    (dict(dropout_p="0.1"), "dropout_p must lie in \\[0, 1\\), got '0.1'"),
     (dict(scaling="2"), "scaling must be a real number"),
     (dict(backend="cuda"), "backend must be one of"),
 ])

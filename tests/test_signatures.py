@@ -25,6 +25,8 @@ PUBLIC_CALLABLES = {
     "fastmtt.peft.patch_lora": "fastmtt.peft:patch_lora",
     "fastmtt.peft.unpatch_lora": "fastmtt.peft:unpatch_lora",
     "fastmtt.MTTObjective": "fastmtt.objective:MTTObjective",
+    "fastmtt.objective.KLBudget": "fastmtt.objective:KLBudget",
+    "fastmtt.sine_lora.load_sine_lora": "fastmtt.sine_lora:load_sine_lora",
     "fastmtt.trainer.PadCollator": "fastmtt.trainer:PadCollator",
     "fastmtt.VocabParallel": "fastmtt.parallel:VocabParallel",
     "fastmtt.reference.mtt_loss": "fastmtt.reference:mtt_loss",
@@ -81,11 +83,13 @@ def written_arguments(call):
 
 
 def same_default(written, default):
-    """Whether the default as written is the signature's: the same literal of the same type, or DEFAULT_LAM."""
+    """Whether the default as written is the signature's: an equal literal (10 for 10.0, not 1 for True), or
+    DEFAULT_LAM."""
     if not is_literal(written):
         return written == "DEFAULT_LAM" and default == 0.3
     value = ast.literal_eval(written)
-    return value == default and type(value) is type(default)
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, default))
+    return value == default and (numbers or type(value) is type(default))
 
 
 def text_blocks(path):

@@ -59,22 +59,33 @@ def _check_logits(rank, vp, backend, direction, reduction, failures):
     _close(f"{tag} grad", part.grad, whole.grad[:, cols], failures)
 
 
-def _check_fused_linear(rank, vp, backend, tiled, direction, reduction, failures):
+def _check_fused_linear(rank, vp, backend, tiled, direction, reduction, failures, ce_rows=None):
+    """ce_rows given: through fused_linear_mtt_loss_with_options, CE on those rows only (MTTObjective's call)."""
+    from fastmtt.head import LinearHead
+    from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
+
     hidden, base_hidden, weight, bias, lora_a, lora_b, labels, upstream = _inputs()
     options = dict(lam=0.7, direction=direction, reduction=reduction, return_components=True, backend=backend,
                    ce_weight=CE_WEIGHT[reduction], tiled=tiled, chunk_size=8, softcap=5.0, lora_scaling=2.0)
 
     def run(rows, vocab_parallel):
         leaves = [t.clone().requires_grad_(True) for t in (hidden, weight[rows], bias[rows], lora_a, lora_b[rows])]
-        out = fastmtt.fused_linear_mtt_loss(leaves[0], base_hidden, leaves[1], labels, bias=leaves[2],
-                                            lora_A=leaves[3], lora_B=leaves[4], vocab_parallel=vocab_parallel,
-                                            **options)
+        if ce_rows is None:
+            out = fastmtt.fused_linear_mtt_loss(leaves[0], base_hidden, leaves[1], labels, bias=leaves[2],
+                                                lora_A=leaves[3], lora_B=leaves[4], vocab_parallel=vocab_parallel,
+                                                **options)
+        else:
+            head = LinearHead(leaves[1], leaves[2], leaves[3], leaves[4], 2.0, 5.0)
+            out = fused_linear_mtt_loss_with_options(
+                leaves[0], base_hidden, head, labels, fastmtt.MTTOptions(lam=0.7, direction=direction),
+                return_components=True, backend=backend, tiled=tiled, chunk_size=8, vocab_parallel=vocab_parallel,
+                ce_rows=ce_rows)
         _backward(out.loss, reduction, upstream)
         return out, [leaf.grad for leaf in leaves]
 
     want, want_grads = run(slice(None), None)
     got, got_grads = run(slice(vp.start, vp.stop), vp)
-    tag = f"fused_linear[{backend},tiled={tiled},{direction},{reduction}] rank {rank}"
+    tag = f"fused_linear[{backend},tiled={tiled},{direction},{reduction},ce_rows={ce_rows is not None}] rank {rank}"
     for name in ("loss", "ce", "kl"):
         _close(f"{tag} {name}", getattr(got, name), getattr(want, name).detach(), failures)
     rows = slice(vp.start, vp.stop)
@@ -95,6 +106,9 @@ def _worker(rank, rendezvous, out_dir):
                 (("torch", False), ("triton", False), ("triton", True)), ("forward", "reverse"),
                 ("mean", "none")):
             _check_fused_linear(rank, vp, backend, tiled, direction, reduction, failures)
+        for backend, tiled in (("torch", False), ("triton", False), ("triton", True)):
+            _check_fused_linear(rank, vp, backend, tiled, "forward", "mean", failures,
+                                ce_rows=torch.arange(N_ROWS) % 3 != 1)
     except Exception:  # report it as this rank's failure
         failures.append(traceback.format_exc())
     torch.save(failures, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -112,7 +112,7 @@ def lora_linear(
     if isinstance(scaling, bool) or not isinstance(scaling, Real):
         raise TypeError(f"scaling must be a real number, got {type(scaling).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, Real) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p!r}")
     check_same_device(x=x, weight=weight, lora_A=lora_A, lora_B=lora_B, bias=bias)
 
     measured_faster = (in_features, out_features, rank, x.dtype, dropout_p > 0) in FUSED_KERNEL_MEASURED_FASTER

@@ -36,9 +36,9 @@ from fastmtt.rows import mtt_rows
 
 @torch.library.custom_op("fastmtt::mtt_rows", mutates_args=())
 def _mtt_rows_op(logits: torch.Tensor, base_logits: torch.Tensor, labels: torch.Tensor, grad_scale: torch.Tensor,
-             lam: float, temperature: float, direction: str, mask_target: bool, ignore_index: int, ce_weight: float,
-             need_kl: bool, compute_grad: bool, backend: str,
-             ce_rows: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                 lam: float, temperature: float, direction: str, mask_target: bool, ignore_index: int,
+                 ce_weight: float, need_kl: bool, compute_grad: bool, backend: str,
+                 ce_rows: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Row statistics [N_STATS, N] (fastmtt/partials.py) and grad_scale * dL/dlogits ([N, V], or empty when
     not compute_grad), as one opaque op so that torch.compile treats the kernel as a single call."""
     options = MTTOptions(lam, temperature, direction, mask_target, ignore_index, ce_weight=ce_weight)
