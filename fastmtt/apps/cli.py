@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("experiment", help="CE, full KL and MTT on SmolLM2-135M (CPU, offline; needs "
                                              "`make experiment-setup`): learning vs forgetting")
     exp.add_argument("--quick", action="store_true",
-                     help="one task, LoRA, 3 lams, 2 seeds (about 5.5 min on a quiet CPU core)")
+                     help="one task, LoRA, 3 lams, 2 seeds")
     exp.add_argument("--preset", choices=("tiny", "quick", "full", "far"), default="full",
                      help="run size (default full; far: 2-digit addition, adapters on all layers, 300 steps (the "
                           "near task 50), 6 lams, 3 seeds)")
