@@ -82,15 +82,9 @@ def _base_of(model):
 def _frozen_tensors(causal_lm) -> Dict[str, torch.Tensor]:
     """The base model's own parameters by their plain-model names: adapter tensors (LoRA's A and B, ...)
     left out, PEFT's `.base_layer` / `.original_module` dropped from the names."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from fastmtt.models import adapter_modules
 
-    adapter = set()
-    for module in causal_lm.modules():
-        if isinstance(module, BaseTunerLayer):
-            for name in module.adapter_layer_names + module.other_param_names:
-                container = getattr(module, name, None)
-                if isinstance(container, torch.nn.Module):
-                    adapter.update(id(p) for p in container.parameters())
+    adapter = {id(p) for module in adapter_modules(causal_lm) for p in module.parameters(recurse=False)}
     tensors = {}
     for name, param in causal_lm.named_parameters():
         if id(param) in adapter or ".modules_to_save." in name:
@@ -317,9 +311,9 @@ class BaseCache:
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
             else (0, 1)
         causal_lm, adapters_off = _base_of(model)
-        from fastmtt.objective import _decoder
+        from fastmtt.models import decoder_of
 
-        decoder = _decoder(causal_lm)
+        decoder = decoder_of(causal_lm)
         device = next(causal_lm.parameters()).device
         built = fingerprint(model)
         os.makedirs(path, exist_ok=True)

@@ -27,9 +27,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastmtt._dispatch import check_backend
 from fastmtt.head import LinearHead
+from fastmtt.models import adapter_modules, decoder_of
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
 from fastmtt.options import DEFAULT_KL_POSITIONS, KL_POSITIONS, MTTOptions, options_from
 from fastmtt.peft import _lora_linear_class
+from fastmtt.positions import batch_sequence_ids, predicted_positions
 from fastmtt.reduction import MTTOutput
 
 # Config attributes of heads that scale logits in ways the fused head loss does not model.
@@ -104,34 +106,15 @@ def _install_mtt_forward(causal_lm):
 def disable_model_dropout(peft_model) -> None:
     """Set every dropout probability of the base model to 0: torch dropout modules and the float
     probabilities transformers' modules read. The adapters' own dropout (LoRA's lora_dropout) stays."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    adapter_modules = set()
+    adapters = {id(module) for module in adapter_modules(peft_model)}
     for module in peft_model.modules():
-        if isinstance(module, BaseTunerLayer):
-            for name in module.adapter_layer_names + module.other_param_names:
-                container = getattr(module, name, None)
-                if isinstance(container, torch.nn.Module):
-                    adapter_modules.update(id(m) for m in container.modules())
-    for module in peft_model.modules():
-        if id(module) in adapter_modules:
+        if id(module) in adapters:
             continue
         if isinstance(module, torch.nn.modules.dropout._DropoutNd):
             module.p = 0.0
         for name in _DROPOUT_FLOATS:
             if isinstance(vars(module).get(name), float):
                 setattr(module, name, 0.0)
-
-
-def _decoder(causal_lm):
-    """The causal LM's decoder stack (returns final hidden states, after the final norm)."""
-    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
-    if decoder is None or decoder is causal_lm:
-        decoder = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", ""), None)
-    if not isinstance(decoder, torch.nn.Module):
-        raise TypeError(f"cannot find the decoder of {type(causal_lm).__name__} (no get_decoder() or "
-                        "base_model_prefix submodule)")
-    return decoder
 
 
 def _head_lora_problem(head, name):
@@ -198,12 +181,6 @@ def _unsharded(head: LinearHead) -> LinearHead:
                     "its own): MTTObjective reads the head inside the model's forward, so shard it with the root "
                     "module (fully_shard the decoder layers, then the whole model)")
     return head
-
-
-def batch_sequence_ids(labels, inputs):
-    """`sequence_ids` of a batch's model inputs (attention_mask, position_ids, seq_idx, cu_seq_lens_q / _k)."""
-    return sequence_ids(labels, inputs.get("attention_mask"), inputs.get("position_ids"), inputs.get("seq_idx"),
-                        [(name, inputs.get(name)) for name in _CU_SEQ_LENS])
 
 
 @contextlib.contextmanager
@@ -305,62 +282,6 @@ def causal_head_loss(hidden, base_hidden, head: LinearHead, labels, options: MTT
     return fused_linear_mtt_loss_with_options(
         hidden[rows].to(dtype), base_hidden[rows].to(dtype), head, targets[rows], options,
         num_items_in_batch=num_items_in_batch, return_components=True, backend=backend, ce_rows=ce_rows)
-
-
-def predicted_positions(labels, attention_mask, ignore_index):
-    """(labelled, attended): [B, L - 1] masks over the positions t, each predicting token t + 1: attended
-    where attention_mask [B, L] keeps both t and t + 1 in one sequence (both nonzero and equal; everywhere
-    when it is None), labelled where moreover labels[:, t + 1] is not ignore_index. So padding, left or
-    right, takes no part, and a mask of sequence ids (`sequence_ids`: 1, 1, 2, 2, 2, 0 for two packed
-    sequences and a pad) ends every row set at a sequence boundary."""
-    if attention_mask is None:
-        attended = torch.ones_like(labels[:, 1:], dtype=torch.bool)
-    elif tuple(attention_mask.shape) != tuple(labels.shape):
-        raise ValueError(f"attention_mask must have the shape of labels {tuple(labels.shape)}, "
-                         f"got {tuple(attention_mask.shape)}")
-    else:
-        attended = (attention_mask[:, :-1] != 0) & (attention_mask[:, :-1] == attention_mask[:, 1:])
-    return attended & (labels[:, 1:] != ignore_index), attended
-
-
-# Keywords of packed (padding-free) batches that mark where sequences start, besides position_ids.
-_CU_SEQ_LENS = ("cu_seq_lens_q", "cu_seq_lens_k")
-
-
-def sequence_ids(labels, attention_mask=None, position_ids=None, seq_idx=None, cu_seq_lens=()):
-    """The attention mask `predicted_positions` reads for a packed batch: [B, L] int64, 0 where attention_mask
-    [B, L] is 0, elsewhere one id per sequence. A sequence starts at each row's first position and where
-    position_ids [B, L] or [1, L] do not step by one (as transformers' `find_packed_sequence_indices` reads
-    them: DataCollatorWithFlattening restarts them), seq_idx [B, L] changes, attention_mask changes value,
-    or at an offset of cu_seq_lens (FlashAttention's cu_seq_lens_q / _k, 1-D, from 0 to B * L over the
-    flattened batch). Returns attention_mask itself where none of position_ids, seq_idx, cu_seq_lens is given;
-    position_ids of another rank (multimodal rotary positions) are not read."""
-    cu_seq_lens = [(name, value) for name, value in cu_seq_lens if value is not None]
-    if position_ids is not None and position_ids.dim() != 2:
-        position_ids = None
-    if position_ids is None and seq_idx is None and not cu_seq_lens:
-        return attention_mask
-    shape = tuple(labels.shape)
-    starts = torch.zeros(shape, dtype=torch.bool, device=labels.device)
-    starts[:, 0] = True
-    for name, ids in (("position_ids", position_ids), ("seq_idx", seq_idx), ("attention_mask", attention_mask)):
-        if ids is None:
-            continue
-        if ids.dim() != 2 or ids.shape[1] != shape[1] or ids.shape[0] not in (1, shape[0]):
-            raise ValueError(f"{name} must have the shape of labels {shape} (or [1, {shape[1]}]), "
-                             f"got {tuple(ids.shape)}")
-        ids = ids.to(labels.device).expand(shape)
-        steps = ids[:, 1:] - ids[:, :-1]
-        starts[:, 1:] |= steps != 1 if name == "position_ids" else steps != 0
-    flat = starts.view(-1)
-    for name, offsets in cu_seq_lens:
-        if (offsets.dim() != 1 or offsets.is_floating_point() or offsets.numel() < 2
-                or int(offsets[0]) != 0 or int(offsets[-1]) != flat.numel() or bool((offsets.diff() < 0).any())):
-            raise ValueError(f"{name} must be the 1-D cumulative sequence lengths of the flattened batch, from 0 to "
-                             f"{flat.numel()} (B * L), got {offsets.tolist()}")
-        flat[offsets[:-1].to(device=flat.device, dtype=torch.int64)] = True
-    ids = flat.cumsum(0).view(shape)
-    return ids if attention_mask is None else ids * (attention_mask.to(ids.device) != 0)
 
 
 class KLBudget:
@@ -549,7 +470,7 @@ class MTTObjective:
         """(the adapted decoder's output, base final hidden states); the base pass runs without grad, adapters
         off, or the base cache serves the base states. Input embeddings with forward hooks (NEFTune's noise) give
         the adapted pass the base pass's output."""
-        decoder = _decoder(causal_lm)
+        decoder = decoder_of(causal_lm)
         inputs = dict(inputs, use_cache=False)
         if self.base_cache is not None:
             return decoder(**inputs), self.base_cache.base_hidden_for(peft_model, decoder, inputs)

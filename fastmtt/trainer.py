@@ -15,7 +15,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from fastmtt.objective import MTTObjective, batch_sequence_ids, predicted_positions
+from fastmtt.objective import MTTObjective
+from fastmtt.positions import batch_sequence_ids, predicted_positions
 
 
 class LogFirstAndLastStep(TrainerCallback):

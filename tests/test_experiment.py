@@ -21,7 +21,7 @@ from fastmtt.apps import experiment_summary as summary
 from fastmtt.apps import experiment_tasks as tasks
 from fastmtt.apps import experiment_training as training
 from fastmtt.apps.evaluation import add_base_hidden, evaluate_lm
-from fastmtt.objective import predicted_positions
+from fastmtt.positions import predicted_positions
 from fastmtt.reference import masked_kl_rows
 from fastmtt.trainer import PadCollator
 

@@ -448,7 +448,7 @@ def test_packed_sequences_equal_the_sequences_apart(kl_positions, layout):
 
 
 def test_sequence_ids_mark_every_sequence_start():
-    from fastmtt.objective import sequence_ids
+    from fastmtt.positions import sequence_ids
 
     labels = torch.zeros(1, 9, dtype=torch.int64)
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
@@ -461,7 +461,7 @@ def test_sequence_ids_mark_every_sequence_start():
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 0, 0]])
     assert torch.equal(sequence_ids(labels, mask, position_ids), want * mask)
     assert sequence_ids(labels, mask) is mask  # a padded batch: its own mask
-    labelled, attended = fastmtt.objective.predicted_positions(labels, want, -100)
+    labelled, attended = fastmtt.positions.predicted_positions(labels, want, -100)
     assert attended.tolist() == [[True, True, False, True, False, True, True, True]]
     with pytest.raises(ValueError, match="cu_seq_lens_k must be the 1-D cumulative sequence lengths"):
         sequence_ids(labels, cu_seq_lens=[("cu_seq_lens_k", torch.tensor([0, 3, 8]))])

@@ -26,6 +26,8 @@ PUBLIC_CALLABLES = {
     "fastmtt.peft.unpatch_lora": "fastmtt.peft:unpatch_lora",
     "fastmtt.MTTObjective": "fastmtt.objective:MTTObjective",
     "fastmtt.objective.KLBudget": "fastmtt.objective:KLBudget",
+    "fastmtt.BaseCache.build": "fastmtt.base_cache:BaseCache.build",
+    "fastmtt.BaseCache.open": "fastmtt.base_cache:BaseCache.open",
     "fastmtt.sine_lora.load_sine_lora": "fastmtt.sine_lora:load_sine_lora",
     "fastmtt.trainer.PadCollator": "fastmtt.trainer:PadCollator",
     "fastmtt.VocabParallel": "fastmtt.parallel:VocabParallel",
@@ -39,7 +41,10 @@ PUBLIC_CALLABLES = {
 
 def resolve(target):
     module, name = target.split(":")
-    return getattr(importlib.import_module(module), name)
+    value = importlib.import_module(module)
+    for part in name.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def parameters(target):

@@ -8,29 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 from fastmtt.apps import UsageError, check_out_dir, first_line
-
-
-def build_base_cache(model, examples, path: str, *, batch_size: int, flag: str, dtype: Optional[str] = None, log=print):
-    """BaseCache.build over the examples' input_ids (an interrupted build resumes, a finished one is reused
-    or extended); a cache of another base model at `path` is a UsageError naming `flag`."""
-    import torch
-
-    from fastmtt.base_cache import BaseCache
-
-    stored = None if dtype in (None, "model") else getattr(torch, dtype)
-    try:
-        cache = BaseCache.build(model, [e["input_ids"] for e in examples], path, batch_size=batch_size, dtype=stored)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {first_line(exc)}") from exc
-    size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
-    tokens = sum(length for _, length in cache.entries.values())
-    per_token = cache.hidden_size * cache.dtype.itemsize
-    log(f"base cache: {len(cache)} examples, {tokens} tokens, {size / 2**20:.1f} MiB on disk ({cache.hidden_size} x "
-        f"{cache.dtype.itemsize} = {per_token} bytes per token) at {path}")
-    return cache
 
 
 def run_cache_base(model_dir: str, data: str, out: str, *, batch_size: int = 8, max_length: int = 512,
@@ -41,7 +20,7 @@ def run_cache_base(model_dir: str, data: str, out: str, *, batch_size: int = 8, 
     from transformers.utils import logging as transformers_logging
 
     from fastmtt.apps.arguments import check_file, resolve_device
-    from fastmtt.apps.finetune import _load_tokenizer, check_model_dir, encode_records, read_jsonl
+    from fastmtt.apps.finetune import _load_tokenizer, build_base_cache, check_model_dir, encode_records, read_jsonl
 
     check_file("--data", data)
     check_out_dir("--out", out, "the base cache")

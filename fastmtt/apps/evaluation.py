@@ -6,7 +6,7 @@ from typing import Dict, Iterable
 
 import torch
 
-from fastmtt.objective import predicted_positions
+from fastmtt.positions import predicted_positions
 
 
 @torch.no_grad()

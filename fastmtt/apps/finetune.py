@@ -203,6 +203,26 @@ def _load_tokenizer(model_dir: str):
         return None
 
 
+def build_base_cache(model, examples, path: str, *, batch_size: int, flag: str, dtype: Optional[str] = None, log=print):
+    """BaseCache.build over the examples' input_ids (an interrupted build resumes, a finished one is reused
+    or extended); a cache of another base model at `path` is a UsageError naming `flag`."""
+    import torch
+
+    from fastmtt.base_cache import BaseCache
+
+    stored = None if dtype in (None, "model") else getattr(torch, dtype)
+    try:
+        cache = BaseCache.build(model, [e["input_ids"] for e in examples], path, batch_size=batch_size, dtype=stored)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {first_line(exc)}") from exc
+    size = sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+    tokens = sum(length for _, length in cache.entries.values())
+    per_token = cache.hidden_size * cache.dtype.itemsize
+    log(f"base cache: {len(cache)} examples, {tokens} tokens, {size / 2**20:.1f} MiB on disk ({cache.hidden_size} x "
+        f"{cache.dtype.itemsize} = {per_token} bytes per token) at {path}")
+    return cache
+
+
 def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = None, lam: float = DEFAULT_LAM,
                  temperature: float = 1.0, direction: str = "forward", lora_r: int = 8, lora_alpha: int = 16,
                  lora_dropout: float = 0.0, target_modules="all-linear", epochs: float = 1.0, max_steps: int = -1,
@@ -279,8 +299,6 @@ def run_finetune(model_dir: str, data: str, out: str, retain: Optional[str] = No
                              save_strategy="no", report_to=[], seed=seed, use_cpu=device == "cpu",
                              remove_unused_columns=False, disable_tqdm=not sys.stderr.isatty())
     if base_cache:  # built on first use (an interrupted build resumes), reused after
-        from fastmtt.apps.cache_base import build_base_cache
-
         base_cache = build_base_cache(model, train_examples, base_cache, batch_size=batch_size, flag="--base-cache",
                                       log=log)
     trainer = MTTTrainer(model=model, args=args, train_dataset=train_examples, data_collator=collate,
