@@ -5,11 +5,9 @@ The public names load on first use (module `__getattr__`), so `import fastmtt` a
 """
 import importlib
 
-from fastmtt._checkout import import_installed_kernels_package
 from fastmtt.options import DEFAULT_LAM, MTTOptions
 
 __version__ = "0.1.0"
-import_installed_kernels_package()
 
 _LAZY = {
     "FusedLinearMTTLoss": "fastmtt.ops.fused_linear_mtt_loss",

@@ -33,6 +33,9 @@ if interpreting():
     # The interpreter evaluates masked-off lanes too (e.g. -inf - -inf on padded vocabulary), which numpy
     # reports as RuntimeWarnings; the kernels discard those lanes. Only warnings raised inside the interpreter.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter")
+    # Triton 3.6's interpreter converts one-element arrays to scalars, which numpy >= 1.25 deprecates.
+    warnings.filterwarnings("ignore", message="Conversion of an array with ndim > 0 to a scalar",
+                            category=DeprecationWarning, module=r"triton\.runtime\.interpreter")
 
 
 def triton_available() -> bool:

@@ -1,5 +1,7 @@
-"""fastmtt/_checkout.py: from a checkout's root, `import kernels` after `import fastmtt` finds the installed
-top-level `kernels` package (Hugging Face's), not the root's kernels/ folder (fastmtt.kernels)."""
+"""From the checkout's root (on sys.path first, as for `python -c`, scripts and shells started there) an installed
+top-level `kernels` package (Hugging Face's, which transformers >= 5.25 imports) wins over the root's kernels/,
+whatever the import order: kernels/ is a namespace portion, installed as fastmtt.kernels (setup.py)."""
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -8,17 +10,47 @@ import pytest
 
 from tests.utils import ROOT
 
+STAND_IN = '''"""Stands in for Hugging Face's `kernels`: every name is an object that accepts anything."""
 
-@pytest.mark.parametrize("import_fastmtt_first", [True, False])
-def test_installed_kernels_package_wins_over_the_checkout_root(tmp_path, import_fastmtt_first):
-    installed = tmp_path / "site" / "kernels"  # stands in for Hugging Face's package
-    installed.mkdir(parents=True)
-    (installed / "__init__.py").write_text("")
-    probe = ("import fastmtt\n" if import_fastmtt_first else "") + "import kernels; print(kernels.__file__)"
-    env = {key: value for key, value in os.environ.items() if key != "PYTHONSAFEPATH"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), env.get("PYTHONPATH", "")])
-    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+
+class Anything:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, *args, **kwargs):
+        return args[0] if len(args) == 1 and callable(args[0]) else self  # a decorator returns what it decorates
+
+    def __getattr__(self, name):
+        return self
+
+
+def __getattr__(name):
+    return Anything()
+'''
+
+
+def kernels_found_in_the_checkout_root(probe, pythonpath=None):
+    """The file of the `kernels` module that `python -c probe` imports, run in the checkout's root."""
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONSAFEPATH", "PYTHONPATH")}
+    if pythonpath:
+        env["PYTHONPATH"] = str(pythonpath)
+    result = subprocess.run([sys.executable, "-c", probe + "; import kernels; print(kernels.__file__)"], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    found = result.stdout.strip()
-    assert found == str((installed / "__init__.py") if import_fastmtt_first else ROOT / "kernels" / "__init__.py")
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("probe", ["import peft", "import transformers; transformers.AutoModelForCausalLM",
+                                   "import fastmtt.kernels.mtt_loss, peft", "import kernels, fastmtt.kernels.mtt_loss"])
+def test_an_installed_kernels_package_wins_over_the_checkout_root(tmp_path, probe):
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "kernels" / "__init__.py").write_text(STAND_IN)
+    assert kernels_found_in_the_checkout_root(probe, pythonpath=tmp_path) == str(tmp_path / "kernels" / "__init__.py")
+
+
+def test_peft_and_transformers_import_in_the_checkout_root_with_hugging_faces_kernels():
+    version = tuple(int(part) for part in importlib.metadata.version("transformers").split(".")[:2])
+    if version < (5, 25):
+        pytest.skip(f"transformers {version} does not import Hugging Face's kernels package")
+    found = kernels_found_in_the_checkout_root("import peft, transformers; transformers.AutoModelForCausalLM")
+    assert found == str(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py"))

@@ -1,15 +1,17 @@
-"""The built wheel, not only the editable install: every module ships, kernels/ as `fastmtt.kernels`."""
+"""The built wheel and the editable install: every module ships, kernels/ as `fastmtt.kernels`."""
+import importlib.metadata
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import zipfile
-
-import pytest
 
 from tests.utils import ROOT
 
-pytest.importorskip("setuptools")  # the build backend, used without build isolation (no downloads)
+# The build backend, used without build isolation (no downloads): setuptools builds wheels without the `wheel`
+# package from 70.1 on, which the [test] extra requires (a new virtualenv's own setuptools may be older).
+SETUPTOOLS_FLOOR = (70, 1)
 PACKAGE_DIRS = {"fastmtt": ROOT / "fastmtt", "fastmtt/kernels": ROOT / "kernels"}  # as setup.py's package_dir
 NOT_SOURCE = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache",
                                     ".hypothesis", ".benchmarks", "demo_out", "out")
@@ -21,11 +23,24 @@ def source_modules():
             for path in folder.rglob("*.py") if "__pycache__" not in path.parts}
 
 
-def test_wheel_ships_every_module_and_imports_from_a_fresh_location(tmp_path):
-    source = tmp_path / "source"  # a copy: building in the checkout would leave build/ and egg-info behind
+def copy_of_the_source(tmp_path):
+    """A copy of the checkout: building in it would leave build/ and egg-info behind."""
+    version = tuple(int(part) for part in importlib.metadata.version("setuptools").split(".")[:2])
+    assert version >= SETUPTOOLS_FLOOR, f"setuptools {version} cannot build wheels: pip install -e '.[test]'"
+    source = tmp_path / "source"
     shutil.copytree(ROOT, source, ignore=NOT_SOURCE)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    return source
+
+
+def pip(*args):
+    result = subprocess.run([sys.executable, "-m", "pip", *args, "--no-deps", "-q"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_wheel_ships_every_module_and_imports_from_a_fresh_location(tmp_path):
+    source = copy_of_the_source(tmp_path)
+    pip("wheel", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source))
     (wheel,) = (tmp_path / "dist").glob("fastmtt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {name.split("/")[0] for name in names} == {"fastmtt", wheel.name.split("-py")[0] + ".dist-info"}
@@ -33,19 +48,35 @@ def test_wheel_ships_every_module_and_imports_from_a_fresh_location(tmp_path):
     assert "fastmtt/apps/data/kjv_ruth_esther_jonah.txt" in names  # package_data
 
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, timeout=300)
+    pip("install", "--target", str(site), str(wheel))
     installed = sorted(path.name for path in site.iterdir() if not path.name.endswith(".dist-info"))
     assert installed == ["bin", "fastmtt"] and (site / "bin" / "fastmtt").exists()  # no top-level `kernels`
     probe = f"""
 import sys
 sys.path.insert(0, {str(site)!r})  # -I: no PYTHONPATH, no current directory; the checkout is not importable
 import fastmtt, fastmtt.kernels, fastmtt.kernels.mtt_loss, fastmtt.apps.cli, torch
-assert fastmtt.__file__.startswith({str(site)!r}) and fastmtt.kernels.__file__.startswith({str(site)!r})
+assert fastmtt.__file__.startswith({str(site)!r}) and fastmtt.kernels.__path__[0].startswith({str(site)!r})
 logits, base = torch.randn(3, 7), torch.randn(3, 7)
 assert fastmtt.mtt_loss(logits, base, torch.tensor([0, 4, 6])) > 0
 """
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-I", "-c", probe], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_editable_install_imports_the_kernels_from_another_directory(tmp_path):
+    source = copy_of_the_source(tmp_path)
+    site = tmp_path / "site"
+    pip("install", "--no-build-isolation", "--target", str(site), "-e", str(source))
+    probe = f"""
+import site, sys
+site.addsitedir({str(site)!r})  # -S: without this checkout's own editable install, whose finders have the same names
+sys.path.append({sysconfig.get_paths()["purelib"]!r})  # torch
+import fastmtt.kernels.mtt_loss as kernel, fastmtt.kernels.registry
+assert kernel.__file__ == {str(source / "kernels" / "mtt_loss.py")!r}, kernel.__file__
+assert fastmtt.__file__ == {str(source / "fastmtt" / "__init__.py")!r}, fastmtt.__file__
+"""
+    result = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

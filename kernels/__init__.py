@@ -1,1 +1,0 @@
-"""Triton kernels of fastmtt (installed as `fastmtt.kernels`)."""
