@@ -10,7 +10,8 @@ import pytest
 
 from tests.utils import ROOT
 
-STAND_IN = '''"""Stands in for Hugging Face's `kernels`: every name is an object that accepts anything."""
+STAND_IN = '''"""Stands in for Hugging Face's `kernels`: every other name is an object that accepts anything."""
+__version__ = "0.0.1"  # read where no distribution metadata says it (transformers 5.17)
 
 
 class Anything:
@@ -25,6 +26,8 @@ class Anything:
 
 
 def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
     return Anything()
 '''
 

@@ -1,11 +1,14 @@
-"""The built wheel and the editable install: every module ships, kernels/ as `fastmtt.kernels`."""
+"""The built wheel, the editable install and the tested floors: every module ships, kernels/ as `fastmtt.kernels`."""
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import zipfile
+
+import tomllib
 
 from tests.utils import ROOT
 
@@ -80,3 +83,16 @@ assert fastmtt.__file__ == {str(source / "fastmtt" / "__init__.py")!r}, fastmtt.
     result = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_declared_floor_is_the_version_ci_tests():
+    """pyproject.toml's floors (`name>=X`) are what `make test-floors` installs (the Makefile's FLOORS)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floors = dict(re.findall(r"^([\w-]+)>=([\d.]+)", requirement)[0] for requirement in project["dependencies"]
+                  if ">=" in requirement)
+    tested = dict(re.findall(r"([\w-]+)==([\d.]+)", re.search(r"^FLOORS = (.*)$", (ROOT / "Makefile").read_text(),
+                                                             re.M).group(1)))
+    assert set(floors) == {"torch", "triton", "transformers", "peft"}
+    assert all(tested[name].split(".")[:len(floor.split("."))] == floor.split(".") for name, floor in floors.items()), \
+        (floors, tested)
+    assert project["requires-python"].startswith(">=" + ".".join(map(str, sys.version_info[:2])))  # CI's Python
