@@ -96,7 +96,7 @@ install_fastmtt() {
     # kernels/ installs as fastmtt.kernels (setup.py package_dir), so install in place. Without
     # setuptools or wheel, fall back to a shadow package tree (kernels/ linked as fastmtt/kernels) first
     # on PYTHONPATH, with PYTHONSAFEPATH so the checkout's own fastmtt/ does not hide it.
-    if "$PYTHON" -c "import fastmtt.kernels, sys; sys.exit(not fastmtt.kernels.__file__.startswith('$PWD/'))" \
+    if "$PYTHON" -c "import fastmtt.kernels, sys; sys.exit(not list(fastmtt.kernels.__path__)[0].startswith('$PWD/'))" \
         2>/dev/null; then
         echo "fastmtt is installed from this checkout"
         return
