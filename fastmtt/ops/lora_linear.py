@@ -52,21 +52,27 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.options = (scaling, dropout_p, seed, backend, None if bias is None else bias.dtype)
 
     @staticmethod
-    @once_differentiable("lora_linear")
     def backward(ctx, dy, _grad_xa):
+        """The PyTorch path's backward is torch ops, differentiable again; the Triton path's is once
+        differentiable."""
         x, weight, lora_A, lora_B, dropped, keep, xa = ctx.saved_tensors
         scaling, dropout_p, seed, backend, bias_dtype = ctx.options
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
         if backend == "triton":
-            from fastmtt.kernels.lora_linear import lora_backward_triton
-
-            dx, dA, dB = lora_backward_triton(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, needs)
+            dx, dA, dB = _triton_backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, needs)
         else:
             from fastmtt.pytorch.lora_linear import lora_backward
 
             dx, dA, dB = lora_backward(dy, x, dropped, keep, xa, weight, lora_A, lora_B, scaling, dropout_p, needs)
         dbias = dy.sum(0, dtype=accumulator_dtype(dy)).to(bias_dtype) if ctx.needs_input_grad[4] else None
         return dx, None, dA, dB, dbias, None, None, None, None, None, None
+
+
+@once_differentiable("lora_linear")
+def _triton_backward(*args):
+    from fastmtt.kernels.lora_linear import lora_backward_triton
+
+    return lora_backward_triton(*args)
 
 
 def lora_linear(

@@ -52,8 +52,13 @@ def lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropped):
 def lora_backward(dy, x, dropped, keep, xa, weight, lora_A, lora_B, scaling, dropout_p, needs):
     """Gradients (dx, dA, dB) for the outputs flagged in `needs` = (x, lora_A, lora_B), None elsewhere, as
     autograd forms them through PEFT's ops: ds = s dy, dB = ds^T xa, g = ds B, dA = g^T drop(x),
-    dx = dy W + drop'(g A)."""
+    dx = dy W + drop'(g A). Under create_graph (and torch.func) the dropped input and xa are formed again from
+    x and lora_A, so the gradients are differentiable."""
     need_dx, need_dA, need_dB = needs
+    if torch.is_grad_enabled():
+        x_lora = _lora_input(x, lora_A, None)
+        dropped = None if keep is None else _dropout_backward(x_lora, keep, dropout_p)
+        xa = F.linear(_lora_input(x, lora_A, dropped), lora_A)
     ds = dy.to(lora_A.dtype) * scaling
     dx = dA = dB = None
     if need_dx or need_dA:
