@@ -1,9 +1,11 @@
 """patch_lora / unpatch_lora: run PEFT LoRA Linear layers through the fused `lora_linear`.
 
+A layer is patched when its direct base layer (`layer.base_layer`, what PEFT's forward calls) is a plain
+float nn.Linear or transformers Conv1D; a LoRA layer stacked on another adapter's layer keeps PEFT's forward.
 A patched layer decides per call: the fused path serves exactly one active vanilla LoRA adapter on an
-unmerged, enabled layer over a plain float nn.Linear (or transformers Conv1D) base; every other state
-(adapters disabled, merged, several active adapters, DoRA and other variants, mixed-batch
-`adapter_names`, extra forward arguments, hooks) goes to PEFT's own forward.
+unmerged, enabled layer; every other state (adapters disabled, merged, several active adapters, DoRA and
+other variants, mixed-batch `adapter_names`, extra forward arguments, hooks, dropout under autocast) goes to
+PEFT's own forward. docs/guarantees.md says where the result is PEFT's bit for bit.
 """
 from __future__ import annotations
 
@@ -73,7 +75,7 @@ def _fused_call(layer, x, backend):
     if len(active) != 1 or not _servable_adapter(layer, active[0]):
         return None
     name = active[0]
-    base = layer.get_base_layer()
+    base = layer.base_layer
     weight = _base_weight(base)
     if weight is None or weight.requires_grad:
         return None
@@ -89,6 +91,8 @@ def _fused_call(layer, x, backend):
 
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
+        if dropout_p > 0:
+            return None  # PEFT drops x in the adapters' dtype before autocast casts it: a mask of its own
         # PEFT's linears would all run in the autocast dtype: cast once, then run without autocast.
         dtype = torch.get_autocast_dtype(device_type)
         x, weight, lora_A, lora_B = (t.to(dtype) for t in (x, weight, lora_A, lora_B))
@@ -121,7 +125,7 @@ def _patchable(layer) -> bool:
     """A PEFT lora.Linear whose base the fused path can run and with one adapter it can serve."""
     lora_linear_cls = _lora_linear_class()
     return (isinstance(layer, lora_linear_cls) and type(layer).forward is lora_linear_cls.forward
-            and "forward" not in vars(layer) and _base_weight(layer.get_base_layer()) is not None
+            and "forward" not in vars(layer) and _base_weight(layer.base_layer) is not None
             and any(_servable_adapter(layer, name) for name in layer.lora_A))
 
 

@@ -330,26 +330,24 @@ def draw_dropout_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def lora_forward_triton(x, weight, lora_A, lora_B, bias, scaling, dropout_p):
-    """x [M, K], weight [N, K] (x's dtype), lora_A [r, K], lora_B [N, r] -> (y [M, N] in x's dtype,
-    saved tensors (x, xa = drop(x) A^T [M, r] in the adapters' dtype), the dropout seed).
+def lora_forward_triton(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed):
+    """x [M, K], weight [N, K] (x's dtype), lora_A [r, K], lora_B [N, r], seed of the dropout mask ->
+    (y [M, N] in x's dtype, xa = drop(x) A^T [M, r] in the adapters' dtype).
     Two launches: xa (the mask drawn once per entry of x), then the GEMM with xa B^T in its epilogue."""
-    seed = draw_dropout_seed() if dropout_p > 0 else 0
     xa = _project(x, lora_A.t(), side_scale=1.0 / (1.0 - dropout_p), dropout_p=dropout_p, seed=seed)
     y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
     _gemm(x, weight.t(), xa, lora_B.t(), bias, y, lora_scale=scaling, dropout_p=0.0, seed=0)
-    return y, (x, xa), seed
+    return y, xa
 
 
-def lora_backward_triton(dy, saved, seed, weight, lora_A, lora_B, scaling, dropout_p, needs):
+def lora_backward_triton(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, needs):
     """Gradients (dx, dA, dB) for the outputs flagged in `needs` = (x, lora_A, lora_B); None elsewhere.
-    saved, seed: what lora_forward_triton returned (the mask is regenerated from the seed).
+    x, xa, seed: the forward's input, side product and dropout seed (the mask is regenerated from it).
 
     g = dy B (one launch),  dx = dy W + s D (g A) / (1 - p)  (one launch, the mask drawn once per entry
     of dx),  dA = s g^T D x / (1 - p),  dB = s dy^T xa  (one launch each, over row splits).
     """
     need_dx, need_dA, need_dB = needs
-    x, xa = saved
     keep_scale = 1.0 / (1.0 - dropout_p)
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     dx = dA = dB = None
@@ -388,8 +386,9 @@ def _specs():
         weight = meta_tensor(n_in, n_out, dtype=dtype).t() if transposed else meta_tensor(n_out, n_in, dtype=dtype)
         lora_A, lora_B = meta_tensor(rank, n_in, dtype=adapter_dtype), meta_tensor(n_out, rank, dtype=adapter_dtype)
         bias = meta_tensor(n_out, dtype=dtype) if bias else None
-        y, saved, seed = lora_forward_triton(x, weight, lora_A, lora_B, bias, 2.0, dropout_p)
-        lora_backward_triton(torch.empty_like(y), saved, seed, weight, lora_A, lora_B, 2.0, dropout_p, (True,) * 3)
+        seed = draw_dropout_seed() if dropout_p > 0 else 0
+        y, xa = lora_forward_triton(x, weight, lora_A, lora_B, bias, 2.0, dropout_p, seed)
+        lora_backward_triton(torch.empty_like(y), x, xa, seed, weight, lora_A, lora_B, 2.0, dropout_p, (True,) * 3)
 
     pairs = ((torch.float32, torch.float32), (torch.float16, torch.float16), (torch.bfloat16, torch.bfloat16),
              (torch.bfloat16, torch.float32))

@@ -341,3 +341,154 @@ def test_disabled_input_dtype_casting_falls_back(fused_calls):
     assert str(patched_error.value) == str(peft_error.value) and not fused_calls
     model(input_ids=ids)
     assert len(fused_calls) == 2
+
+
+def one_layer(dtype=torch.float32, base_bias=True, adapter_dtype=True, **config):
+    """A PEFT model around one nn.Linear(48, 40) (LoRA r=8, lora_alpha=12: scaling 1.5)."""
+    base = nn.Sequential(nn.Linear(48, 40, bias=base_bias)).to(dtype)
+    config = {"r": 8, "lora_alpha": 12, "target_modules": ["0"], "init_lora_weights": False, **config}
+    return peft.get_peft_model(base, peft.LoraConfig(**config), autocast_adapter_dtype=adapter_dtype)
+
+
+def layer_outputs_and_grads(model, x, autocast=None):
+    """Output and the gradients of x and of every trainable parameter, dropout seeded."""
+    model.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        y = model(x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype))
+    return [y.detach(), x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def permuted(shape, order, dtype=torch.float32):
+    """A random tensor of `shape` stored with its dimensions in `order` (non-contiguous)."""
+    inverse = [order.index(i) for i in range(len(order))]
+    return torch.randn(*[shape[i] for i in order], dtype=dtype).permute(*inverse)
+
+
+BITWISE_CASES = {
+    "fp32": dict(),
+    "fp32 power-of-two scaling": dict(config=dict(lora_alpha=16)),
+    "fp32 no bias": dict(config=dict(base_bias=False)),
+    "fp32 rsLoRA": dict(config=dict(use_rslora=True)),
+    "fp32 dropout": dict(config=dict(lora_dropout=0.3)),
+    "fp64": dict(dtype=torch.float64),
+    "bf16": dict(dtype=torch.bfloat16, config=dict(adapter_dtype=False)),
+    "fp16": dict(dtype=torch.float16, config=dict(adapter_dtype=False)),
+    "bf16 base, fp32 adapters, dropout": dict(dtype=torch.bfloat16, config=dict(lora_dropout=0.2)),
+    "fp16 base, fp32 adapters": dict(dtype=torch.float16),
+    "autocast bf16": dict(autocast=torch.bfloat16),
+    "autocast bf16, dropout (PEFT's forward)": dict(autocast=torch.bfloat16, config=dict(lora_dropout=0.2)),
+    "transposed input, dropout": dict(x=lambda dtype: permuted((21, 48), [1, 0], dtype), config=dict(lora_dropout=0.3)),
+    "permuted 3-d input, dropout": dict(x=lambda dtype: permuted((3, 7, 48), [1, 0, 2], dtype),
+                                        config=dict(lora_dropout=0.3)),
+}
+
+
+@pytest.mark.parametrize("case", BITWISE_CASES)
+def test_patched_layer_is_peft_bit_for_bit(case, fused_calls):
+    """What docs/guarantees.md promises bitwise: output and gradients (x, lora_A, lora_B, trainable biases)
+    identical to PEFT's, in train mode with the same seed."""
+    spec = BITWISE_CASES[case]
+    dtype = spec.get("dtype", torch.float32)
+    model = one_layer(dtype, **spec.get("config", {}))
+    x = spec.get("x", lambda dtype: torch.randn(3, 7, 48, dtype=dtype))(dtype)
+    want = layer_outputs_and_grads(model, x, spec.get("autocast"))
+    assert patch_lora(model) == 1
+    got = layer_outputs_and_grads(model, x, spec.get("autocast"))
+    assert bool(fused_calls) == (case != "autocast bf16, dropout (PEFT's forward)")
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"{case}: entry {index} differs"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lora_bias_within_its_rounding_bound(dtype, fused_calls):
+    """lora_bias=True: the fused path folds s * lora_B.bias into the base bias, so the output differs from PEFT's
+    by at most 4 u (|x| |W|^T + |b| + s |x| |A|^T |B|^T + s |b_B|) per entry, and lora_B.bias's gradient
+    (s * sum(dy) against PEFT's sum(s * dy)) by at most M u sum|s dy|; u the dtype's unit roundoff."""
+    model = one_layer(dtype, lora_bias=True)
+    layer = model.base_model.model[0]
+    x = torch.randn(3, 7, 48, dtype=dtype)
+    want = layer_outputs_and_grads(model, x)
+    patch_lora(model)
+    got = layer_outputs_and_grads(model, x)
+    assert fused_calls
+    u = torch.finfo(dtype).eps / 2
+    wide = {name: p.detach().double() for name, p in layer.named_parameters()}
+    x64, s = x.double().abs(), layer.scaling["default"]
+    wide = {name: value.abs() for name, value in wide.items()}
+    magnitude = (x64 @ wide["base_layer.weight"].T + wide["base_layer.bias"]
+                 + s * (x64 @ wide["lora_A.default.weight"].T) @ wide["lora_B.default.weight"].T
+                 + s * wide["lora_B.default.bias"])
+    assert ((got[0].double() - want[0].double()).abs() <= 4 * u * magnitude).all()
+    dy = torch.randn(want[0].shape, generator=torch.Generator().manual_seed(5)).to(dtype).double()
+    rows = dy.reshape(-1, 40)
+    bias_bound = rows.shape[0] * u * (s * rows.abs()).sum(0)
+    assert ((got[-1].double() - want[-1].double()).abs() <= bias_bound).all()
+    for index in (1, 2, 3):  # x, lora_A and lora_B weight gradients do not see the bias: bitwise
+        assert torch.equal(got[index], want[index])
+
+
+def test_lora_stacked_on_another_adapter_keeps_peft_forward(fused_calls):
+    """A mixed model (LoHa first, LoRA second on one Linear): lora.Linear wraps loha.Linear; PEFT's forward
+    runs both, so patch_lora declines the layer (its direct base layer is not a plain Linear)."""
+    base = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 10))
+    model = peft.get_peft_model(base, peft.LoHaConfig(target_modules=["0"], init_weights=False), mixed=True)
+    model.add_adapter("lora", peft.LoraConfig(target_modules=["0", "2"], init_lora_weights=False))
+    model.set_adapter(["default", "lora"])
+    stacked = model.base_model.model[0]
+    assert isinstance(stacked, peft.tuners.lora.Linear) and not isinstance(stacked.base_layer, nn.Linear)
+    x = torch.randn(4, 10)
+    with torch.no_grad():
+        want = model(x)
+    assert patch_lora(model) == 1  # only layer 2, whose base is the plain Linear
+    assert "forward" not in vars(stacked)
+    with torch.no_grad():
+        got = model(x)
+    assert torch.equal(got, want) and len(fused_calls) == 1
+
+
+def test_torch_func_grad_and_vmap_over_a_patched_model(fused_calls):
+    """torch.func.grad of functional_call, and vmap of it over examples, give PEFT's gradients."""
+    model = lora_model(llama())
+    model.eval()
+    ids = tokens()
+    params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def loss(params, ids):
+        return torch.func.functional_call(model, params, (ids,), {}).logits.square().mean()
+
+    def per_example(params, ids):
+        return loss(params, ids[None])
+
+    want = torch.func.grad(loss)(params, ids)
+    want_each = torch.func.vmap(torch.func.grad(per_example), in_dims=(None, 0))(params, ids)
+    patch_lora(model)
+    got = torch.func.grad(loss)(params, ids)
+    got_each = torch.func.vmap(torch.func.grad(per_example), in_dims=(None, 0))(params, ids)
+    assert fused_calls
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(got_each[name], want_each[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_compiled_training_step_of_a_patched_model(fused_calls):
+    """torch.compile of a patched model's training step gives eager's gradients (zero on torch 2.11 before)."""
+    model = lora_model(llama())
+    patch_lora(model)
+    ids = tokens()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step(ids):
+        loss = model(input_ids=ids).logits.square().mean()
+        loss.backward()
+        return loss.detach()
+
+    eager = step(ids)
+    grads = [p.grad.clone() for p in params]
+    model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(torch.compile(step, backend="aot_eager")(ids), eager)
+    assert fused_calls
+    for p, grad in zip(params, grads):
+        torch.testing.assert_close(p.grad, grad, rtol=1e-4, atol=1e-6)

@@ -15,7 +15,7 @@ import torch
 
 from fastmtt._checks import check_float_tensor, check_same_device
 from fastmtt._dispatch import resolve_backend
-from fastmtt.reduction import once_differentiable
+from fastmtt.reduction import accumulator_dtype, once_differentiable
 
 # Shapes (in_features, out_features, rank, x dtype, dropout) where a GPU measurement showed the fused Triton
 # kernel faster than the cuBLAS formulation (x W^T + s (drop(x) A^T) B^T + bias: three GEMMs, no slower than
@@ -25,35 +25,54 @@ FUSED_KERNEL_MEASURED_FASTER: frozenset = frozenset()
 
 
 class LoRALinearFunction(torch.autograd.Function):
-    """Inputs: x [M, K], weight [N, K] (detached), lora_A [r, K], lora_B [N, r], bias [N] or None. The
-    backend's forward returns what its backward needs (PyTorch: the mask and dropped input; Triton: x
-    and a seed that regenerates the mask)."""
+    """Inputs: x [M, K], weight [N, K] (detached), lora_A [r, K], lora_B [N, r], bias [N] or None; for the
+    PyTorch path the dropped input and its mask (`torch_dropout`, None without dropout), for the Triton path
+    the seed that draws the mask in-kernel. Returns (y, xa = drop(x) A^T), xa not differentiable (saved for
+    backward). In setup_context style, with a generated vmap rule, so torch.func transforms apply (the
+    PyTorch path is plain torch ops)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, lora_A, lora_B, bias, scaling, dropout_p, backend):
+    def forward(x, weight, lora_A, lora_B, bias, dropped, keep, scaling, dropout_p, seed, backend):
         if backend == "triton":  # imported here: Triton loads only when a kernel runs
-            from fastmtt.kernels.lora_linear import lora_forward_triton as lora_forward
-        else:
-            from fastmtt.pytorch.lora_linear import lora_forward
-        y, saved, seed = lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropout_p)
-        ctx.options = (scaling, dropout_p, backend, seed, len(saved))
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(weight, lora_A, lora_B, *saved)
-        return y
+            from fastmtt.kernels.lora_linear import lora_forward_triton
+
+            return lora_forward_triton(x, weight, lora_A, lora_B, bias, scaling, dropout_p, seed)
+        from fastmtt.pytorch.lora_linear import lora_forward
+
+        return lora_forward(x, weight, lora_A, lora_B, bias, scaling, dropped)
 
     @staticmethod
-    @once_differentiable("lora_linear")
-    def backward(ctx, dy):
-        weight, lora_A, lora_B, *saved = ctx.saved_tensors
-        scaling, dropout_p, backend, seed, _ = ctx.options
+    def setup_context(ctx, inputs, output):
+        x, weight, lora_A, lora_B, bias, dropped, keep, scaling, dropout_p, seed, backend = inputs
+        xa = output[1]
+        ctx.mark_non_differentiable(xa)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, dropped, keep, xa)
+        ctx.options = (scaling, dropout_p, seed, backend, None if bias is None else bias.dtype)
+
+    @staticmethod
+    def backward(ctx, dy, _grad_xa):
+        """The PyTorch path's backward is torch ops, differentiable again; the Triton path's is once
+        differentiable."""
+        x, weight, lora_A, lora_B, dropped, keep, xa = ctx.saved_tensors
+        scaling, dropout_p, seed, backend, bias_dtype = ctx.options
         needs = tuple(ctx.needs_input_grad[i] for i in (0, 2, 3))
         if backend == "triton":
-            from fastmtt.kernels.lora_linear import lora_backward_triton as lora_backward
+            dx, dA, dB = _triton_backward(dy, x, xa, seed, weight, lora_A, lora_B, scaling, dropout_p, needs)
         else:
             from fastmtt.pytorch.lora_linear import lora_backward
-        dx, dA, dB = lora_backward(dy, saved, seed, weight, lora_A, lora_B, scaling, dropout_p, needs)
-        dbias = dy.sum(0, dtype=torch.float32).to(ctx.bias_dtype) if ctx.needs_input_grad[4] else None
-        return dx, None, dA, dB, dbias, None, None, None
+
+            dx, dA, dB = lora_backward(dy, x, dropped, keep, xa, weight, lora_A, lora_B, scaling, dropout_p, needs)
+        dbias = dy.sum(0, dtype=accumulator_dtype(dy)).to(bias_dtype) if ctx.needs_input_grad[4] else None
+        return dx, None, dA, dB, dbias, None, None, None, None, None, None
+
+
+@once_differentiable("lora_linear")
+def _triton_backward(*args):
+    from fastmtt.kernels.lora_linear import lora_backward_triton
+
+    return lora_backward_triton(*args)
 
 
 def lora_linear(
@@ -125,6 +144,19 @@ def lora_linear(
             raise ValueError(f"backend='triton' supports lora rank up to {MAX_RANK}, got r={rank}")
         if x.numel() == 0:
             backend = "torch"
+    dropped = keep = None
+    seed = 0
+    if dropout_p > 0 and backend == "triton":
+        from fastmtt.kernels.lora_linear import draw_dropout_seed
+
+        seed = draw_dropout_seed()
+    elif dropout_p > 0:  # drawn on x's own layout, as PEFT's F.dropout draws it
+        from fastmtt.pytorch.lora_linear import torch_dropout
+
+        with torch.no_grad():
+            dropped, keep = torch_dropout(x.to(lora_A.dtype), float(dropout_p))
+        dropped, keep = dropped.reshape(-1, in_features), keep.reshape(-1, in_features)
     x2d = x.reshape(-1, in_features)
-    y = LoRALinearFunction.apply(x2d, weight.detach(), lora_A, lora_B, bias, float(scaling), float(dropout_p), backend)
+    y, _ = LoRALinearFunction.apply(x2d, weight.detach(), lora_A, lora_B, bias, dropped, keep, float(scaling),
+                                    float(dropout_p), seed, backend)
     return y.reshape(*x.shape[:-1], out_features)
