@@ -30,7 +30,7 @@ from fastmtt.head import LinearHead
 from fastmtt.models import adapter_modules, decoder_of
 from fastmtt.ops.fused_linear_mtt_loss import fused_linear_mtt_loss_with_options
 from fastmtt.options import DEFAULT_KL_POSITIONS, KL_POSITIONS, MTTOptions, options_from
-from fastmtt.peft import _lora_linear_class
+from fastmtt.peft import lora_linear_class
 from fastmtt.positions import batch_sequence_ids, predicted_positions
 from fastmtt.reduction import MTTOutput
 
@@ -149,7 +149,7 @@ def output_head(causal_lm) -> LinearHead:
     if type(head) is torch.nn.Linear:
         return _unsharded(LinearHead(head.weight, head.bias, softcap=softcap))
     base_layer = getattr(head, "base_layer", None)
-    if not (isinstance(head, _lora_linear_class()) and type(base_layer) is torch.nn.Linear):
+    if not (isinstance(head, lora_linear_class()) and type(base_layer) is torch.nn.Linear):
         raise ValueError(
             f"unsupported output head {type(head).__name__}: MTTObjective serves an nn.Linear head, optionally "
             "with a LoRA adapter (modules_to_save, AdaLoRA, DoRA and other head wrappers are not supported)")

@@ -18,7 +18,7 @@ from torch import nn
 from fastmtt.ops.lora_linear import lora_linear
 
 
-def _lora_linear_class():
+def lora_linear_class():
     from peft.tuners.lora.layer import Linear
 
     return Linear
@@ -123,7 +123,7 @@ class _FusedForward:
 
 def _patchable(layer) -> bool:
     """A PEFT lora.Linear whose base the fused path can run and with one adapter it can serve."""
-    lora_linear_cls = _lora_linear_class()
+    lora_linear_cls = lora_linear_class()
     return (isinstance(layer, lora_linear_cls) and type(layer).forward is lora_linear_cls.forward
             and "forward" not in vars(layer) and _base_weight(layer.base_layer) is not None
             and any(_servable_adapter(layer, name) for name in layer.lora_A))
