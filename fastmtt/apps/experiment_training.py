@@ -127,6 +127,7 @@ def train_adapter(base_model, data, cfg, adapter: str, method: str, lam: float, 
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
+        objective.end_step()  # a forgetting budget moves lam once per optimizer step
         if after_step is not None:
             after_step(step + 1, model)
     return model.eval(), objective.options.lam
