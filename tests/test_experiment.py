@@ -292,6 +292,7 @@ def test_tiny_run_on_smollm2(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000 and "| CE only | 0 | 1 |" in (
         tmp_path / "summary.md").read_text()
     assert "| CE only | 0 | 1 |" in result.stdout
+    assert [p.name.split("-")[0] for p in (tmp_path / "base_cache").iterdir()] == ["addition"]  # one BaseCache
 
 
 def test_each_adapter_kind_starts_at_the_base_and_gets_gradients():
@@ -482,6 +483,18 @@ def test_resume_scores_finished_runs_again_on_a_new_retention_length(tmp_path, m
     assert experiment.read_csv(str(tmp_path / "a" / "results.csv"))[1]["retention_tokens"] == 320
     with pytest.raises(experiment.UsageError, match="--retention-tokens: at most 640"):
         experiment.run_experiment(experiment.config_for("tiny", retention_tokens=641, **grid), log=quiet)
+
+
+def test_the_base_of_smollm2_size_gets_a_fingerprint():
+    """GridBaseCache names its folder by the base's fingerprint: a tensor of SmolLM2's embedding size (49152 x 576,
+    past 2**24 entries, where fp32 sample indices round beyond the end) is sampled within bounds, last entry kept."""
+    from fastmtt.base_cache import fingerprint
+
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(49152 * 576, dtype=torch.uint8), requires_grad=False)
+    before = fingerprint(module)["digest"]
+    module.weight.data[-1] = 1
+    assert fingerprint(module)["digest"] != before
 
 
 class LiveBase:
