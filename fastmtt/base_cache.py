@@ -98,7 +98,8 @@ def _tensor_hash(tensor: torch.Tensor) -> str:
     if hasattr(tensor, "full_tensor"):  # a DTensor (FSDP2): its global values
         tensor = tensor.full_tensor()
     flat = tensor.detach().reshape(-1)
-    picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), SAMPLES_PER_TENSOR)).round().long()
+    picks = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), SAMPLES_PER_TENSOR),
+                           dtype=torch.float64).round().long()  # fp32 rounds indices past 2**24 beyond the end
     sample = flat[picks.to(flat.device)].cpu().contiguous()
     digest = hashlib.sha256(f"{tuple(tensor.shape)} {tensor.dtype}".encode())
     digest.update(sample.view(torch.uint8).numpy().tobytes())

@@ -20,7 +20,7 @@ from fastmtt.apps import experiment_statistics as stats
 from fastmtt.apps import experiment_summary as summary
 from fastmtt.apps import experiment_tasks as tasks
 from fastmtt.apps import experiment_training as training
-from fastmtt.apps.evaluation import add_base_hidden, evaluate_lm
+from fastmtt.apps.evaluation import evaluate_lm
 from fastmtt.positions import predicted_positions
 from fastmtt.reference import masked_kl_rows
 from fastmtt.trainer import PadCollator
@@ -70,23 +70,28 @@ def lora_away_from_the_base(model, layers=None):
     return adapted
 
 
-def test_cached_base_states_give_the_scores_of_a_second_base_pass():
-    """add_base_hidden + evaluate_lm: the base's final hidden states through the head are its logits, padding
-    skipped; an adapter on the top 2 of 3 layers only (adapted_layer_indices) leaves the first untouched."""
+def test_cached_base_states_give_the_scores_of_a_second_base_pass(tmp_path):
+    """evaluate_lm with a BaseCache of the batches: the base's final hidden states through the head are its
+    logits, padding skipped; an adapter on the top 2 of 3 layers only (adapted_layer_indices) leaves the first
+    untouched."""
+    from fastmtt import BaseCache
+
     batch = PadCollator(12)([dict(input_ids=[1, 2, 3, 4, 5], labels=[-100, -100, 3, 4, 5]),
                              dict(input_ids=[6, 7, 8], labels=[-100, 7, 8])])
     model = tiny_llama()
     assert training.adapted_layer_indices(model, 2) == [1, 2]
     with pytest.raises(ValueError, match="adapted_layers must be in"):
         training.adapted_layer_indices(model, 4)
-    cached = dict(batch)
-    add_base_hidden(model, [cached])
-    assert cached["base_hidden"].shape == (2, 5, 32)
+    cache = BaseCache.build(model, [batch], tmp_path, progress=False)
+    assert len(cache) == 2 and cache[[6, 7, 8]].shape == (3, 32)
     adapted = lora_away_from_the_base(model, layers=[1, 2])
     assert not any("layers.0." in name for name, _ in adapted.named_parameters() if "lora" in name)
-    with_cache, second_pass = evaluate_lm(adapted, [cached]), evaluate_lm(adapted, [batch])
-    assert with_cache["kl_to_base"] > 1e-3 and with_cache == pytest.approx(second_pass, rel=1e-5)
+    with_cache, second_pass = evaluate_lm(adapted, [batch], base_cache=cache), evaluate_lm(adapted, [batch])
+    assert with_cache["kl_to_base"] > 1e-3 and with_cache == pytest.approx(second_pass, rel=1e-6)
     assert with_cache["ppl"] == pytest.approx(math.exp(with_cache["ce"])) and with_cache["tokens"] == 5
+    with pytest.raises(ValueError, match=r"batch row 0, .*\(4 tokens, starting \[1, 2, 3, 9\]\), is not in"):
+        evaluate_lm(adapted, [dict(input_ids=torch.tensor([[1, 2, 3, 9]]), labels=torch.tensor([[1, 2, 3, 9]]))],
+                    base_cache=cache)
 
 
 def logits_and_base_logits(adapted, batch):
@@ -287,6 +292,7 @@ def test_tiny_run_on_smollm2(tmp_path):
     assert (tmp_path / "frontier.png").stat().st_size > 10_000 and "| CE only | 0 | 1 |" in (
         tmp_path / "summary.md").read_text()
     assert "| CE only | 0 | 1 |" in result.stdout
+    assert [p.name.split("-")[0] for p in (tmp_path / "base_cache").iterdir()] == ["addition"]  # one BaseCache
 
 
 def test_each_adapter_kind_starts_at_the_base_and_gets_gradients():
@@ -477,6 +483,71 @@ def test_resume_scores_finished_runs_again_on_a_new_retention_length(tmp_path, m
     assert experiment.read_csv(str(tmp_path / "a" / "results.csv"))[1]["retention_tokens"] == 320
     with pytest.raises(experiment.UsageError, match="--retention-tokens: at most 640"):
         experiment.run_experiment(experiment.config_for("tiny", retention_tokens=641, **grid), log=quiet)
+
+
+def test_the_base_of_smollm2_size_gets_a_fingerprint():
+    """GridBaseCache names its folder by the base's fingerprint: a tensor of SmolLM2's embedding size (49152 x 576,
+    past 2**24 entries, where fp32 sample indices round beyond the end) is sampled within bounds, last entry kept."""
+    from fastmtt.base_cache import fingerprint
+
+    module = torch.nn.Module()
+    module.weight = torch.nn.Parameter(torch.zeros(49152 * 576, dtype=torch.uint8), requires_grad=False)
+    before = fingerprint(module)["digest"]
+    module.weight.data[-1] = 1
+    assert fingerprint(module)["digest"] != before
+
+
+class LiveBase:
+    """experiment.GridBaseCache's stand-in for the live base pass: no cache (training and scoring run the base)."""
+
+    def __init__(self, base_model, folder, task):
+        pass
+
+    def training(self, data, cfg):
+        return None
+
+    retention = training
+
+
+def test_a_grid_reads_the_base_from_one_cache_and_scores_as_the_live_base_pass(tmp_path, monkeypatch):
+    """One BaseCache per task (OUT/base_cache/<task>-<fingerprint>), built by the first run needing each set of
+    texts (each retention text: the first scored run; the training examples: the first full-KL or MTT run, none
+    for CE only), read by every later run and by a resumed grid; results.csv as with the live base pass."""
+    from fastmtt import BaseCache
+
+    monkeypatch.setattr(experiment, "load_smollm2", lambda *args: (tiny_llama(), DigitTokenizer()))
+    digits = [torch.randint(0, 10, (700,), generator=torch.Generator().manual_seed(seed)).tolist() for seed in (1, 2)]
+    texts = ["".join(map(str, text)) for text in digits]  # no window twice, so the cache holds 4 windows a text
+    monkeypatch.setattr(experiment, "RETENTION_TEXTS", {"retention": lambda: texts[0], "kjv": lambda: texts[1]})
+    builds, reads = [], []
+    build, base_hidden = BaseCache.build.__func__, BaseCache.base_hidden
+    monkeypatch.setattr(BaseCache, "build", classmethod(lambda cls, model, examples, path, **kwargs: builds.append(
+        path) or build(cls, model, examples, path, **kwargs)))
+    monkeypatch.setattr(BaseCache, "base_hidden", lambda self, *args, **kwargs: reads.append(1) or base_hidden(
+        self, *args, **kwargs))
+    cfg = experiment.config_for("tiny", methods=("ce", "kl", "mtt"), seeds=(0, 1), kl_positions="all",
+                                adapted_layers=2)
+    quiet = lambda line: None  # noqa: E731
+    cached = experiment.run_experiment(cfg, str(tmp_path / "cached"), log=quiet)
+    (folder,) = (tmp_path / "cached" / "base_cache").iterdir()
+    assert folder.name.startswith("addition-") and builds == [str(folder)] * 3  # retention, kjv, then training
+    assert len(BaseCache.open(folder)) == 4 + 2 * 4  # 2 steps of 2 examples, 4 windows of 64 tokens per text
+    assert len(reads) == 4 * cfg.steps + 6 * 2  # each step of the 4 regularized runs, each text of the 6 scored
+    monkeypatch.setattr(experiment, "GridBaseCache", LiveBase)
+    live = experiment.run_experiment(cfg, str(tmp_path / "live"), log=quiet)
+    assert not (tmp_path / "live" / "base_cache").exists() and len(reads) == 4 * cfg.steps + 6 * 2
+    untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert untimed(cached) == untimed(live)  # bit for bit in fp32
+    assert all(row["retention_kl"] > 1e-6 and row["kjv_kl"] > 1e-6 for row in cached if row["method"] != "base")
+
+    monkeypatch.setattr(experiment, "GridBaseCache", training.GridBaseCache)
+    shards = sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors"))
+    experiment.write_csv(cached[:-1], str(tmp_path / "cached" / "results.csv"))  # the last run to do again
+    resumed = experiment.run_experiment(cfg, str(tmp_path / "cached"), resume=True, log=quiet)
+    assert untimed(resumed[-1:]) == untimed(cached[-1:]) and len(builds) == 6
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in folder.glob("*.safetensors")) == shards  # nothing new
+    experiment.run_experiment(dataclasses.replace(cfg, methods=("ce",), seeds=(0,)), str(tmp_path / "ce"), log=quiet)
+    assert len(BaseCache.open(next((tmp_path / "ce" / "base_cache").iterdir()))) == 2 * 4  # retention texts only
 
 
 def test_every_position_is_the_labelled_objective_on_a_fully_labelled_task_and_its_rows_say_so(monkeypatch):

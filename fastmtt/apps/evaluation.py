@@ -11,15 +11,22 @@ from fastmtt.positions import predicted_positions
 
 @torch.no_grad()
 def evaluate_lm(model, batches: Iterable[Dict[str, torch.Tensor]], device="cpu", with_kl: bool = True,
-                ignore_index: int = -100) -> Dict[str, float]:
+                ignore_index: int = -100, base_cache=None) -> Dict[str, float]:
     """Token-averaged metrics over batches of dict(input_ids, labels, optional attention_mask), labels in
     the Hugging Face convention (shifted here, ignore_index where no loss):
     ce (nats/token), ppl = exp(ce), acc (top-1 next-token accuracy), tokens, exact (the share of sequences
     whose every predicted token is right: greedy decoding's exact match under teacher forcing), and with_kl:
     kl_to_base = mean KL(base || model) of the full next-token distributions, the base being the PEFT
-    model with its adapters disabled (0 for a model that is not a PEFT model). A batch may carry
-    base_hidden [B, L, H], the base model's final hidden states of its input_ids (computed once for a text
-    scored many times): the base logits are then its output head's on them, instead of a second pass."""
+    model with its adapters disabled (0 for a model that is not a PEFT model). base_cache: None (default:
+    a second pass, adapters off) or a `fastmtt.BaseCache` holding the base's final hidden states of every
+    batch's examples (a text scored many times: its base pass runs once, into the cache); the base logits are
+    then the output head's on them. With a cache, final logit softcapping is a ValueError (the output head
+    alone does not softcap)."""
+    with_base = with_kl and hasattr(model, "disable_adapter")
+    if with_base and base_cache is not None:
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise ValueError("base_cache: the model softcaps its logits, which its output head alone does not")
+        base_cache.check_model(model)
     was_training = model.training
     model.eval()
     totals = dict(ce=0.0, acc=0.0, kl_to_base=0.0, tokens=0, exact=0, sequences=0)
@@ -39,12 +46,13 @@ def evaluate_lm(model, batches: Iterable[Dict[str, torch.Tensor]], device="cpu",
         wrong = torch.zeros_like(valid, dtype=torch.long).masked_scatter(valid, (~right).long()).sum(1)
         totals["exact"] += int((wrong[valid.any(1)] == 0).sum())
         totals["sequences"] += int(valid.any(1).sum())
-        if with_kl and hasattr(model, "disable_adapter"):
+        if with_base:
             with model.disable_adapter():
-                if batch.get("base_hidden") is None:
+                if base_cache is None:
                     base_logits = model(**inputs).logits[:, :-1][valid]
                 else:
-                    base_logits = model.get_output_embeddings()(batch["base_hidden"].to(device)[:, :-1][valid])
+                    base_hidden = base_cache.base_hidden(inputs["input_ids"], inputs.get("attention_mask"))
+                    base_logits = model.get_output_embeddings()(base_hidden[:, :-1][valid])
             log_p = base_logits.float().log_softmax(-1)
             totals["kl_to_base"] += float((log_p.exp() * (log_p - log_q)).sum())
     model.train(was_training)
@@ -56,20 +64,6 @@ def evaluate_lm(model, batches: Iterable[Dict[str, torch.Tensor]], device="cpu",
     if not with_kl:
         del metrics["kl_to_base"]
     return metrics
-
-
-@torch.no_grad()
-def add_base_hidden(model, batches: Iterable[Dict[str, torch.Tensor]], device="cpu") -> None:
-    """Stores in each batch the final hidden states [B, L, H] of `model` (a base model, not a PEFT one),
-    "base_hidden", which `evaluate_lm` then uses as the base's: the base pass of a held-out text runs once,
-    however many adapters are scored on it. Final logit softcapping is not supported (a ValueError)."""
-    if getattr(model.config, "final_logit_softcapping", None):
-        raise ValueError("add_base_hidden: the model softcaps its logits, which its output head alone does not")
-    decoder = model.get_decoder()
-    for batch in batches:
-        mask = batch.get("attention_mask")
-        batch["base_hidden"] = decoder(input_ids=batch["input_ids"].to(device),
-                                       attention_mask=None if mask is None else mask.to(device)).last_hidden_state
 
 
 def format_kl(value: float) -> str:

@@ -14,7 +14,10 @@ target-masked KL, forward or reverse), all trained through `fastmtt.MTTObjective
 (`experiment_training.build_objective`). kl_positions="all" also applies the regularizer at the prompt's
 positions (CE stays on the answer; the masked target there is the next prompt token); on the license task
 every position is labelled, so there "all" is "labels" and its rows say "labels". The base model's final
-hidden states of each held-out text are computed once per task and reused by every run's scoring.
+hidden states go through one `fastmtt.BaseCache` per task (OUT/base_cache/<task>-<the base's fingerprint>;
+`experiment_training.GridBaseCache`), built once and reused by every run, resumed grids included: the training
+examples' states, which the full-KL and MTT runs read instead of running the base at every step (CE-only runs
+build none), and each retention text's, which every run's scoring reads.
 
 The pieces: experiment_tasks (data), experiment_training (adapters, objective, runs), experiment_scoring,
 experiment_statistics, experiment_summary (summary.md) and experiment_plots (frontier.png); this module
@@ -35,6 +38,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import tempfile
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -45,12 +49,13 @@ from fastmtt.apps import EXPERIMENT_METHODS as METHODS
 from fastmtt.apps import EXPERIMENT_TASKS as TASKS
 from fastmtt.apps import FULLY_LABELLED_TASKS, UsageError, check_out_dir, first_line, presets
 from fastmtt.apps.experiment_plots import plot_frontier
-from fastmtt.apps.experiment_scoring import cache_base_states, score, score_retention
+from fastmtt.apps.experiment_scoring import score, score_retention
 from fastmtt.apps.experiment_statistics import curve_name
 from fastmtt.apps.experiment_summary import summarize
 from fastmtt.apps.experiment_tasks import RETENTION_TEXTS, make_task
 from fastmtt.apps.experiment_training import (
     BUDGET_LAM,
+    GridBaseCache,
     adapted_layer_indices,
     load_adapter,
     train_adapter,
@@ -234,7 +239,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
     the model) after each run, then summary.md (tables, comparison at equal learning) and
     frontier.png. Returns the rows. resume=True keeps the runs already in results.csv; those of cfg.tasks
     whose retention was scored on other than cfg.retention_tokens tokens are scored again from their saved
-    adapter (or kept as they are, with a line saying so, where none was saved)."""
+    adapter (or kept as they are, with a line saying so, where none was saved). The base model's states are
+    cached in out_dir/base_cache (`GridBaseCache`; without out_dir, in a temporary folder removed at the end)."""
     started = time.time()
     csv_path = os.path.join(out_dir, "results.csv") if out_dir else None
     rows = read_csv(csv_path) if resume and csv_path and os.path.exists(csv_path) else []
@@ -254,6 +260,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
     if cfg.retention_tokens > len(retention_tokens[shortest]):
         raise UsageError(f"--retention-tokens: at most {len(retention_tokens[shortest])} (the {shortest} text's "
                          f"length), got {cfg.retention_tokens}")
+    scratch = None if out_dir else tempfile.TemporaryDirectory(prefix="fastmtt-experiment-")
+    cache_folder = os.path.join(out_dir or scratch.name, "base_cache")
     for task in cfg.tasks:
         task_cfg = dataclasses.replace(cfg, steps=cfg.task_steps.get(task, cfg.steps),
                                        kl_positions="labels" if task in FULLY_LABELLED_TASKS else cfg.kl_positions)
@@ -263,7 +271,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
             raise UsageError(f"--resume: {csv_path} holds runs of {task} scored on other held-out examples "
                              f"(train_overlap {stale[0]['train_overlap']:g}, now {data.train_overlap}); "
                              "give a new --out")
-        cache_base_states(model, data)
+        base_states = GridBaseCache(model, cache_folder, task)
         for row in rows:
             if row["task"] == task and row["retention_tokens"] != cfg.retention_tokens:
                 adapted = model if row["method"] == "base" else load_adapter(
@@ -271,7 +279,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
                 if adapted is None:
                     log(_run_line(row) + f"  [kept: no saved adapter to score {cfg.retention_tokens} tokens]")
                     continue
-                row.update(score_retention(adapted, data), retention_tokens=cfg.retention_tokens)
+                row.update(score_retention(adapted, data, base_states.retention(data, cfg)),
+                           retention_tokens=cfg.retention_tokens)
                 log(_run_line(row) + f"  [scored again on {cfg.retention_tokens} tokens per text]")
         base_row = dict(task=task, adapter="", method="base", direction="", kl_positions="labels", lam=0.0,
                         target_kl=0.0, final_lam=0.0, temperature=1.0, seed=0.0, seconds=0.0,
@@ -286,15 +295,19 @@ def run_experiment(cfg: ExperimentConfig, out_dir: Optional[str] = None, cache_d
             if _key(row) in done:
                 continue
             run_start = time.time()
-            adapted, final_lam = train_adapter(model, data, task_cfg, adapter, method, lam, direction, seed, target_kl)
-            row.update(score(adapted, data), retention_tokens=cfg.retention_tokens, final_lam=final_lam,
-                       train_overlap=data.train_overlap, seconds=time.time() - run_start)
+            base_cache = None if method == "ce" else base_states.training(data, task_cfg)  # CE only: no base states
+            adapted, final_lam = train_adapter(model, data, task_cfg, adapter, method, lam, direction, seed, target_kl,
+                                               base_cache=base_cache)
+            row.update(score(adapted, data, base_states.retention(data, cfg)), retention_tokens=cfg.retention_tokens,
+                       final_lam=final_lam, train_overlap=data.train_overlap, seconds=time.time() - run_start)
             if out_dir:
                 adapted.save_pretrained(os.path.join(out_dir, "adapters", run_name(row)))
             rows.append(row)
             log(_run_line(row) + f"  [{time.time() - started:.0f}s]")
             if csv_path:
                 write_csv(rows, csv_path)
+    if scratch is not None:
+        scratch.cleanup()
     summary = summarize(rows)
     log(summary)
     if out_dir:

@@ -11,7 +11,7 @@
 # machine: `SEEDS="0 1 2" OUT=a sh run_disjoint.sh & SEEDS="3 4" OUT=b sh run_disjoint.sh` (both choose the step
 # count, on seeds 0-2, and agree), then `sh run_disjoint.sh merge a b`.
 # Run time, estimated from the far grid's measured `seconds` (docs/experiments.md, "The 5-seed reruns"): about
-# 14 hours of one CPU thread, 7 hours with two copies on two cores.
+# about 12 hours of one CPU thread, 6 with two copies on two cores (docs/experiments.md, "The 5-seed reruns").
 set -e
 OUT=${OUT:-fastmtt-disjoint}
 SEEDS=${SEEDS:-0 1 2 3 4}
