@@ -33,7 +33,7 @@ compile-check: setup
 VENV_GPU_IMAGE ?= .venv-gpu-image
 GPU_IMAGE = torch==2.11.0 triton==3.6.0 transformers==5.17.0 "numpy<2.4"
 VENV_FLOORS ?= .venv-floors
-FLOORS = torch==2.10.0 triton==3.6.0 transformers==5.17.0 peft==0.18.0 "numpy<2.4"
+FLOORS = torch==2.10.0 triton==3.6.0 transformers==5.17.0 peft==0.22.0 "numpy<2.4"
 
 $(VENV_GPU_IMAGE)/.installed $(VENV_FLOORS)/.installed: Makefile pyproject.toml setup.py
 	test -x $(@D)/bin/python || $(PYTHON) -m venv $(@D)
